@@ -1,0 +1,274 @@
+"""Composition root: turns the operator's Config into a running engine with its adapters,
+and runs `serve` (inbound SMTP, challenge sender, delivery worker, maintenance timer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from adapters.config import Config, load_or_create_keyring
+from adapters.smtp.challenge import DEFAULT_BODY_TEMPLATE, DEFAULT_SUBJECT_TEMPLATE
+from adapters.smtp.delivery import NextHop, parse_next_hop
+from adapters.smtp.inbound import FilterHandler, GroupCommitter, inbound_server_factory
+from adapters.smtp.outbound import ChallengeSender, NextHopDelivery
+from adapters.storage.blobs import FileBlobStore
+from adapters.storage.wiring import Storage, open_engine
+from engine.api import Clock, Receipt
+from engine.application import SourceAuth, system_clock
+from engine.policy import AuthGate, ExemptAction, Exemption, Limits
+from engine.settings import EngineSettings
+
+log = structlog.get_logger(__name__)
+
+
+def configure_logging(fmt: str = "json", level: str = "info", stream: Any = None) -> None:
+    """structlog: JSON lines in production, a console renderer for people; never print."""
+    lvl = getattr(logging, level.upper(), logging.INFO)
+    processors: list[Any] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if fmt == "json":
+        processors.append(structlog.processors.JSONRenderer())
+    else:
+        processors.append(structlog.dev.ConsoleRenderer(colors=False))
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def engine_settings(cfg: Config) -> EngineSettings:
+    ex = cfg.exemptions
+    exemptions = {
+        Exemption.NULL_SENDER: ExemptAction(ex.null_sender),
+        Exemption.MAILER_DAEMON: ExemptAction(ex.mailer_daemon),
+        Exemption.AUTO_SUBMITTED: ExemptAction(ex.auto_submitted),
+        Exemption.MAILING_LIST: ExemptAction(ex.mailing_list),
+        Exemption.BULK: ExemptAction(ex.bulk),
+        Exemption.DSN: ExemptAction(ex.dsn),
+        Exemption.SPAM: ExemptAction(ex.spam),
+    }
+    return EngineSettings(
+        protected=tuple(cfg.policy.protected),
+        scope=cfg.policy.scope,
+        challenge_lifetime=cfg.policy.challenge_lifetime,
+        hold_lifetime=cfg.policy.hold_lifetime,
+        failed_action=cfg.policy.failed_action,
+        recipient_delimiter=cfg.policy.recipient_delimiter,
+        confirm_address=cfg.challenge.confirm_address,
+        bounce_address=cfg.challenge.bounce_address,
+        exemptions=exemptions,
+        spam_headers=tuple(ex.spam_headers),
+        auth_gate=AuthGate(
+            enabled=cfg.auth_gate.enabled,
+            trusted_authserv_ids=tuple(cfg.auth_gate.trusted_authserv_ids),
+            require=cfg.auth_gate.require,
+        ),
+        limits=Limits(
+            challenges_per_domain_per_hour=cfg.limits.challenges_per_domain_per_hour,
+            challenges_per_hour=cfg.limits.challenges_per_hour,
+            max_resends=cfg.policy.max_resends,
+        ),
+        resend_after=cfg.policy.resend_after,
+        challenge_retry_initial=cfg.challenge.retry_initial,
+        challenge_retry_max=cfg.challenge.retry_max,
+        challenge_give_up_after=cfg.challenge.give_up_after,
+        delivery_retry_initial=cfg.delivery.retry_initial,
+        delivery_retry_max=cfg.delivery.retry_max,
+        delivery_give_up_after=cfg.delivery.give_up_after,
+        max_recipients=cfg.limits.max_recipients,
+    )
+
+
+def storage_of(cfg: Config) -> Storage:
+    st = cfg.storage
+    if st.kind == "sqlite":
+        return Storage(
+            kind="sqlite",
+            sqlite_path=st.sqlite_path,
+            blob_dir=st.blob_dir,
+            sqlite_synchronous=st.sqlite_synchronous,
+        )
+    return Storage(
+        kind="postgresql",
+        pg_host=st.pg_host or "127.0.0.1",
+        pg_port=st.pg_port or 5432,
+        pg_user=st.pg_user or "postgres",
+        pg_password=st.pg_password or "",
+        pg_dbname=st.pg_dbname or "postgres",
+        pg_schema=st.pg_schema or "",
+        blob_dir=st.blob_dir,
+    )
+
+
+def relay_of(cfg: Config) -> NextHop:
+    relay = cfg.challenge.relay or f"maildir:{cfg.server.data_dir / 'outbox'}"
+    return parse_next_hop(relay, base_dir=str(cfg.file.parent if cfg.file else "."))
+
+
+def next_hop_of(cfg: Config) -> NextHop:
+    return parse_next_hop(cfg.delivery.next_hop, base_dir=str(cfg.file.parent if cfg.file else "."))
+
+
+def build_engine(
+    cfg: Config,
+    *,
+    clock: Clock = system_clock,
+    environ: dict[str, str] | None = None,
+    transports: bool = True,
+) -> SourceAuth:
+    """The engine for this configuration, with its challenge and delivery transports."""
+    cfg.server.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    keyring = load_or_create_keyring(cfg.challenge, dict(os.environ if environ is None else environ))
+    storage = storage_of(cfg)
+    challenges = deliveries = None
+    if transports:
+        challenges = ChallengeSender(
+            relay=relay_of(cfg),
+            confirm_address=cfg.challenge.confirm_address,
+            bounce_address=cfg.challenge.bounce_address,
+            hostname=cfg.server.hostname,
+            delimiter=cfg.policy.recipient_delimiter,
+            subject_template=cfg.challenge.subject_template or DEFAULT_SUBJECT_TEMPLATE,
+            body_template=cfg.challenge.body_template or DEFAULT_BODY_TEMPLATE,
+            display_name=cfg.challenge.display_name,
+        )
+        deliveries = NextHopDelivery(
+            next_hop=next_hop_of(cfg),
+            blobs=FileBlobStore(storage.blob_dir, fsync=storage.blob_fsync),
+            hostname=cfg.server.hostname,
+        )
+    return open_engine(
+        settings=engine_settings(cfg),
+        keyring=keyring,
+        storage=storage,
+        clock=clock,
+        challenges=challenges,
+        deliveries=deliveries,
+    )
+
+
+class Worker:
+    """A thread that runs `step` whenever woken, and at least every `interval` seconds."""
+
+    def __init__(self, name: str, step: Callable[[], object], interval: float) -> None:
+        self.name = name
+        self.step = step
+        self.interval = interval
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"sourceauth-{name}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+        self.thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            self.wake.wait(self.interval)
+            self.wake.clear()
+            if self.stopping.is_set():
+                return
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - a worker logs and carries on; the queue is durable
+                log.error("worker_step_failed", worker=self.name, error=str(exc))
+
+
+class Filter:
+    """Everything `sourceauth serve` runs, startable from tests on any loop."""
+
+    def __init__(self, cfg: Config, *, clock: Clock = system_clock, app: SourceAuth | None = None) -> None:
+        self.cfg = cfg
+        self.app = app or build_engine(cfg, clock=clock)
+        assert self.app.blobs is not None and isinstance(self.app.blobs, FileBlobStore)
+        self.challenges = Worker("challenges", self.app.dispatch_challenges, 1.0)
+        self.deliveries = Worker("deliveries", self.app.dispatch_deliveries, 1.0)
+        self.maintenance = Worker("maintenance", lambda: self.app.maintain(dispatch=False), cfg.maintenance.interval)
+        self.committer = GroupCommitter(
+            self.app,
+            self.app.blobs,
+            max_batch=cfg.storage.group_commit_max,
+            wait_ms=cfg.storage.group_commit_wait_ms,
+            on_commit=self._committed,
+        )
+        self.handler = FilterHandler(
+            self.committer,
+            max_recipients=cfg.limits.max_recipients,
+            bounce_address=cfg.challenge.bounce_address,
+            delimiter=cfg.policy.recipient_delimiter,
+        )
+        self.server: asyncio.AbstractServer | None = None
+
+    def _committed(self, receipts: list[Receipt]) -> None:
+        # A challenge leaves as soon as its hold is committed, not at the next timer tick.
+        if any(r.challenges for r in receipts):
+            self.challenges.wake.set()
+        if any(d.decision.value == "deliver" or d.decision.value == "confirm" for r in receipts for d in r.decisions):
+            self.deliveries.wake.set()
+
+    async def start(self) -> None:
+        self.committer.start()
+        self.challenges.start()
+        self.deliveries.start()
+        self.maintenance.start()
+        # Pick up whatever a previous run left queued.
+        self.challenges.wake.set()
+        self.deliveries.wake.set()
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            inbound_server_factory(self.handler, hostname=self.cfg.server.hostname, max_size=self.cfg.limits.max_message_size),
+            host=self.cfg.server.listen_host,
+            port=self.cfg.server.listen_port,
+        )
+        log.info("filter_started", listen=self.cfg.server.listen, hostname=self.cfg.server.hostname)
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop accepting, finish every message already accepted, then stop the workers."""
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        await asyncio.get_running_loop().run_in_executor(None, self.committer.stop)
+        for worker in (self.challenges, self.deliveries, self.maintenance):
+            await asyncio.get_running_loop().run_in_executor(None, worker.stop)
+        self.app.close()
+        log.info("filter_stopped")
+
+
+def serve(cfg: Config) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code."""
+
+    async def main() -> None:
+        flt = Filter(cfg)
+        await flt.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("filter_stopping")
+        await flt.stop()
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,720 @@
+"""Next-hop delivery: SMTP, LMTP and exactly-once Maildir, with a stable X-SourceAuth-Id.
+Blocking by design: callers run these functions in a worker thread, never on the event loop."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import smtplib
+import socket
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import lru_cache
+from typing import Literal
+from urllib.parse import urlsplit
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+__all__ = [
+    "DeliveryResult",
+    "NextHop",
+    "NextHopError",
+    "Outcome",
+    "RecipientResult",
+    "deliver",
+    "parse_next_hop",
+    "send_message",
+    "stamp",
+]
+
+HEADER_NAME = b"X-SourceAuth-Id"
+_HEADER_NAME_LOWER = HEADER_NAME.lower()
+
+# An id is used verbatim in a header and as the first part of a Maildir file name, and the
+# exactly-once check matches the prefix "<id>." - so no dots, no separators, no whitespace.
+_ID_RE = re.compile(r"[A-Za-z0-9_+=@-]{1,200}")
+_FIELD_RE = re.compile(rb"[!-9;-~]+[ \t]*:")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f<>]")
+_HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+class Outcome(StrEnum):
+    """What happened to one recipient (or, aggregated, to a whole delivery)."""
+
+    DELIVERED = "delivered"
+    TEMPORARY = "temporary"
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """One recipient's outcome with the reply that decided it (server's or synthesised)."""
+
+    recipient: str
+    outcome: Outcome
+    code: int
+    text: str
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """Per-recipient results, in the order the recipients were given."""
+
+    results: tuple[RecipientResult, ...]
+
+    @property
+    def outcome(self) -> Outcome:
+        """The worst outcome among the recipients that are not delivered.
+
+        DELIVERED when every recipient is delivered (or there are none); TEMPORARY when any
+        recipient still needs a retry; otherwise PERMANENT (each recipient is either delivered
+        or permanently failed, so nothing is left to retry).
+        """
+        pending = [r.outcome for r in self.results if r.outcome is not Outcome.DELIVERED]
+        if not pending:
+            return Outcome.DELIVERED
+        if Outcome.TEMPORARY in pending:
+            return Outcome.TEMPORARY
+        return Outcome.PERMANENT
+
+    def _with(self, outcome: Outcome) -> tuple[str, ...]:
+        return tuple(r.recipient for r in self.results if r.outcome is outcome)
+
+    @property
+    def delivered(self) -> tuple[str, ...]:
+        return self._with(Outcome.DELIVERED)
+
+    @property
+    def temporary(self) -> tuple[str, ...]:
+        """Recipients to retry later."""
+        return self._with(Outcome.TEMPORARY)
+
+    @property
+    def permanent(self) -> tuple[str, ...]:
+        return self._with(Outcome.PERMANENT)
+
+
+class NextHopError(ValueError):
+    """A next-hop or relay URL that cannot be used."""
+
+
+@dataclass(frozen=True)
+class NextHop:
+    """A parsed next hop. host/port are empty/0 for maildir; path is empty for smtp/lmtp."""
+
+    scheme: Literal["smtp", "lmtp", "maildir"]
+    host: str
+    port: int
+    path: str
+
+    def __str__(self) -> str:
+        if self.scheme == "maildir":
+            return f"maildir:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+_EXPECTED = "expected smtp://HOST[:PORT], lmtp://HOST[:PORT] or maildir:PATH"
+
+
+def parse_next_hop(url: str, base_dir: str | os.PathLike[str] = ".") -> NextHop:
+    """Parse a next-hop URL; relative maildir paths are resolved against base_dir.
+
+    smtp defaults to port 25, lmtp to 24; IPv6 literals are written in brackets.
+    """
+    if not isinstance(url, str):
+        raise NextHopError(f"bad next hop {url!r}: not a string ({_EXPECTED})")
+    text = url.strip()
+
+    def bad(why: str) -> NextHopError:
+        return NextHopError(f"bad next hop {url!r}: {why} ({_EXPECTED})")
+
+    scheme, sep, rest = text.partition(":")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("smtp", "lmtp", "maildir"):
+        raise bad("unknown scheme")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise bad("control characters")
+    if scheme == "maildir":
+        if not rest:
+            raise bad("empty maildir path")
+        if rest.startswith("//"):
+            raise bad("write maildir:/absolute/path or maildir:relative/path, not maildir://")
+        path = os.path.abspath(os.path.join(os.fspath(base_dir), rest))
+        return NextHop(scheme="maildir", host="", port=0, path=path)
+
+    if not rest.startswith("//"):
+        raise bad(f"{scheme} needs //HOST")
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise bad("unexpected path, query or fragment")
+    if parts.username is not None or parts.password is not None:
+        raise bad("credentials are not supported in the URL")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise bad(f"invalid port ({exc}); IPv6 addresses go in brackets") from None
+    host = parts.hostname or ""
+    netloc = parts.netloc
+    if not host:
+        raise bad("missing host")
+    if netloc.startswith("["):
+        try:
+            socket.inet_pton(socket.AF_INET6, host)
+        except OSError:
+            raise bad(f"invalid IPv6 address {host!r}") from None
+    elif not _HOST_RE.fullmatch(host):
+        raise bad(f"invalid host {host!r}")
+    if port is None:
+        if netloc.endswith(":"):
+            raise bad("empty port")
+        port = 25 if scheme == "smtp" else 24
+    if not 1 <= port <= 65535:
+        raise bad(f"port {port} out of range 1-65535")
+    return NextHop(scheme="smtp" if scheme == "smtp" else "lmtp", host=host, port=port, path="")
+
+
+# ---------------------------------------------------------------------------------------------
+# Header stamping (bytes in, bytes out)
+
+
+def _check_id(sourceauth_id: str) -> None:
+    if not isinstance(sourceauth_id, str) or not _ID_RE.fullmatch(sourceauth_id):
+        raise ValueError(
+            f"invalid sourceauth_id {sourceauth_id!r}: 1-200 characters of A-Z a-z 0-9 _ + = @ -"
+        )
+
+
+def _eol(raw: bytes) -> bytes:
+    """The message's own line ending, judged by its first line (CRLF if it has none)."""
+    nl = raw.find(b"\n")
+    if nl > 0 and raw[nl - 1 : nl] != b"\r":
+        return b"\n"
+    if nl == 0:
+        return b"\n"
+    return b"\r\n"
+
+
+def _header_fields(raw: bytes) -> list[tuple[int, int, bytes, bytes]]:
+    """(start, end, lower-case name, unfolded value) of each field in the header section.
+
+    The header section ends at the first empty line or the first line that is neither a
+    field nor a continuation (so a message that starts with its body has no fields).
+    """
+    spans: list[list[int]] = []  # [start, end] of each field, continuation lines included
+    pos, size = 0, len(raw)
+    while pos < size:
+        nl = raw.find(b"\n", pos)
+        end = size if nl < 0 else nl + 1
+        first = raw[pos : pos + 1]
+        if first in (b" ", b"\t") and spans:
+            spans[-1][1] = end
+        elif first in (b"\r", b"\n") or not _FIELD_RE.match(raw, pos, end):
+            break
+        else:
+            spans.append([pos, end])
+        pos = end
+    fields: list[tuple[int, int, bytes, bytes]] = []
+    for start, end in spans:
+        name, _, value = raw[start:end].partition(b":")
+        value = value.replace(b"\r", b"").replace(b"\n", b"").strip(b" \t")
+        fields.append((start, end, name.rstrip(b" \t").lower(), value))
+    return fields
+
+
+def stamp(raw: bytes, sourceauth_id: str) -> bytes:
+    """Return raw with exactly one X-SourceAuth-Id field carrying sourceauth_id.
+
+    A field that already carries this id is kept where it is; every X-SourceAuth-Id field
+    with another value is removed (senders must not forge it). Otherwise the field is
+    prepended, ending with the message's own line ending (CRLF unless the first line ends
+    with a bare LF). All other bytes are kept exactly. Idempotent.
+    """
+    _check_id(sourceauth_id)
+    wanted = sourceauth_id.encode("ascii")
+    ours = [f for f in _header_fields(raw) if f[2] == _HEADER_NAME_LOWER]
+    keep = next((f for f in ours if f[3] == wanted), None)
+    drop = [f for f in ours if f is not keep]
+    pieces: list[bytes] = []
+    if keep is None:
+        pieces.append(HEADER_NAME + b": " + wanted + _eol(raw))
+    pos = 0
+    for start, end, _, _ in drop:
+        pieces.append(raw[pos:start])
+        pos = end
+    pieces.append(raw[pos:])
+    if len(pieces) == 1:
+        return raw
+    return b"".join(pieces)
+
+
+def _message_id_key(raw: bytes) -> str:
+    """A file-name-safe id derived from the Message-ID (or, lacking one, the whole message)."""
+    for _, _, name, value in _header_fields(raw):
+        if name == b"message-id" and value:
+            return hashlib.sha256(value).hexdigest()[:40]
+    return hashlib.sha256(raw).hexdigest()[:40]
+
+
+# ---------------------------------------------------------------------------------------------
+# Envelope addresses
+
+
+class _BadAddress(ValueError):
+    pass
+
+
+def _envelope_address(address: str) -> str:
+    """The bare address ("" for the null sender); rejects what would inject into commands."""
+    if not isinstance(address, str):
+        raise _BadAddress(f"not a string: {address!r}")
+    addr = address.strip()
+    if addr.startswith("<") and addr.endswith(">"):
+        addr = addr[1:-1].strip()
+    if _CONTROL_RE.search(addr):
+        raise _BadAddress(f"invalid characters in address {address!r}")
+    return addr
+
+
+def _needs_utf8(address: str) -> bool:
+    return not address.isascii()
+
+
+def _classify(code: int) -> Outcome:
+    if 200 <= code < 300:
+        return Outcome.DELIVERED
+    if 500 <= code < 600:
+        return Outcome.PERMANENT
+    return Outcome.TEMPORARY
+
+
+def _reply_text(msg: bytes | str) -> str:
+    text = msg.decode("utf-8", "replace") if isinstance(msg, bytes) else msg
+    return " ".join(text.split())
+
+
+@lru_cache(maxsize=1)
+def _default_helo() -> str:
+    return socket.gethostname() or "localhost"
+
+
+# ---------------------------------------------------------------------------------------------
+# SMTP / LMTP
+
+
+class _Session:
+    """One SMTP/LMTP transaction for several recipients; fills in one result per recipient."""
+
+    def __init__(
+        self,
+        hop: NextHop,
+        mail_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        timeout: float,
+        helo: str | None,
+    ) -> None:
+        self.hop = hop
+        self.recipients = list(recipients)
+        self.data = data
+        self.timeout = timeout
+        self.helo = helo or _default_helo()
+        self.stage = "connect"
+        self.results: list[RecipientResult | None] = [None] * len(self.recipients)
+        self.addresses: list[str] = []
+        self.mail_from = ""
+        self.bad_sender: str | None = None
+        try:
+            self.mail_from = _envelope_address(mail_from)
+        except _BadAddress as exc:
+            self.bad_sender = str(exc)
+        for i, rcpt in enumerate(self.recipients):
+            try:
+                addr = _envelope_address(rcpt)
+                if not addr:
+                    raise _BadAddress("empty recipient address")
+            except _BadAddress as exc:
+                self._set(i, 501, f"5.1.3 {exc}")
+                addr = ""
+            self.addresses.append(addr)
+
+    def _set(self, i: int, code: int, text: str) -> None:
+        self.results[i] = RecipientResult(self.recipients[i], _classify(code), code, text)
+
+    def _fill(self, code: int, text: str) -> None:
+        for i, result in enumerate(self.results):
+            if result is None:
+                self._set(i, code, text)
+
+    def run(self) -> list[RecipientResult]:
+        if self.bad_sender is not None:
+            self._fill(501, f"5.1.7 {self.bad_sender}")
+        if any(r is None for r in self.results):
+            client: smtplib.SMTP = (
+                smtplib.LMTP(local_hostname=self.helo, timeout=self.timeout)
+                if self.hop.scheme == "lmtp"
+                else smtplib.SMTP(local_hostname=self.helo, timeout=self.timeout)
+            )
+            self.stage = "connect"
+            try:
+                self._transaction(client)
+            except (smtplib.SMTPConnectError, smtplib.SMTPHeloError) as exc:
+                self._fill(exc.smtp_code, f"{self.stage}: {_reply_text(exc.smtp_error)}")
+            except (smtplib.SMTPException, OSError) as exc:
+                # refused, timed out, disconnected, garbled: the next hop may recover
+                detail = str(exc) or type(exc).__name__
+                status = "4.4.1" if self.stage == "connect" else "4.4.2"
+                self._fill(451, f"{status} {self.stage} {self.hop}: {detail}")
+            finally:
+                try:
+                    if client.sock is not None:
+                        client.quit()
+                except (smtplib.SMTPException, OSError):
+                    pass
+                client.close()
+        return [r for r in self.results if r is not None]
+
+    def _transaction(self, client: smtplib.SMTP) -> None:
+        hop = self.hop
+        code, msg = client.connect(hop.host, hop.port)
+        if not 200 <= code < 300:  # smtplib raises SMTPConnectError before this; be safe
+            self._fill(code, f"connect: {_reply_text(msg)}")
+            return
+        self.stage = "LHLO" if hop.scheme == "lmtp" else "EHLO"
+        code, msg = client.ehlo()
+        if not 200 <= code < 300 and hop.scheme == "smtp":
+            self.stage = "HELO"
+            code, msg = client.helo()
+        if not 200 <= code < 300:
+            self._fill(code, f"{self.stage}: {_reply_text(msg)}")
+            return
+
+        self.stage = "MAIL"
+        utf8_wanted = _needs_utf8(self.mail_from) or any(
+            _needs_utf8(a) for i, a in enumerate(self.addresses) if self.results[i] is None
+        )
+        utf8 = utf8_wanted and client.has_extn("smtputf8")
+        if _needs_utf8(self.mail_from) and not utf8:
+            self._fill(553, "5.6.7 sender address needs SMTPUTF8, which the next hop lacks")
+            return
+        options = ""
+        if utf8:
+            options += " SMTPUTF8"
+            client.command_encoding = "utf-8"
+        if client.has_extn("8bitmime") and not self.data.isascii():
+            options += " BODY=8BITMIME"
+        client.putcmd("mail", f"FROM:<{self.mail_from}>{options}")
+        code, msg = client.getreply()
+        if not 200 <= code < 300:
+            self._fill(code, f"MAIL: {_reply_text(msg)}")
+            return
+
+        self.stage = "RCPT"
+        accepted: list[int] = []
+        for i, addr in enumerate(self.addresses):
+            if self.results[i] is not None:
+                continue
+            if _needs_utf8(addr) and not utf8:
+                self._set(
+                    i, 553, "5.6.7 recipient address needs SMTPUTF8, which the next hop lacks"
+                )
+                continue
+            client.putcmd("rcpt", f"TO:<{addr}>")
+            code, msg = client.getreply()
+            if 200 <= code < 300:
+                accepted.append(i)
+            else:
+                self._set(i, code, _reply_text(msg))
+        if not accepted:
+            return
+
+        self.stage = "DATA"
+        try:
+            code, msg = client.data(self.data)
+        except smtplib.SMTPDataError as exc:  # DATA itself refused: no per-recipient replies
+            self._fill(exc.smtp_code, f"DATA: {_reply_text(exc.smtp_error)}")
+            return
+        if hop.scheme == "smtp":
+            self._fill(code, _reply_text(msg))
+            return
+        # LMTP: one reply per accepted recipient, in RCPT order
+        self._set(accepted[0], code, _reply_text(msg))
+        for i in accepted[1:]:
+            code, msg = client.getreply()
+            self._set(i, code, _reply_text(msg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Maildir
+
+
+@lru_cache(maxsize=1)
+def _maildir_hostname() -> str:
+    host = socket.gethostname() or "localhost"
+    return host.replace("/", r"\057").replace(":", r"\072")
+
+
+def _mailbox_name(address: str) -> str:
+    """A single, safe directory name for a recipient (lower-cased; unsafe bytes %-escaped)."""
+    out: list[str] = []
+    for ch in address.lower():
+        if ch in "/\\%" or ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append("".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass")))
+        else:
+            out.append(ch)
+    name = "".join(out)
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    if not name:
+        name = "%00"
+    if len(name.encode("utf-8", "surrogatepass")) > 200:
+        digest = hashlib.sha256(address.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        name = name.encode("utf-8", "surrogatepass")[:150].decode("utf-8", "ignore")
+        name = f"{name}~{digest}"
+    return name
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ensure_maildir(mailbox: str) -> None:
+    created = False
+    root = os.path.dirname(mailbox)
+    if not os.path.isdir(root):
+        os.makedirs(root, mode=0o700, exist_ok=True)
+    for path in (mailbox, *(os.path.join(mailbox, sub) for sub in ("tmp", "new", "cur"))):
+        try:
+            os.mkdir(path, 0o700)
+            created = True
+        except FileExistsError:
+            if not os.path.isdir(path):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", path) from None
+    if created:
+        _fsync_dir(mailbox)
+        _fsync_dir(root)
+
+
+def _already_there(mailbox: str, key: str, name: str) -> bool:
+    if os.path.exists(os.path.join(mailbox, "new", name)):
+        return True
+    prefix = key + "."
+    for sub in ("new", "cur"):
+        if any(n.startswith(prefix) for n in os.listdir(os.path.join(mailbox, sub))):
+            return True
+    return False
+
+
+_LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
+
+
+def _maildir_write_once(mailbox: str, key: str, content: bytes) -> str | None:
+    """Write content to mailbox/new/<key>.<host> unless <key>.* is already in new/ or cur/.
+
+    Returns the new file's path, or None when the message was already there.
+    """
+    _ensure_maildir(mailbox)
+    name = f"{key}.{_maildir_hostname()}"
+    if _already_there(mailbox, key, name):
+        return None
+    tmp = os.path.join(
+        mailbox, "tmp", f"{name}.{os.getpid()}_{threading.get_ident()}_{uuid.uuid4().hex[:8]}"
+    )
+    final = os.path.join(mailbox, "new", name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(content)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, final)  # never overwrites: a racing writer of the same id wins
+        except FileExistsError:
+            return None
+        except OSError as exc:
+            if exc.errno not in _LINK_UNSUPPORTED:
+                raise
+            os.rename(tmp, final)
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+    _fsync_dir(os.path.join(mailbox, "new"))
+    return final
+
+
+def _final_delivery_headers(mail_from: str, recipient: str, data: bytes) -> bytes:
+    eol = _eol(data)
+    return (
+        b"Return-Path: <"
+        + mail_from.encode("utf-8", "surrogateescape")
+        + b">"
+        + eol
+        + b"Delivered-To: "
+        + recipient.encode("utf-8", "surrogateescape")
+        + eol
+    )
+
+
+def _deliver_maildir(
+    root: str, mail_from: str, recipients: Sequence[str], data: bytes, key: str
+) -> list[RecipientResult]:
+    results: list[RecipientResult] = []
+    try:
+        sender: str | None = _envelope_address(mail_from)
+    except _BadAddress:
+        sender = None
+    for rcpt in recipients:
+        if sender is None:
+            results.append(
+                RecipientResult(rcpt, Outcome.PERMANENT, 501, "5.1.7 invalid sender address")
+            )
+            continue
+        try:
+            addr = _envelope_address(rcpt)
+            if not addr:
+                raise _BadAddress("empty recipient address")
+        except _BadAddress as exc:
+            results.append(RecipientResult(rcpt, Outcome.PERMANENT, 501, f"5.1.3 {exc}"))
+            continue
+        mailbox = os.path.join(root, _mailbox_name(addr))
+        content = _final_delivery_headers(sender, addr, data) + data
+        try:
+            written = _maildir_write_once(mailbox, key, content)
+        except OSError as exc:
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            code, status = (452, "4.3.1") if full else (451, "4.3.0")
+            where = exc.filename or mailbox
+            results.append(
+                RecipientResult(
+                    rcpt,
+                    Outcome.TEMPORARY,
+                    code,
+                    f"{status} maildir {where}: {exc.strerror or exc}",
+                )
+            )
+            continue
+        text = (
+            f"2.0.0 delivered to {written}"
+            if written
+            else f"2.0.0 already in {mailbox} (exactly-once)"
+        )
+        results.append(RecipientResult(rcpt, Outcome.DELIVERED, 250, text))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _log_results(event: str, hop: NextHop, key: str, results: Sequence[RecipientResult]) -> None:
+    for r in results:
+        if r.outcome is Outcome.TEMPORARY:
+            log.warning(
+                f"{event}_deferred",
+                next_hop=str(hop),
+                sourceauth_id=key,
+                recipient=r.recipient,
+                code=r.code,
+                text=r.text,
+            )
+        elif r.outcome is Outcome.PERMANENT:
+            log.warning(
+                f"{event}_failed",
+                next_hop=str(hop),
+                sourceauth_id=key,
+                recipient=r.recipient,
+                code=r.code,
+                text=r.text,
+            )
+
+
+def deliver(
+    next_hop: NextHop,
+    *,
+    mail_from: str,
+    recipients: Sequence[str],
+    raw: bytes,
+    sourceauth_id: str,
+    timeout: float = 30.0,
+    helo: str | None = None,
+) -> DeliveryResult:
+    """Deliver raw, stamped with X-SourceAuth-Id, to every recipient through next_hop.
+
+    Never raises for trouble at the next hop: each recipient gets DELIVERED, TEMPORARY or
+    PERMANENT. Raises ValueError for programming errors (no recipients, invalid id).
+    """
+    if isinstance(recipients, str) or not recipients:
+        raise ValueError("recipients must be a non-empty sequence of addresses")
+    if not isinstance(raw, bytes | bytearray | memoryview):
+        raise TypeError("raw must be bytes")
+    data = stamp(bytes(raw), sourceauth_id)
+    if next_hop.scheme == "maildir":
+        results = _deliver_maildir(next_hop.path, mail_from, recipients, data, sourceauth_id)
+    else:
+        results = _Session(next_hop, mail_from, recipients, data, timeout, helo).run()
+    result = DeliveryResult(tuple(results))
+    _log_results("delivery", next_hop, sourceauth_id, results)
+    log.info(
+        "delivery_done",
+        next_hop=str(next_hop),
+        sourceauth_id=sourceauth_id,
+        outcome=str(result.outcome),
+        delivered=len(result.delivered),
+        temporary=len(result.temporary),
+        permanent=len(result.permanent),
+    )
+    return result
+
+
+def send_message(
+    relay: NextHop,
+    *,
+    mail_from: str,
+    recipient: str,
+    raw: bytes,
+    timeout: float = 30.0,
+    helo: str | None = None,
+) -> RecipientResult:
+    """Send raw (unchanged, no X-SourceAuth-Id) to one recipient: used for challenges.
+
+    A maildir relay is an outbox: <path>/<recipient>/new/<key>.<host>, key derived from the
+    Message-ID, so a re-send of the same challenge is written once.
+    """
+    if not isinstance(recipient, str):
+        raise TypeError("recipient must be a str")
+    data = bytes(raw)
+    key = _message_id_key(data)
+    if relay.scheme == "maildir":
+        results = _deliver_maildir(relay.path, mail_from, [recipient], data, key)
+    else:
+        results = _Session(relay, mail_from, [recipient], data, timeout, helo).run()
+    result = results[0]
+    _log_results("send", relay, key, results)
+    log.info(
+        "send_done",
+        relay=str(relay),
+        message_key=key,
+        recipient=recipient,
+        outcome=str(result.outcome),
+        code=result.code,
+    )
+    return result

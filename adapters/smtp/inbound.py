@@ -1,0 +1,296 @@
+"""The inbound SMTP filter: aiosmtpd speaks SMTP, the engine decides, and 250 is answered
+only after the blob is fsync'd and the message's events are committed (group commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.header
+import hashlib
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from typing import Any
+
+import structlog
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from adapters.smtp.dsn import parse_bounce
+from adapters.storage.blobs import BlobStoreError, FileBlobStore
+from engine.addresses import AddressError, is_null_sender, normalize_address, split_extension
+from engine.api import Blob, BounceInfo, Headers, Incoming, Receipt
+from engine.application import SourceAuth
+from engine.errors import InvalidInput, SourceAuthError
+
+log = structlog.get_logger(__name__)
+
+HEADER_SCAN_LIMIT = 256 * 1024  # never parse more than this many bytes as headers
+
+
+def parse_headers(raw: bytes) -> Headers:
+    """Header fields as (name, unfolded value); Subject decoded from RFC 2047. Never raises."""
+    head = raw[:HEADER_SCAN_LIMIT]
+    end = head.find(b"\r\n\r\n")
+    if end < 0:
+        end = head.find(b"\n\n")
+    if end >= 0:
+        head = head[: end + 2]
+    try:
+        msg = BytesHeaderParser(policy=compat32).parsebytes(head)
+        items = msg.items()
+    except Exception:  # noqa: BLE001 - hostile input must never crash the filter
+        return ()
+    out: list[tuple[str, str]] = []
+    for name, value in items:
+        text = str(value).replace("\r", "").replace("\n", "")
+        if name.lower() == "subject":
+            try:
+                text = str(email.header.make_header(email.header.decode_header(text)))
+            except Exception:  # noqa: BLE001 - undecodable encoded-words stay as sent
+                pass
+        out.append((name, text))
+    return tuple(out)
+
+
+@dataclass
+class _Pending:
+    mail_from: str
+    recipients: tuple[str, ...]
+    raw: bytes
+    future: asyncio.Future[Receipt]
+    loop: asyncio.AbstractEventLoop
+    bounce_address: str
+    delimiter: str
+    queued: float = field(default_factory=time.monotonic)
+
+
+class GroupCommitter:
+    """One writer thread: takes what arrived meanwhile (up to `max_batch`), writes every blob
+    with one directory fsync, records every decision in one transaction, then answers each."""
+
+    def __init__(
+        self,
+        app: SourceAuth,
+        blobs: FileBlobStore,
+        *,
+        max_batch: int = 256,
+        wait_ms: float = 2.0,
+        on_commit: Callable[[list[Receipt]], None] | None = None,
+    ) -> None:
+        self.app = app
+        self.blobs = blobs
+        self.max_batch = max_batch
+        self.wait = wait_ms / 1000.0
+        self.on_commit = on_commit
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="sourceauth-commit", daemon=True)
+        self.batches = 0
+        self.committed = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish everything already queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+
+    def submit(self, item: _Pending) -> None:
+        self._queue.put(item)
+
+    def _take(self) -> tuple[list[_Pending], bool]:
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        deadline = time.monotonic() + self.wait
+        stopping = False
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get_nowait() if self.wait <= 0 else self._queue.get(
+                    timeout=max(0.0, deadline - time.monotonic())
+                )
+            except queue.Empty:
+                break
+            if item is None:
+                stopping = True
+                break
+            batch.append(item)
+        return batch, stopping
+
+    def _run(self) -> None:
+        while True:
+            batch, stopping = self._take()
+            if batch:
+                self._commit(batch)
+            if stopping:
+                return
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        keys = [uuid.uuid4().hex for _ in batch]
+        try:
+            refs = self.blobs.put_many([(k, item.raw) for k, item in zip(keys, batch, strict=True)])
+        except (BlobStoreError, OSError) as exc:
+            log.error("blob_store_failed", error=str(exc), batch=len(batch))
+            for item in batch:
+                _resolve(item, exc=exc)
+            return
+        incomings = []
+        for item, ref in zip(batch, refs, strict=True):
+            incomings.append(
+                Incoming(
+                    mail_from=item.mail_from,
+                    recipients=item.recipients,
+                    blob=Blob(ref.key, ref.size, ref.sha256),
+                    headers=parse_headers(item.raw),
+                    bounce=_bounce_info(item),
+                )
+            )
+        try:
+            receipts = self.app.receive_many(incomings)
+        except Exception as exc:  # noqa: BLE001 - answered 4xx; the blobs are collected later
+            log.error("commit_failed", error=str(exc), batch=len(batch))
+            if len(batch) > 1 and isinstance(exc, SourceAuthError):
+                for item, incoming in zip(batch, incomings, strict=True):
+                    self._commit_one(item, incoming)
+                return
+            for item in batch:
+                _resolve(item, exc=exc)
+            return
+        self.batches += 1
+        self.committed += len(batch)
+        for item, receipt in zip(batch, receipts, strict=True):
+            _resolve(item, receipt=receipt)
+        if self.on_commit is not None:
+            self.on_commit(receipts)
+
+    def _commit_one(self, item: _Pending, incoming: Incoming) -> None:
+        try:
+            receipt = self.app.receive(incoming)
+        except Exception as exc:  # noqa: BLE001 - this one message gets its 4xx/5xx
+            _resolve(item, exc=exc)
+            return
+        _resolve(item, receipt=receipt)
+        if self.on_commit is not None:
+            self.on_commit([receipt])
+
+
+def _bounce_info(item: _Pending) -> BounceInfo | None:
+    for rcpt in item.recipients:
+        try:
+            base, _ = split_extension(normalize_address(rcpt), item.delimiter)
+        except AddressError:
+            continue
+        if base == item.bounce_address:
+            report = parse_bounce(item.raw)
+            detail = " ".join(x for x in (report.status, report.diagnostic) if x)
+            return BounceInfo(failed=report.failed, diagnostic=detail or report.action)
+    return None
+
+
+def _resolve(item: _Pending, *, receipt: Receipt | None = None, exc: BaseException | None = None) -> None:
+    def settle() -> None:
+        if item.future.done():
+            return
+        if exc is not None:
+            item.future.set_exception(exc)
+        else:
+            item.future.set_result(receipt)  # type: ignore[arg-type]
+
+    item.loop.call_soon_threadsafe(settle)
+
+
+class FilterHandler:
+    """aiosmtpd handler: validates the envelope, hands DATA to the committer, replies."""
+
+    def __init__(
+        self,
+        committer: GroupCommitter,
+        *,
+        max_recipients: int,
+        bounce_address: str,
+        delimiter: str = "+",
+    ) -> None:
+        self.committer = committer
+        self.max_recipients = max_recipients
+        self.bounce_address = normalize_address(bounce_address)
+        self.delimiter = delimiter
+
+    async def handle_MAIL(  # noqa: N802 - aiosmtpd hook name
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        if not is_null_sender(address):
+            try:
+                normalize_address(address)
+            except AddressError as exc:
+                return f"553 5.1.7 Bad sender address syntax: {exc}"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(  # noqa: N802 - aiosmtpd hook name
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        try:
+            normalize_address(address)
+        except AddressError as exc:
+            return f"553 5.1.3 Bad recipient address syntax: {exc}"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(  # noqa: N802 - aiosmtpd hook name
+        self, server: SMTP, session: Session, envelope: Envelope
+    ) -> str:
+        raw = envelope.original_content
+        if raw is None:
+            raw = envelope.content if isinstance(envelope.content, bytes) else b""
+        if not envelope.rcpt_tos:
+            return "503 5.5.1 No valid recipients"
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Receipt] = loop.create_future()
+        self.committer.submit(
+            _Pending(
+                mail_from=envelope.mail_from or "",
+                recipients=tuple(envelope.rcpt_tos),
+                raw=raw,
+                future=future,
+                loop=loop,
+                bounce_address=self.bounce_address,
+                delimiter=self.delimiter,
+            )
+        )
+        try:
+            receipt = await future
+        except InvalidInput as exc:
+            # Refused before anything was recorded: nothing accepted, nothing lost.
+            return f"550 5.6.0 Message refused: {exc}"
+        except Exception as exc:  # noqa: BLE001 - storage or contention: the MTA retries
+            log.warning("data_deferred", error=str(exc))
+            return "451 4.3.0 Temporary failure, please try again later"
+        return f"250 2.0.0 OK queued as {receipt.receipt_id}"
+
+
+def inbound_server_factory(handler: FilterHandler, *, hostname: str, max_size: int) -> Callable[[], Any]:
+    def factory() -> SMTP:
+        return SMTP(
+            handler,
+            hostname=hostname,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            data_size_limit=max_size,
+            ident="sourceauth",
+        )
+
+    return factory
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

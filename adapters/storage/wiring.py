@@ -1,0 +1,112 @@
+"""Persistence wiring: the eventsourcing settings, views and blob store for one engine,
+on the embedded SQLite file (default) or a PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import ApplicationRecorder, Mapper
+
+from adapters.storage.blobs import FileBlobStore
+from adapters.storage.views import PostgresDialect, SqlViews, postgres_connector, sqlite_connector, Dialect
+from engine import tokens
+from engine.api import ChallengeTransport, Clock, DeliveryTransport
+from engine.application import SourceAuth, system_clock
+from engine.settings import EngineSettings
+
+TRANSCODER = "adapters.storage.transcoder:MsgpackTranscoder"
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where events, views and blobs live."""
+
+    kind: str = "sqlite"  # or "postgresql"
+    sqlite_path: Path | None = None
+    pg_host: str = "127.0.0.1"
+    pg_port: int = 5432
+    pg_user: str = "postgres"
+    pg_password: str = ""
+    pg_dbname: str = "test"
+    pg_schema: str = ""
+    blob_dir: Path = Path("./var/blobs")
+    sqlite_synchronous: str = "FULL"
+    blob_fsync: bool = True
+
+    def conninfo(self) -> str:
+        parts = [f"host={self.pg_host}", f"port={self.pg_port}", f"dbname={self.pg_dbname}", f"user={self.pg_user}"]
+        if self.pg_password:
+            parts.append(f"password={self.pg_password}")
+        return " ".join(parts)
+
+
+def eventsourcing_env(storage: Storage) -> dict[str, str]:
+    """The eventsourcing settings for this storage (the application name is the prefix)."""
+    env = {"TRANSCODER_TOPIC": TRANSCODER, "AGGREGATE_CACHE_MAXSIZE": ""}
+    if storage.kind == "sqlite":
+        assert storage.sqlite_path is not None
+        storage.sqlite_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        env.update(
+            PERSISTENCE_MODULE="adapters.storage.sqlite:TunedSQLiteFactory",
+            SQLITE_DBNAME=str(storage.sqlite_path),
+            SQLITE_SYNCHRONOUS=storage.sqlite_synchronous,
+        )
+    elif storage.kind == "postgresql":
+        env.update(
+            PERSISTENCE_MODULE="eventsourcing.postgres",
+            POSTGRES_DBNAME=storage.pg_dbname,
+            POSTGRES_HOST=storage.pg_host,
+            POSTGRES_PORT=str(storage.pg_port),
+            POSTGRES_USER=storage.pg_user,
+            POSTGRES_PASSWORD=storage.pg_password,
+        )
+        if storage.pg_schema:
+            env["POSTGRES_SCHEMA"] = storage.pg_schema
+    else:
+        raise ValueError(f"unknown storage kind {storage.kind!r}")
+    return env
+
+
+def views_factory(storage: Storage) -> Callable[[ApplicationRecorder, Mapper[UUID]], SqlViews]:
+    def build(recorder: ApplicationRecorder, mapper: Mapper[UUID]) -> SqlViews:
+        dialect: Dialect
+        if storage.kind == "sqlite":
+            assert storage.sqlite_path is not None
+            connect: Callable[[], Any] = sqlite_connector(str(storage.sqlite_path))
+            dialect = Dialect()
+        else:
+            connect = postgres_connector(storage.conninfo(), storage.pg_schema or None)
+            dialect = PostgresDialect()
+        return SqlViews(connect, dialect, recorder, mapper)
+
+    return build
+
+
+def open_engine(
+    *,
+    settings: EngineSettings,
+    keyring: tokens.Keyring,
+    storage: Storage,
+    clock: Clock = system_clock,
+    challenges: ChallengeTransport | None = None,
+    deliveries: DeliveryTransport | None = None,
+) -> SourceAuth:
+    """One engine over this storage; the caller closes it."""
+    blobs = FileBlobStore(storage.blob_dir, fsync=storage.blob_fsync)
+    # eventsourcing merges os.environ first; these explicit settings win over stray variables.
+    env = eventsourcing_env(storage)
+    return SourceAuth(
+        settings=settings,
+        keyring=keyring,
+        views_factory=views_factory(storage),
+        blobs=blobs,
+        challenges=challenges,
+        deliveries=deliveries,
+        clock=clock,
+        env=env,
+    )

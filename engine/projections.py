@@ -1,0 +1,427 @@
+"""The views' logic: how each recorded event changes the whitelist, quarantine,
+pending-challenge and delivery-queue rows. Pure: it emits row operations that a
+storage adapter applies in one transaction with its tracking position."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from engine.message import Message
+from engine.sender import Sender
+
+WHITELIST = "sa_whitelist"
+CHALLENGES = "sa_challenges"
+QUARANTINE = "sa_quarantine"
+DELIVERY = "sa_delivery"
+BLOBS = "sa_blobs"
+
+TABLES: dict[str, tuple[tuple[str, str], ...]] = {
+    # name: ((column, kind), ...); the first column is the primary key
+    WHITELIST: (
+        ("sender_id", "text"),
+        ("address", "text"),
+        ("scope", "text"),
+        ("state", "text"),
+        ("since", "real"),
+        ("via", "text"),
+        ("reason", "text"),
+        ("version", "int"),
+    ),
+    CHALLENGES: (
+        ("challenge_id", "text"),
+        ("sender_id", "text"),
+        ("address", "text"),
+        ("domain", "text"),
+        ("scope", "text"),
+        ("kid", "int"),
+        ("created", "real"),
+        ("expires", "real"),
+        ("sent_at", "real"),
+        ("attempts", "int"),
+        ("resends", "int"),
+        ("next_attempt", "real"),
+        ("outcome", "text"),
+        ("diagnostic", "text"),
+        ("subject", "text"),
+        ("in_reply_to", "text"),
+        ("recipient", "text"),
+    ),
+    QUARANTINE: (
+        ("message_id", "text"),
+        ("receipt_id", "text"),
+        ("sender", "text"),
+        ("sender_id", "text"),
+        ("recipients", "text"),
+        ("subject", "text"),
+        ("size", "int"),
+        ("received", "real"),
+        ("expires", "real"),
+        ("state", "text"),
+        ("reason", "text"),
+        ("updated", "real"),
+    ),
+    DELIVERY: (
+        ("message_id", "text"),
+        ("receipt_id", "text"),
+        ("sender", "text"),
+        ("recipients", "text"),
+        ("attempts", "int"),
+        ("next_attempt", "real"),
+        ("queued_at", "real"),
+    ),
+    BLOBS: (
+        ("receipt_id", "text"),
+        ("live", "int"),
+        ("copies", "int"),
+        ("collected", "int"),
+    ),
+}
+
+INDEXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("sa_whitelist_address", WHITELIST, ("address",)),
+    ("sa_whitelist_state", WHITELIST, ("state",)),
+    ("sa_challenges_outcome", CHALLENGES, ("outcome", "next_attempt")),
+    ("sa_challenges_expires", CHALLENGES, ("outcome", "expires")),
+    ("sa_challenges_created", CHALLENGES, ("created",)),
+    ("sa_quarantine_sender", QUARANTINE, ("sender_id", "state")),
+    ("sa_quarantine_state", QUARANTINE, ("state", "expires")),
+    ("sa_quarantine_address", QUARANTINE, ("sender",)),
+    ("sa_delivery_due", DELIVERY, ("next_attempt",)),
+    ("sa_blobs_live", BLOBS, ("live", "collected")),
+)
+
+
+@dataclass(frozen=True)
+class Upsert:
+    """Insert the row, or overwrite the given columns of an existing one."""
+
+    table: str
+    key: Any
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Update:
+    table: str
+    key: Any
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Add:
+    """Add `delta` to integer columns of an existing row."""
+
+    table: str
+    key: Any
+    deltas: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Delete:
+    table: str
+    key: Any
+
+
+TERMINAL_COPY_STATES = frozenset({"delivered", "purged", "discarded"})
+
+
+def _join(items: list[str]) -> str:
+    return "\n".join(items)
+
+
+def _sender_row(e: Any, state: str) -> Op:
+    return Update(
+        WHITELIST,
+        e.originator_id.hex,
+        {
+            "state": state,
+            "since": e.timestamp.timestamp(),
+            "reason": getattr(e, "reason", ""),
+            "via": getattr(e, "actor", ""),
+            "version": e.originator_version,
+        },
+    )
+
+
+def _sender_registered(e: Sender.Registered) -> Iterator[Op]:
+    from engine.statemachine import SENDER
+
+    ts = e.timestamp.timestamp()
+    yield Upsert(
+        WHITELIST,
+        e.originator_id.hex,
+        {
+            "address": e.address,
+            "scope": e.scope,
+            "state": SENDER.next_state(SENDER.initial, e.trigger),
+            "since": ts,
+            "via": e.actor,
+            "reason": e.reason,
+            "version": e.originator_version,
+        },
+    )
+    if e.challenge_id:
+        yield _challenge_row(e, e.address, e.scope)
+
+
+def _challenge_row(e: Any, address: str, scope: str) -> Op:
+    return Upsert(
+        CHALLENGES,
+        e.challenge_id,
+        {
+            "sender_id": e.originator_id.hex,
+            "address": address,
+            "domain": address.rsplit("@", 1)[-1],
+            "scope": scope,
+            "kid": e.kid,
+            "created": e.timestamp.timestamp(),
+            "expires": e.expires_at,
+            "sent_at": 0.0,
+            "attempts": 0,
+            "resends": 0,
+            "next_attempt": 0.0,
+            "outcome": "queued",
+            "diagnostic": "",
+            "subject": e.subject,
+            "in_reply_to": e.in_reply_to,
+            "recipient": e.recipient,
+        },
+    )
+
+
+class Projector:
+    """Turns events into row operations. It keeps a small map from sender id to its
+    current challenge id, rebuilt from the same events, so that later sender events
+    (sent, failed, confirmed) can find their challenge row without a read."""
+
+    def __init__(self, current_challenge: Callable[[str], str | None]) -> None:
+        self._current_challenge = current_challenge
+        self._cache: dict[str, tuple[str, str, str]] = {}
+
+    def challenge_of(self, sender_id: str) -> str | None:
+        found = self._cache.get(sender_id)
+        if found is not None:
+            return found[0]
+        return self._current_challenge(sender_id)
+
+    def ops(self, event: Any) -> Iterator[Op]:
+        if isinstance(event, Sender.Registered):
+            if event.challenge_id:
+                self._remember(event.originator_id.hex, event.challenge_id)
+            yield from _sender_registered(event)
+        elif isinstance(event, Sender.Event):
+            yield from self._sender_event(event)
+        elif isinstance(event, Message.Received):
+            yield from self._message_received(event)
+        elif isinstance(event, Message.Event):
+            yield from self._message_event(event)
+
+    def _remember(self, sender_id: str, challenge_id: str) -> None:
+        if len(self._cache) > 50_000:
+            self._cache.clear()
+        self._cache[sender_id] = (challenge_id, "", "")
+
+    def _sender_event(self, e: Sender.Event) -> Iterator[Op]:
+        from engine.statemachine import SENDER
+
+        sid = e.originator_id.hex
+        # The view holds the state reached, derived from the same spec as the aggregate.
+        if isinstance(e, Sender.Challenged):
+            self._remember(sid, e.challenge_id)
+            yield Update(
+                WHITELIST,
+                sid,
+                {"state": "challenged", "since": e.timestamp.timestamp(), "reason": e.reason, "version": e.originator_version},
+            )
+            yield _ChallengeFromSender(e.challenge_id, sid, _challenge_values(e))
+            return
+        dest = {
+            Sender.Confirmed: "authorized",
+            Sender.ChallengeFailed: "expired",
+            Sender.ChallengeExpired: "expired",
+            Sender.Authorized: "authorized",
+            Sender.Blocked: "blocked",
+            Sender.Forgotten: "unknown",
+        }.get(type(e))
+        if dest is not None:
+            yield _sender_row(e, dest)
+        else:
+            yield Update(WHITELIST, sid, {"version": e.originator_version})
+        cid = self.challenge_of(sid)
+        if not cid:
+            return
+        ts = e.timestamp.timestamp()
+        if isinstance(e, Sender.ChallengeSent):
+            yield Update(CHALLENGES, cid, {"outcome": "sent", "sent_at": ts, "attempts": e.attempt, "diagnostic": ""})
+        elif isinstance(e, Sender.ChallengeDeferred):
+            yield Update(
+                CHALLENGES,
+                cid,
+                {"outcome": "deferred", "attempts": e.attempt, "next_attempt": e.next_attempt_at, "diagnostic": e.diagnostic},
+            )
+        elif isinstance(e, Sender.ChallengeResent):
+            yield Update(CHALLENGES, cid, {"outcome": "queued", "next_attempt": 0.0})
+            yield Add(CHALLENGES, cid, {"resends": 1})
+        elif isinstance(e, Sender.Confirmed):
+            yield Update(CHALLENGES, cid, {"outcome": "confirmed"})
+        elif isinstance(e, Sender.ChallengeFailed):
+            yield Update(CHALLENGES, cid, {"outcome": "failed", "diagnostic": e.diagnostic})
+        elif isinstance(e, Sender.ChallengeExpired):
+            yield Update(CHALLENGES, cid, {"outcome": "expired"})
+        elif isinstance(e, (Sender.Authorized, Sender.Blocked, Sender.Forgotten)):
+            yield _SupersedeIfPending(cid)
+
+    def _message_received(self, e: Message.Received) -> Iterator[Op]:
+        from engine.statemachine import MESSAGE
+
+        mid = e.originator_id.hex
+        ts = e.timestamp.timestamp()
+        state = MESSAGE.next_state(MESSAGE.initial, e.trigger)
+        live = 0 if state in TERMINAL_COPY_STATES else 1
+        yield _BlobRef(e.receipt_id, live)
+        if e.trigger == "accept":
+            yield Upsert(
+                DELIVERY,
+                mid,
+                {
+                    "receipt_id": e.receipt_id,
+                    "sender": e.sender,
+                    "recipients": _join(e.recipients),
+                    "attempts": 0,
+                    "next_attempt": 0.0,
+                    "queued_at": ts,
+                },
+            )
+            return
+        yield Upsert(
+            QUARANTINE,
+            mid,
+            {
+                "receipt_id": e.receipt_id,
+                "sender": e.sender,
+                "sender_id": e.sender_id,
+                "recipients": _join(e.recipients),
+                "subject": e.subject,
+                "size": e.size,
+                "received": ts,
+                "expires": e.expires_at,
+                "state": state,
+                "reason": e.reason,
+                "updated": ts,
+            },
+        )
+
+    def _message_event(self, e: Message.Event) -> Iterator[Op]:
+        mid = e.originator_id.hex
+        ts = e.timestamp.timestamp()
+        if isinstance(e, Message.Released):
+            yield Update(QUARANTINE, mid, {"state": "authorized", "reason": e.reason, "updated": ts})
+            yield _QueueFromQuarantine(mid, ts)
+        elif isinstance(e, Message.DeliveryDeferred):
+            yield Update(DELIVERY, mid, {"attempts": e.attempt, "next_attempt": e.next_attempt_at})
+            yield _DropRecipients(mid, tuple(e.delivered) + tuple(e.rejected))
+        elif isinstance(e, Message.Delivered):
+            yield Delete(DELIVERY, mid)
+            yield Update(QUARANTINE, mid, {"state": "delivered", "updated": ts})
+            yield _CopyDone(mid)
+        elif isinstance(e, Message.DeliveryFailed):
+            yield _FailedCopy(mid, ts, e.reason)
+            yield Delete(DELIVERY, mid)
+        elif isinstance(e, Message.Expired):
+            yield Update(QUARANTINE, mid, {"state": "expired", "reason": e.reason, "updated": ts})
+        elif isinstance(e, Message.Purged):
+            yield Update(QUARANTINE, mid, {"state": "purged", "reason": e.reason, "updated": ts})
+            yield _CopyDone(mid)
+        elif isinstance(e, Message.Discarded):
+            yield Update(QUARANTINE, mid, {"state": "discarded", "reason": e.reason, "updated": ts})
+            yield _CopyDone(mid)
+
+
+def _challenge_values(e: Sender.Challenged) -> dict[str, Any]:
+    return {
+        "kid": e.kid,
+        "created": e.timestamp.timestamp(),
+        "expires": e.expires_at,
+        "sent_at": 0.0,
+        "attempts": 0,
+        "resends": 0,
+        "next_attempt": 0.0,
+        "outcome": "queued",
+        "diagnostic": "",
+        "subject": e.subject,
+        "in_reply_to": e.in_reply_to,
+        "recipient": e.recipient,
+    }
+
+
+# Operations that need a read of another row; the storage adapter implements them.
+@dataclass(frozen=True)
+class _BlobRef:
+    receipt_id: str
+    live: int
+
+
+@dataclass(frozen=True)
+class _QueueFromQuarantine:
+    message_id: str
+    queued_at: float
+
+
+@dataclass(frozen=True)
+class _DropRecipients:
+    message_id: str
+    recipients: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _CopyDone:
+    """A copy reached a terminal state: one fewer live reference to its original."""
+
+    message_id: str
+
+
+@dataclass(frozen=True)
+class _FailedCopy:
+    """Delivery failed for good: the copy stays live (kept for the operator) and visible."""
+
+    message_id: str
+    at: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class _ChallengeFromSender:
+    """A new challenge row whose address and scope come from the sender's whitelist row."""
+
+    challenge_id: str
+    sender_id: str
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _SupersedeIfPending:
+    challenge_id: str
+
+
+Op = (
+    Upsert
+    | Update
+    | Add
+    | Delete
+    | _BlobRef
+    | _QueueFromQuarantine
+    | _DropRecipients
+    | _CopyDone
+    | _FailedCopy
+    | _SupersedeIfPending
+    | _ChallengeFromSender
+)
+BlobRef = _BlobRef
+QueueFromQuarantine = _QueueFromQuarantine
+DropRecipients = _DropRecipients
+CopyDone = _CopyDone
+FailedCopy = _FailedCopy
+SupersedeIfPending = _SupersedeIfPending
+ChallengeFromSender = _ChallengeFromSender

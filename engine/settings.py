@@ -1,0 +1,44 @@
+"""Policy as data: everything the engine decides by, handed in by whoever configures it.
+
+The TOML loader (adapters/config.py) maps the operator's file onto this; integrators build it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from engine.policy import DEFAULT_SPAM_HEADERS, AuthGate, ExemptAction, Exemption, Limits
+
+DAY = 86400.0
+
+
+def _default_exemptions() -> Mapping[Exemption, ExemptAction]:
+    return {e: ExemptAction.HOLD for e in Exemption}
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The policy of one filter; defaults are conservative (hold, never bounce, never amplify)."""
+
+    protected: tuple[str, ...] = ()
+    scope: Literal["global", "recipient"] = "global"
+    challenge_lifetime: float = 7 * DAY
+    hold_lifetime: float = 7 * DAY
+    failed_action: Literal["purge", "keep"] = "purge"
+    recipient_delimiter: str = "+"
+    confirm_address: str = "confirm@localhost"
+    bounce_address: str = "bounces@localhost"
+    exemptions: Mapping[Exemption, ExemptAction] = field(default_factory=_default_exemptions)
+    spam_headers: tuple[tuple[str, str], ...] = DEFAULT_SPAM_HEADERS
+    auth_gate: AuthGate = field(default_factory=AuthGate)
+    limits: Limits = field(default_factory=Limits)
+    resend_after: float = DAY
+    challenge_retry_initial: float = 60.0
+    challenge_retry_max: float = 3600.0
+    challenge_give_up_after: float = 2 * DAY
+    delivery_retry_initial: float = 60.0
+    delivery_retry_max: float = 3600.0
+    delivery_give_up_after: float = 5 * DAY
+    max_recipients: int = 100

@@ -1,0 +1,253 @@
+"""Challenge tokens: mint and verify the HMAC token carried in a confirm address extension.
+
+Also derives keyed aggregate ids and reads and writes the secret keyring text format.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import struct
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+TOKEN_VERSION = 1
+CHALLENGE_ID_BYTES = 10
+MAC_BYTES = 10
+MIN_KEY_BYTES = 16
+GENERATED_KEY_BYTES = 32
+# kid (1) | challenge id (10) | expiry minutes (4) | MAC (10) = 25 bytes = 40 base32 characters.
+_HEADER = struct.Struct(f">B{CHALLENGE_ID_BYTES}sI")
+_RAW_BYTES = _HEADER.size + MAC_BYTES
+TOKEN_LENGTH = _RAW_BYTES * 8 // 5
+_BASE32_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz234567ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_MAX_MINUTES = 2**32 - 1
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+class TokenError(Exception):
+    """A token that does not confirm anything; str(error) is a short human message."""
+
+
+class TokenMalformed(TokenError):
+    """The text is not a token at all."""
+
+
+class TokenUnknownKey(TokenError):
+    """The token names a key id that is not (or no longer) in the keyring."""
+
+
+class TokenForged(TokenError):
+    """The MAC does not match: altered token, or another sender, scope or challenge."""
+
+
+class TokenExpired(TokenError):
+    """A genuine token whose expiry time has passed."""
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """Token keys by key id (every one verifies, the active one mints) and the id key."""
+
+    token_keys: Mapping[int, bytes]
+    active_kid: int
+    id_key: bytes
+
+    def __post_init__(self) -> None:
+        if not self.token_keys:
+            raise ValueError("keyring has no token keys")
+        for kid, secret in self.token_keys.items():
+            if isinstance(kid, bool) or not isinstance(kid, int) or not 0 <= kid <= 255:
+                raise ValueError(f"key id {kid!r} is not an integer from 0 to 255")
+            _check_secret(secret, f"token key {kid}")
+        _check_secret(self.id_key, "id key")
+        if self.active_kid not in self.token_keys:
+            raise ValueError(f"active key id {self.active_kid!r} is not among the token keys")
+        # A read-only copy, so a caller mutating its dict cannot change a live keyring.
+        object.__setattr__(self, "token_keys", MappingProxyType(dict(self.token_keys)))
+
+    def __repr__(self) -> str:
+        return f"Keyring(kids={sorted(self.token_keys)}, active_kid={self.active_kid})"
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    """What a token says, before or after its MAC has been checked."""
+
+    kid: int
+    challenge_id: bytes
+    expires_at: int
+
+
+def new_challenge_id() -> bytes:
+    """Return a fresh random challenge id."""
+    return secrets.token_bytes(CHALLENGE_ID_BYTES)
+
+
+def mint(keyring: Keyring, *, challenge_id: bytes, sender: str, scope: str, expires_at: int) -> str:
+    """Return a token for this challenge, sender and scope, signed with the active key.
+
+    expires_at (unix seconds) is truncated to the whole minute; sender must be normalized.
+    """
+    if len(challenge_id) != CHALLENGE_ID_BYTES:
+        raise ValueError(f"challenge id must be {CHALLENGE_ID_BYTES} bytes")
+    minutes = expires_at // 60
+    if not 0 <= minutes <= _MAX_MINUTES:
+        raise ValueError("expires_at is out of range")
+    claims = TokenClaims(keyring.active_kid, bytes(challenge_id), minutes * 60)
+    header = _HEADER.pack(claims.kid, claims.challenge_id, minutes)
+    mac = _mac(keyring.token_keys[claims.kid], claims, sender, scope)
+    return base64.b32encode(header + mac).decode("ascii").lower()
+
+
+def parse(token: str) -> TokenClaims:
+    """Decode a token's structure without checking its MAC; raise TokenMalformed if malformed."""
+    return _decode(token)[0]
+
+
+def verify(keyring: Keyring, token: str, *, sender: str, scope: str, now: int) -> TokenClaims:
+    """Return the claims of a genuine, unexpired token for this sender and scope.
+
+    Raises TokenMalformed, TokenUnknownKey, TokenForged or TokenExpired. The MAC is checked
+    before the expiry so that a forger never learns whether a token would have expired.
+    """
+    claims, mac = _decode(token)
+    key = keyring.token_keys.get(claims.kid)
+    if key is None:
+        raise TokenUnknownKey("token key is unknown or retired")
+    if not hmac.compare_digest(mac, _mac(key, claims, sender, scope)):
+        raise TokenForged("token does not match this sender and scope")
+    if now >= claims.expires_at:
+        raise TokenExpired("token has expired")
+    return claims
+
+
+def aggregate_id(keyring: Keyring, kind: str, *parts: str) -> uuid.UUID:
+    """Derive a stable id, e.g. aggregate_id(keyring, "sender", scope, address).
+
+    Keyed with the id key so that nobody can compute an id from an address (as with uuid5).
+    kind and parts must not contain NUL and there must be at least one part, which keeps
+    the NUL-joined input unambiguous.
+    """
+    if not parts:
+        raise ValueError("aggregate_id needs at least one part")
+    if "\0" in kind or any("\0" in part for part in parts):
+        raise ValueError("aggregate_id kind and parts must not contain NUL")
+    message = "\0".join((kind, *parts)).encode("utf-8", "surrogatepass")
+    digest = hmac.new(keyring.id_key, message, hashlib.sha256).digest()
+    return uuid.UUID(bytes=digest[:16], version=4)
+
+
+def parse_keyring(text: str) -> Keyring:
+    """Read the keyring secret-file format; ValueError names the line, never key material.
+
+    Lines: "id <hex>" (exactly one), "<kid> <hex>" per token key, optionally "active <kid>"
+    (default: the highest kid). "#" starts a comment; blank lines are ignored.
+    """
+    id_key: bytes | None = None
+    token_keys: dict[int, bytes] = {}
+    active: tuple[int, int] | None = None  # (kid, line number)
+    for number, line in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            raise ValueError(f"line {number}: expected 'id <hex>', '<kid> <hex>' or 'active <kid>'")
+        name, value = fields
+        if name == "id":
+            if id_key is not None:
+                raise ValueError(f"line {number}: second 'id' line")
+            id_key = _parse_secret(value, number)
+        elif name == "active":
+            if active is not None:
+                raise ValueError(f"line {number}: second 'active' line")
+            active = (_parse_kid(value, number), number)
+        else:
+            kid = _parse_kid(name, number)
+            if kid in token_keys:
+                raise ValueError(f"line {number}: key id {kid} appears twice")
+            token_keys[kid] = _parse_secret(value, number)
+    if id_key is None:
+        raise ValueError("keyring has no 'id' line")
+    if not token_keys:
+        raise ValueError("keyring has no token key lines ('<kid> <hex>')")
+    if active is None:
+        active_kid = max(token_keys)
+    else:
+        active_kid, number = active
+        if active_kid not in token_keys:
+            raise ValueError(f"line {number}: active key id {active_kid} has no key line")
+    return Keyring(token_keys=token_keys, active_kid=active_kid, id_key=id_key)
+
+
+def render_keyring(keyring: Keyring) -> str:
+    """Write a keyring in the format parse_keyring reads."""
+    lines = [
+        "# sourceauth keyring (secret). Rotate: add '<kid> <hex>' and 'active <kid>'.",
+        f"id {keyring.id_key.hex()}",
+        *(f"{kid} {keyring.token_keys[kid].hex()}" for kid in sorted(keyring.token_keys)),
+        f"active {keyring.active_kid}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def generate_keyring() -> Keyring:
+    """Return a new keyring with a random id key and one random token key, kid 1."""
+    return Keyring(
+        token_keys={1: secrets.token_bytes(GENERATED_KEY_BYTES)},
+        active_kid=1,
+        id_key=secrets.token_bytes(GENERATED_KEY_BYTES),
+    )
+
+
+def _decode(token: str) -> tuple[TokenClaims, bytes]:
+    if not isinstance(token, str) or len(token) != TOKEN_LENGTH:
+        raise TokenMalformed(f"token is not {TOKEN_LENGTH} characters long")
+    if not set(token) <= _BASE32_CHARS:
+        raise TokenMalformed("token has characters outside the base32 alphabet")
+    raw = base64.b32decode(token.upper())
+    kid, challenge_id, minutes = _HEADER.unpack_from(raw)
+    return TokenClaims(kid, challenge_id, minutes * 60), raw[_HEADER.size :]
+
+
+def _mac(key: bytes, claims: TokenClaims, sender: str, scope: str) -> bytes:
+    message = b"".join(
+        (
+            bytes((TOKEN_VERSION,)),
+            _HEADER.pack(claims.kid, claims.challenge_id, claims.expires_at // 60),
+            _length_prefixed(sender),
+            _length_prefixed(scope),
+        )
+    )
+    return hmac.new(key, message, hashlib.sha256).digest()[:MAC_BYTES]
+
+
+def _length_prefixed(text: str) -> bytes:
+    data = text.encode("utf-8", "surrogatepass")
+    return struct.pack(">I", len(data)) + data
+
+
+def _check_secret(secret: object, name: str) -> None:
+    if not isinstance(secret, bytes):
+        raise ValueError(f"{name} must be bytes")
+    if len(secret) < MIN_KEY_BYTES:
+        raise ValueError(f"{name} is shorter than {MIN_KEY_BYTES} bytes")
+
+
+def _parse_kid(value: str, number: int) -> int:
+    if not (value.isascii() and value.isdigit()) or int(value) > 255:
+        raise ValueError(f"line {number}: key id is not an integer from 0 to 255")
+    return int(value)
+
+
+def _parse_secret(value: str, number: int) -> bytes:
+    if len(value) % 2 or not set(value) <= _HEX_DIGITS:
+        raise ValueError(f"line {number}: key is not an even number of hex digits")
+    secret = bytes.fromhex(value)
+    if len(secret) < MIN_KEY_BYTES:
+        raise ValueError(f"line {number}: key is shorter than {MIN_KEY_BYTES} bytes")
+    return secret
