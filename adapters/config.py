@@ -6,12 +6,14 @@ Also reads (or creates, mode 0600) the challenge keyring from the environment or
 from __future__ import annotations
 
 import difflib
+import errno
 import functools
 import ipaddress
 import json
 import math
 import os
 import re
+import secrets
 import socket
 import stat
 import tomllib
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, TypeVar
 
+from adapters.smtp.delivery import NextHop, NextHopError, parse_next_hop
 from engine.addresses import AddressError, normalize_address, normalize_pattern
 from engine.policy import AuthGate, ExemptAction, Exemption, Limits
 from engine.settings import EngineSettings
@@ -34,7 +37,6 @@ LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 SqliteSynchronous = Literal["NORMAL", "FULL"]
 StorageKind = Literal["sqlite", "postgresql"]
-EndpointKind = Literal["maildir", "smtp", "lmtp"]
 _SCOPES: tuple[Scope, ...] = ("global", "recipient")
 _FAILED_ACTIONS: tuple[FailedAction, ...] = ("purge", "keep")
 _EXEMPTION_ACTIONS: tuple[ExemptionAction, ...] = ("hold", "deliver", "discard")
@@ -42,6 +44,8 @@ _REQUIREMENTS: tuple[AuthRequirement, ...] = ("spf", "dkim", "spf_or_dkim")
 _LOG_FORMATS: tuple[LogFormat, ...] = ("json", "console")
 _LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 _SYNCHRONOUS: tuple[SqliteSynchronous, ...] = ("NORMAL", "FULL")
+_RELAY_SCHEMES = ("maildir", "smtp")
+_NEXT_HOP_SCHEMES = ("maildir", "smtp", "lmtp")
 
 DEFAULT_CONFIG_FILE = "sourceauth.toml"
 DB_PASSWORD_ENV = "SOURCEAUTH_DB_PASSWORD"
@@ -73,22 +77,6 @@ def default_hostname() -> str:
 
 
 @dataclass(frozen=True)
-class Endpoint:
-    """Where mail goes: a Maildir directory, or an SMTP or LMTP server."""
-
-    kind: EndpointKind
-    host: str = ""
-    port: int = 0
-    path: Path | None = None
-
-    def __str__(self) -> str:
-        if self.kind == "maildir":
-            return f"maildir:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.kind}://{host}:{self.port}"
-
-
-@dataclass(frozen=True)
 class ServerConfig:
     """[server]: the inbound SMTP listener, this host's name and the data directory."""
 
@@ -113,7 +101,7 @@ class StorageConfig:
 
     url: str = "sqlite:///var/sourceauth.db"
     blob_dir: Path = Path("var/blobs")
-    sqlite_synchronous: SqliteSynchronous = "NORMAL"
+    sqlite_synchronous: SqliteSynchronous = "FULL"
     group_commit_max: int = 256
     group_commit_wait_ms: float = 2.0
     # From the URL or SOURCEAUTH_DB_PASSWORD; kept out of repr, str and url.
@@ -175,11 +163,11 @@ class ChallengeConfig:
     retry_initial: float = MINUTE
     retry_max: float = HOUR
     give_up_after: float = 2 * DAY
-    relay_endpoint: Endpoint = field(init=False)
+    relay_endpoint: NextHop = field(init=False)
 
     def __post_init__(self) -> None:
         relay = self.relay or "maildir:var/outbox"
-        endpoint = parse_endpoint(relay, "challenge.relay", ("maildir", "smtp"))
+        endpoint = parse_endpoint(relay, "challenge.relay", _RELAY_SCHEMES)
         object.__setattr__(self, "relay_endpoint", endpoint)
 
 
@@ -191,10 +179,10 @@ class DeliveryConfig:
     retry_initial: float = MINUTE
     retry_max: float = HOUR
     give_up_after: float = 5 * DAY
-    next_hop_endpoint: Endpoint = field(init=False)
+    next_hop_endpoint: NextHop = field(init=False)
 
     def __post_init__(self) -> None:
-        endpoint = parse_endpoint(self.next_hop, "delivery.next_hop", ("maildir", "smtp", "lmtp"))
+        endpoint = parse_endpoint(self.next_hop, "delivery.next_hop", _NEXT_HOP_SCHEMES)
         object.__setattr__(self, "next_hop_endpoint", endpoint)
 
 
@@ -383,43 +371,28 @@ def parse_listen(text: str, key: str) -> tuple[str, int]:
     return host, _check_port(port_text, key)
 
 
-def parse_endpoint(text: str, key: str, kinds: tuple[EndpointKind, ...]) -> Endpoint:
-    """Read "maildir:PATH", "smtp://host[:port]" or "lmtp://host:port" (those in kinds).
+def parse_endpoint(
+    text: str, key: str, schemes: tuple[str, ...], base_dir: Path | None = None
+) -> NextHop:
+    """Read "maildir:PATH", "smtp://host[:port]" or "lmtp://host[:port]" (those in schemes).
 
-    The path is kept as written (load_config has already made it absolute); smtp defaults to 25.
+    The grammar is adapters.smtp.delivery.parse_next_hop's; relative maildir paths resolve
+    against base_dir (default: the current directory) and "~" is expanded.
     """
-    forms = {"maildir": "maildir:PATH", "smtp": "smtp://HOST:PORT", "lmtp": "lmtp://HOST:PORT"}
-    expected = " or ".join(forms[kind] for kind in kinds)
     if not isinstance(text, str):
-        raise ConfigError(f"{key}: must be {expected}, got {_describe(text)}")
-    scheme, colon, rest = text.partition(":")
-    scheme = scheme.lower()
-    if not colon or scheme not in kinds:
-        raise ConfigError(f"{key}: must be {expected}, got {_describe(text)}")
-    if scheme == "maildir":
-        if not rest or rest.startswith("//"):
-            raise ConfigError(f'{key}: must be "maildir:PATH", got {_describe(text)}')
-        return Endpoint("maildir", path=Path(rest))
-    parts = urllib.parse.urlsplit(text)
-    if not rest.startswith("//") or parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(f"{key}: must be {expected}, got {_describe(text)}")
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError(f"{key}: credentials in the URL are not supported")
-    host = parts.hostname or ""
-    if not host:
-        raise ConfigError(f"{key}: no host in {_describe(text)}")
-    if ":" not in host:
-        _check_host(host, key)
+        raise ConfigError(f"{key}: must be a string, got {_describe(text)}")
+    scheme, _, rest = text.partition(":")
+    if scheme.lower() == "maildir" and rest.startswith("~"):
+        text = f"maildir:{Path(rest).expanduser()}"
     try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port is None and scheme == "lmtp":
-        raise ConfigError(f"{key}: lmtp needs a port, as lmtp://{host}:24")
-    if port is None:
-        port = 25
-    _check_port(str(port), key)
-    return Endpoint("smtp" if scheme == "smtp" else "lmtp", host=host, port=port)
+        endpoint = parse_next_hop(text, base_dir or Path.cwd())
+    except NextHopError as error:
+        # The message quotes the URL; a password in it must not reach a log.
+        raise ConfigError(f"{key}: {str(error).replace(text, _redact_url(text))}") from None
+    if endpoint.scheme not in schemes:
+        allowed = " or ".join(f"{name}:" for name in schemes)
+        raise ConfigError(f"{key}: must be {allowed}, got {_describe(text)}")
+    return endpoint
 
 
 @dataclass(frozen=True)
@@ -451,11 +424,13 @@ def _parse_storage_url(url: str, key: str) -> _StorageUrl:
         return _StorageUrl(url=f"sqlite:///{path}", kind="sqlite", sqlite_path=Path(path))
     if scheme not in ("postgresql", "postgres") or not rest.startswith("//"):
         raise ConfigError(f"{key}: {forms}, got {shown}")
-    parts = urllib.parse.urlsplit(url)
     try:
-        port = parts.port or 5432
+        parts = urllib.parse.urlsplit(url)
+        port = 5432 if parts.port is None else parts.port
     except ValueError:
-        raise ConfigError(f"{key}: the port must be a number from 1 to 65535") from None
+        port = 0
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{key}: {forms}: bad host or port (1 to 65535), got {shown}")
     host = parts.hostname
     user = urllib.parse.unquote(parts.username) if parts.username else None
     dbname = urllib.parse.unquote(parts.path.removeprefix("/"))
@@ -879,7 +854,7 @@ def _build_challenge(
     table: _Table, base: Path, server: ServerConfig, policy: PolicyConfig
 ) -> ChallengeConfig:
     relay = table.get("relay", _string, "") or f"maildir:{server.data_dir / 'outbox'}"
-    endpoint = parse_endpoint(relay, table.key("relay"), ("maildir", "smtp"))
+    endpoint = parse_endpoint(relay, table.key("relay"), _RELAY_SCHEMES, base)
     confirm = table.get("confirm_address", _address, f"confirm@{server.hostname}")
     bounce = table.get("bounce_address", _address, f"bounces@{server.hostname}")
     delimiter = policy.recipient_delimiter
@@ -895,7 +870,7 @@ def _build_challenge(
             "so a bounce can never be taken for a reply"
         )
     challenge = ChallengeConfig(
-        relay=_normalized_endpoint(endpoint, base),
+        relay=str(endpoint),
         confirm_address=confirm,
         bounce_address=bounce,
         secret_file=table.path("secret_file", server.data_dir / "secret", base),
@@ -913,21 +888,15 @@ def _build_challenge(
 
 def _build_delivery(table: _Table, base: Path, data_dir: Path) -> DeliveryConfig:
     next_hop = table.get("next_hop", _string, f"maildir:{data_dir / 'mail'}")
-    endpoint = parse_endpoint(next_hop, table.key("next_hop"), ("maildir", "smtp", "lmtp"))
+    endpoint = parse_endpoint(next_hop, table.key("next_hop"), _NEXT_HOP_SCHEMES, base)
     delivery = DeliveryConfig(
-        next_hop=_normalized_endpoint(endpoint, base),
+        next_hop=str(endpoint),
         retry_initial=table.get("retry_initial", _duration, DeliveryConfig.retry_initial),
         retry_max=table.get("retry_max", _duration, DeliveryConfig.retry_max),
         give_up_after=table.get("give_up_after", _duration, DeliveryConfig.give_up_after),
     )
     _check_retry(delivery.retry_initial, delivery.retry_max, table)
     return delivery
-
-
-def _normalized_endpoint(endpoint: Endpoint, base: Path) -> str:
-    if endpoint.path is not None:
-        return str(Endpoint("maildir", path=_resolve(endpoint.path, base)))
-    return str(endpoint)
 
 
 def _check_retry(initial: float, maximum: float, table: _Table) -> None:
@@ -1062,6 +1031,8 @@ def _read_secret_file(path: Path) -> Keyring:
     except FileNotFoundError:
         raise
     except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ConfigError(f"{key}: {path} is a symlink; name the file itself") from None
         raise ConfigError(f"{key}: cannot open {path} ({error.strerror})") from None
     with os.fdopen(descriptor, "rb") as handle:
         status = os.fstat(handle.fileno())
@@ -1088,7 +1059,7 @@ def _create_secret_file(path: Path) -> Keyring:
         _make_private_dirs(path.parent)
         # Write a private temporary file, then link it into place: readers never see a partial
         # file, and a process racing us keeps whichever keyring was linked first.
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
         descriptor = os.open(
             temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
         )
@@ -1148,7 +1119,7 @@ def config_summary(cfg: Config) -> dict[str, object]:
 
 
 def _plain(value: object) -> object:
-    if isinstance(value, (Path, Endpoint)):
+    if isinstance(value, (Path, NextHop)):
         return str(value)
     if isinstance(value, tuple):
         return [_plain(item) for item in value]

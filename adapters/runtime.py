@@ -15,17 +15,14 @@ from typing import Any
 
 import structlog
 
-from adapters.config import Config, load_or_create_keyring
+from adapters.config import Config, engine_settings, load_or_create_keyring
 from adapters.smtp.challenge import DEFAULT_BODY_TEMPLATE, DEFAULT_SUBJECT_TEMPLATE
-from adapters.smtp.delivery import NextHop, parse_next_hop
 from adapters.smtp.inbound import FilterHandler, GroupCommitter, inbound_server_factory
 from adapters.smtp.outbound import ChallengeSender, NextHopDelivery
 from adapters.storage.blobs import FileBlobStore
 from adapters.storage.wiring import Storage, open_engine
 from engine.api import Clock, Receipt
 from engine.application import SourceAuth, system_clock
-from engine.policy import AuthGate, ExemptAction, Exemption, Limits
-from engine.settings import EngineSettings
 
 log = structlog.get_logger(__name__)
 
@@ -46,49 +43,6 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: Any = None
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
         cache_logger_on_first_use=True,
-    )
-
-
-def engine_settings(cfg: Config) -> EngineSettings:
-    ex = cfg.exemptions
-    exemptions = {
-        Exemption.NULL_SENDER: ExemptAction(ex.null_sender),
-        Exemption.MAILER_DAEMON: ExemptAction(ex.mailer_daemon),
-        Exemption.AUTO_SUBMITTED: ExemptAction(ex.auto_submitted),
-        Exemption.MAILING_LIST: ExemptAction(ex.mailing_list),
-        Exemption.BULK: ExemptAction(ex.bulk),
-        Exemption.DSN: ExemptAction(ex.dsn),
-        Exemption.SPAM: ExemptAction(ex.spam),
-    }
-    return EngineSettings(
-        protected=tuple(cfg.policy.protected),
-        scope=cfg.policy.scope,
-        challenge_lifetime=cfg.policy.challenge_lifetime,
-        hold_lifetime=cfg.policy.hold_lifetime,
-        failed_action=cfg.policy.failed_action,
-        recipient_delimiter=cfg.policy.recipient_delimiter,
-        confirm_address=cfg.challenge.confirm_address,
-        bounce_address=cfg.challenge.bounce_address,
-        exemptions=exemptions,
-        spam_headers=tuple(ex.spam_headers),
-        auth_gate=AuthGate(
-            enabled=cfg.auth_gate.enabled,
-            trusted_authserv_ids=tuple(cfg.auth_gate.trusted_authserv_ids),
-            require=cfg.auth_gate.require,
-        ),
-        limits=Limits(
-            challenges_per_domain_per_hour=cfg.limits.challenges_per_domain_per_hour,
-            challenges_per_hour=cfg.limits.challenges_per_hour,
-            max_resends=cfg.policy.max_resends,
-        ),
-        resend_after=cfg.policy.resend_after,
-        challenge_retry_initial=cfg.challenge.retry_initial,
-        challenge_retry_max=cfg.challenge.retry_max,
-        challenge_give_up_after=cfg.challenge.give_up_after,
-        delivery_retry_initial=cfg.delivery.retry_initial,
-        delivery_retry_max=cfg.delivery.retry_max,
-        delivery_give_up_after=cfg.delivery.give_up_after,
-        max_recipients=cfg.limits.max_recipients,
     )
 
 
@@ -113,15 +67,6 @@ def storage_of(cfg: Config) -> Storage:
     )
 
 
-def relay_of(cfg: Config) -> NextHop:
-    relay = cfg.challenge.relay or f"maildir:{cfg.server.data_dir / 'outbox'}"
-    return parse_next_hop(relay, base_dir=str(cfg.file.parent if cfg.file else "."))
-
-
-def next_hop_of(cfg: Config) -> NextHop:
-    return parse_next_hop(cfg.delivery.next_hop, base_dir=str(cfg.file.parent if cfg.file else "."))
-
-
 def build_engine(
     cfg: Config,
     *,
@@ -131,12 +76,14 @@ def build_engine(
 ) -> SourceAuth:
     """The engine for this configuration, with its challenge and delivery transports."""
     cfg.server.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    keyring = load_or_create_keyring(cfg.challenge, dict(os.environ if environ is None else environ))
+    keyring = load_or_create_keyring(
+        cfg.challenge, dict(os.environ if environ is None else environ)
+    )
     storage = storage_of(cfg)
     challenges = deliveries = None
     if transports:
         challenges = ChallengeSender(
-            relay=relay_of(cfg),
+            relay=cfg.challenge.relay_endpoint,
             confirm_address=cfg.challenge.confirm_address,
             bounce_address=cfg.challenge.bounce_address,
             hostname=cfg.server.hostname,
@@ -146,7 +93,7 @@ def build_engine(
             display_name=cfg.challenge.display_name,
         )
         deliveries = NextHopDelivery(
-            next_hop=next_hop_of(cfg),
+            next_hop=cfg.delivery.next_hop_endpoint,
             blobs=FileBlobStore(storage.blob_dir, fsync=storage.blob_fsync),
             hostname=cfg.server.hostname,
         )
@@ -187,20 +134,24 @@ class Worker:
                 return
             try:
                 self.step()
-            except Exception as exc:  # noqa: BLE001 - a worker logs and carries on; the queue is durable
+            except Exception as exc:
                 log.error("worker_step_failed", worker=self.name, error=str(exc))
 
 
 class Filter:
     """Everything `sourceauth serve` runs, startable from tests on any loop."""
 
-    def __init__(self, cfg: Config, *, clock: Clock = system_clock, app: SourceAuth | None = None) -> None:
+    def __init__(
+        self, cfg: Config, *, clock: Clock = system_clock, app: SourceAuth | None = None
+    ) -> None:
         self.cfg = cfg
         self.app = app or build_engine(cfg, clock=clock)
         assert self.app.blobs is not None and isinstance(self.app.blobs, FileBlobStore)
         self.challenges = Worker("challenges", self.app.dispatch_challenges, 1.0)
         self.deliveries = Worker("deliveries", self.app.dispatch_deliveries, 1.0)
-        self.maintenance = Worker("maintenance", lambda: self.app.maintain(dispatch=False), cfg.maintenance.interval)
+        self.maintenance = Worker(
+            "maintenance", lambda: self.app.maintain(dispatch=False), cfg.maintenance.interval
+        )
         self.committer = GroupCommitter(
             self.app,
             self.app.blobs,
@@ -220,7 +171,11 @@ class Filter:
         # A challenge leaves as soon as its hold is committed, not at the next timer tick.
         if any(r.challenges for r in receipts):
             self.challenges.wake.set()
-        if any(d.decision.value == "deliver" or d.decision.value == "confirm" for r in receipts for d in r.decisions):
+        if any(
+            d.decision.value == "deliver" or d.decision.value == "confirm"
+            for r in receipts
+            for d in r.decisions
+        ):
             self.deliveries.wake.set()
 
     async def start(self) -> None:
@@ -233,7 +188,11 @@ class Filter:
         self.deliveries.wake.set()
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            inbound_server_factory(self.handler, hostname=self.cfg.server.hostname, max_size=self.cfg.limits.max_message_size),
+            inbound_server_factory(
+                self.handler,
+                hostname=self.cfg.server.hostname,
+                max_size=self.cfg.limits.max_message_size,
+            ),
             host=self.cfg.server.listen_host,
             port=self.cfg.server.listen_port,
         )

@@ -6,6 +6,7 @@ transaction; optimistic-concurrency conflicts are retried on fresh state.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import uuid
@@ -41,8 +42,8 @@ from engine.api import (
     OutgoingChallenge,
     Receipt,
     RecipientDecision,
-    SendOutcome,
     SenderView,
+    SendOutcome,
     ViewStore,
 )
 from engine.errors import IllegalTransition, InvalidInput, NotFound, TemporaryFailure
@@ -279,7 +280,9 @@ class SourceAuth(Application[UUID]):
                 deliver_now.append((rcpt, "recipient_unprotected"))
                 continue
             if not exemption_checked:
-                exemption = classify(incoming.mail_from, incoming.headers, spam_headers=s.spam_headers)
+                exemption = classify(
+                    incoming.mail_from, incoming.headers, spam_headers=s.spam_headers
+                )
                 exemption_checked = True
             sender_obj: Sender | None = None
             sid: UUID | None = None
@@ -305,7 +308,9 @@ class SourceAuth(Application[UUID]):
             assert sid is not None
             held.setdefault(sid, []).append(rcpt)
 
-        def message(rcpts: list[str], trigger: str, reason: str, sender_id: str, expires: float) -> UUID:
+        def message(
+            rcpts: list[str], trigger: str, reason: str, sender_id: str, expires: float
+        ) -> UUID:
             mid = uuid.uuid4()
             msg = Message._create(
                 Message.Received,
@@ -330,7 +335,9 @@ class SourceAuth(Application[UUID]):
         if deliver_now:
             reasons = sorted({r for _, r in deliver_now})
             mid = message([r for r, _ in deliver_now], "accept", "; ".join(reasons), "", 0.0)
-            decisions += [RecipientDecision(r, Decision.DELIVER, why, mid) for r, why in deliver_now]
+            decisions += [
+                RecipientDecision(r, Decision.DELIVER, why, mid) for r, why in deliver_now
+            ]
         for reason, rcpts in hold_silently.items():
             mid = message(rcpts, "hold", reason, "", now + s.hold_lifetime)
             decisions += [RecipientDecision(r, Decision.HOLD, reason, mid) for r in rcpts]
@@ -382,7 +389,9 @@ class SourceAuth(Application[UUID]):
                 )
                 return "challenge", "challenge_resent", max(current.expires_at, hold_deadline)
             return "challenge", "challenge_pending", max(current.expires_at, hold_deadline)
-        gate_ok, gate_reason = check_auth_gate(s.auth_gate, sender.rsplit("@", 1)[1], incoming.headers)
+        gate_ok, gate_reason = check_auth_gate(
+            s.auth_gate, sender.rsplit("@", 1)[1], incoming.headers
+        )
         if not gate_ok:
             return "hold", f"auth_gate: {gate_reason}", hold_deadline
         domain = sender.rsplit("@", 1)[1]
@@ -439,7 +448,9 @@ class SourceAuth(Application[UUID]):
         result = self._confirm_in(unit, token, claimants, now)
         return f"confirm_{'accepted' if result.confirmed else 'refused'}: {result.reason}"
 
-    def _bounce_report(self, unit: _Batch, incoming: Incoming, token: str | None, now: float) -> str:
+    def _bounce_report(
+        self, unit: _Batch, incoming: Incoming, token: str | None, now: float
+    ) -> str:
         if not token:
             return "bounce_ignored: no token in the bounce address"
         if incoming.bounce is None or not incoming.bounce.failed:
@@ -477,12 +488,14 @@ class SourceAuth(Application[UUID]):
 
         return self._retrying("confirm", work)
 
-    def _confirm_in(self, unit: _Batch, token: str, claimants: set[str], now: float) -> ConfirmResult:
+    def _confirm_in(
+        self, unit: _Batch, token: str, claimants: set[str], now: float
+    ) -> ConfirmResult:
         found = self._challenge_for_token(token)
         if isinstance(found, str):
             log.info("confirm_refused", reason=found)
             return ConfirmResult(False, found)
-        claims, row = found
+        _, row = found
         if row.address not in claimants:
             log.info("confirm_refused", reason="not from the challenged sender", sender=row.address)
             return ConfirmResult(False, "reply is not from the challenged sender", row.address)
@@ -492,9 +505,15 @@ class SourceAuth(Application[UUID]):
             log.info("confirm_refused", reason=str(exc), sender=row.address)
             return ConfirmResult(False, f"token refused: {exc}", row.address)
         sender = self._load_sender(unit, UUID(row.sender_id))
-        if sender is None or sender.challenge_id != row.challenge_id or not sender.challenge_pending:
+        if (
+            sender is None
+            or sender.challenge_id != row.challenge_id
+            or not sender.challenge_pending
+        ):
             state = sender.state if sender is not None else "unknown"
-            return ConfirmResult(False, f"challenge no longer pending (sender {state})", row.address)
+            return ConfirmResult(
+                False, f"challenge no longer pending (sender {state})", row.address
+            )
         unit.senders[sender.id] = sender
         sender.trigger_event(
             Sender.Confirmed, timestamp=_ts(now), actor=row.address, reason="valid_reply"
@@ -503,31 +522,43 @@ class SourceAuth(Application[UUID]):
         log.info("sender_confirmed", sender=row.address, scope=row.scope, released=released)
         return ConfirmResult(True, "sender confirmed", row.address, released)
 
+    def _held_of(
+        self, unit: _Batch, sender_id_hex: str, states: frozenset[str]
+    ) -> Iterator[Message]:
+        """Held copies waiting on this sender: committed ones (views, caught up first) and
+        ones decided earlier in this same unit of work."""
+        self.views.catch_up(self._observe)
+        seen: set[UUID] = set()
+        for agg in list(unit.messages):
+            seen.add(agg.id)
+            if isinstance(agg, Message) and agg.sender_id == sender_id_hex and agg.state in states:
+                yield agg
+        for mid in self.views.held_of_sender(sender_id_hex):
+            uid = UUID(mid)
+            if uid in seen:
+                continue
+            msg = self._load_message(uid)
+            if msg is not None and msg.state in states:
+                unit.messages.append(msg)
+                yield msg
+
     def _release_held(self, unit: _Batch, sender_id_hex: str, reason: str, now: float) -> int:
         count = 0
-        for mid in self.views.held_of_sender(sender_id_hex):
-            msg = self._load_message(UUID(mid))
-            if msg is None or msg.state not in HELD_STATES and msg.state != "expired":
-                continue
+        for msg in self._held_of(unit, sender_id_hex, HELD_STATES | {"expired"}):
             msg.trigger_event(Message.Released, timestamp=_ts(now), actor=ENGINE, reason=reason)
-            unit.messages.append(msg)
             count += 1
         return count
 
     def _expire_held(self, unit: _Batch, sender_id_hex: str, reason: str, now: float) -> int:
         count = 0
-        for mid in self.views.held_of_sender(sender_id_hex):
-            msg = self._load_message(UUID(mid))
-            if msg is None or msg.state not in HELD_STATES:
-                continue
+        for msg in self._held_of(unit, sender_id_hex, HELD_STATES):
             msg.trigger_event(Message.Expired, timestamp=_ts(now), actor=ENGINE, reason=reason)
-            unit.messages.append(msg)
             count += 1
         return count
 
     def _load_message(self, mid: UUID) -> Message | None:
         try:
-            msg = self.repository.get(mid)
+            msg: Aggregate = self.repository.get(mid)
         except AggregateNotFoundError:
             return None
         assert isinstance(msg, Message)
@@ -550,14 +581,18 @@ class SourceAuth(Application[UUID]):
         found = self._challenge_for_token(token)
         if isinstance(found, str):
             return FailureResult(False, found)
-        claims, row = found
+        _, row = found
         try:
             # Expired tokens still count: a late DSN is still proof the challenge failed.
             tokens.verify(self.keyring, token, sender=row.address, scope=row.scope, now=0)
         except tokens.TokenError as exc:
             return FailureResult(False, f"token refused: {exc}", row.address)
         sender = self._load_sender(unit, UUID(row.sender_id))
-        if sender is None or sender.challenge_id != row.challenge_id or not sender.challenge_pending:
+        if (
+            sender is None
+            or sender.challenge_id != row.challenge_id
+            or not sender.challenge_pending
+        ):
             return FailureResult(False, "challenge no longer pending", row.address)
         return self._fail_sender(unit, sender, diagnostic, source, now)
 
@@ -598,9 +633,11 @@ class SourceAuth(Application[UUID]):
                 scope = normalize_address(scope)
             except AddressError as exc:
                 raise InvalidInput(f"bad scope {scope!r}: {exc}") from exc
-        event_class = {"authorize": Sender.Authorized, "block": Sender.Blocked, "forget": Sender.Forgotten}[
-            verb
-        ]
+        event_class = {
+            "authorize": Sender.Authorized,
+            "block": Sender.Blocked,
+            "forget": Sender.Forgotten,
+        }[verb]
 
         def work() -> SenderView:
             now = self.clock()
@@ -632,16 +669,10 @@ class SourceAuth(Application[UUID]):
             if verb == "authorize":
                 self._release_held(unit, sid.hex, f"sender_authorized_by:{actor}", now)
             elif verb == "block":
-                for mid in self.views.held_of_sender(sid.hex):
-                    msg = self._load_message(UUID(mid))
-                    if msg is not None and msg.state in HELD_STATES:
-                        msg.trigger_event(
-                            Message.Discarded,
-                            timestamp=_ts(now),
-                            actor=actor,
-                            reason="sender_blocked",
-                        )
-                        unit.messages.append(msg)
+                for msg in self._held_of(unit, sid.hex, HELD_STATES):
+                    msg.trigger_event(
+                        Message.Discarded, timestamp=_ts(now), actor=actor, reason="sender_blocked"
+                    )
             self._commit(unit)
             log.info(f"sender_{verb}", sender=addr, scope=scope, actor=actor, reason=reason)
             return self._sender_view(sender)
@@ -649,19 +680,34 @@ class SourceAuth(Application[UUID]):
         return self._retrying(verb, work)
 
     def authorize(
-        self, address: str, *, scope: str = "global", actor: str = "operator", reason: str = "manual"
+        self,
+        address: str,
+        *,
+        scope: str = "global",
+        actor: str = "operator",
+        reason: str = "manual",
     ) -> SenderView:
         """Put a sender on the whitelist and release everything held from it."""
         return self._sender_verb(address, scope, "authorize", actor, reason)
 
     def block(
-        self, address: str, *, scope: str = "global", actor: str = "operator", reason: str = "manual"
+        self,
+        address: str,
+        *,
+        scope: str = "global",
+        actor: str = "operator",
+        reason: str = "manual",
     ) -> SenderView:
         """Never deliver and never challenge this sender; its held mail is discarded."""
         return self._sender_verb(address, scope, "block", actor, reason)
 
     def forget(
-        self, address: str, *, scope: str = "global", actor: str = "operator", reason: str = "manual"
+        self,
+        address: str,
+        *,
+        scope: str = "global",
+        actor: str = "operator",
+        reason: str = "manual",
     ) -> SenderView:
         """Make a sender a stranger again (its next message is challenged)."""
         return self._sender_verb(address, scope, "forget", actor, reason)
@@ -689,11 +735,15 @@ class SourceAuth(Application[UUID]):
 
         return self._retrying(verb, work)
 
-    def release(self, message_id: str, *, actor: str = "operator", reason: str = "manual") -> HeldMessage:
+    def release(
+        self, message_id: str, *, actor: str = "operator", reason: str = "manual"
+    ) -> HeldMessage:
         """Release one held message to its recipients."""
         return self._message_verb(message_id, "release", actor, reason)
 
-    def discard(self, message_id: str, *, actor: str = "operator", reason: str = "manual") -> HeldMessage:
+    def discard(
+        self, message_id: str, *, actor: str = "operator", reason: str = "manual"
+    ) -> HeldMessage:
         """Drop one held message (recorded; its original is removed at maintenance)."""
         return self._message_verb(message_id, "discard", actor, reason)
 
@@ -705,7 +755,11 @@ class SourceAuth(Application[UUID]):
             return (0, 0, 0)
         with self._lock:
             self.views.catch_up(self._observe)
-            due = [r for r in self.views.challenges_due(self.clock(), limit) if r.challenge_id not in self._in_flight]
+            due = [
+                r
+                for r in self.views.challenges_due(self.clock(), limit)
+                if r.challenge_id not in self._in_flight
+            ]
             self._in_flight.update(r.challenge_id for r in due)
         sent = deferred = failed = 0
         try:
@@ -721,13 +775,7 @@ class SourceAuth(Application[UUID]):
 
     def _send_one(self, row: ChallengeRow) -> str:
         assert self.challenge_transport is not None
-        token = tokens.mint(
-            self.keyring if row.kid == self.keyring.active_kid or row.kid in self.keyring.token_keys else self.keyring,
-            challenge_id=bytes.fromhex(row.challenge_id),
-            sender=row.address,
-            scope=row.scope,
-            expires_at=int(row.expires),
-        ) if row.kid == self.keyring.active_kid else self._mint_with(row)
+        token = self._mint_with(row)
         challenge = OutgoingChallenge(
             challenge_id=row.challenge_id,
             token=token,
@@ -744,12 +792,21 @@ class SourceAuth(Application[UUID]):
             now = self.clock()
             unit = _Batch()
             sender = self._load_sender(unit, UUID(row.sender_id))
-            if sender is None or sender.challenge_id != row.challenge_id or not sender.challenge_pending:
+            if (
+                sender is None
+                or sender.challenge_id != row.challenge_id
+                or not sender.challenge_pending
+            ):
                 return "stale"
             unit.senders[sender.id] = sender
             attempt = sender.attempts + 1
             if result.outcome == SendOutcome.SENT:
-                sender.trigger_event(Sender.ChallengeSent, timestamp=_ts(now), relay=result.diagnostic[:200], attempt=attempt)
+                sender.trigger_event(
+                    Sender.ChallengeSent,
+                    timestamp=_ts(now),
+                    relay=result.diagnostic[:200],
+                    attempt=attempt,
+                )
                 outcome = "sent"
             elif result.outcome == SendOutcome.PERMANENT or (
                 now - row.created >= self.settings.challenge_give_up_after
@@ -757,7 +814,11 @@ class SourceAuth(Application[UUID]):
                 self._fail_sender(unit, sender, result.diagnostic, "relay", now)
                 outcome = "failed"
             else:
-                delay = _backoff(attempt, self.settings.challenge_retry_initial, self.settings.challenge_retry_max)
+                delay = _backoff(
+                    attempt,
+                    self.settings.challenge_retry_initial,
+                    self.settings.challenge_retry_max,
+                )
                 sender.trigger_event(
                     Sender.ChallengeDeferred,
                     timestamp=_ts(now),
@@ -767,7 +828,12 @@ class SourceAuth(Application[UUID]):
                 )
                 outcome = "deferred"
             self._commit(unit)
-            log.info("challenge_" + outcome, sender=row.address, challenge_id=row.challenge_id, diagnostic=result.diagnostic[:200])
+            log.info(
+                "challenge_" + outcome,
+                sender=row.address,
+                challenge_id=row.challenge_id,
+                diagnostic=result.diagnostic[:200],
+            )
             return outcome
 
         return self._retrying("challenge_send", work)
@@ -775,8 +841,12 @@ class SourceAuth(Application[UUID]):
     def _mint_with(self, row: ChallengeRow) -> str:
         # A resend after a key rotation keeps the key it was first minted with: same token.
         if row.kid not in self.keyring.token_keys:
-            raise TemporaryFailure(f"token key {row.kid} retired while challenge {row.challenge_id} pending")
-        keyring = tokens.Keyring(token_keys=self.keyring.token_keys, active_kid=row.kid, id_key=self.keyring.id_key)
+            raise TemporaryFailure(
+                f"token key {row.kid} retired while challenge {row.challenge_id} pending"
+            )
+        keyring = tokens.Keyring(
+            token_keys=self.keyring.token_keys, active_kid=row.kid, id_key=self.keyring.id_key
+        )
         return tokens.mint(
             keyring,
             challenge_id=bytes.fromhex(row.challenge_id),
@@ -798,7 +868,11 @@ class SourceAuth(Application[UUID]):
             return (0, 0, 0)
         with self._lock:
             self.views.catch_up(self._observe)
-            due = [r for r in self.views.deliveries_due(self.clock(), limit) if r.message_id not in self._in_flight]
+            due = [
+                r
+                for r in self.views.deliveries_due(self.clock(), limit)
+                if r.message_id not in self._in_flight
+            ]
             self._in_flight.update(r.message_id for r in due)
         counts = {"delivered": 0, "deferred": 0, "failed": 0, "stale": 0}
         try:
@@ -832,7 +906,9 @@ class SourceAuth(Application[UUID]):
             attempt = current.attempts + 1
             gave_up = now - current.created_on.timestamp() >= self.settings.delivery_give_up_after
             if result.temporary and not gave_up:
-                delay = _backoff(attempt, self.settings.delivery_retry_initial, self.settings.delivery_retry_max)
+                delay = _backoff(
+                    attempt, self.settings.delivery_retry_initial, self.settings.delivery_retry_max
+                )
                 current.trigger_event(
                     Message.DeliveryDeferred,
                     timestamp=_ts(now),
@@ -843,7 +919,9 @@ class SourceAuth(Application[UUID]):
                     next_attempt_at=now + delay,
                 )
                 outcome = "deferred"
-            elif result.delivered or (current.pending and len(current.pending) < len(current.recipients)):
+            elif result.delivered or (
+                current.pending and len(current.pending) < len(current.recipients)
+            ):
                 current.trigger_event(
                     Message.Delivered,
                     timestamp=_ts(now),
@@ -864,7 +942,12 @@ class SourceAuth(Application[UUID]):
                 )
                 outcome = "failed"
             self.save(current)
-            log.info("message_" + outcome, message_id=message_id, next_hop=result.next_hop, diagnostic=result.diagnostic[:200])
+            log.info(
+                "message_" + outcome,
+                message_id=message_id,
+                next_hop=result.next_hop,
+                diagnostic=result.diagnostic[:200],
+            )
             return outcome
 
         return self._retrying("deliver", work)
@@ -879,15 +962,16 @@ class SourceAuth(Application[UUID]):
         now = self.clock()
 
         for row in self._drain(lambda: self.views.challenges_lapsed(now, BATCH_LIMIT)):
-            report.challenges_expired += self._each(report, lambda r=row: self._lapse(r, now))
-        with self._lock:
-            self.views.catch_up(self._observe)
+            report.challenges_expired += self._each(
+                report, functools.partial(self._lapse, row, now)
+            )
         for mid in self._drain(lambda: self.views.held_lapsed(now, BATCH_LIMIT)):
-            report.messages_expired += self._each(report, lambda m=mid: self._expire_message(m, now))
+            step = functools.partial(self._expire_message, mid, now)
+            report.messages_expired += self._each(report, step)
         for mid in self._drain(lambda: self.views.held_of_authorized_senders(BATCH_LIMIT)):
-            report.released += self._each(report, lambda m=mid: self._sweep_release(m, now))
+            report.released += self._each(report, functools.partial(self._sweep_release, mid, now))
         for mid in self._drain(lambda: self.views.expired_messages(BATCH_LIMIT)):
-            report.purged += self._each(report, lambda m=mid: self._purge(m, now))
+            report.purged += self._each(report, functools.partial(self._purge, mid, now))
         with self._lock:
             self.views.catch_up(self._observe)
         if self.blobs is not None:
@@ -936,11 +1020,18 @@ class SourceAuth(Application[UUID]):
     def _lapse(self, row: ChallengeRow, now: float) -> bool:
         unit = _Batch()
         sender = self._load_sender(unit, UUID(row.sender_id))
-        if sender is None or sender.challenge_id != row.challenge_id or not sender.challenge_pending:
+        if (
+            sender is None
+            or sender.challenge_id != row.challenge_id
+            or not sender.challenge_pending
+        ):
             return False
         unit.senders[sender.id] = sender
         sender.trigger_event(
-            Sender.ChallengeExpired, timestamp=_ts(now), actor=ENGINE, reason="challenge_lifetime_passed"
+            Sender.ChallengeExpired,
+            timestamp=_ts(now),
+            actor=ENGINE,
+            reason="challenge_lifetime_passed",
         )
         self._expire_held(unit, sender.id.hex, "challenge_expired", now)
         self._commit(unit)
@@ -951,7 +1042,9 @@ class SourceAuth(Application[UUID]):
         msg = self._load_message(UUID(mid))
         if msg is None or msg.state not in HELD_STATES or msg.expires_at > now:
             return False
-        msg.trigger_event(Message.Expired, timestamp=_ts(now), actor=ENGINE, reason="hold_lifetime_passed")
+        msg.trigger_event(
+            Message.Expired, timestamp=_ts(now), actor=ENGINE, reason="hold_lifetime_passed"
+        )
         self.save(msg)
         log.info("message_expired", message_id=mid, reason="hold_lifetime_passed")
         return True
@@ -964,7 +1057,9 @@ class SourceAuth(Application[UUID]):
         sender = self._load_sender(unit, UUID(msg.sender_id))
         if sender is None or sender.state != "authorized":
             return False
-        msg.trigger_event(Message.Released, timestamp=_ts(now), actor=ENGINE, reason="sender_authorized")
+        msg.trigger_event(
+            Message.Released, timestamp=_ts(now), actor=ENGINE, reason="sender_authorized"
+        )
         self.save(msg)
         log.info("message_released", message_id=mid, reason="sender_authorized")
         return True
@@ -982,7 +1077,9 @@ class SourceAuth(Application[UUID]):
             Message.Purged,
             timestamp=_ts(now),
             actor=ENGINE,
-            reason=f"{msg.reason}; original deleted" if deleted else f"{msg.reason}; original kept for another copy",
+            reason=f"{msg.reason}; original deleted"
+            if deleted
+            else f"{msg.reason}; original kept for another copy",
             blob_deleted=deleted,
         )
         self.save(msg)
@@ -1046,7 +1143,7 @@ class SourceAuth(Application[UUID]):
         return found
 
     def history(self, subject: str) -> list[HistoryEntry]:
-        """Every recorded event about an address (its senders and their held mail) or a message id."""
+        """Every recorded event about an address (its senders, their held mail) or a message id."""
         ids: list[tuple[str, UUID]] = []
         try:
             ids.append(("message", UUID(subject)))
@@ -1069,14 +1166,15 @@ class SourceAuth(Application[UUID]):
                 fields = {
                     k: v
                     for k, v in vars(event).items()
-                    if k not in ("originator_id", "originator_version", "timestamp", "originator_topic")
+                    if k
+                    not in ("originator_id", "originator_version", "timestamp", "originator_topic")
                 }
                 entries.append(
                     HistoryEntry(
                         aggregate=kind,
                         aggregate_id=aid.hex,
                         version=event.originator_version,
-                        timestamp=event.timestamp.isoformat(),
+                        timestamp=getattr(event, "timestamp").isoformat(),  # noqa: B009
                         event=type(event).__qualname__,
                         fields=fields,
                     )

@@ -224,7 +224,6 @@ class Projector:
         self._cache[sender_id] = (challenge_id, "", "")
 
     def _sender_event(self, e: Sender.Event) -> Iterator[Op]:
-        from engine.statemachine import SENDER
 
         sid = e.originator_id.hex
         # The view holds the state reached, derived from the same spec as the aggregate.
@@ -233,7 +232,12 @@ class Projector:
             yield Update(
                 WHITELIST,
                 sid,
-                {"state": "challenged", "since": e.timestamp.timestamp(), "reason": e.reason, "version": e.originator_version},
+                {
+                    "state": "challenged",
+                    "since": e.timestamp.timestamp(),
+                    "reason": e.reason,
+                    "version": e.originator_version,
+                },
             )
             yield _ChallengeFromSender(e.challenge_id, sid, _challenge_values(e))
             return
@@ -254,12 +258,21 @@ class Projector:
             return
         ts = e.timestamp.timestamp()
         if isinstance(e, Sender.ChallengeSent):
-            yield Update(CHALLENGES, cid, {"outcome": "sent", "sent_at": ts, "attempts": e.attempt, "diagnostic": ""})
+            yield Update(
+                CHALLENGES,
+                cid,
+                {"outcome": "sent", "sent_at": ts, "attempts": e.attempt, "diagnostic": ""},
+            )
         elif isinstance(e, Sender.ChallengeDeferred):
             yield Update(
                 CHALLENGES,
                 cid,
-                {"outcome": "deferred", "attempts": e.attempt, "next_attempt": e.next_attempt_at, "diagnostic": e.diagnostic},
+                {
+                    "outcome": "deferred",
+                    "attempts": e.attempt,
+                    "next_attempt": e.next_attempt_at,
+                    "diagnostic": e.diagnostic,
+                },
             )
         elif isinstance(e, Sender.ChallengeResent):
             yield Update(CHALLENGES, cid, {"outcome": "queued", "next_attempt": 0.0})
@@ -317,7 +330,9 @@ class Projector:
         mid = e.originator_id.hex
         ts = e.timestamp.timestamp()
         if isinstance(e, Message.Released):
-            yield Update(QUARANTINE, mid, {"state": "authorized", "reason": e.reason, "updated": ts})
+            yield Update(
+                QUARANTINE, mid, {"state": "authorized", "reason": e.reason, "updated": ts}
+            )
             yield _QueueFromQuarantine(mid, ts)
         elif isinstance(e, Message.DeliveryDeferred):
             yield Update(DELIVERY, mid, {"attempts": e.attempt, "next_attempt": e.next_attempt_at})

@@ -161,7 +161,9 @@ class Sender(Aggregate):
         self.challenge_id = ""
         self.kid = 0
         self.expires_at = 0.0
-        self.outcome = ""  # of the current challenge: queued|sent|deferred|confirmed|failed|expired|superseded
+        self.outcome = (
+            ""  # of the current challenge: queued|sent|deferred|confirmed|failed|expired|superseded
+        )
         self.attempts = 0
         self.resends = 0
         self.sent_at = 0.0

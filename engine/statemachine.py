@@ -17,7 +17,9 @@ from transitions import Machine
 
 from engine.errors import IllegalTransition
 
-SPECS_DIR = Path(os.environ.get("SOURCEAUTH_SPECS", Path(__file__).resolve().parent.parent / "specs"))
+SPECS_DIR = Path(
+    os.environ.get("SOURCEAUTH_SPECS", Path(__file__).resolve().parent.parent / "specs")
+)
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,7 @@ class StateMachineSpec:
             model=_Diagram(),
             states=list(self.states),
             transitions=[
-                {"trigger": t.trigger, "source": t.source, "dest": t.dest}
-                for t in self.transitions
+                {"trigger": t.trigger, "source": t.source, "dest": t.dest} for t in self.transitions
             ],
             initial=self.initial,
             auto_transitions=False,
@@ -100,7 +101,7 @@ def _load(path: Path) -> StateMachineSpec:
     for trigger, event in machine.events.items():
         for source, transitions in event.transitions.items():
             for transition in transitions:
-                table[(source, trigger)] = transition.dest
+                table[(source, trigger)] = str(transition.dest)
     return StateMachineSpec(
         name=str(raw["name"]),
         initial=initial,

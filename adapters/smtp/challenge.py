@@ -108,13 +108,15 @@ def compose_challenge(
     from_address = _format_address(content.challenge_from, "challenge_from")
     to_address = _format_address(content.to, "to")
     reply_address = _format_address(content.reply_to, "reply_to")
-    token = _single_line(content.token)
+    token = _single_line(content.token[:_ADDRESS_MAX])
     if not token or token not in reply_address:
         raise ValueError("reply_to must carry the token (see verp_address)")
 
-    subject = _single_line(content.original_subject)[:SUBJECT_MAX].strip()
-    date = _single_line(content.original_date)[:_FIELD_MAX].strip()
-    recipient = _single_line(content.protected_recipient)[:_FIELD_MAX].strip()
+    # Inputs are cut before sanitising too (bounded work on huge values); the cut is generous
+    # enough that whitespace collapsing cannot make the visible text shorter than the limit.
+    subject = _single_line(content.original_subject[: SUBJECT_MAX * 8])[:SUBJECT_MAX].strip()
+    date = _single_line(content.original_date[: _FIELD_MAX * 8])[:_FIELD_MAX].strip()
+    recipient = _single_line(content.protected_recipient[: _FIELD_MAX * 8])[:_FIELD_MAX].strip()
     expires = format_datetime(_as_utc(content.expires_at))
     values = {
         "subject": subject or "(no subject)",
@@ -132,7 +134,7 @@ def compose_challenge(
     if content.original_message_id.strip() and not original_id:
         log.debug("challenge.original_message_id_dropped", challenge_id=challenge_id)
 
-    name = _single_line(display_name)[:_NAME_MAX].strip()
+    name = _single_line(display_name[: _NAME_MAX * 8])[:_NAME_MAX].strip()
     headers: list[tuple[str, str]] = [
         ("Date", format_datetime(_as_utc(now or datetime.now(UTC)))),
         ("From", _format_mailbox(name, from_address)),
@@ -166,6 +168,8 @@ def verp_address(base: str, token: str, delimiter: str = "+") -> str:
 
 def normalize_message_id(value: str) -> str:
     """Return "<id@host>" for "id@host" or "<id@host>"; "" when empty or not a plausible msg-id."""
+    if len(value) > _MSGID_MAX * 4:
+        return ""
     text = _single_line(value).strip()
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1].strip()
@@ -192,6 +196,8 @@ def _single_line(value: str) -> str:
 
 def _format_address(value: str, field: str) -> str:
     """One bare addr-spec that a parser reads as exactly one address (local part quoted if need)."""
+    if len(value) > _ADDRESS_MAX * 4:
+        raise ValueError(f"{field}: address longer than {_ADDRESS_MAX} characters")
     text = _single_line(value)
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1].strip()

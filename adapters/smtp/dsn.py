@@ -31,6 +31,7 @@ _TEXT_MAX = 65536  # characters of human-readable text scanned by the heuristics
 _MAX_PARTS = 256  # MIME parts visited
 _MAX_DEPTH = 16  # multipart nesting followed
 _MAX_BLOCKS = 256  # header blocks read from a delivery-status part
+_FLUFL_MAX = 128 * 1024  # bytes of a message given to flufl.bounce
 
 _DS_TYPES = frozenset({"message/delivery-status", "message/global-delivery-status"})
 _MDN_TYPES = frozenset(
@@ -81,14 +82,15 @@ _NONE = BounceReport(
 def parse_bounce(raw: bytes) -> BounceReport:
     """Read a bounce; worst case (garbage, not a bounce) is a non-failed report of format "none"."""
     try:
-        msg = email.message_from_bytes(bytes(raw), policy=email.policy.compat32)
+        data = bytes(raw)
+        msg = email.message_from_bytes(data, policy=email.policy.compat32)
         parts = list(_walk(msg))
     except Exception:
         log.warning("dsn.unparseable", size=_safe_len(raw), exc_info=True)
         return _NONE
     for stage in (_from_rfc3464, _from_flufl, _from_heuristic):
         try:
-            report = stage(msg, parts)
+            report = stage(msg, parts, data)
         except Exception:
             log.warning("dsn.stage_failed", stage=stage.__name__, exc_info=True)
             continue
@@ -120,7 +122,7 @@ def extract_original_headers(raw: bytes) -> list[tuple[str, str]]:
 # --- stages -----------------------------------------------------------------------------------
 
 
-def _from_rfc3464(msg: Message, parts: list[Message]) -> BounceReport | None:
+def _from_rfc3464(msg: Message, parts: list[Message], raw: bytes) -> BounceReport | None:
     """A multipart/report: an MDN is never a failure; a delivery-status part is authoritative."""
     is_mdn = False
     status_part: Message | None = None
@@ -173,8 +175,14 @@ def _from_rfc3464(msg: Message, parts: list[Message]) -> BounceReport | None:
     )
 
 
-def _from_flufl(msg: Message, parts: list[Message]) -> BounceReport | None:
-    """flufl.bounce's detectors for the many non-standard formats (qmail, Exim, ...)."""
+def _from_flufl(msg: Message, parts: list[Message], raw: bytes) -> BounceReport | None:
+    """flufl.bounce's detectors for the many non-standard formats (qmail, Exim, ...).
+
+    They run over the first _FLUFL_MAX bytes only: their cost grows fast with size (seconds for a
+    few MB) and every format they know states the failure near the top.
+    """
+    if len(raw) > _FLUFL_MAX:
+        msg = email.message_from_bytes(bytes(raw[:_FLUFL_MAX]), policy=email.policy.compat32)
     _ensure_parsable_from(msg)
     try:
         failed = scan_message(msg)
@@ -200,7 +208,7 @@ def _from_flufl(msg: Message, parts: list[Message]) -> BounceReport | None:
     )
 
 
-def _from_heuristic(msg: Message, parts: list[Message]) -> BounceReport | None:
+def _from_heuristic(msg: Message, parts: list[Message], raw: bytes) -> BounceReport | None:
     """A failure-notice subject and a 5.x.x code in the human-readable text."""
     subject = _decoded_header(_raw_get(msg, "subject"))
     if not _FAILURE_SUBJECT_RE.search(subject):

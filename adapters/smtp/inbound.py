@@ -43,7 +43,7 @@ def parse_headers(raw: bytes) -> Headers:
     try:
         msg = BytesHeaderParser(policy=compat32).parsebytes(head)
         items = msg.items()
-    except Exception:  # noqa: BLE001 - hostile input must never crash the filter
+    except Exception:
         return ()
     out: list[tuple[str, str]] = []
     for name, value in items:
@@ -51,7 +51,7 @@ def parse_headers(raw: bytes) -> Headers:
         if name.lower() == "subject":
             try:
                 text = str(email.header.make_header(email.header.decode_header(text)))
-            except Exception:  # noqa: BLE001 - undecodable encoded-words stay as sent
+            except Exception:
                 pass
         out.append((name, text))
     return tuple(out)
@@ -112,8 +112,10 @@ class GroupCommitter:
         stopping = False
         while len(batch) < self.max_batch:
             try:
-                item = self._queue.get_nowait() if self.wait <= 0 else self._queue.get(
-                    timeout=max(0.0, deadline - time.monotonic())
+                item = (
+                    self._queue.get_nowait()
+                    if self.wait <= 0
+                    else self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 )
             except queue.Empty:
                 break
@@ -153,7 +155,7 @@ class GroupCommitter:
             )
         try:
             receipts = self.app.receive_many(incomings)
-        except Exception as exc:  # noqa: BLE001 - answered 4xx; the blobs are collected later
+        except Exception as exc:
             log.error("commit_failed", error=str(exc), batch=len(batch))
             if len(batch) > 1 and isinstance(exc, SourceAuthError):
                 for item, incoming in zip(batch, incomings, strict=True):
@@ -172,7 +174,7 @@ class GroupCommitter:
     def _commit_one(self, item: _Pending, incoming: Incoming) -> None:
         try:
             receipt = self.app.receive(incoming)
-        except Exception as exc:  # noqa: BLE001 - this one message gets its 4xx/5xx
+        except Exception as exc:
             _resolve(item, exc=exc)
             return
         _resolve(item, receipt=receipt)
@@ -193,7 +195,9 @@ def _bounce_info(item: _Pending) -> BounceInfo | None:
     return None
 
 
-def _resolve(item: _Pending, *, receipt: Receipt | None = None, exc: BaseException | None = None) -> None:
+def _resolve(
+    item: _Pending, *, receipt: Receipt | None = None, exc: BaseException | None = None
+) -> None:
     def settle() -> None:
         if item.future.done():
             return
@@ -221,8 +225,13 @@ class FilterHandler:
         self.bounce_address = normalize_address(bounce_address)
         self.delimiter = delimiter
 
-    async def handle_MAIL(  # noqa: N802 - aiosmtpd hook name
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
     ) -> str:
         if not is_null_sender(address):
             try:
@@ -233,8 +242,13 @@ class FilterHandler:
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
 
-    async def handle_RCPT(  # noqa: N802 - aiosmtpd hook name
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
     ) -> str:
         if len(envelope.rcpt_tos) >= self.max_recipients:
             return "452 4.5.3 Too many recipients"
@@ -246,9 +260,7 @@ class FilterHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
-    async def handle_DATA(  # noqa: N802 - aiosmtpd hook name
-        self, server: SMTP, session: Session, envelope: Envelope
-    ) -> str:
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content
         if raw is None:
             raw = envelope.content if isinstance(envelope.content, bytes) else b""
@@ -272,13 +284,15 @@ class FilterHandler:
         except InvalidInput as exc:
             # Refused before anything was recorded: nothing accepted, nothing lost.
             return f"550 5.6.0 Message refused: {exc}"
-        except Exception as exc:  # noqa: BLE001 - storage or contention: the MTA retries
+        except Exception as exc:
             log.warning("data_deferred", error=str(exc))
             return "451 4.3.0 Temporary failure, please try again later"
         return f"250 2.0.0 OK queued as {receipt.receipt_id}"
 
 
-def inbound_server_factory(handler: FilterHandler, *, hostname: str, max_size: int) -> Callable[[], Any]:
+def inbound_server_factory(
+    handler: FilterHandler, *, hostname: str, max_size: int
+) -> Callable[[], Any]:
     def factory() -> SMTP:
         return SMTP(
             handler,

@@ -94,7 +94,9 @@ class NextHopDelivery:
             # visible as failed for the operator (nothing silently dropped).
             log.error("delivery_blob_unreadable", message_id=job.message_id, error=str(exc))
             return DeliveryResult(
-                rejected=job.recipients, diagnostic=f"original unreadable: {exc}", next_hop=str(self.next_hop)
+                rejected=job.recipients,
+                diagnostic=f"original unreadable: {exc}",
+                next_hop=str(self.next_hop),
             )
         result = deliver(
             self.next_hop,
@@ -106,7 +108,9 @@ class NextHopDelivery:
             helo=self.hostname,
         )
         diagnostic = "; ".join(
-            f"{r.recipient}: {r.code} {r.text}" for r in result.results if r.outcome != Outcome.DELIVERED
+            f"{r.recipient}: {r.code} {r.text}"
+            for r in result.results
+            if r.outcome != Outcome.DELIVERED
         )
         return DeliveryResult(
             delivered=result.delivered,

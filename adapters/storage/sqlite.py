@@ -50,7 +50,9 @@ class TunedSQLiteFactory(SQLiteFactory):
         super().__init__(env)
         synchronous = (self.env.get(self.SQLITE_SYNCHRONOUS) or "FULL").upper()
         if synchronous not in SYNCHRONOUS_MODES:
-            raise OSError(f"SQLITE_SYNCHRONOUS must be one of {SYNCHRONOUS_MODES}, got {synchronous!r}")
+            raise OSError(
+                f"SQLITE_SYNCHRONOUS must be one of {SYNCHRONOUS_MODES}, got {synchronous!r}"
+            )
         old = self.datastore.pool
         self.datastore.pool = TunedSQLiteConnectionPool(
             synchronous=synchronous,

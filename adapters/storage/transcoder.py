@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Final
 from uuid import UUID
@@ -45,7 +45,7 @@ _DT_AWARE_US = struct.Struct(">HBBBBBIq")  # 19 bytes: offset in microseconds (s
 _DATE = struct.Struct(">HBB")
 _TIMEDELTA = struct.Struct(">iii")
 
-_UTC: Final = timezone.utc
+_UTC: Final = UTC
 _ZERO: Final = timedelta(0)
 _tz_cache: dict[int, timezone] = {0: _UTC}
 
@@ -62,9 +62,7 @@ def _tz_for(offset_us: int) -> timezone:
 def _encode_datetime(o: datetime) -> msgpack.ExtType:
     offset = o.utcoffset()
     if offset is None:
-        packed = _DT_NAIVE.pack(
-            o.year, o.month, o.day, o.hour, o.minute, o.second, o.microsecond
-        )
+        packed = _DT_NAIVE.pack(o.year, o.month, o.day, o.hour, o.minute, o.second, o.microsecond)
     elif offset is _ZERO or not offset.microseconds:
         packed = _DT_AWARE_S.pack(
             o.year,
@@ -230,9 +228,7 @@ class MsgpackTranscoder(Transcoder):
     __slots__ = ()
 
     def encode(self, obj: Any) -> bytes:
-        return _PREFIX + msgpack.packb(
-            obj, use_bin_type=True, strict_types=True, default=_default
-        )
+        return _PREFIX + msgpack.packb(obj, use_bin_type=True, strict_types=True, default=_default)
 
     def decode(self, data: bytes) -> Any:
         if data[:1] != _PREFIX:

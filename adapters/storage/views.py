@@ -127,11 +127,20 @@ class SqlViews:
         with self._tx(write=True) as cur:
             for table, columns in p.TABLES.items():
                 cols = ", ".join(f"{c} {self.dialect.types[k]}" for c, k in columns)
-                self._x(cur, f"CREATE TABLE IF NOT EXISTS {table} ({cols}, PRIMARY KEY ({columns[0][0]}))")
+                self._x(
+                    cur,
+                    f"CREATE TABLE IF NOT EXISTS {table} ({cols}, PRIMARY KEY ({columns[0][0]}))",
+                )
             for name, table, cols in p.INDEXES:
                 self._x(cur, f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({', '.join(cols)})")
-            self._x(cur, f"CREATE TABLE IF NOT EXISTS {TRACKING} (name TEXT PRIMARY KEY, position BIGINT NOT NULL)")
-            self._x(cur, f"CREATE TABLE IF NOT EXISTS {BLOB_GC} (receipt_id TEXT PRIMARY KEY, collected_at {self.dialect.types['real']})")
+            self._x(
+                cur,
+                f"CREATE TABLE IF NOT EXISTS {TRACKING} (name TEXT PRIMARY KEY, position BIGINT NOT NULL)",
+            )
+            self._x(
+                cur,
+                f"CREATE TABLE IF NOT EXISTS {BLOB_GC} (receipt_id TEXT PRIMARY KEY, collected_at {self.dialect.types['real']})",
+            )
 
     def drop_tables(self) -> None:
         with self._tx(write=True) as cur:
@@ -173,9 +182,17 @@ class SqlViews:
                         self._apply(cur, op)
                 last = notifications[-1].id
                 if row is None:
-                    self._x(cur, f"INSERT INTO {TRACKING} (name, position) VALUES (?, ?)", (TRACKING_NAME, last))
+                    self._x(
+                        cur,
+                        f"INSERT INTO {TRACKING} (name, position) VALUES (?, ?)",
+                        (TRACKING_NAME, last),
+                    )
                 else:
-                    self._x(cur, f"UPDATE {TRACKING} SET position = ? WHERE name = ?", (last, TRACKING_NAME))
+                    self._x(
+                        cur,
+                        f"UPDATE {TRACKING} SET position = ? WHERE name = ?",
+                        (last, TRACKING_NAME),
+                    )
                 applied += len(notifications)
             if len(notifications) < PAGE:
                 return applied
@@ -190,7 +207,7 @@ class SqlViews:
         ).fetchone()
         return str(row[0]) if row else None
 
-    def _apply(self, cur: Any, op: p.Op) -> None:  # noqa: C901 - one branch per operation kind
+    def _apply(self, cur: Any, op: p.Op) -> None:
         if isinstance(op, p.Upsert):
             cols = list(op.values)
             pk = _pk(op.table)
@@ -203,10 +220,18 @@ class SqlViews:
             )
         elif isinstance(op, p.Update):
             sets = ", ".join(f"{c} = ?" for c in op.values)
-            self._x(cur, f"UPDATE {op.table} SET {sets} WHERE {_pk(op.table)} = ?", (*op.values.values(), op.key))
+            self._x(
+                cur,
+                f"UPDATE {op.table} SET {sets} WHERE {_pk(op.table)} = ?",
+                (*op.values.values(), op.key),
+            )
         elif isinstance(op, p.Add):
             sets = ", ".join(f"{c} = {c} + ?" for c in op.deltas)
-            self._x(cur, f"UPDATE {op.table} SET {sets} WHERE {_pk(op.table)} = ?", (*op.deltas.values(), op.key))
+            self._x(
+                cur,
+                f"UPDATE {op.table} SET {sets} WHERE {_pk(op.table)} = ?",
+                (*op.deltas.values(), op.key),
+            )
         elif isinstance(op, p.Delete):
             self._x(cur, f"DELETE FROM {op.table} WHERE {_pk(op.table)} = ?", (op.key,))
         elif isinstance(op, p.BlobRef):
@@ -226,14 +251,22 @@ class SqlViews:
                 (op.queued_at, op.message_id),
             )
         elif isinstance(op, p.DropRecipients):
-            row = self._x(cur, f"SELECT recipients FROM {p.DELIVERY} WHERE message_id = ?", (op.message_id,)).fetchone()
+            row = self._x(
+                cur, f"SELECT recipients FROM {p.DELIVERY} WHERE message_id = ?", (op.message_id,)
+            ).fetchone()
             if row is not None:
                 left = [r for r in _split(row[0]) if r not in op.recipients]
-                self._x(cur, f"UPDATE {p.DELIVERY} SET recipients = ? WHERE message_id = ?", ("\n".join(left), op.message_id))
+                self._x(
+                    cur,
+                    f"UPDATE {p.DELIVERY} SET recipients = ? WHERE message_id = ?",
+                    ("\n".join(left), op.message_id),
+                )
         elif isinstance(op, p.CopyDone):
             receipt = self._receipt_of(cur, op.message_id)
             if receipt is not None:
-                self._x(cur, f"UPDATE {p.BLOBS} SET live = live - 1 WHERE receipt_id = ?", (receipt,))
+                self._x(
+                    cur, f"UPDATE {p.BLOBS} SET live = live - 1 WHERE receipt_id = ?", (receipt,)
+                )
         elif isinstance(op, p.FailedCopy):
             self._x(
                 cur,
@@ -256,7 +289,11 @@ class SqlViews:
                 (op.challenge_id,),
             )
         elif isinstance(op, p.ChallengeFromSender):
-            row = self._x(cur, f"SELECT address, scope FROM {p.WHITELIST} WHERE sender_id = ?", (op.sender_id,)).fetchone()
+            row = self._x(
+                cur,
+                f"SELECT address, scope FROM {p.WHITELIST} WHERE sender_id = ?",
+                (op.sender_id,),
+            ).fetchone()
             address, scope = (row[0], row[1]) if row else ("", "")
             values = {
                 "sender_id": op.sender_id,
@@ -271,7 +308,9 @@ class SqlViews:
 
     def _receipt_of(self, cur: Any, message_id: str) -> str | None:
         for table in (p.QUARANTINE, p.DELIVERY):
-            row = self._x(cur, f"SELECT receipt_id FROM {table} WHERE message_id = ?", (message_id,)).fetchone()
+            row = self._x(
+                cur, f"SELECT receipt_id FROM {table} WHERE message_id = ?", (message_id,)
+            ).fetchone()
             if row is not None:
                 return str(row[0])
         return None
@@ -311,19 +350,26 @@ class SqlViews:
 
     def challenges_due(self, now: float, limit: int) -> list[ChallengeRow]:
         return self._challenges(
-            "outcome IN ('queued', 'deferred') AND next_attempt <= ? ORDER BY next_attempt LIMIT ?", (now, limit)
+            "outcome IN ('queued', 'deferred') AND next_attempt <= ? ORDER BY next_attempt LIMIT ?",
+            (now, limit),
         )
 
     def challenges_lapsed(self, now: float, limit: int) -> list[ChallengeRow]:
         return self._challenges(
-            "outcome IN ('queued', 'sent', 'deferred') AND expires <= ? ORDER BY expires LIMIT ?", (now, limit)
+            "outcome IN ('queued', 'sent', 'deferred') AND expires <= ? ORDER BY expires LIMIT ?",
+            (now, limit),
         )
 
     def challenges(self, *, limit: int | None = None) -> list[ChallengeRow]:
-        return self._challenges("1 = 1 ORDER BY created LIMIT ?", (limit if limit is not None else -1 if self.dialect.name == "sqlite" else 2**62,))
+        return self._challenges(
+            "1 = 1 ORDER BY created LIMIT ?",
+            (limit if limit is not None else -1 if self.dialect.name == "sqlite" else 2**62,),
+        )
 
     def recent_challenges(self, since: float) -> list[tuple[str, float]]:
-        rows = self._rows(f"SELECT domain, created FROM {p.CHALLENGES} WHERE created >= ?", (since,))
+        rows = self._rows(
+            f"SELECT domain, created FROM {p.CHALLENGES} WHERE created >= ?", (since,)
+        )
         return [(str(r[0]), float(r[1])) for r in rows]
 
     def held_of_sender(self, sender_id: str) -> list[str]:
@@ -351,7 +397,9 @@ class SqlViews:
         return [str(r[0]) for r in rows]
 
     def expired_messages(self, limit: int) -> list[str]:
-        rows = self._rows(f"SELECT message_id FROM {p.QUARANTINE} WHERE state = 'expired' LIMIT ?", (limit,))
+        rows = self._rows(
+            f"SELECT message_id FROM {p.QUARANTINE} WHERE state = 'expired' LIMIT ?", (limit,)
+        )
         return [str(r[0]) for r in rows]
 
     def deliveries_due(self, now: float, limit: int) -> list[DeliveryRow]:
@@ -361,7 +409,9 @@ class SqlViews:
             (now, limit),
         )
         return [
-            DeliveryRow(str(r[0]), str(r[1]), str(r[2]), _split(r[3]), int(r[4]), float(r[5]), float(r[6]))
+            DeliveryRow(
+                str(r[0]), str(r[1]), str(r[2]), _split(r[3]), int(r[4]), float(r[5]), float(r[6])
+            )
             for r in rows
         ]
 
@@ -408,7 +458,15 @@ class SqlViews:
             sql += " LIMIT ?"
             params.append(limit)
         return [
-            SenderView(str(r[0]), str(r[1]), str(r[2]), str(r[3]), float(r[4]), str(r[5] or ""), str(r[6] or ""))
+            SenderView(
+                str(r[0]),
+                str(r[1]),
+                str(r[2]),
+                str(r[3]),
+                float(r[4]),
+                str(r[5] or ""),
+                str(r[6] or ""),
+            )
             for r in self._rows(sql, params)
         ]
 
@@ -447,7 +505,9 @@ class SqlViews:
         return [self._held(r) for r in self._rows(sql, params)]
 
     def held_message(self, message_id: str) -> HeldMessage | None:
-        rows = self._rows(f"SELECT {self._Q_COLS} FROM {p.QUARANTINE} WHERE message_id = ?", (message_id,))
+        rows = self._rows(
+            f"SELECT {self._Q_COLS} FROM {p.QUARANTINE} WHERE message_id = ?", (message_id,)
+        )
         return self._held(rows[0]) if rows else None
 
     def dump(self) -> dict[str, list[tuple[Any, ...]]]:
@@ -455,14 +515,16 @@ class SqlViews:
         out: dict[str, list[tuple[Any, ...]]] = {}
         for table, columns in p.TABLES.items():
             cols = ", ".join(c for c, _ in columns)
-            out[table] = [tuple(r) for r in self._rows(f"SELECT {cols} FROM {table} ORDER BY {columns[0][0]}")]
+            out[table] = [
+                tuple(r) for r in self._rows(f"SELECT {cols} FROM {table} ORDER BY {columns[0][0]}")
+            ]
         return out
 
     def close(self) -> None:
         with self._lock:
             try:
                 self._conn.close()
-            except Exception:  # noqa: BLE001 - closing twice or after a broken connection
+            except Exception:
                 log.debug("views_close_failed")
 
 

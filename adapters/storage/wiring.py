@@ -13,7 +13,13 @@ from uuid import UUID
 from eventsourcing.persistence import ApplicationRecorder, Mapper
 
 from adapters.storage.blobs import FileBlobStore
-from adapters.storage.views import PostgresDialect, SqlViews, postgres_connector, sqlite_connector, Dialect
+from adapters.storage.views import (
+    Dialect,
+    PostgresDialect,
+    SqlViews,
+    postgres_connector,
+    sqlite_connector,
+)
 from engine import tokens
 from engine.api import ChallengeTransport, Clock, DeliveryTransport
 from engine.application import SourceAuth, system_clock
@@ -39,7 +45,12 @@ class Storage:
     blob_fsync: bool = True
 
     def conninfo(self) -> str:
-        parts = [f"host={self.pg_host}", f"port={self.pg_port}", f"dbname={self.pg_dbname}", f"user={self.pg_user}"]
+        parts = [
+            f"host={self.pg_host}",
+            f"port={self.pg_port}",
+            f"dbname={self.pg_dbname}",
+            f"user={self.pg_user}",
+        ]
         if self.pg_password:
             parts.append(f"password={self.pg_password}")
         return " ".join(parts)

@@ -229,6 +229,26 @@ def test_control_characters_in_subject_are_removed() -> None:
     assert msg["Bcc"] is None
 
 
+@pytest.mark.timeout(30)
+def test_huge_inputs_are_cut_not_choked_on() -> None:
+    huge = "x\r\n" * 3_000_000
+    msg = parse(
+        compose(
+            content(
+                original_subject=huge,
+                original_date=huge,
+                original_message_id=huge,
+                protected_recipient=huge,
+            ),
+            display_name=huge,
+        )
+    )
+    assert decoded(msg["Subject"]) == "Please confirm your message: " + " ".join(["x"] * 100)
+    assert msg.keys() == BASE_HEADERS
+    with pytest.raises(ValueError, match="to"):
+        compose(content(to=huge + "@x.test"))
+
+
 # --- body and templates --------------------------------------------------------------------------
 
 

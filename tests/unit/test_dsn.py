@@ -407,6 +407,20 @@ def test_a_10_mb_header_line_is_handled_in_bounded_time() -> None:
     assert parse_bounce(huge + fixture("postfix-dsn.eml")).failed is True
 
 
+@pytest.mark.timeout(60)
+def test_large_bounces_are_read_in_bounded_time() -> None:
+    ten_mb_text = b"lorem ipsum dolor sit amet\r\n" * 400_000
+    cases = [
+        (b"From: x@y.test\r\nSubject: failure notice\r\n\r\n" + ten_mb_text, False),
+        (fixture("exim-bounce.eml") + ten_mb_text, True),
+        (fixture("postfix-dsn.eml").replace(b"Reply to confirm", ten_mb_text), True),
+    ]
+    for raw, failed in cases:
+        started = time.perf_counter()
+        assert parse_bounce(raw).failed is failed
+        assert time.perf_counter() - started < 10
+
+
 def assert_well_formed(report: BounceReport) -> None:
     assert report.action in {"failed", "delayed", "delivered", "relayed", "expanded", "unknown"}
     assert report.format in {"rfc3464", "flufl", "heuristic", "none"}

@@ -1,0 +1,395 @@
+"""The `sourceauth` command: a thin driving adapter over the engine's library API.
+
+Bad input exits 2 with a one-line message; `audit verify` exits 1 naming the first fault.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from adapters.config import Config, ConfigError, load_config
+from engine.errors import IllegalTransition, InvalidInput, NotFound, SourceAuthError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class BadInput(click.ClickException):
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"sourceauth: error: {self.format_message()}", err=True)
+
+
+def _iso(seconds: float) -> str | None:
+    if not seconds:
+        return None
+    return datetime.fromtimestamp(seconds, tz=UTC).isoformat()
+
+
+def with_config(func: F) -> F:
+    """Every command takes --config (default ./sourceauth.toml, else built-in defaults)."""
+
+    @click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="TOML configuration file (default: ./sourceauth.toml, else built-in defaults).",
+    )
+    @functools.wraps(func)
+    def wrapper(*args: Any, config_path: Path | None, **kwargs: Any) -> Any:
+        try:
+            cfg = load_config(config_path)
+        except ConfigError as exc:
+            raise BadInput(str(exc)) from exc
+        return func(cfg, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def engine_for(cfg: Config, *, transports: bool = False) -> Iterator[Any]:
+    from adapters.runtime import build_engine, configure_logging
+
+    configure_logging("console", "warning")
+    try:
+        app = build_engine(cfg, transports=transports)
+    except ConfigError as exc:
+        raise BadInput(str(exc)) from exc
+    try:
+        yield app
+    except (InvalidInput, NotFound, IllegalTransition) as exc:
+        raise BadInput(str(exc)) from exc
+    except SourceAuthError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        app.close()
+
+
+def _emit(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    if not rows:
+        click.echo("(none)")
+        return
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for r in rows:
+        click.echo(
+            "  ".join(
+                str(r.get(c, "") if r.get(c) is not None else "").ljust(widths[c]) for c in columns
+            )
+        )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sourceauth")
+def cli() -> None:
+    """sourceauth: challenge-response source authentication for mail servers."""
+
+
+# ---------------------------------------------------------------------------- serve / maintain
+
+
+@cli.command()
+@with_config
+def serve(cfg: Config) -> None:
+    """Run the filter: inbound SMTP, challenge sender, delivery worker, maintenance timer."""
+    from adapters.runtime import configure_logging
+    from adapters.runtime import serve as run
+
+    configure_logging(cfg.logging.format, cfg.logging.level)
+    try:
+        code = run(cfg)
+    except ConfigError as exc:
+        raise BadInput(str(exc)) from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve on {cfg.server.listen}: {exc}") from exc
+    sys.exit(code)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@with_config
+def maintain(cfg: Config, as_json: bool) -> None:
+    """Run one maintenance pass: expire, release, purge, collect, retry sends and deliveries."""
+    with engine_for(cfg, transports=True) as app:
+        report = app.maintain().as_dict()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(" ".join(f"{k}={v}" for k, v in report.items()))
+
+
+# ---------------------------------------------------------------------------- senders
+
+
+@cli.group()
+def senders() -> None:
+    """The whitelist: list, allow, block or forget senders."""
+
+
+def _sender_dict(v: Any) -> dict[str, Any]:
+    return {
+        "address": v.address,
+        "state": v.state,
+        "scope": v.scope,
+        "since": _iso(v.since),
+        "via": v.via,
+        "reason": v.reason,
+        "id": v.sender_id,
+    }
+
+
+@senders.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.option(
+    "--state", type=click.Choice(["unknown", "challenged", "authorized", "expired", "blocked"])
+)
+@click.option("--limit", type=click.IntRange(min=1), default=None)
+@with_config
+def senders_list(cfg: Config, as_json: bool, state: str | None, limit: int | None) -> None:
+    """List known senders and their state."""
+    with engine_for(cfg) as app:
+        rows = [_sender_dict(v) for v in app.whitelist(state=state, limit=limit)]
+    _emit(rows, as_json, ["address", "state", "scope", "since", "via"])
+
+
+def _sender_command(verb: str, doc: str) -> None:
+    @senders.command(verb, help=doc)
+    @click.argument("address")
+    @click.option(
+        "--scope", default="global", show_default=True, help='"global" or a protected mailbox.'
+    )
+    @click.option("--reason", default="manual", show_default=True)
+    @click.option("--json", "as_json", is_flag=True)
+    @with_config
+    def command(cfg: Config, address: str, scope: str, reason: str, as_json: bool) -> None:
+        method = {"allow": "authorize", "block": "block", "forget": "forget"}[verb]
+        with engine_for(cfg) as app:
+            view = getattr(app, method)(address, scope=scope, actor="operator", reason=reason)
+        row = _sender_dict(view)
+        click.echo(
+            json.dumps(row) if as_json else f"{row['address']} ({row['scope']}): {row['state']}"
+        )
+
+
+_sender_command("allow", "Put a sender on the whitelist and release its held mail.")
+_sender_command(
+    "block", "Block a sender: its held mail is discarded, nothing is ever delivered or challenged."
+)
+_sender_command("forget", "Forget a sender: its next message is challenged again.")
+
+
+# ---------------------------------------------------------------------------- quarantine
+
+
+@cli.group()
+def quarantine() -> None:
+    """Held messages: list, show, release or discard."""
+
+
+def _held_dict(m: Any) -> dict[str, Any]:
+    return {
+        "id": m.id,
+        "sender": m.sender,
+        "recipients": list(m.recipients),
+        "subject": m.subject,
+        "size": m.size,
+        "received": _iso(m.received),
+        "expires": _iso(m.expires),
+        "state": m.state,
+        "reason": m.reason,
+    }
+
+
+@quarantine.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.option(
+    "--state",
+    type=click.Choice(
+        [
+            "held",
+            "challenged",
+            "authorized",
+            "delivered",
+            "failed",
+            "expired",
+            "purged",
+            "discarded",
+        ]
+    ),
+)
+@click.option("--sender", default=None, help="Only mail from this address.")
+@click.option("--limit", type=click.IntRange(min=1), default=None)
+@with_config
+def quarantine_list(
+    cfg: Config, as_json: bool, state: str | None, sender: str | None, limit: int | None
+) -> None:
+    """List every message that was held, with its current state."""
+    with engine_for(cfg) as app:
+        rows = [_held_dict(m) for m in app.quarantine(state=state, sender=sender, limit=limit)]
+    _emit(rows, as_json, ["id", "sender", "state", "subject", "received"])
+
+
+@quarantine.command("show")
+@click.argument("message_id")
+@click.option("--json", "as_json", is_flag=True)
+@with_config
+def quarantine_show(cfg: Config, message_id: str, as_json: bool) -> None:
+    """Show one held message and its history."""
+    with engine_for(cfg) as app:
+        row = _held_dict(app.held_message(message_id))
+        row["history"] = [asdict(h) for h in app.history(row["id"])]
+    if as_json:
+        click.echo(json.dumps(row, indent=2, ensure_ascii=False, default=str))
+        return
+    for key in (
+        "id",
+        "sender",
+        "recipients",
+        "subject",
+        "size",
+        "received",
+        "expires",
+        "state",
+        "reason",
+    ):
+        click.echo(f"{key:>10}: {row[key]}")
+    for h in row["history"]:
+        click.echo(f"  {h['timestamp']}  {h['event']}  {h['fields'].get('reason', '')}")
+
+
+def _message_command(verb: str, doc: str) -> None:
+    @quarantine.command(verb, help=doc)
+    @click.argument("message_id")
+    @click.option("--reason", default="manual", show_default=True)
+    @with_config
+    def command(cfg: Config, message_id: str, reason: str) -> None:
+        with engine_for(cfg, transports=verb == "release") as app:
+            view = getattr(app, verb)(message_id, actor="operator", reason=reason)
+            if verb == "release":
+                app.dispatch_deliveries()
+                view = app.held_message(view.id)
+        click.echo(f"{view.id}: {view.state}")
+
+
+_message_command("release", "Release a held message to its recipients now.")
+_message_command(
+    "discard", "Discard a held message (recorded; its original is removed at maintenance)."
+)
+
+
+# ---------------------------------------------------------------------------- audit
+
+
+@cli.group()
+def audit() -> None:
+    """Read the event log: history of a sender or message, verify, export."""
+
+
+@audit.command("history")
+@click.argument("subject")
+@click.option("--json", "as_json", is_flag=True)
+@with_config
+def audit_history(cfg: Config, subject: str, as_json: bool) -> None:
+    """Every recorded event about an ADDRESS (its senders and their held mail) or a message id."""
+    with engine_for(cfg) as app:
+        entries = [asdict(h) for h in app.history(subject)]
+    if as_json:
+        click.echo(json.dumps(entries, indent=2, ensure_ascii=False, default=str))
+        return
+    if not entries:
+        click.echo("(no events)")
+    for e in entries:
+        f = e["fields"]
+        what = f.get("trigger") or ""
+        click.echo(
+            f"{e['timestamp']}  {e['aggregate']:<7} {e['aggregate_id'][:12]} v{e['version']:<3} "
+            f"{e['event']:<24} {what:<10} actor={f.get('actor', '')} reason={f.get('reason', '')}"
+        )
+
+
+@audit.command("verify")
+@with_config
+def audit_verify(cfg: Config) -> None:
+    """Replay the log: only legal transitions, views equal a fresh rebuild. Exit 1 on a fault."""
+    from adapters.storage.audit import verify
+
+    with engine_for(cfg) as app:
+        fault, summary = verify(app)
+    if fault is not None:
+        click.echo(f"FAULT: {fault}", err=True)
+        sys.exit(1)
+    click.echo(f"log sound: {summary}")
+
+
+@audit.command("export")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@with_config
+def audit_export(cfg: Config, output: Path | None) -> None:
+    """Write every event as one JSON object per line (to stdout or --output)."""
+    from adapters.storage.audit import export_events
+
+    with engine_for(cfg) as app:
+        if output is None:
+            n = export_events(app, sys.stdout)
+        else:
+            with output.open("w", encoding="utf-8") as fh:
+                n = export_events(app, fh)
+    click.echo(f"exported {n} events", err=True)
+
+
+# ---------------------------------------------------------------------------- projections / diagram
+
+
+@cli.group()
+def projections() -> None:
+    """The views (whitelist, quarantine, pending challenges, delivery queue)."""
+
+
+@projections.command("rebuild")
+@with_config
+def projections_rebuild(cfg: Config) -> None:
+    """Drop every view and rebuild it from the event log."""
+    import time
+
+    with engine_for(cfg) as app:
+        started = time.perf_counter()
+        with app._lock:
+            n = app.views.rebuild()
+        took = time.perf_counter() - started
+    click.echo(f"rebuilt views from {n} events in {took:.2f}s")
+
+
+@cli.command()
+@click.option(
+    "--machine", type=click.Choice(["sender", "message", "all"]), default="all", show_default=True
+)
+def diagram(machine: str) -> None:
+    """Print the state machines from specs/ as Mermaid state diagrams."""
+    from engine.statemachine import MACHINES
+
+    names = list(MACHINES) if machine == "all" else [machine]
+    for name in names:
+        click.echo(MACHINES[name].mermaid())
+        click.echo()
+
+
+def main() -> None:
+    cli(prog_name="sourceauth")
+
+
+if __name__ == "__main__":
+    main()

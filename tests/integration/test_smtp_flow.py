@@ -1,0 +1,263 @@
+"""The whole flow over real loopback sockets: the filter (aiosmtpd) in front, real SMTP sinks
+standing in for the challenge relay and the next hop, a real SQLite file and blob directory.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.smtp_harness import (
+    filter_with_sinks,
+    message,
+    parsed,
+    token_of,
+    wait_for,
+)
+
+PROTECTED = "bob@example.test"
+STRANGER = "alice@remote.test"
+
+
+def _bodies(sink: object) -> list[bytes]:
+    return [m.data for m in sink.messages]  # type: ignore[attr-defined]
+
+
+def test_unknown_sender_is_held_and_gets_exactly_one_challenge(tmp_path: Path) -> None:
+    with filter_with_sinks(tmp_path) as (flt, relay, next_hop):
+        raw = message(
+            STRANGER,
+            PROTECTED,
+            subject="Quarterly numbers",
+            body="SECRET-BODY-MARKER\r\n",
+            message_id="<orig-1@remote.test>",
+        )
+        flt.send(STRANGER, [PROTECTED], raw)
+        challenge = relay.wait_for(1, timeout=15)[0]
+        time.sleep(0.5)
+        assert len(relay.messages) == 1
+        assert next_hop.messages == []
+        msg = parsed(challenge)
+        token = token_of(challenge)
+        assert challenge.rcpt_tos == [STRANGER]
+        assert challenge.mail_from == f"bounces+{token}@example.test"
+        assert msg["Reply-To"].strip("<>") == f"confirm+{token}@example.test"
+        assert msg["Auto-Submitted"] == "auto-replied"
+        assert msg["In-Reply-To"] == "<orig-1@remote.test>"
+        assert "Quarterly numbers" in msg["Subject"]
+        assert b"SECRET-BODY-MARKER" not in challenge.data
+        held = flt.app.quarantine()
+        assert [(h.sender, h.state) for h in held] == [(STRANGER, "challenged")]
+
+
+def test_second_message_from_pending_sender_is_held_without_a_second_challenge(
+    tmp_path: Path,
+) -> None:
+    with filter_with_sinks(tmp_path) as (flt, relay, next_hop):
+        flt.send(STRANGER, [PROTECTED], message(STRANGER, PROTECTED, subject="one"))
+        relay.wait_for(1)
+        flt.send(STRANGER, [PROTECTED], message(STRANGER, PROTECTED, subject="two"))
+        wait_for(lambda: len(flt.app.quarantine()) == 2)
+        time.sleep(0.5)
+        assert len(relay.messages) == 1
+        assert next_hop.messages == []
+
+
+def test_reply_from_the_sender_releases_all_held_mail_and_authorizes_it(tmp_path: Path) -> None:
+    with filter_with_sinks(tmp_path) as (flt, relay, next_hop):
+        for subject in ("one", "two", "three"):
+            flt.send(STRANGER, [PROTECTED], message(STRANGER, PROTECTED, subject=subject))
+        token = token_of(relay.wait_for(1)[0])
+        reply = message(STRANGER, f"confirm+{token}@example.test", subject="Re: Please confirm")
+        flt.send(STRANGER, [f"confirm+{token}@example.test"], reply)
+        delivered = next_hop.wait_for(3, timeout=20)
+        subjects = sorted(parsed(m)["Subject"] for m in delivered)
+        assert subjects == ["one", "three", "two"]
+        assert all(m.rcpt_tos == [PROTECTED] for m in delivered)
+        assert all(parsed(m)["X-SourceAuth-Id"] for m in delivered)
+        states = {s.address: s.state for s in flt.app.whitelist()}
+        assert states == {STRANGER: "authorized"}
+        # the confirmation reply itself is never delivered to anyone
+        time.sleep(0.5)
+        assert len(next_hop.messages) == 3
+        # and from now on the sender's mail goes straight through
+        flt.send(STRANGER, [PROTECTED], message(STRANGER, PROTECTED, subject="four"))
+        assert parsed(next_hop.wait_for(4)[3])["Subject"] == "four"
+        assert len(relay.messages) == 1
+
+
+@pytest.mark.parametrize("tamper", ["forged", "altered", "other_sender"])
+def test_reply_with_a_bad_token_releases_nothing(tmp_path: Path, tamper: str) -> None:
+    with filter_with_sinks(tmp_path) as (flt, relay, next_hop):
+        flt.send(STRANGER, [PROTECTED], message(STRANGER, PROTECTED))
+        token = token_of(relay.wait_for(1)[0])
+        replier = STRANGER
+        if tamper == "forged":
+            token = "a" * len(token)
+        elif tamper == "altered":
+            token = token[:-1] + ("b" if token[-1] != "b" else "c")
+        else:
+            replier = "mallory@evil.test"
+        rcpt = f"confirm+{token}@example.test"
+        flt.send(replier, [rcpt], message(replier, rcpt))
+        time.sleep(1.0)
+        assert next_hop.messages == []
+        assert {s.address: s.state for s in flt.app.whitelist()} == {STRANGER: "challenged"}
+        held = [
+            h for h in flt.app.quarantine(sender=STRANGER) if not h.reason.startswith("confirm_")
+        ]
+        assert [h.state for h in held] == ["challenged"]
+        refusals = [h for h in flt.app.quarantine(state="discarded")]
+        assert len(refusals) == 1 and refusals[0].reason.startswith("confirm_refused")
+
+
+def test_relay_refusing_the_challenge_expires_the_sender_and_maintain_deletes_held_mail(
+    tmp_path: Path,
+) -> None:
+    def refuse(address: str) -> str:
+        return "550 5.1.1 User unknown"
+
+    with filter_with_sinks(tmp_path, relay_reply=refuse) as (flt, relay, next_hop):
+        flt.send(STRANGER, [PROTECTED], message(STRANGER, PROTECTED))
+        wait_for(lambda: {s.address: s.state for s in flt.app.whitelist()} == {STRANGER: "expired"})
+        held = flt.app.quarantine(sender=STRANGER)
+        assert [h.state for h in held] == ["expired"]
+        blob = flt.app.blobs.path_of(held[0].receipt_id)
+        assert blob.exists()
+        report = flt.app.maintain()
+        assert report.purged == 1
+        assert [h.state for h in flt.app.quarantine(sender=STRANGER)] == ["purged"]
+        assert not blob.exists()
+        # nothing was sent to anybody: no bounce to the sender, nothing to the local user
+        assert relay.messages == [] and next_hop.messages == []
+
+
+def test_dsn_for_the_challenge_expires_the_sender_and_is_never_delivered(tmp_path: Path) -> None:
+    with filter_with_sinks(tmp_path) as (flt, relay, next_hop):
+        flt.send(STRANGER, [PROTECTED], message(STRANGER, PROTECTED))
+        challenge = relay.wait_for(1)[0]
+        bounce_rcpt = challenge.mail_from
+        dsn = (
+            "From: MAILER-DAEMON@remote.test\r\n"
+            f"To: {bounce_rcpt}\r\n"
+            "Subject: Undelivered Mail Returned to Sender\r\n"
+            "Auto-Submitted: auto-replied\r\n"
+            "MIME-Version: 1.0\r\n"
+            'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n'
+            "\r\n--B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n"
+            "--B\r\nContent-Type: message/delivery-status\r\n\r\n"
+            "Reporting-MTA: dns; mx.remote.test\r\n\r\n"
+            f"Final-Recipient: rfc822; {STRANGER}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+            "Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n"
+            "\r\n--B--\r\n"
+        ).encode()
+        flt.send("", [bounce_rcpt], dsn)
+        wait_for(lambda: {s.address: s.state for s in flt.app.whitelist()} == {STRANGER: "expired"})
+        assert flt.app.maintain().purged == 1
+        history = flt.app.history(STRANGER)
+        failed = [h for h in history if h.event == "Sender.ChallengeFailed"]
+        assert failed and "5.1.1" in failed[0].fields["diagnostic"]
+        time.sleep(0.5)
+        assert next_hop.messages == [] and len(relay.messages) == 1
+
+
+def test_mixed_recipients_unprotected_now_protected_after_confirmation_without_duplicates(
+    tmp_path: Path,
+) -> None:
+    other = "carol@elsewhere.test"
+    with filter_with_sinks(tmp_path) as (flt, relay, next_hop):
+        flt.send(STRANGER, [PROTECTED, other], message(STRANGER, f"{PROTECTED}, {other}"))
+        first = next_hop.wait_for(1)[0]
+        assert first.rcpt_tos == [other]
+        token = token_of(relay.wait_for(1)[0])
+        flt.send(STRANGER, [f"confirm+{token}@example.test"], message(STRANGER, "confirm"))
+        second = next_hop.wait_for(2)[1]
+        assert second.rcpt_tos == [PROTECTED]
+        time.sleep(1.0)
+        assert len(next_hop.messages) == 2
+        ids = {parsed(m)["X-SourceAuth-Id"] for m in next_hop.messages}
+        assert len(ids) == 2
+
+
+@pytest.mark.parametrize(
+    ("mail_from", "headers"),
+    [
+        ("", {}),
+        (STRANGER, {"Auto-Submitted": "auto-replied"}),
+        (STRANGER, {"List-Id": "<news.remote.test>"}),
+        (STRANGER, {"Precedence": "bulk"}),
+        ("MAILER-DAEMON@remote.test", {}),
+    ],
+    ids=["null_sender", "auto_submitted", "mailing_list", "bulk", "mailer_daemon"],
+)
+def test_automated_and_bulk_mail_is_never_challenged(
+    tmp_path: Path, mail_from: str, headers: dict[str, str]
+) -> None:
+    with filter_with_sinks(tmp_path) as (flt, relay, next_hop):
+        flt.send(
+            mail_from,
+            [PROTECTED],
+            message(mail_from or "nobody@remote.test", PROTECTED, headers=headers),
+        )
+        wait_for(lambda: flt.app.quarantine())
+        time.sleep(0.5)
+        assert relay.messages == []
+        held = flt.app.quarantine()
+        assert held[0].state == "held" and held[0].reason.startswith("never_challenge:")
+
+
+def test_bad_input_gets_clear_replies_and_loses_nothing(tmp_path: Path) -> None:
+    with filter_with_sinks(tmp_path) as (flt, relay, next_hop):
+        with smtplib.SMTP("127.0.0.1", flt.port, timeout=10) as c:
+            c.ehlo()
+            code, text = c.mail("not an address")
+            assert code == 553 and b"sender" in text.lower()
+            c.rset()
+            assert c.mail(STRANGER)[0] == 250
+            code, text = c.rcpt("bad@@example.test")
+            assert code == 553
+        # 8-bit headers, malformed MIME and bare LF are accepted and held, never crash the filter
+        ugly = (
+            b"From: \xff\xfe <alice@remote.test>\r\nSubject: caf\xe9 \xe2\x98\x95\r\n"
+            b"Content-Type: multipart/mixed; boundary=\r\n\r\n--\r\nbroken\nbare lf line\r\n"
+        )
+        flt.send(STRANGER, [PROTECTED], ugly)
+        held = wait_for(lambda: flt.app.quarantine())
+        assert held[0].state == "challenged"
+        # a too-large message is refused before anything is accepted
+        code, _ = flt.sendmail_reply(
+            STRANGER, [PROTECTED], b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 26_100
+        )
+        assert code == 552
+
+
+def test_too_many_recipients_are_refused_with_452(tmp_path: Path) -> None:
+    with filter_with_sinks(tmp_path, extra="") as (flt, relay, next_hop):
+        with smtplib.SMTP("127.0.0.1", flt.port, timeout=10) as c:
+            c.ehlo()
+            c.mail(STRANGER)
+            codes = [c.rcpt(f"user{i}@example.test")[0] for i in range(101)]
+        assert codes[:100] == [250] * 100 and codes[100] == 452
+
+
+def test_graceful_stop_records_everything_accepted(tmp_path: Path) -> None:
+    with filter_with_sinks(tmp_path) as (flt, relay, next_hop):
+        for i in range(20):
+            flt.send(
+                f"sender{i}@remote.test", [PROTECTED], message(f"sender{i}@remote.test", PROTECTED)
+            )
+        app = flt.app
+        accepted = 20
+    # after the graceful stop, reopen the same data directory and count what was recorded
+    from adapters.config import load_config
+    from adapters.runtime import build_engine
+
+    again = build_engine(load_config(tmp_path / "sourceauth.toml"), transports=False)
+    try:
+        assert len(again.quarantine()) == accepted
+    finally:
+        again.close()
+    assert app is not again
