@@ -1,0 +1,224 @@
+"""The mission end to end through a real Postfix: `sourceauth serve` runs as a separate
+process behind Postfix's content_filter; challenges leave through Postfix's reinjection
+port; a remote refuses them and Postfix's own DSN comes back to the filter; an answered
+challenge releases the held mail into the Postfix-delivered Maildir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import CaptureHandler, PostfixHarness
+
+pytestmark = pytest.mark.postfix
+
+TIMINGS: dict[str, float] = {}
+
+
+def _config(tmp: Path) -> Path:
+    path = tmp / "sourceauth.toml"
+    path.write_text(
+        f"""
+[server]
+listen = "127.0.0.1:10030"
+hostname = "mx.example.test"
+data_dir = "{tmp / "var"}"
+
+[policy]
+protected = ["alice@example.test", "bob@example.test"]
+
+[challenge]
+relay = "smtp://127.0.0.1:10031"
+confirm_address = "confirm@example.test"
+bounce_address = "bounces@example.test"
+retry_initial = "1s"
+retry_max = "2s"
+
+[delivery]
+next_hop = "smtp://127.0.0.1:10031"
+retry_initial = "1s"
+retry_max = "2s"
+
+[logging]
+format = "json"
+level = "info"
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "adapters.cli", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def sourceauth(postfix: PostfixHarness, tmp_path: Path) -> Iterator[Path]:
+    """`sourceauth serve` as its own process on 127.0.0.1:10030; stopped with SIGTERM."""
+    postfix.reset()
+    config = _config(tmp_path)
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adapters.cli", "serve", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        postfix.wait_until(
+            lambda: _listening(10030), timeout=30, message="sourceauth serve on 10030"
+        )
+        postfix.flush_queue()
+        yield config
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        log.close()
+        assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _senders(config: Path) -> dict[str, str]:
+    out = _cli(config, "senders", "list", "--json")
+    assert out.returncode == 0, out.stderr
+    return {row["address"]: row["state"] for row in json.loads(out.stdout)}
+
+
+def _quarantine(config: Path) -> list[dict[str, object]]:
+    out = _cli(config, "quarantine", "list", "--json")
+    assert out.returncode == 0, out.stderr
+    rows: list[dict[str, object]] = json.loads(out.stdout)
+    return rows
+
+
+def test_refused_challenge_bounces_back_to_the_filter_and_maintain_deletes_the_original(
+    postfix: PostfixHarness, sourceauth: Path
+) -> None:
+    t0 = time.monotonic()
+    sender = (
+        "mallory@remote.test"  # remote.test refuses every RCPT: the challenge cannot be delivered
+    )
+    raw = postfix.make_message(
+        sender, "alice@example.test", "held then deleted", body="BODY-MARKER\n"
+    )
+    assert postfix.send(sender, ["alice@example.test"], raw) == {}
+
+    postfix.wait_until(
+        lambda: _senders(sourceauth).get(sender) == "expired",
+        timeout=60,
+        message="Postfix's DSN for the challenge reached the filter",
+    )
+    TIMINGS["refused challenge -> DSN -> sender expired"] = time.monotonic() - t0
+    held = [r for r in _quarantine(sourceauth) if r["sender"] == sender]
+    assert [r["state"] for r in held] == ["expired"]
+
+    t1 = time.monotonic()
+    out = _cli(sourceauth, "maintain", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["purged"] == 1
+    TIMINGS["maintain (purge)"] = time.monotonic() - t1
+    held = [r for r in _quarantine(sourceauth) if r["sender"] == sender]
+    assert [r["state"] for r in held] == ["purged"]
+    history = _cli(sourceauth, "audit", "history", sender, "--json")
+    events = [e["event"] for e in json.loads(history.stdout)]
+    assert "Sender.ChallengeFailed" in events and "Message.Purged" in events
+
+    # No bounce and no held mail reached any user; the DSN reached no mailbox either.
+    time.sleep(1.0)
+    for box in postfix.mailboxes:
+        assert postfix.maildir_messages(box) == [], f"unexpected mail in {box}"
+    verify = _cli(sourceauth, "audit", "verify")
+    assert verify.returncode == 0, verify.stderr
+
+
+def test_answered_challenge_releases_held_mail_into_the_maildir(
+    postfix: PostfixHarness, sourceauth: Path, capture_server: CaptureHandler
+) -> None:
+    t0 = time.monotonic()
+    sender = "carol@ok.test"
+    for n in (1, 2):
+        raw = postfix.make_message(sender, "alice@example.test", f"held message {n}")
+        assert postfix.send(sender, ["alice@example.test"], raw) == {}
+    challenge = capture_server.wait_for(lambda r: r.rcpt_tos == [sender], timeout=60)
+    TIMINGS["message in -> challenge at the sender's MX"] = time.monotonic() - t0
+    msg = challenge.message
+    assert msg["Auto-Submitted"] == "auto-replied"
+    reply_to = msg["Reply-To"].strip().strip("<>")
+    assert reply_to.startswith("confirm+") and reply_to.endswith("@example.test")
+    assert challenge.mail_from.startswith("bounces+")
+    time.sleep(1.0)
+    assert len([m for m in capture_server.messages if m.rcpt_tos == [sender]]) == 1
+    assert postfix.maildir_messages("alice@example.test") == []
+
+    t1 = time.monotonic()
+    reply = postfix.make_message(sender, reply_to, f"Re: {msg['Subject']}", body="yes, it was me\n")
+    assert postfix.send(sender, [reply_to], reply) == {}
+    delivered = postfix.wait_until(
+        lambda: (
+            len(postfix.maildir_messages("alice@example.test")) >= 2
+            and postfix.maildir_messages("alice@example.test")
+        ),
+        timeout=60,
+        message="both held messages in alice's Maildir",
+    )
+    TIMINGS["reply in -> held mail in the Maildir"] = time.monotonic() - t1
+    subjects = sorted(postfix.parse(m)["Subject"] for m in delivered)
+    assert subjects == ["held message 1", "held message 2"]
+    assert all(postfix.parse(m)["X-SourceAuth-Id"] for m in delivered)
+    assert _senders(sourceauth)[sender] == "authorized"
+    # the reply itself reached nobody
+    time.sleep(1.0)
+    assert len(postfix.maildir_messages("alice@example.test")) == 2
+    assert postfix.maildir_messages("confirm@example.test") == []
+
+
+def test_unprotected_recipient_gets_its_copy_at_once(
+    postfix: PostfixHarness, sourceauth: Path, capture_server: CaptureHandler
+) -> None:
+    t0 = time.monotonic()
+    sender = "dave@ok.test"
+    raw = postfix.make_message(sender, "alice@example.test, carol@example.test", "mixed recipients")
+    assert postfix.send(sender, ["alice@example.test", "carol@example.test"], raw) == {}
+    postfix.wait_until(
+        lambda: postfix.maildir_messages("carol@example.test"),
+        timeout=60,
+        message="carol's copy delivered at once",
+    )
+    TIMINGS["unprotected copy delivered"] = time.monotonic() - t0
+    capture_server.wait_for(lambda r: r.rcpt_tos == [sender], timeout=60)
+    assert postfix.maildir_messages("alice@example.test") == []
+    assert len(postfix.maildir_messages("carol@example.test")) == 1
+
+
+def test_zz_report_timings() -> None:
+    """Prints the end-to-end timings measured above (quoted in the closing note)."""
+    for name, seconds in TIMINGS.items():
+        print(f"e2e timing: {name}: {seconds:.2f}s")
+    assert all(v >= 0 for v in TIMINGS.values())
