@@ -857,7 +857,9 @@ class SourceAuth(Application[UUID]):
 
     def token_for(self, challenge_id: str) -> str:
         """The token of a pending challenge (for tests and operators; the same on every resend)."""
-        row = self.views.challenge(challenge_id)
+        with self._lock:
+            self.views.catch_up(self._observe)
+            row = self.views.challenge(challenge_id)
         if row is None:
             raise NotFound(f"no challenge {challenge_id}")
         return self._mint_with(row)

@@ -7,7 +7,6 @@ challenge releases the held mail into the Postfix-delivered Maildir.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
