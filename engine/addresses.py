@@ -5,6 +5,7 @@ Every address the engine stores or compares passes through normalize_address fir
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from collections.abc import Iterable
 from encodings import idna
@@ -31,7 +32,7 @@ def is_null_sender(raw: str) -> bool:
     return stripped.startswith("<") and stripped.endswith(">") and stripped[1:-1].strip() == ""
 
 
-def normalize_address(raw: str) -> str:
+def _normalize_address(raw: str) -> str:
     """Return raw as "local@domain", lower-cased, with an IDNA (punycode) ASCII domain.
 
     Accepts "<a@b>" or "a@b" with surrounding whitespace. A non-ASCII (SMTPUTF8) local part
@@ -64,6 +65,10 @@ def normalize_address(raw: str) -> str:
     if _octets(address) > MAX_ADDRESS_OCTETS:
         raise AddressError(f"address is longer than {MAX_ADDRESS_OCTETS} octets")
     return address
+
+
+# Addresses repeat (one sender, many messages): the hot path parses each distinct one once.
+normalize_address = functools.lru_cache(maxsize=1 << 16)(_normalize_address)
 
 
 def normalize_pattern(raw: str) -> str:

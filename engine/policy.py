@@ -5,6 +5,7 @@ Pure decisions over envelope and header data; the caller passes the time and log
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import deque
@@ -161,6 +162,11 @@ def is_protected(recipient: str, protected: Sequence[str], delimiter: str = "+")
 
     Raises AddressError for an invalid recipient or pattern; validate both before calling.
     """
+    return _is_protected(recipient, tuple(protected), delimiter)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _is_protected(recipient: str, protected: tuple[str, ...], delimiter: str) -> bool:
     return matches(recipient, protected, delimiter=delimiter)
 
 

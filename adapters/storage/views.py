@@ -91,6 +91,7 @@ class SqlViews:
         self._conn = connect()
         self.projector = p.Projector(self._current_challenge)
         self._cur: Any = None
+        self._statements: dict[tuple[str, str, tuple[str, ...]], str] = {}
         self.create_tables()
 
     # ------------------------------------------------------------------ plumbing
@@ -119,11 +120,34 @@ class SqlViews:
         cur.execute(self.dialect.sql(statement), tuple(params))
         return cur
 
+    def _sql(self, kind: str, table: str, cols: tuple[str, ...]) -> str:
+        """The statement for one row-operation shape, built once (the hot path of catch-up)."""
+        key = (kind, table, cols)
+        found = self._statements.get(key)
+        if found is not None:
+            return found
+        pk = _pk(table)
+        if kind == "upsert":
+            sets = ", ".join(f"{c} = excluded.{c}" for c in cols)
+            marks = ", ".join("?" * (len(cols) + 1))
+            sql = (
+                f"INSERT INTO {table} ({pk}, {', '.join(cols)}) VALUES ({marks}) "
+                f"ON CONFLICT ({pk}) DO UPDATE SET {sets}"
+            )
+        elif kind == "update":
+            sql = f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in cols)} WHERE {pk} = ?"
+        elif kind == "add":
+            sql = f"UPDATE {table} SET {', '.join(f'{c} = {c} + ?' for c in cols)} WHERE {pk} = ?"
+        else:
+            sql = f"DELETE FROM {table} WHERE {pk} = ?"
+        found = self._statements[key] = self.dialect.sql(sql)
+        return found
+
     def _rows(self, statement: str, params: Sequence[Any] = ()) -> list[Any]:
         with self._tx(write=False) as cur:
             return list(self._x(cur, statement, params).fetchall())
 
-    def create_tables(self) -> None:
+    def create_tables(self, *, indexes: bool = True) -> None:
         with self._tx(write=True) as cur:
             for table, columns in p.TABLES.items():
                 cols = ", ".join(f"{c} {self.dialect.types[k]}" for c, k in columns)
@@ -131,16 +155,27 @@ class SqlViews:
                     cur,
                     f"CREATE TABLE IF NOT EXISTS {table} ({cols}, PRIMARY KEY ({columns[0][0]}))",
                 )
-            for name, table, cols in p.INDEXES:
-                self._x(cur, f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({', '.join(cols)})")
+            if indexes:
+                self._create_indexes(cur)
             self._x(
                 cur,
                 f"CREATE TABLE IF NOT EXISTS {TRACKING} (name TEXT PRIMARY KEY, position BIGINT NOT NULL)",
+            )
+            # The row exists before the first catch-up, so lock_tracking() always locks it:
+            # two nodes catching up a fresh database at once then queue, not collide.
+            self._x(
+                cur,
+                f"INSERT INTO {TRACKING} (name, position) VALUES (?, 0) ON CONFLICT (name) DO NOTHING",
+                (TRACKING_NAME,),
             )
             self._x(
                 cur,
                 f"CREATE TABLE IF NOT EXISTS {BLOB_GC} (receipt_id TEXT PRIMARY KEY, collected_at {self.dialect.types['real']})",
             )
+
+    def _create_indexes(self, cur: Any) -> None:
+        for name, table, cols in p.INDEXES:
+            self._x(cur, f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({', '.join(cols)})")
 
     def drop_tables(self) -> None:
         with self._tx(write=True) as cur:
@@ -152,8 +187,12 @@ class SqlViews:
     def rebuild(self) -> int:
         """Drop every view and replay the whole log into it; returns the events applied."""
         self.drop_tables()
-        self.create_tables()
-        return self.catch_up()
+        # Secondary indexes are built once at the end: faster than maintaining them row by row.
+        self.create_tables(indexes=False)
+        applied = self.catch_up()
+        with self._tx(write=True) as cur:
+            self._create_indexes(cur)
+        return applied
 
     def position(self) -> int:
         rows = self._rows(f"SELECT position FROM {TRACKING} WHERE name = ?", (TRACKING_NAME,))
@@ -208,32 +247,18 @@ class SqlViews:
         return str(row[0]) if row else None
 
     def _apply(self, cur: Any, op: p.Op) -> None:
-        if isinstance(op, p.Upsert):
-            cols = list(op.values)
-            pk = _pk(op.table)
-            sets = ", ".join(f"{c} = excluded.{c}" for c in cols)
-            self._x(
-                cur,
-                f"INSERT INTO {op.table} ({pk}, {', '.join(cols)}) VALUES ({', '.join('?' * (len(cols) + 1))}) "
-                f"ON CONFLICT ({pk}) DO UPDATE SET {sets}",
-                (op.key, *op.values.values()),
-            )
-        elif isinstance(op, p.Update):
-            sets = ", ".join(f"{c} = ?" for c in op.values)
-            self._x(
-                cur,
-                f"UPDATE {op.table} SET {sets} WHERE {_pk(op.table)} = ?",
-                (*op.values.values(), op.key),
-            )
-        elif isinstance(op, p.Add):
-            sets = ", ".join(f"{c} = {c} + ?" for c in op.deltas)
-            self._x(
-                cur,
-                f"UPDATE {op.table} SET {sets} WHERE {_pk(op.table)} = ?",
-                (*op.deltas.values(), op.key),
-            )
-        elif isinstance(op, p.Delete):
-            self._x(cur, f"DELETE FROM {op.table} WHERE {_pk(op.table)} = ?", (op.key,))
+        kind = type(op)
+        if kind is p.Upsert:
+            sql = self._sql("upsert", op.table, tuple(op.values))  # type: ignore[union-attr]
+            cur.execute(sql, (op.key, *op.values.values()))  # type: ignore[union-attr]
+        elif kind is p.Update:
+            sql = self._sql("update", op.table, tuple(op.values))  # type: ignore[union-attr]
+            cur.execute(sql, (*op.values.values(), op.key))  # type: ignore[union-attr]
+        elif kind is p.Add:
+            sql = self._sql("add", op.table, tuple(op.deltas))  # type: ignore[union-attr]
+            cur.execute(sql, (*op.deltas.values(), op.key))  # type: ignore[union-attr]
+        elif kind is p.Delete:
+            cur.execute(self._sql("delete", op.table, ()), (op.key,))  # type: ignore[union-attr]
         elif isinstance(op, p.BlobRef):
             self._x(
                 cur,
@@ -347,6 +372,19 @@ class SqlViews:
     def challenge(self, challenge_id: str) -> ChallengeRow | None:
         found = self._challenges("challenge_id = ?", (challenge_id,))
         return found[0] if found else None
+
+    def known_senders(self, sender_ids: Sequence[str]) -> set[str]:
+        """Which of these senders the whitelist view has a row for (one query per 500 ids)."""
+        found: set[str] = set()
+        ids = list(sender_ids)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            marks = ", ".join("?" * len(chunk))
+            rows = self._rows(
+                f"SELECT sender_id FROM {p.WHITELIST} WHERE sender_id IN ({marks})", chunk
+            )
+            found.update(str(r[0]) for r in rows)
+        return found
 
     def challenges_due(self, now: float, limit: int) -> list[ChallengeRow]:
         return self._challenges(
