@@ -991,6 +991,7 @@ def engine_settings(cfg: Config) -> EngineSettings:
         delivery_retry_max=delivery.retry_max,
         delivery_give_up_after=delivery.give_up_after,
         max_recipients=limits.max_recipients,
+        held_per_recipient=limits.held_per_recipient,
     )
 
 

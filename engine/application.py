@@ -131,6 +131,7 @@ class SourceAuth(Application[UUID]):
         self.views: ViewStore = views_factory(self.recorder, self.mapper)
         self._lock = threading.RLock()
         self._senders: OrderedDict[UUID, Sender] = OrderedDict()
+        self._sender_ids: dict[tuple[str, str], UUID] = {}
         self._in_flight: set[str] = set()
         self.limiter = ChallengeRateLimiter(settings.limits)
         now = clock()
@@ -154,7 +155,15 @@ class SourceAuth(Application[UUID]):
     # ----------------------------------------------------------------- ids and cache
 
     def sender_id(self, address: str, scope: str = "global") -> UUID:
-        return tokens.aggregate_id(self.keyring, "sender", scope, address)
+        """The keyed id of a sender in a scope (an HMAC, so ids cannot be guessed from addresses)."""
+        key = (address, scope)
+        found = self._sender_ids.get(key)
+        if found is None:
+            found = tokens.aggregate_id(self.keyring, "sender", scope, address)
+            if len(self._sender_ids) >= SENDER_CACHE_SIZE:
+                self._sender_ids.clear()
+            self._sender_ids[key] = found
+        return found
 
     def scope_for(self, recipient: str) -> str:
         if self.settings.scope == "global":
@@ -1137,6 +1146,26 @@ class SourceAuth(Application[UUID]):
         return int(live_count(receipt_id))
 
     # ----------------------------------------------------------------- queries
+
+    def quarantine_full(self, mail_from: str, recipient: str) -> bool:
+        """True when `recipient` already has `held_per_recipient` held copies and this mail
+        would be held too (the SMTP side answers 452 for that recipient: no loss, a retry later)."""
+        s = self.settings
+        try:
+            rcpt = normalize_address(recipient)
+        except AddressError:
+            return False
+        if not is_protected(rcpt, s.protected, s.recipient_delimiter):
+            return False
+        if not is_null_sender(mail_from):
+            try:
+                sender = self.sender(mail_from, self.scope_for(rcpt))
+            except InvalidInput:
+                return False
+            if sender.state == "authorized":
+                return False
+        with self._lock:
+            return self.views.held_count(rcpt) >= s.held_per_recipient
 
     def whitelist(self, *, state: str | None = None, limit: int | None = None) -> list[SenderView]:
         with self._lock:

@@ -16,6 +16,7 @@ CHALLENGES = "sa_challenges"
 QUARANTINE = "sa_quarantine"
 DELIVERY = "sa_delivery"
 BLOBS = "sa_blobs"
+HELD_COUNTS = "sa_held_counts"
 
 TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     # name: ((column, kind), ...); the first column is the primary key
@@ -76,6 +77,10 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("live", "int"),
         ("copies", "int"),
         ("collected", "int"),
+    ),
+    HELD_COUNTS: (
+        ("recipient", "text"),
+        ("held", "int"),
     ),
 }
 
@@ -308,6 +313,8 @@ class Projector:
                 },
             )
             return
+        if state in ("held", "challenged"):
+            yield _HeldDelta(tuple(e.recipients), 1)
         yield Upsert(
             QUARANTINE,
             mid,
@@ -329,6 +336,8 @@ class Projector:
     def _message_event(self, e: Message.Event) -> Iterator[Op]:
         mid = e.originator_id.hex
         ts = e.timestamp.timestamp()
+        if isinstance(e, (Message.Released, Message.Expired, Message.Discarded)):
+            yield _LeaveHeld(mid)  # before the state changes: it reads whether the copy was held
         if isinstance(e, Message.Released):
             yield Update(
                 QUARANTINE, mid, {"state": "authorized", "reason": e.reason, "updated": ts}
@@ -338,9 +347,9 @@ class Projector:
             yield Update(DELIVERY, mid, {"attempts": e.attempt, "next_attempt": e.next_attempt_at})
             yield _DropRecipients(mid, tuple(e.delivered) + tuple(e.rejected))
         elif isinstance(e, Message.Delivered):
+            yield _CopyDone(mid)  # before the delivery row goes: it names the receipt
             yield Delete(DELIVERY, mid)
             yield Update(QUARANTINE, mid, {"state": "delivered", "updated": ts})
-            yield _CopyDone(mid)
         elif isinstance(e, Message.DeliveryFailed):
             yield _FailedCopy(mid, ts, e.reason)
             yield Delete(DELIVERY, mid)
@@ -407,6 +416,21 @@ class _FailedCopy:
 
 
 @dataclass(frozen=True)
+class _HeldDelta:
+    """Held copies per protected recipient (for the held_per_recipient limit)."""
+
+    recipients: tuple[str, ...]
+    delta: int
+
+
+@dataclass(frozen=True)
+class _LeaveHeld:
+    """If the copy is still held, it stops counting against its recipients."""
+
+    message_id: str
+
+
+@dataclass(frozen=True)
 class _ChallengeFromSender:
     """A new challenge row whose address and scope come from the sender's whitelist row."""
 
@@ -432,6 +456,8 @@ Op = (
     | _FailedCopy
     | _SupersedeIfPending
     | _ChallengeFromSender
+    | _HeldDelta
+    | _LeaveHeld
 )
 BlobRef = _BlobRef
 QueueFromQuarantine = _QueueFromQuarantine
@@ -440,3 +466,5 @@ CopyDone = _CopyDone
 FailedCopy = _FailedCopy
 SupersedeIfPending = _SupersedeIfPending
 ChallengeFromSender = _ChallengeFromSender
+HeldDelta = _HeldDelta
+LeaveHeld = _LeaveHeld

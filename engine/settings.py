@@ -42,3 +42,4 @@ class EngineSettings:
     delivery_retry_max: float = 3600.0
     delivery_give_up_after: float = 5 * DAY
     max_recipients: int = 100
+    held_per_recipient: int = 100_000

@@ -313,6 +313,16 @@ class SqlViews:
                 f"AND outcome IN ('queued', 'sent', 'deferred')",
                 (op.challenge_id,),
             )
+        elif isinstance(op, p.HeldDelta):
+            self._held_delta(cur, op.recipients, op.delta)
+        elif isinstance(op, p.LeaveHeld):
+            row = self._x(
+                cur,
+                f"SELECT state, recipients FROM {p.QUARANTINE} WHERE message_id = ?",
+                (op.message_id,),
+            ).fetchone()
+            if row is not None and row[0] in ("held", "challenged"):
+                self._held_delta(cur, _split(row[1]), -1)
         elif isinstance(op, p.ChallengeFromSender):
             row = self._x(
                 cur,
@@ -330,6 +340,19 @@ class SqlViews:
             self._apply(cur, p.Upsert(p.CHALLENGES, op.challenge_id, values))
         else:  # pragma: no cover - the projector emits only the kinds above
             raise TypeError(f"unknown view operation {op!r}")
+
+    def _held_delta(self, cur: Any, recipients: Sequence[str], delta: int) -> None:
+        for rcpt in recipients:
+            self._x(
+                cur,
+                f"INSERT INTO {p.HELD_COUNTS} (recipient, held) VALUES (?, ?) "
+                f"ON CONFLICT (recipient) DO UPDATE SET held = {p.HELD_COUNTS}.held + excluded.held",
+                (rcpt, delta),
+            )
+
+    def held_count(self, recipient: str) -> int:
+        rows = self._rows(f"SELECT held FROM {p.HELD_COUNTS} WHERE recipient = ?", (recipient,))
+        return int(rows[0][0]) if rows else 0
 
     def _receipt_of(self, cur: Any, message_id: str) -> str | None:
         for table in (p.QUARANTINE, p.DELIVERY):

@@ -261,3 +261,23 @@ def test_graceful_stop_records_everything_accepted(tmp_path: Path) -> None:
     finally:
         again.close()
     assert app is not again
+
+
+def test_full_quarantine_answers_452_for_that_recipient_only(tmp_path: Path) -> None:
+    with filter_with_sinks(tmp_path, extra="") as (flt, relay, next_hop):
+        flt.app.settings = type(flt.app.settings)(
+            **{**vars(flt.app.settings), "held_per_recipient": 2}
+        )
+        for i in range(2):
+            flt.send(f"s{i}@remote.test", [PROTECTED], message(f"s{i}@remote.test", PROTECTED))
+        wait_for(lambda: len(flt.app.quarantine()) == 2)
+        with smtplib.SMTP("127.0.0.1", flt.port, timeout=10) as c:
+            c.ehlo()
+            c.mail("s9@remote.test")
+            code, text = c.rcpt(PROTECTED)
+            assert code == 452 and b"full" in text
+            assert c.rcpt("carol@other.test")[0] == 250
+        # an authorized sender still gets through
+        flt.app.authorize("friend@remote.test")
+        flt.send("friend@remote.test", [PROTECTED], message("friend@remote.test", PROTECTED))
+        assert next_hop.wait_for(1)[0].rcpt_tos == [PROTECTED]
