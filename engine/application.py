@@ -155,7 +155,7 @@ class SourceAuth(Application[UUID]):
     # ----------------------------------------------------------------- ids and cache
 
     def sender_id(self, address: str, scope: str = "global") -> UUID:
-        """The keyed id of a sender in a scope (an HMAC, so ids cannot be guessed from addresses)."""
+        """The keyed id of a sender in a scope (an HMAC: ids cannot be guessed from addresses)."""
         key = (address, scope)
         found = self._sender_ids.get(key)
         if found is None:

@@ -1,166 +1,330 @@
-"""The message blob store: one file per accepted message, fsync'd before the filter says 250.
+"""The message blob store: one file per accepted message, durable before the filter says 250.
 
-Keyed by the receipt id (so deleting one original never removes another's), verified by SHA-256.
+Files live at root/<key[:2]>/<key>, keyed by receipt id, written via root/tmp and renamed.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import structlog
 
 log = structlog.get_logger(__name__)
 
-_KEY = re.compile(r"^[0-9a-f]{32}$")
-_TMP = "tmp"
+__all__ = [
+    "BlobConflict",
+    "BlobCorrupt",
+    "BlobNotFound",
+    "BlobRef",
+    "BlobStoreError",
+    "FileBlobStore",
+]
+
+_KEY = re.compile(r"[0-9a-f]{32}")
+_FANOUT = re.compile(r"[0-9a-f]{2}")
+_TMP = "tmp"  # never a fan-out name: those are two hex digits
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 
 @dataclass(frozen=True)
 class BlobRef:
+    """Where a blob is and what it holds: key (receipt id, 32 hex), size, SHA-256 hex."""
+
     key: str
     size: int
     sha256: str
 
 
 class BlobStoreError(OSError):
-    """Storage trouble (disk full, permissions): the SMTP side answers 4xx."""
+    """Storage trouble (disk full, permissions, I/O): the SMTP side answers 4xx.
+
+    `errno` and `filename` are those of the failing system call when there was one.
+    """
+
+
+class BlobConflict(BlobStoreError):
+    """A key is already stored with other content (errno EEXIST)."""
 
 
 class BlobNotFound(KeyError):
-    pass
+    """No blob under that key."""
 
 
 class BlobCorrupt(ValueError):
-    pass
+    """The stored bytes no longer match the SHA-256 recorded for them."""
 
 
 def _check(key: str) -> str:
-    if not isinstance(key, str) or not _KEY.match(key):
-        raise ValueError(f"bad blob key {key!r}: expected 32 lowercase hex characters")
+    if type(key) is not str or _KEY.fullmatch(key) is None:
+        raise ValueError(f"bad blob key {key!r}: expected 32 lowercase hex digits")
     return key
 
 
+def _store_error(exc: OSError, what: str) -> BlobStoreError:
+    message = f"{what}: {exc.strerror or exc}"
+    if exc.filename is not None:
+        return BlobStoreError(exc.errno, message, exc.filename)
+    return BlobStoreError(exc.errno, message)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class FileBlobStore:
-    """root/<key[:2]>/<key>; writes go to root/tmp first, then rename, then directory fsync."""
+    """Blobs as files under `root`, durable (file and directory fsync) unless fsync=False.
+
+    A write goes to root/tmp/<key>.<pid>.<random>.tmp, is fsync'd, renamed to
+    root/<key[:2]>/<key> and the directory is fsync'd, so a blob is either absent or
+    complete; temp files a crash leaves behind are never visible as blobs (see
+    `cleanup_temp`). Re-putting a key with the same bytes is a no-op; with other bytes it
+    raises BlobConflict. Two concurrent puts of one key with different bytes are not
+    arbitrated (last rename wins): keys are receipt ids, unique per message.
+    Every OSError surfaces as BlobStoreError; bad keys raise ValueError.
+    """
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self.root = Path(root)
         self.fsync = fsync
+        self._tmp = self.root / _TMP
         try:
-            (self.root / _TMP).mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not self.root.is_dir():
+                os.makedirs(self.root, mode=_DIR_MODE, exist_ok=True)
+                os.chmod(self.root, _DIR_MODE)  # makedirs' mode is subject to the umask
+            try:
+                os.mkdir(self._tmp, _DIR_MODE)
+            except FileExistsError:
+                if not self._tmp.is_dir():
+                    raise NotADirectoryError(
+                        errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self._tmp)
+                    ) from None
         except OSError as exc:
-            raise BlobStoreError(
-                exc.errno, f"cannot create blob store at {self.root}: {exc.strerror}"
-            ) from exc
+            raise _store_error(exc, f"cannot create blob store at {self.root}") from exc
+
+    def __repr__(self) -> str:
+        return f"FileBlobStore({str(self.root)!r}, fsync={self.fsync})"
+
+    # ------------------------------------------------------------------------------ paths
 
     def path_of(self, key: str) -> Path:
+        """The final path of `key` (whether or not it is stored)."""
         _check(key)
         return self.root / key[:2] / key
 
     def _fsync_dir(self, path: Path) -> None:
-        if not self.fsync:
-            return
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
-    def _write_tmp(self, key: str, data: bytes) -> Path:
-        tmp = self.root / _TMP / f"{key}.{os.getpid()}.{time.monotonic_ns()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        return tmp
+    # ------------------------------------------------------------------------------ writes
 
     def put(self, key: str, data: bytes) -> BlobRef:
+        """Store `data` under `key` durably; BlobStoreError (4xx) if it cannot."""
         return self.put_many([(key, data)])[0]
 
     def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[BlobRef]:
-        """Write every blob, fsync each file, rename all, then fsync each touched directory once."""
+        """Store several blobs with one group fsync; refs in the order of `items`.
+
+        Every file is written and fsync'd, then all are renamed, then each touched
+        directory is fsync'd once. On failure the blobs this call created are removed
+        again (best effort) and BlobStoreError is raised: all or nothing for the caller.
+        """
+        for key, _ in items:
+            _check(key)
         refs: list[BlobRef] = []
-        dirs: set[Path] = set()
+        staged: list[tuple[Path, Path]] = []  # (temp file, final path)
+        created: list[Path] = []  # renamed into place by this call: staged[: len(created)]
+        dirty: set[Path] = set()  # directories whose entries changed
+        batch: dict[str, BlobRef] = {}
         try:
-            staged: list[tuple[Path, Path]] = []
             for key, data in items:
-                final = self.path_of(key)
-                digest = hashlib.sha256(data).hexdigest()
-                refs.append(BlobRef(key, len(data), digest))
-                if final.exists():
-                    if hashlib.sha256(final.read_bytes()).hexdigest() != digest:
-                        raise BlobStoreError(f"blob {key} already exists with other content")
+                ref = BlobRef(key, len(data), hashlib.sha256(data).hexdigest())
+                refs.append(ref)
+                seen = batch.get(key)
+                if seen is not None:
+                    if seen != ref:
+                        raise BlobConflict(
+                            errno.EEXIST, f"blob {key} given twice with different content"
+                        )
                     continue
-                if not final.parent.exists():
-                    final.parent.mkdir(mode=0o700, exist_ok=True)
-                    dirs.add(self.root)
-                staged.append((self._write_tmp(key, data), final))
+                batch[key] = ref
+                final = self.root / key[:2] / key
+                if self._matches_existing(final, ref):
+                    dirty.add(final.parent)  # durable on return, even if its first put failed
+                    continue
+                if self._ensure_fanout(final.parent):
+                    dirty.add(self.root)
+                staged.append((self._write_temp(key, data), final))
             for tmp, final in staged:
                 os.replace(tmp, final)
-                dirs.add(final.parent)
-            for d in dirs:
-                self._fsync_dir(d)
-        except BlobStoreError:
-            raise
-        except OSError as exc:
-            raise BlobStoreError(exc.errno, f"blob store write failed: {exc.strerror}") from exc
+                created.append(final)
+                dirty.add(final.parent)
+            if self.fsync:
+                for directory in dirty:
+                    self._fsync_dir(directory)
+        except BaseException as exc:
+            for tmp, _ in staged[len(created) :]:
+                _unlink_quietly(tmp)
+            for final in created:
+                _unlink_quietly(final)
+            if isinstance(exc, BlobStoreError | ValueError) or not isinstance(exc, OSError):
+                raise
+            log.warning("blob_put_failed", error=str(exc), batch=len(items))
+            raise _store_error(exc, f"cannot store {len(items)} blob(s)") from exc
         return refs
 
-    def get(self, key: str, *, verify_sha256: str | None = None) -> bytes:
-        path = self.path_of(key)
+    def _matches_existing(self, final: Path, ref: BlobRef) -> bool:
+        """True if `final` already holds exactly these bytes; BlobConflict if other bytes."""
         try:
-            data = path.read_bytes()
+            with open(final, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                same = size == ref.size and hashlib.file_digest(f, "sha256").hexdigest() == (
+                    ref.sha256
+                )
         except FileNotFoundError:
-            raise BlobNotFound(key) from None
-        except OSError as exc:
-            raise BlobStoreError(exc.errno, f"blob {key} unreadable: {exc.strerror}") from exc
-        if verify_sha256 is not None and hashlib.sha256(data).hexdigest() != verify_sha256:
-            raise BlobCorrupt(f"blob {key} does not match its recorded SHA-256")
-        return data
+            return False
+        if not same:
+            log.warning("blob_conflict", key=ref.key)
+            raise BlobConflict(
+                errno.EEXIST, f"blob {ref.key} already exists with different content", str(final)
+            )
+        return True
 
-    def exists(self, key: str) -> bool:
-        return self.path_of(key).exists()
+    def _ensure_fanout(self, directory: Path) -> bool:
+        """Create root/<xx> if missing; True if this call created it."""
+        try:
+            os.mkdir(directory, _DIR_MODE)
+        except FileExistsError:
+            return False
+        return True
+
+    def _write_temp(self, key: str, data: bytes) -> Path:
+        tmp = self._tmp / f"{key}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            raise
+        os.close(fd)
+        return tmp
 
     def delete(self, key: str) -> bool:
+        """Remove a blob: True if removed, False if it was already gone. Durable."""
         path = self.path_of(key)
         try:
-            path.unlink()
+            os.unlink(path)
+            if self.fsync:
+                self._fsync_dir(path.parent)
         except FileNotFoundError:
             return False
         except OSError as exc:
-            raise BlobStoreError(exc.errno, f"blob {key} not deleted: {exc.strerror}") from exc
-        self._fsync_dir(path.parent)
+            raise _store_error(exc, f"cannot delete blob {key}") from exc
+        return True
+
+    def cleanup_temp(self, older_than_seconds: float = 3600.0) -> int:
+        """Remove temp files older than this (left by a crash mid-write); how many.
+
+        Writes in progress are younger than any sane threshold: 0 removes those too.
+        """
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        try:
+            with os.scandir(self._tmp) as entries:
+                for entry in entries:
+                    try:
+                        if entry.stat(follow_symlinks=False).st_mtime <= cutoff:
+                            os.unlink(entry.path)
+                            removed += 1
+                    except FileNotFoundError:
+                        continue
+        except OSError as exc:
+            raise _store_error(exc, "cannot clean blob temp files") from exc
+        if removed:
+            log.info("blob_temp_cleaned", removed=removed)
+        return removed
+
+    # ------------------------------------------------------------------------------ reads
+
+    def get(self, key: str, *, verify_sha256: str | None = None) -> bytes:
+        """The bytes of `key`; BlobNotFound, or BlobCorrupt if they fail `verify_sha256`."""
+        path = self.path_of(key)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise BlobNotFound(key) from None
+        except OSError as exc:
+            raise _store_error(exc, f"cannot read blob {key}") from exc
+        if verify_sha256 is not None:
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != verify_sha256.lower():
+                log.error("blob_corrupt", key=key, expected=verify_sha256, actual=actual)
+                raise BlobCorrupt(
+                    f"blob {key} does not match its SHA-256 (expected {verify_sha256}, "
+                    f"found {actual})"
+                )
+        return data
+
+    def open(self, key: str) -> BinaryIO:
+        """A binary file object on the blob (the caller closes it); BlobNotFound if absent."""
+        path = self.path_of(key)
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            raise BlobNotFound(key) from None
+        except OSError as exc:
+            raise _store_error(exc, f"cannot open blob {key}") from exc
+
+    def exists(self, key: str) -> bool:
+        """True if `key` is stored."""
+        try:
+            os.stat(self.path_of(key))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise _store_error(exc, f"cannot stat blob {key}") from exc
         return True
 
     def keys(self) -> Iterator[str]:
-        for sub in sorted(self.root.iterdir()):
-            if sub.name == _TMP or not sub.is_dir():
-                continue
-            for f in sorted(sub.iterdir()):
-                if _KEY.match(f.name):
-                    yield f.name
-
-    def cleanup_temp(self, older_than_seconds: float = 3600.0) -> int:
-        """Remove temp files a crash left behind; they were never acknowledged."""
-        removed = 0
-        cutoff = time.time() - older_than_seconds
-        for f in (self.root / _TMP).iterdir():
-            try:
-                if f.stat().st_mtime < cutoff:
-                    f.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                continue
-        return removed
+        """Every stored key, sorted (temp files and stray names excluded)."""
+        try:
+            with os.scandir(self.root) as top:
+                fanouts = sorted(e.name for e in top if _FANOUT.fullmatch(e.name) and e.is_dir())
+            for name in fanouts:
+                try:
+                    with os.scandir(self.root / name) as entries:
+                        found = sorted(
+                            e.name
+                            for e in entries
+                            if e.name.startswith(name)
+                            and _KEY.fullmatch(e.name)
+                            and e.is_file(follow_symlinks=False)
+                        )
+                except FileNotFoundError:
+                    continue
+                yield from found
+        except OSError as exc:
+            raise _store_error(exc, f"cannot list blob store {self.root}") from exc

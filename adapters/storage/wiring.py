@@ -109,6 +109,9 @@ def open_engine(
 ) -> SourceAuth:
     """One engine over this storage; the caller closes it."""
     blobs = FileBlobStore(storage.blob_dir, fsync=storage.blob_fsync)
+    if storage.kind == "postgresql" and storage.pg_schema:
+        # eventsourcing creates its tables but not the schema they live in.
+        postgres_connector(storage.conninfo(), storage.pg_schema)().close()
     # eventsourcing merges os.environ first; these explicit settings win over stray variables.
     env = eventsourcing_env(storage)
     return SourceAuth(
