@@ -8,22 +8,57 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Final, cast
 from uuid import UUID, SafeUUID
 
 import msgpack  # type: ignore[import-untyped]
-import structlog
 from eventsourcing.persistence import Transcoder
-
-log = structlog.get_logger(__name__)
 
 __all__ = ["FORMAT_VERSION", "TOPIC", "MsgpackTranscoder"]
 
 #: First byte of every encoded value. Bump it (keeping the old decoder) if the layout changes.
-FORMAT_VERSION: Final = 0x01
+FORMAT_VERSION: Final = 0x02
 _PREFIX: Final = bytes((FORMAT_VERSION,))
+_PLAIN_PREFIX: Final = b"\x01"  # format 1: plain msgpack, no field table (still read)
+
+# Format 2 writes the top-level field names of an event's state as their index in this table
+# (one byte instead of up to 20). APPEND-ONLY: an index, once written, names its field forever.
+# A name not in the table is written as itself; tests check every engine event field is here.
+FIELDS: Final[tuple[str, ...]] = (
+    "timestamp",
+    "originator_topic",
+    "class_version",
+    "address",
+    "scope",
+    "trigger",
+    "actor",
+    "reason",
+    "challenge_id",
+    "kid",
+    "expires_at",
+    "subject",
+    "in_reply_to",
+    "recipient",
+    "relay",
+    "attempt",
+    "diagnostic",
+    "next_attempt_at",
+    "receipt_id",
+    "size",
+    "sha256",
+    "sender",
+    "sender_id",
+    "recipients",
+    "message_id_header",
+    "delivered",
+    "rejected",
+    "next_hop",
+    "blob_deleted",
+)
+_FIELD_INDEX: Final[dict[str, int]] = {name: i for i, name in enumerate(FIELDS)}
 
 #: Value for the application's TRANSCODER_TOPIC setting.
 TOPIC: Final = "adapters.storage.transcoder:MsgpackTranscoder"
@@ -38,6 +73,13 @@ EXT_TUPLE: Final = 6  # nested msgpack array (no version byte)
 EXT_SET: Final = 7  # nested msgpack array
 EXT_FROZENSET: Final = 8  # nested msgpack array
 EXT_TIMEDELTA: Final = 9  # >iii days, seconds, microseconds
+_INT_KEY_EXT: Final = 10  # a top-level int key in format 2 (ints there are field indexes)
+
+
+@dataclass(frozen=True)
+class _IntKey:
+    value: int
+
 
 # EXT_DATETIME payload. The first 10 bytes are the wall-clock time: year (2 bytes BE),
 # month (high bit = fold), day, hour, minute, second, microsecond (3 bytes BE). That is
@@ -70,8 +112,11 @@ def _tz_for(offset_us: int) -> timezone:
     return tz
 
 
+_datetime_reduce = datetime.__reduce_ex__  # the C one, whatever a subclass overrides
+
+
 def _encode_datetime(o: datetime) -> msgpack.ExtType:
-    args = cast("tuple[Any, ...]", o.__reduce_ex__(4)[1])
+    args = cast("tuple[Any, ...]", _datetime_reduce(o, 4)[1])
     state = cast("bytes", args[0])
     if len(args) == 1:
         return _ext(EXT_DATETIME, state)
@@ -175,6 +220,7 @@ _DECODERS: dict[int, Callable[[bytes], Any]] = {
     EXT_SET: lambda b: set(_unpack_nested(b)),
     EXT_FROZENSET: lambda b: frozenset(_unpack_nested(b)),
     EXT_TIMEDELTA: lambda b: timedelta(*_TIMEDELTA.unpack(b)),
+    _INT_KEY_EXT: lambda b: _IntKey(_unpack_nested(b)[0]),
 }
 
 # Subclass fallbacks, most specific first (datetime before date; bool never gets here).
@@ -246,17 +292,44 @@ class MsgpackTranscoder(Transcoder):
             packer = self._local.packer
         except AttributeError:
             packer = self._new_packer()
+        if type(obj) is dict:
+            index = _FIELD_INDEX
+            obj = {index.get(k, k) if type(k) is str else _escape_key(k): v for k, v in obj.items()}
         return _PREFIX + cast("bytes", packer.pack(obj))
 
     def decode(self, data: bytes) -> Any:
-        if data[:1] != _PREFIX:
+        prefix = data[:1]
+        if prefix != _PREFIX and prefix != _PLAIN_PREFIX:
             raise ValueError(_unknown_format_message(data))
         try:
-            return msgpack.unpackb(
+            obj = msgpack.unpackb(
                 memoryview(data)[1:], raw=False, ext_hook=_ext_hook, strict_map_key=False
             )
         except (ValueError, TypeError, struct.error) as e:
-            raise ValueError(f"corrupt sourceauth transcoder data (format 0x01): {e}") from e
+            raise ValueError(
+                f"corrupt sourceauth transcoder data (format 0x{data[0]:02x}): {e}"
+            ) from e
+        if prefix == _PREFIX and type(obj) is dict:
+            try:
+                obj = {FIELDS[k] if type(k) is int else _unescape_key(k): v for k, v in obj.items()}
+            except IndexError as e:
+                raise ValueError(
+                    f"corrupt sourceauth transcoder data: unknown field index {e}"
+                ) from e
+        return obj
+
+
+def _escape_key(key: Any) -> Any:
+    """Top-level int keys would read as field indexes: wrap them (event states have none)."""
+    if type(key) is int:
+        return msgpack.ExtType(_INT_KEY_EXT, _pack_nested([key]))
+    return key
+
+
+def _unescape_key(key: Any) -> Any:
+    if isinstance(key, _IntKey):
+        return key.value
+    return key
 
 
 def _unknown_format_message(data: bytes) -> str:
