@@ -1,0 +1,461 @@
+"""Crash safety (DESIGN.md §6, §9): `sourceauth serve` killed with SIGKILL under load.
+
+The filter runs as a real subprocess on the embedded SQLite file; the challenge relay and the
+next hop are real SMTP sinks in this process. Client threads send a mix of mail from strangers
+and known senders, a confirmer answers some challenges, and the server is killed at random
+moments and restarted while clients retry. A message counts as accepted only when its client
+read `250 … queued as <receipt_id>`. At the end, after a graceful stop and `maintain`:
+
+- every accepted receipt id is in the log (Message.Received), and each of its copies is
+  delivered, held, or in a terminal state with a reason: never silently gone;
+- at most one challenge token per sender reached the relay (a resend after a crash carries
+  the same token) and at most one Registered/Challenged per sender in the log;
+- the next hop never got one copy under two X-SourceAuth-Ids (the same id twice is the
+  allowed at-least-once redelivery; counted and printed);
+- `sourceauth audit verify` exits 0.
+
+The seed is printed; rerun one schedule with SOURCEAUTH_CRASH_SEED=<seed>.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from email import message_from_bytes
+from email.utils import make_msgid
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from adapters.config import load_config
+from adapters.runtime import build_engine
+from adapters.smtp.sink import Received, Sink
+from tests.integration.smtp_harness import free_port
+
+pytestmark = pytest.mark.timeout(240)
+
+REPO = Path(__file__).resolve().parents[2]
+SEED = int(os.environ.get("SOURCEAUTH_CRASH_SEED", "20261128"))
+CLIENTS = 4
+MAX_MESSAGES = 360  # accepted client messages (confirm replies come on top)
+KILLS = 3
+LOAD_DEADLINE = 45.0  # seconds of load at most
+
+PROTECTED = ("bob@example.test", "carol@example.test")
+UNPROTECTED = "dave@other.test"
+STRANGERS = [f"stranger{i}@remote{i % 5}.test" for i in range(30)]
+FRIENDS = [f"friend{i}@known.test" for i in range(8)]
+CONFIRMING = set(STRANGERS[::2])  # these answer their challenge; the others never do
+QUEUED_AS = re.compile(rb"queued as ([0-9A-Za-z_-]+)")
+
+# final state of a copy, from the last event that changes it
+STATE_AFTER = {
+    "Message.Released": "authorized",
+    "Message.DeliveryDeferred": "authorized",
+    "Message.Delivered": "delivered",
+    "Message.DeliveryFailed": "failed",
+    "Message.Expired": "expired",
+    "Message.Purged": "purged",
+    "Message.Discarded": "discarded",
+}
+FIRST_STATE = {"accept": "authorized", "challenge": "challenged", "hold": "held"}
+SETTLED = {"delivered", "challenged", "held", "failed", "expired", "purged", "discarded"}
+
+
+@dataclass
+class Accepted:
+    receipt_id: str
+    attempt: str
+    mail_from: str
+    rcpts: tuple[str, ...]
+    kind: str
+
+
+class Server:
+    """`python -m adapters.cli serve --config FILE` as a subprocess that can be SIGKILLed."""
+
+    def __init__(self, config: Path, port: int, log: Path) -> None:
+        self.config = config
+        self.port = port
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        with self.log.open("ab") as err:
+            err.write(f"--- start {self.starts}\n".encode())
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "adapters.cli", "serve", "--config", str(self.config)],
+                cwd=REPO,
+                stdout=err,
+                stderr=err,
+            )
+        self.starts += 1
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"serve exited {self.proc.returncode}: {self.tail()}"
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    if s.recv(64).startswith(b"220"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"serve did not listen within 30s: {self.tail()}")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+def cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "adapters.cli", *args, "--config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write_config(tmp: Path, port: int, relay: Sink, next_hop: Sink) -> Path:
+    path = tmp / "sourceauth.toml"
+    path.write_text(
+        f"""
+[server]
+listen = "127.0.0.1:{port}"
+hostname = "mx.example.test"
+data_dir = "{tmp / "var"}"
+
+[policy]
+protected = ["example.test"]
+
+[challenge]
+relay = "{relay.url}"
+confirm_address = "confirm@example.test"
+bounce_address = "bounces@example.test"
+retry_initial = "1s"
+retry_max = "2s"
+
+[delivery]
+next_hop = "{next_hop.url}"
+retry_initial = "1s"
+retry_max = "2s"
+
+[limits]
+challenges_per_domain_per_hour = 100000
+challenges_per_hour = 100000
+
+[maintenance]
+interval = "2s"
+
+[logging]
+format = "json"
+level = "warning"
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def raw_message(mail_from: str, rcpts: tuple[str, ...], attempt: str, subject: str) -> bytes:
+    body = "".join(f"line {i} of a modest body for {attempt}\r\n" for i in range(30))
+    head = [
+        f"From: <{mail_from}>",
+        f"To: {', '.join(rcpts)}",
+        f"Subject: {subject}",
+        f"Message-ID: {make_msgid(domain='client.test')}",
+        "Date: Sat, 28 Nov 2026 10:00:00 +0000",
+        f"X-Test-Attempt: {attempt}",
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n" + body).encode()
+
+
+def try_send(port: int, mail_from: str, rcpts: tuple[str, ...], raw: bytes) -> str | None:
+    """One SMTP transaction; the receipt id on 250, None on anything temporary."""
+    try:
+        client = smtplib.SMTP("127.0.0.1", port, timeout=15)
+    except OSError:
+        return None
+    receipt: str | None = None
+    try:
+        client.ehlo()
+        if client.mail(mail_from)[0] != 250:
+            return None
+        for r in rcpts:
+            if client.rcpt(r)[0] not in (250, 251):
+                return None
+        code, text = client.data(raw)
+        found = QUEUED_AS.search(text)
+        assert code == 250 and found, f"250 without a receipt id: {code} {text!r}"
+        receipt = found.group(1).decode()
+    except smtplib.SMTPDataError as exc:
+        assert 400 <= exc.smtp_code < 500, f"filter refused accepted-looking mail: {exc}"
+    except (OSError, smtplib.SMTPException):
+        pass
+    finally:
+        try:
+            client.close()
+        except OSError:
+            pass
+    return receipt
+
+
+class Load:
+    """The clients, the confirmer, and what they were told."""
+
+    def __init__(self, port: int, relay: Sink, seed: int) -> None:
+        self.port = port
+        self.relay = relay
+        self.seed = seed
+        self.accepted: list[Accepted] = []
+        self.attempts = 0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.confirmed: set[str] = set()
+        self.errors: list[BaseException] = []
+
+    def quota_left(self) -> bool:
+        with self.lock:
+            return sum(a.kind != "confirm" for a in self.accepted) < MAX_MESSAGES
+
+    def accepted_count(self) -> int:
+        with self.lock:
+            return len(self.accepted)
+
+    def send(self, mail_from: str, rcpts: tuple[str, ...], kind: str, tag: str) -> bool:
+        """Send until accepted; False if the load stopped first."""
+        tries = 0
+        while not self.stop.is_set():
+            tries += 1
+            attempt = f"{tag}.{tries}"
+            with self.lock:
+                self.attempts += 1
+            raw = raw_message(mail_from, rcpts, attempt, f"{kind} {tag}")
+            receipt = try_send(self.port, mail_from, rcpts, raw)
+            if receipt is not None:
+                with self.lock:
+                    self.accepted.append(Accepted(receipt, attempt, mail_from, rcpts, kind))
+                return True
+            time.sleep(0.05)
+        return False
+
+    def client(self, n: int) -> None:
+        rng = random.Random(self.seed * 100 + n)
+        seq = 0
+        try:
+            while not self.stop.is_set() and self.quota_left():
+                seq += 1
+                roll = rng.random()
+                rcpts: tuple[str, ...] = (rng.choice(PROTECTED),)
+                if roll < 0.45:
+                    kind, sender = "stranger", rng.choice(STRANGERS)
+                elif roll < 0.75:
+                    kind, sender = "friend", rng.choice(FRIENDS)
+                elif roll < 0.9:
+                    kind, sender = "mixed", rng.choice(STRANGERS)
+                    rcpts = (rcpts[0], UNPROTECTED)
+                else:
+                    kind, sender = "open", rng.choice(STRANGERS + FRIENDS)
+                    rcpts = (UNPROTECTED,)
+                self.send(sender, rcpts, kind, f"c{n}-{seq}")
+                time.sleep(rng.uniform(0.02, 0.1))
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def confirmer(self) -> None:
+        """Answers the first challenge each confirming stranger gets, as a person would."""
+        try:
+            while not self.stop.is_set():
+                for challenge in list(self.relay.messages):
+                    to = challenge.rcpt_tos[0]
+                    if to not in CONFIRMING or to in self.confirmed:
+                        continue
+                    rcpt = f"confirm+{token_of(challenge)}@example.test"
+                    if self.send(to, (rcpt,), "confirm", f"confirm-{to}"):
+                        self.confirmed.add(to)
+                time.sleep(0.2)
+        except BaseException as exc:
+            self.errors.append(exc)
+
+
+def kill_points(rng: random.Random) -> list[int]:
+    """KILLS acceptance counts, spread over the load, at least 40 apart."""
+    while True:
+        points = sorted(rng.sample(range(30, MAX_MESSAGES - 30), KILLS))
+        if all(b - a >= 40 for a, b in itertools.pairwise(points)):
+            return points
+
+
+def token_of(challenge: Received) -> str:
+    reply_to = message_from_bytes(challenge.data)["Reply-To"]
+    return str(reply_to).strip("<>").split("@")[0].split("+", 1)[1]
+
+
+def read_log(config: Path, out: Path) -> list[dict[str, Any]]:
+    done = cli(config, "audit", "export", "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+
+def test_kill_9_under_load_loses_no_accepted_mail_and_never_duplicates_a_challenge(
+    tmp_path: Path,
+) -> None:
+    rng = random.Random(SEED)
+    print(f"\ncrash-safety seed {SEED} (rerun with SOURCEAUTH_CRASH_SEED={SEED})")
+    started = time.monotonic()
+    with Sink() as relay, Sink() as next_hop:
+        port = free_port()
+        config = write_config(tmp_path, port, relay, next_hop)
+        cfg = load_config(config)
+        app = build_engine(cfg, transports=False)
+        try:
+            for friend in FRIENDS:
+                app.authorize(friend, actor="operator", reason="known correspondent")
+        finally:
+            app.close()
+
+        server = Server(config, port, tmp_path / "serve.log")
+        server.start()
+        load = Load(port, relay, SEED)
+        threads = [threading.Thread(target=load.client, args=(n,)) for n in range(CLIENTS)]
+        threads.append(threading.Thread(target=load.confirmer))
+        for t in threads:
+            t.start()
+
+        kills: list[tuple[float, int]] = []
+        try:
+            for target in kill_points(rng):
+                # a random moment under load: after `target` acceptances, plus a random delay
+                while load.accepted_count() < target and time.monotonic() - started < LOAD_DEADLINE:
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0.0, 0.3))
+                at = load.accepted_count()
+                server.kill()
+                kills.append((round(time.monotonic() - started, 2), at))
+                time.sleep(rng.uniform(0.0, 0.5))  # clients meet a closed port meanwhile
+                server.start()
+            deadline = started + LOAD_DEADLINE
+            while load.quota_left() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.0)  # let the confirmer answer the last challenges
+        finally:
+            load.stop.set()
+            for t in threads:
+                t.join(30)
+        assert not load.errors, load.errors
+        assert server.stop() == 0, server.tail()
+
+        maintained = cli(config, "maintain", "--json")
+        assert maintained.returncode == 0, maintained.stderr
+        report = json.loads(maintained.stdout)
+        time.sleep(0.5)  # the sinks record after they reply
+        events = read_log(config, tmp_path / "log.jsonl")
+        verified = cli(config, "audit", "verify")
+        relay_messages = list(relay.messages)
+        hop_messages = list(next_hop.messages)
+
+    # ---------------------------------------------------------------- nothing accepted is lost
+    accepted = load.accepted
+    assert len(kills) == KILLS, f"load ended before {KILLS} kills: {kills}"
+    assert len({a.receipt_id for a in accepted}) == len(accepted)
+    copies: dict[str, dict[str, Any]] = {}
+    by_receipt: dict[str, list[str]] = defaultdict(list)
+    for e in events:
+        f = e["fields"]
+        if e["event"] == "Message.Received":
+            copies[e["aggregate_id"]] = {
+                "receipt_id": f["receipt_id"],
+                "recipients": tuple(f["recipients"]),
+                "state": FIRST_STATE.get(f["trigger"], "discarded"),
+                "reason": f["reason"],
+            }
+            by_receipt[f["receipt_id"]].append(e["aggregate_id"])
+        elif e["event"] in STATE_AFTER:
+            copy = copies[e["aggregate_id"]]
+            copy["state"] = STATE_AFTER[e["event"]]
+            copy["reason"] = f.get("reason") or f.get("next_hop") or copy["reason"]
+    missing = [a for a in accepted if a.receipt_id not in by_receipt]
+    assert not missing, f"{len(missing)} accepted messages not in the log: {missing[:5]}"
+    for a in accepted:
+        got = sorted(r for mid in by_receipt[a.receipt_id] for r in copies[mid]["recipients"])
+        want = sorted(a.rcpts)
+        assert got == want, f"{a.receipt_id}: copies cover {got}, the client sent to {want}"
+        for mid in by_receipt[a.receipt_id]:
+            copy = copies[mid]
+            assert copy["state"] in SETTLED, f"{a.kind} {a.receipt_id} copy {mid}: {copy}"
+            assert copy["reason"], f"{a.kind} {a.receipt_id} copy {mid} has no reason"
+
+    # every copy recorded as delivered reached the next hop under its own id
+    arrivals: Counter[str] = Counter()
+    ids_per_copy: dict[tuple[str, tuple[str, ...]], set[str]] = defaultdict(set)
+    for m in hop_messages:
+        parsed = message_from_bytes(m.data)
+        sid = UUID(str(parsed["X-SourceAuth-Id"]).strip()).hex
+        arrivals[sid] += 1
+        ids_per_copy[(str(parsed["X-Test-Attempt"]), tuple(sorted(m.rcpt_tos)))].add(sid)
+    delivered = {mid for mid, c in copies.items() if c["state"] == "delivered"}
+    assert delivered <= set(arrivals), (
+        f"recorded delivered, never arrived: {delivered - set(arrivals)}"
+    )
+    assert set(arrivals) <= set(copies), "the next hop got a copy the log does not know"
+    split = {k: v for k, v in ids_per_copy.items() if len(v) > 1}
+    assert not split, f"one copy delivered under several X-SourceAuth-Ids: {split}"
+    redelivered = sum(n - 1 for n in arrivals.values())
+
+    # ---------------------------------------------------------------- no duplicate challenges
+    tokens: dict[str, set[str]] = defaultdict(set)
+    for c in relay_messages:
+        tokens[c.rcpt_tos[0]].add(token_of(c))
+    assert all(len(t) == 1 for t in tokens.values()), {
+        s: t for s, t in tokens.items() if len(t) > 1
+    }
+    challenged_in_log: Counter[str] = Counter()
+    addresses: dict[str, str] = {}
+    for e in events:
+        f = e["fields"]
+        if e["event"] == "Sender.Registered":
+            addresses[e["aggregate_id"]] = f["address"]
+        if (e["event"] == "Sender.Registered" and f["trigger"] == "challenge") or e[
+            "event"
+        ] == "Sender.Challenged":
+            challenged_in_log[addresses[e["aggregate_id"]]] += 1
+    assert set(challenged_in_log.values()) <= {1}, challenged_in_log
+    assert set(tokens) == set(challenged_in_log), "a recorded challenge never left, or vice versa"
+    resent = len(relay_messages) - len(tokens)
+
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    states = Counter(c["state"] for c in copies.values())
+    kinds = Counter(a.kind for a in accepted)
+    print(
+        f"accepted {len(accepted)} messages ({dict(kinds)}) in {load.attempts} attempts; "
+        f"kills at (s, accepted so far) {kills}; server starts {server.starts}\n"
+        f"copies {dict(states)}; challenges: {len(tokens)} senders, {len(relay_messages)} sent, "
+        f"{resent} resent with the same token; next hop: {len(hop_messages)} arrivals, "
+        f"{redelivered} redelivered with the same X-SourceAuth-Id; "
+        f"final maintain {report}; {verified.stdout.strip()}; "
+        f"took {time.monotonic() - started:.1f}s"
+    )
