@@ -300,7 +300,8 @@ class SourceAuth(Application[UUID]):
         now = self.clock()
         s = self.settings
         sender = "" if is_null_sender(incoming.mail_from) else normalize_address(incoming.mail_from)
-        recipients = [normalize_address(r) for r in incoming.recipients]
+        # A recipient named twice (in any case) gets one copy.
+        recipients = list(dict.fromkeys(normalize_address(r) for r in incoming.recipients))
         decisions: list[RecipientDecision] = []
         deliver_now: list[tuple[str, str]] = []
         held: dict[UUID, list[str]] = {}
@@ -312,7 +313,13 @@ class SourceAuth(Application[UUID]):
         confirm_base = normalize_address(s.confirm_address)
         bounce_base = normalize_address(s.bounce_address)
 
-        for rcpt in recipients:
+        confirm_first = sorted(  # replies and reports first: a "reply all" confirms, then delivers
+            recipients,
+            key=lambda r: (
+                split_extension(r, s.recipient_delimiter)[0] not in (confirm_base, bounce_base)
+            ),
+        )
+        for rcpt in confirm_first:
             base, token = split_extension(rcpt, s.recipient_delimiter)
             if base == confirm_base:
                 reason = self._confirm_reply(unit, sender, incoming.headers, token, now)
@@ -1022,6 +1029,13 @@ class SourceAuth(Application[UUID]):
             report.purged += self._each(report, functools.partial(self._purge, mid, now))
         with self._lock:
             self.views.catch_up(self._observe)
+        if dispatch:
+            report.challenges_sent, report.challenges_deferred, f1 = self.dispatch_challenges()
+            report.challenges_failed += f1
+            report.delivered, report.deliveries_deferred, report.deliveries_failed = (
+                self.dispatch_deliveries()
+            )
+        # Last: originals whose every copy is done (delivered in this very pass included).
         if self.blobs is not None:
             for receipt_id in self._drain(lambda: self.views.blobs_unreferenced(BATCH_LIMIT)):
                 with self._lock:
@@ -1029,12 +1043,6 @@ class SourceAuth(Application[UUID]):
                         if self.blobs.delete(receipt_id):
                             report.blobs_collected += 1
                         self.views.mark_blob_collected(receipt_id)
-        if dispatch:
-            report.challenges_sent, report.challenges_deferred, f1 = self.dispatch_challenges()
-            report.challenges_failed += f1
-            report.delivered, report.deliveries_deferred, report.deliveries_failed = (
-                self.dispatch_deliveries()
-            )
         with self._lock:
             self.views.catch_up(self._observe)
         log.info("maintenance_done", **report.as_dict())

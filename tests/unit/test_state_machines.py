@@ -101,10 +101,6 @@ def _pairs(spec: StateMachineSpec) -> Iterator[tuple[str, str]]:
     return itertools.product(spec.states, spec.triggers())
 
 
-def _id(pair: tuple[str, str]) -> str:
-    return f"{pair[0]}-{pair[1]}"
-
-
 SENDER_PAIRS = [("sender", s, t) for s, t in _pairs(SENDER)]
 MESSAGE_PAIRS = [("message", s, t) for s, t in _pairs(MESSAGE)]
 ALL_PAIRS = SENDER_PAIRS + MESSAGE_PAIRS
