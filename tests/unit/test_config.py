@@ -75,7 +75,7 @@ challenges_per_hour = 1000
 held_per_recipient = 100000
 max_message_size = "25MB"
 max_recipients = 100
-"""  # noqa: E501
+"""
 
 
 def write_config(directory: Path, text: str, name: str = "sourceauth.toml") -> Path:
