@@ -76,7 +76,11 @@ class StateMachineSpec:
             graph_engine="mermaid",
             title=f"{self.name} state machine",
         )
-        return str(graph.get_graph().draw(None))
+        text = str(graph.get_graph().draw(None))
+        lines = text.split("\n")
+        if len(lines) > 2 and lines[0] == "---" and ":" not in lines[1]:
+            lines[1] = f"title: {lines[1]}"  # Mermaid front matter wants a key
+        return "\n".join(lines)
 
 
 def _load(path: Path) -> StateMachineSpec:
