@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import structlog
 
 from adapters.config import Config, engine_settings, load_or_create_keyring
@@ -28,20 +29,25 @@ log = structlog.get_logger(__name__)
 
 
 def configure_logging(fmt: str = "json", level: str = "info", stream: Any = None) -> None:
-    """structlog: JSON lines in production, a console renderer for people; never print."""
+    """structlog: JSON lines (orjson, bytes straight to the stream) in production, a console
+    renderer for people; never print."""
     lvl = getattr(logging, level.upper(), logging.INFO)
     processors: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    out = stream or sys.stderr
+    factory: Any
     if fmt == "json":
-        processors.append(structlog.processors.JSONRenderer())
+        processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps))
+        factory = structlog.BytesLoggerFactory(file=getattr(out, "buffer", out))
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=False))
+        factory = structlog.PrintLoggerFactory(file=out)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
 

@@ -19,7 +19,8 @@ from uuid import UUID
 
 import structlog
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
-from eventsourcing.domain import Aggregate
+from eventsourcing.domain import Aggregate, DomainEvent
+from eventsourcing.utils import get_topic
 from eventsourcing.persistence import ApplicationRecorder, IntegrityError, Mapper, Recording
 
 from engine import tokens
@@ -60,6 +61,7 @@ from engine.sender import Sender
 from engine.settings import EngineSettings
 
 log = structlog.get_logger(__name__)
+MESSAGE_TOPIC = get_topic(Message)
 
 T = TypeVar("T")
 ENGINE = "engine"
@@ -93,10 +95,10 @@ class _Batch:
 
     def __init__(self) -> None:
         self.senders: dict[UUID, Sender] = {}
-        self.messages: list[Aggregate] = []
+        self.messages: list[Aggregate | Message.Received] = []  # new copies, in decision order
         self.absent: set[UUID] = set()  # senders known not to exist (no read needed)
 
-    def aggregates(self) -> list[Aggregate]:
+    def aggregates(self) -> list[Any]:
         return [*self.senders.values(), *self.messages]
 
 
@@ -142,12 +144,15 @@ class SourceAuth(Application[UUID]):
     def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
         """eventsourcing's save, without its per-object runtime Protocol checks (they cost
         more than encoding the event): everything this service saves is one of its aggregates."""
-        if kwargs or not all(isinstance(o, Aggregate) for o in objs):
+        if kwargs or not all(isinstance(o, (Aggregate, DomainEvent)) for o in objs):
             return super().save(*objs, **kwargs)
         processing: ProcessingEvent[UUID] = ProcessingEvent()
-        for aggregate in objs:
-            processing.events.extend(aggregate.collect_events())
-            processing.aggregates[aggregate.id] = aggregate
+        for obj in objs:
+            if isinstance(obj, DomainEvent):
+                processing.events.append(obj)
+                continue
+            processing.events.extend(obj.collect_events())
+            processing.aggregates[obj.id] = obj
         recordings = self._record(processing)
         self._notify(recordings)
         return recordings
@@ -332,11 +337,6 @@ class SourceAuth(Application[UUID]):
             if not is_protected(rcpt, s.protected, s.recipient_delimiter):
                 deliver_now.append((rcpt, "recipient_unprotected"))
                 continue
-            if not exemption_checked:
-                exemption = classify(
-                    incoming.mail_from, incoming.headers, spam_headers=s.spam_headers
-                )
-                exemption_checked = True
             sender_obj: Sender | None = None
             sid: UUID | None = None
             if sender:
@@ -348,6 +348,11 @@ class SourceAuth(Application[UUID]):
                 if sender_obj is not None and sender_obj.state == "authorized":
                     deliver_now.append((rcpt, "sender_authorized"))
                     continue
+            if not exemption_checked:  # only for mail that would otherwise be challenged
+                exemption = classify(
+                    incoming.mail_from, incoming.headers, spam_headers=s.spam_headers
+                )
+                exemption_checked = True
             if exemption is not None:
                 action = s.exemptions.get(exemption.exemption, ExemptAction.HOLD)
                 reason = f"never_challenge:{exemption.exemption.value}: {exemption.detail}"
@@ -365,9 +370,7 @@ class SourceAuth(Application[UUID]):
             rcpts: list[str], trigger: str, reason: str, sender_id: str, expires: float
         ) -> UUID:
             mid = uuid.uuid4()
-            msg = Message._create(
-                Message.Received,
-                id=mid,
+            fields = dict(
                 timestamp=_ts(now),
                 receipt_id=incoming.blob.key,
                 size=incoming.blob.size,
@@ -382,7 +385,19 @@ class SourceAuth(Application[UUID]):
                 reason=reason,
                 expires_at=expires,
             )
-            unit.messages.append(msg)
+            if trigger in ("accept", "discard"):
+                # Nothing else in this unit touches such a copy: record the event alone and
+                # skip building an aggregate object nobody reads (the hot path).
+                unit.messages.append(
+                    Message.Received(
+                        originator_id=mid,
+                        originator_version=1,
+                        originator_topic=MESSAGE_TOPIC,
+                        **fields,  # type: ignore[arg-type]
+                    )
+                )
+            else:
+                unit.messages.append(Message._create(Message.Received, id=mid, **fields))
             return mid
 
         if deliver_now:
@@ -583,8 +598,10 @@ class SourceAuth(Application[UUID]):
         self.views.catch_up(self._observe)
         seen: set[UUID] = set()
         for agg in list(unit.messages):
+            if not isinstance(agg, Message):
+                continue  # a copy recorded as a bare event is never held
             seen.add(agg.id)
-            if isinstance(agg, Message) and agg.sender_id == sender_id_hex and agg.state in states:
+            if agg.sender_id == sender_id_hex and agg.state in states:
                 yield agg
         for mid in self.views.held_of_sender(sender_id_hex):
             uid = UUID(mid)
