@@ -20,8 +20,8 @@ from uuid import UUID
 import structlog
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.domain import Aggregate, DomainEvent
-from eventsourcing.utils import get_topic
 from eventsourcing.persistence import ApplicationRecorder, IntegrityError, Mapper, Recording
+from eventsourcing.utils import get_topic
 
 from engine import tokens
 from engine.addresses import AddressError, is_null_sender, normalize_address, split_extension
@@ -385,19 +385,16 @@ class SourceAuth(Application[UUID]):
                 reason=reason,
                 expires_at=expires,
             )
-            if trigger in ("accept", "discard"):
-                # Nothing else in this unit touches such a copy: record the event alone and
-                # skip building an aggregate object nobody reads (the hot path).
-                unit.messages.append(
-                    Message.Received(
-                        originator_id=mid,
-                        originator_version=1,
-                        originator_topic=MESSAGE_TOPIC,
-                        **fields,  # type: ignore[arg-type]
-                    )
+            # Record the event alone and skip building an aggregate object nobody may read
+            # (the hot path); _held_of builds one if a later input in this unit needs it.
+            unit.messages.append(
+                Message.Received(
+                    originator_id=mid,
+                    originator_version=1,
+                    originator_topic=MESSAGE_TOPIC,
+                    **fields,  # type: ignore[arg-type]
                 )
-            else:
-                unit.messages.append(Message._create(Message.Received, id=mid, **fields))
+            )
             return mid
 
         if deliver_now:
@@ -597,12 +594,22 @@ class SourceAuth(Application[UUID]):
         ones decided earlier in this same unit of work."""
         self.views.catch_up(self._observe)
         seen: set[UUID] = set()
-        for agg in list(unit.messages):
-            if not isinstance(agg, Message):
-                continue  # a copy recorded as a bare event is never held
-            seen.add(agg.id)
-            if agg.sender_id == sender_id_hex and agg.state in states:
-                yield agg
+        for index, item in enumerate(list(unit.messages)):
+            if isinstance(item, Message.Received):
+                seen.add(item.originator_id)
+                if item.sender_id != sender_id_hex or item.trigger not in ("challenge", "hold"):
+                    continue
+                # A copy decided earlier in this unit: now it needs its aggregate after all.
+                built = item.mutate(None)
+                assert isinstance(built, Message)
+                built.pending_events.append(item)
+                unit.messages[index] = built
+                item = built
+            if not isinstance(item, Message):
+                continue
+            seen.add(item.id)
+            if item.sender_id == sender_id_hex and item.state in states:
+                yield item
         for mid in self.views.held_of_sender(sender_id_hex):
             uid = UUID(mid)
             if uid in seen:
