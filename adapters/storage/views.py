@@ -16,6 +16,7 @@ from uuid import UUID
 import structlog
 from eventsourcing.persistence import ApplicationRecorder, Mapper
 
+from adapters.storage.fold import MemoryTables
 from engine import projections as p
 from engine.api import ChallengeRow, DeliveryRow, HeldMessage, SenderView
 
@@ -25,6 +26,7 @@ TRACKING = "sa_tracking"
 BLOB_GC = "sa_blob_gc"
 TRACKING_NAME = "views"
 PAGE = 2000
+REBUILD_PAGE = 10000
 
 
 class Cursor(Protocol):
@@ -185,14 +187,52 @@ class SqlViews:
         self.projector = p.Projector(self._current_challenge)
 
     def rebuild(self) -> int:
-        """Drop every view and replay the whole log into it; returns the events applied."""
-        self.drop_tables()
-        # Secondary indexes are built once at the end: faster than maintaining them row by row.
-        self.create_tables(indexes=False)
-        applied = self.catch_up()
+        """Drop every view and replay the whole log into it; returns the events applied.
+
+        The log is folded into rows in memory first (no lock held, the old views keep
+        serving), then one transaction swaps in the new tables with their tracking position,
+        and an incremental catch-up applies whatever was recorded meanwhile."""
+        memory = MemoryTables()
+        projector = p.Projector(memory.current_challenge)
+        position = 0
+        applied = 0
+        while True:
+            page = self.recorder.select_notifications(
+                start=position, limit=REBUILD_PAGE, inclusive_of_start=False
+            )
+            if not page:
+                break
+            to_domain_event = self.mapper.to_domain_event
+            apply = memory.apply
+            for n in page:
+                for op in projector.ops(to_domain_event(n)):
+                    apply(op)
+            position = page[-1].id
+            applied += len(page)
+            if len(page) < REBUILD_PAGE:
+                break
         with self._tx(write=True) as cur:
-            self._create_indexes(cur)
-        return applied
+            self._x(cur, self.dialect.lock_tracking(), (TRACKING_NAME,))
+            for table, columns in p.TABLES.items():
+                self._x(cur, f"DROP TABLE IF EXISTS {table}")
+                cols = ", ".join(f"{c} {self.dialect.types[k]}" for c, k in columns)
+                self._x(cur, f"CREATE TABLE {table} ({cols}, PRIMARY KEY ({columns[0][0]}))")
+                rows = memory.rows(table)
+                if rows:
+                    marks = ", ".join("?" * len(columns))
+                    names = ", ".join(c for c, _ in columns)
+                    cur.executemany(
+                        self.dialect.sql(f"INSERT INTO {table} ({names}) VALUES ({marks})"), rows
+                    )
+            self._create_indexes(cur)  # built once, after the rows: faster than row by row
+            self._x(
+                cur,
+                f"INSERT INTO {TRACKING} (name, position) VALUES (?, ?) "
+                f"ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+                (TRACKING_NAME, position),
+            )
+        self.projector = p.Projector(self._current_challenge)
+        return applied + self.catch_up()
 
     def position(self) -> int:
         rows = self._rows(f"SELECT position FROM {TRACKING} WHERE name = ?", (TRACKING_NAME,))
@@ -507,7 +547,7 @@ class SqlViews:
     def senders(
         self, *, state: str | None = None, address: str | None = None, limit: int | None = None
     ) -> list[SenderView]:
-        where, params = ["1 = 1"], []
+        where, params = ["1 = 1"], list[Any]()
         if state:
             where.append("state = ?")
             params.append(state)
@@ -552,7 +592,7 @@ class SqlViews:
     def quarantine(
         self, *, state: str | None = None, sender: str | None = None, limit: int | None = None
     ) -> list[HeldMessage]:
-        where, params = ["1 = 1"], []
+        where, params = ["1 = 1"], list[Any]()
         if state:
             where.append("state = ?")
             params.append(state)
