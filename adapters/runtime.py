@@ -116,10 +116,13 @@ def build_engine(
 class Worker:
     """A thread that runs `step` whenever woken, and at least every `interval` seconds."""
 
-    def __init__(self, name: str, step: Callable[[], object], interval: float) -> None:
+    def __init__(
+        self, name: str, step: Callable[[], object], interval: float, min_gap: float = 0.0
+    ) -> None:
         self.name = name
         self.step = step
         self.interval = interval
+        self.min_gap = min_gap  # lets work pile up into batches under load
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"sourceauth-{name}", daemon=True)
@@ -142,6 +145,8 @@ class Worker:
                 self.step()
             except Exception as exc:
                 log.error("worker_step_failed", worker=self.name, error=str(exc))
+            if self.min_gap:
+                self.stopping.wait(self.min_gap)
 
 
 class Filter:
@@ -153,8 +158,8 @@ class Filter:
         self.cfg = cfg
         self.app = app or build_engine(cfg, clock=clock)
         assert self.app.blobs is not None and isinstance(self.app.blobs, FileBlobStore)
-        self.challenges = Worker("challenges", self.app.dispatch_challenges, 1.0)
-        self.deliveries = Worker("deliveries", self.app.dispatch_deliveries, 1.0)
+        self.challenges = Worker("challenges", self.app.dispatch_challenges, 1.0, min_gap=0.05)
+        self.deliveries = Worker("deliveries", self.app.dispatch_deliveries, 1.0, min_gap=0.05)
         self.maintenance = Worker(
             "maintenance", lambda: self.app.maintain(dispatch=False), cfg.maintenance.interval
         )

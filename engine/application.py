@@ -33,6 +33,7 @@ from engine.api import (
     ConfirmResult,
     Decision,
     DeliveryJob,
+    DeliveryResult,
     DeliveryTransport,
     FailureResult,
     Headers,
@@ -45,6 +46,7 @@ from engine.api import (
     RecipientDecision,
     SenderView,
     SendOutcome,
+    SendResult,
     ViewStore,
 )
 from engine.errors import IllegalTransition, InvalidInput, NotFound, TemporaryFailure
@@ -67,6 +69,7 @@ T = TypeVar("T")
 ENGINE = "engine"
 MAX_CONFLICT_RETRIES = 8
 SENDER_CACHE_SIZE = 20_000
+SENDER_CACHE_TTL = 2.0  # seconds a cached sender is trusted before a check for newer events
 BATCH_LIMIT = 500
 
 
@@ -134,6 +137,7 @@ class SourceAuth(Application[UUID]):
         self._lock = threading.RLock()
         self._senders: OrderedDict[UUID, Sender] = OrderedDict()
         self._sender_ids: dict[tuple[str, str], UUID] = {}
+        self._checked: dict[UUID, float] = {}  # when each cached sender was last read from the log
         self._in_flight: set[str] = set()
         self.limiter = ChallengeRateLimiter(settings.limits)
         now = clock()
@@ -198,13 +202,21 @@ class SourceAuth(Application[UUID]):
             self._remember(cached)
         else:
             self._senders.move_to_end(sender_id)
+            now = time.monotonic()
+            if now - self._checked.get(sender_id, 0.0) > SENDER_CACHE_TTL:
+                # Another process or node may have moved this sender on: bounded staleness.
+                for event in self.events.get(sender_id, gt=cached.version):
+                    event.mutate(cached)  # type: ignore[attr-defined]
+                self._checked[sender_id] = now
         return cached
 
     def _remember(self, sender: Sender) -> None:
         self._senders[sender.id] = sender
         self._senders.move_to_end(sender.id)
+        self._checked[sender.id] = time.monotonic()
         while len(self._senders) > SENDER_CACHE_SIZE:
-            self._senders.popitem(last=False)
+            evicted, _ = self._senders.popitem(last=False)
+            self._checked.pop(evicted, None)
 
     def _commit(self, batch: _Batch) -> None:
         aggregates = batch.aggregates()
@@ -229,6 +241,10 @@ class SourceAuth(Application[UUID]):
                 except IntegrityError:
                     log.info("concurrency_conflict", use_case=what, attempt=attempt)
                     self.views.catch_up(self._observe)
+                except BaseException:
+                    # A unit that failed half-way may have moved cached senders ahead of the log.
+                    self._senders.clear()
+                    raise
         raise TemporaryFailure(f"{what}: too much contention, try again later")
 
     # ----------------------------------------------------------------- receive
@@ -827,7 +843,8 @@ class SourceAuth(Application[UUID]):
     # ----------------------------------------------------------------- queues
 
     def dispatch_challenges(self, limit: int = BATCH_LIMIT) -> tuple[int, int, int]:
-        """Send due challenges through the transport; returns (sent, deferred, failed)."""
+        """Send due challenges through the transport, then record every outcome in one
+        transaction; returns (sent, deferred, failed)."""
         if self.challenge_transport is None:
             return (0, 0, 0)
         with self._lock:
@@ -838,24 +855,19 @@ class SourceAuth(Application[UUID]):
                 if r.challenge_id not in self._in_flight
             ]
             self._in_flight.update(r.challenge_id for r in due)
-        sent = deferred = failed = 0
         try:
-            for row in due:
-                outcome = self._send_one(row)
-                sent += outcome == "sent"
-                deferred += outcome == "deferred"
-                failed += outcome == "failed"
+            results = [(row, self._send(row)) for row in due]  # network I/O, outside the lock
+            outcomes = self._retrying("challenge_send", lambda: self._record_sends(results))
         finally:
             with self._lock:
                 self._in_flight.difference_update(r.challenge_id for r in due)
-        return sent, deferred, failed
+        return outcomes.count("sent"), outcomes.count("deferred"), outcomes.count("failed")
 
-    def _send_one(self, row: ChallengeRow) -> str:
+    def _send(self, row: ChallengeRow) -> SendResult:
         assert self.challenge_transport is not None
-        token = self._mint_with(row)
         challenge = OutgoingChallenge(
             challenge_id=row.challenge_id,
-            token=token,
+            token=self._mint_with(row),
             to=row.address,
             scope=row.scope,
             expires_at=row.expires,
@@ -863,18 +875,21 @@ class SourceAuth(Application[UUID]):
             in_reply_to=row.in_reply_to,
             recipient=row.recipient,
         )
-        result = self.challenge_transport.send(challenge)
+        return self.challenge_transport.send(challenge)
 
-        def work() -> str:
-            now = self.clock()
-            unit = _Batch()
+    def _record_sends(self, results: list[tuple[ChallengeRow, SendResult]]) -> list[str]:
+        now = self.clock()
+        unit = _Batch()
+        outcomes: list[str] = []
+        for row, result in results:
             sender = self._load_sender(unit, UUID(row.sender_id))
             if (
                 sender is None
                 or sender.challenge_id != row.challenge_id
                 or not sender.challenge_pending
             ):
-                return "stale"
+                outcomes.append("stale")
+                continue
             unit.senders[sender.id] = sender
             attempt = sender.attempts + 1
             if result.outcome == SendOutcome.SENT:
@@ -904,16 +919,15 @@ class SourceAuth(Application[UUID]):
                     next_attempt_at=now + delay,
                 )
                 outcome = "deferred"
-            self._commit(unit)
+            outcomes.append(outcome)
             log.info(
                 "challenge_" + outcome,
                 sender=row.address,
                 challenge_id=row.challenge_id,
                 diagnostic=result.diagnostic[:200],
             )
-            return outcome
-
-        return self._retrying("challenge_send", work)
+        self._commit(unit)
+        return outcomes
 
     def _mint_with(self, row: ChallengeRow) -> str:
         # A resend after a key rotation keeps the key it was first minted with: same token.
@@ -942,7 +956,8 @@ class SourceAuth(Application[UUID]):
         return self._mint_with(row)
 
     def dispatch_deliveries(self, limit: int = BATCH_LIMIT) -> tuple[int, int, int]:
-        """Hand due message copies to the next hop; returns (delivered, deferred, failed)."""
+        """Hand due message copies to the next hop, then record every outcome in one
+        transaction; returns (delivered, deferred, failed)."""
         if self.delivery_transport is None:
             return (0, 0, 0)
         with self._lock:
@@ -953,35 +968,35 @@ class SourceAuth(Application[UUID]):
                 if r.message_id not in self._in_flight
             ]
             self._in_flight.update(r.message_id for r in due)
-        counts = {"delivered": 0, "deferred": 0, "failed": 0, "stale": 0}
+            copies = [self._load_message(UUID(r.message_id)) for r in due]
         try:
-            for row in due:
-                counts[self._deliver_one(row.message_id)] += 1
+            results: list[tuple[UUID, DeliveryResult]] = []
+            for msg in copies:  # network and disk I/O, outside the lock
+                if msg is None or msg.state != "authorized" or not msg.pending:
+                    continue
+                job = DeliveryJob(
+                    message_id=msg.id.hex,
+                    receipt_id=msg.receipt_id,
+                    sha256=msg.sha256,
+                    mail_from=msg.sender,
+                    recipients=tuple(msg.pending),
+                )
+                results.append((msg.id, self.delivery_transport.deliver(job)))
+            outcomes = self._retrying("deliver", lambda: self._record_deliveries(results))
         finally:
             with self._lock:
                 self._in_flight.difference_update(r.message_id for r in due)
-        return counts["delivered"], counts["deferred"], counts["failed"]
+        return outcomes.count("delivered"), outcomes.count("deferred"), outcomes.count("failed")
 
-    def _deliver_one(self, message_id: str) -> str:
-        assert self.delivery_transport is not None
-        with self._lock:
-            msg = self._load_message(UUID(message_id))
-        if msg is None or msg.state != "authorized" or not msg.pending:
-            return "stale"
-        job = DeliveryJob(
-            message_id=message_id,
-            receipt_id=msg.receipt_id,
-            sha256=msg.sha256,
-            mail_from=msg.sender,
-            recipients=tuple(msg.pending),
-        )
-        result = self.delivery_transport.deliver(job)
-
-        def work() -> str:
-            now = self.clock()
-            current = self._load_message(UUID(message_id))
+    def _record_deliveries(self, results: list[tuple[UUID, DeliveryResult]]) -> list[str]:
+        now = self.clock()
+        unit = _Batch()
+        outcomes: list[str] = []
+        for message_id, result in results:
+            current = self._load_message(message_id)
             if current is None or current.state != "authorized":
-                return "stale"
+                outcomes.append("stale")
+                continue
             attempt = current.attempts + 1
             gave_up = now - current.created_on.timestamp() >= self.settings.delivery_give_up_after
             if result.temporary and not gave_up:
@@ -1020,16 +1035,16 @@ class SourceAuth(Application[UUID]):
                     diagnostic=result.diagnostic[:500],
                 )
                 outcome = "failed"
-            self.save(current)
+            unit.messages.append(current)
+            outcomes.append(outcome)
             log.info(
                 "message_" + outcome,
-                message_id=message_id,
+                message_id=message_id.hex,
                 next_hop=result.next_hop,
                 diagnostic=result.diagnostic[:200],
             )
-            return outcome
-
-        return self._retrying("deliver", work)
+        self._commit(unit)
+        return outcomes
 
     # ----------------------------------------------------------------- maintenance
 
@@ -1189,15 +1204,16 @@ class SourceAuth(Application[UUID]):
             return False
         if not is_protected(rcpt, s.protected, s.recipient_delimiter):
             return False
-        if not is_null_sender(mail_from):
+        if self.views.held_count(rcpt) < s.held_per_recipient:
+            return False
+        if not is_null_sender(mail_from):  # only near the limit: is this sender let through?
             try:
                 sender = self.sender(mail_from, self.scope_for(rcpt))
             except InvalidInput:
                 return False
             if sender.state == "authorized":
                 return False
-        with self._lock:
-            return self.views.held_count(rcpt) >= s.held_per_recipient
+        return True
 
     def whitelist(self, *, state: str | None = None, limit: int | None = None) -> list[SenderView]:
         with self._lock:

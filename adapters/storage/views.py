@@ -246,6 +246,9 @@ class SqlViews:
         applied = 0
         while True:
             with self._tx(write=True) as cur:
+                # Another process or node may have advanced the views since: nothing the
+                # projector remembered from an earlier transaction can be trusted now.
+                self.projector = p.Projector(self._current_challenge)
                 row = self._x(cur, self.dialect.lock_tracking(), (TRACKING_NAME,)).fetchone()
                 position = int(row[0]) if row else 0
                 notifications = self.recorder.select_notifications(
