@@ -12,6 +12,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -171,14 +172,15 @@ class FileBlobStore:
                     continue
                 if self._ensure_fanout(final.parent):
                     dirty.add(self.root)
-                staged.append((self._write_temp(key, data), final))
+                staged.append((self._write_temp(key, data, sync=False), final))
+            if self.fsync:
+                _fsync_all([tmp for tmp, _ in staged])
             for tmp, final in staged:
                 os.replace(tmp, final)
                 created.append(final)
                 dirty.add(final.parent)
             if self.fsync:
-                for directory in dirty:
-                    self._fsync_dir(directory)
+                _fsync_all(sorted(dirty), directory=True)
         except BaseException as exc:
             for tmp, _ in staged[len(created) :]:
                 _unlink_quietly(tmp)
@@ -215,14 +217,14 @@ class FileBlobStore:
             return False
         return True
 
-    def _write_temp(self, key: str, data: bytes) -> Path:
+    def _write_temp(self, key: str, data: bytes, *, sync: bool = True) -> Path:
         tmp = self._tmp / f"{key}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            if self.fsync:
+            if self.fsync and sync:
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -328,3 +330,24 @@ class FileBlobStore:
                 yield from found
         except OSError as exc:
             raise _store_error(exc, f"cannot list blob store {self.root}") from exc
+
+
+_FSYNC_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="blob-fsync")
+
+
+def _fsync_path(path: Path, directory: bool) -> None:
+    fd = os.open(path, (os.O_RDONLY | os.O_DIRECTORY) if directory else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_all(paths: Sequence[Path], *, directory: bool = False) -> None:
+    """fsync several files (or directories) at once: the file system commits them together,
+    so a batch costs about one journal commit instead of one per file."""
+    if len(paths) == 1:
+        _fsync_path(paths[0], directory)
+        return
+    for future in [_FSYNC_POOL.submit(_fsync_path, p, directory) for p in paths]:
+        future.result()
