@@ -44,6 +44,8 @@ _REQUIREMENTS: tuple[AuthRequirement, ...] = ("spf", "dkim", "spf_or_dkim")
 _LOG_FORMATS: tuple[LogFormat, ...] = ("json", "console")
 _LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 _SYNCHRONOUS: tuple[SqliteSynchronous, ...] = ("NORMAL", "FULL")
+BlobLocation = Literal["database", "files"]
+_BLOB_LOCATIONS: tuple[BlobLocation, ...] = ("database", "files")
 _RELAY_SCHEMES = ("maildir", "smtp")
 _NEXT_HOP_SCHEMES = ("maildir", "smtp", "lmtp")
 
@@ -104,6 +106,10 @@ class StorageConfig:
     sqlite_synchronous: SqliteSynchronous = "FULL"
     group_commit_max: int = 256
     group_commit_wait_ms: float = 2.0
+    # Where message originals live: "database" (SQLite only: in the same file and the same
+    # transaction as their events, one fsync per group commit) or "files" (blob_dir).
+    # Default: "database" on SQLite, "files" on PostgreSQL.
+    blobs: BlobLocation | None = None
     # From the URL or SOURCEAUTH_DB_PASSWORD; kept out of repr, str and url.
     pg_password: str | None = field(default=None, repr=False)
     kind: StorageKind = field(init=False)
@@ -129,6 +135,12 @@ class StorageConfig:
             ("pg_schema", parsed.pg_schema),
         ):
             object.__setattr__(self, name, value)
+        if self.blobs is None:
+            object.__setattr__(self, "blobs", "database" if parsed.kind == "sqlite" else "files")
+        elif self.blobs == "database" and parsed.kind != "sqlite":
+            raise ConfigError(
+                'storage.blobs: "database" is only available with SQLite; use "files"'
+            )
 
 
 @dataclass(frozen=True)
@@ -828,6 +840,7 @@ def _build_storage(
         group_commit_wait_ms=table.get(
             "group_commit_wait_ms", _non_negative_number, StorageConfig.group_commit_wait_ms
         ),
+        blobs=table.get("blobs", _choice(_BLOB_LOCATIONS, str.lower), None),
     )
 
 

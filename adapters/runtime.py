@@ -21,7 +21,8 @@ from adapters.smtp.challenge import DEFAULT_BODY_TEMPLATE, DEFAULT_SUBJECT_TEMPL
 from adapters.smtp.inbound import FilterHandler, GroupCommitter, inbound_server_factory
 from adapters.smtp.outbound import ChallengeSender, NextHopDelivery
 from adapters.storage.blobs import FileBlobStore
-from adapters.storage.wiring import Storage, open_engine
+from adapters.storage.dbblobs import DatabaseBlobStore
+from adapters.storage.wiring import Storage, open_blobs, open_engine
 from engine.api import Clock, Receipt
 from engine.application import SourceAuth, system_clock
 
@@ -60,6 +61,7 @@ def storage_of(cfg: Config) -> Storage:
             sqlite_path=st.sqlite_path,
             blob_dir=st.blob_dir,
             sqlite_synchronous=st.sqlite_synchronous,
+            blobs=st.blobs or "",
         )
     return Storage(
         kind="postgresql",
@@ -70,6 +72,7 @@ def storage_of(cfg: Config) -> Storage:
         pg_dbname=st.pg_dbname or "postgres",
         pg_schema=st.pg_schema or "",
         blob_dir=st.blob_dir,
+        blobs="files",
     )
 
 
@@ -86,6 +89,7 @@ def build_engine(
         cfg.challenge, dict(os.environ if environ is None else environ)
     )
     storage = storage_of(cfg)
+    blobs = open_blobs(storage)
     challenges = deliveries = None
     if transports:
         challenges = ChallengeSender(
@@ -100,7 +104,7 @@ def build_engine(
         )
         deliveries = NextHopDelivery(
             next_hop=cfg.delivery.next_hop_endpoint,
-            blobs=FileBlobStore(storage.blob_dir, fsync=storage.blob_fsync),
+            blobs=blobs,
             hostname=cfg.server.hostname,
         )
     return open_engine(
@@ -110,6 +114,7 @@ def build_engine(
         clock=clock,
         challenges=challenges,
         deliveries=deliveries,
+        blobs=blobs,
     )
 
 
@@ -157,7 +162,7 @@ class Filter:
     ) -> None:
         self.cfg = cfg
         self.app = app or build_engine(cfg, clock=clock)
-        assert self.app.blobs is not None and isinstance(self.app.blobs, FileBlobStore)
+        assert isinstance(self.app.blobs, FileBlobStore | DatabaseBlobStore)
         self.challenges = Worker("challenges", self.app.dispatch_challenges, 1.0, min_gap=0.05)
         self.deliveries = Worker("deliveries", self.app.dispatch_deliveries, 1.0, min_gap=0.05)
         self.maintenance = Worker(

@@ -148,9 +148,10 @@ class SourceAuth(Application[UUID]):
     def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
         """eventsourcing's save, without its per-object runtime Protocol checks (they cost
         more than encoding the event): everything this service saves is one of its aggregates."""
-        if kwargs or not all(isinstance(o, (Aggregate, DomainEvent)) for o in objs):
+        if not all(isinstance(o, (Aggregate, DomainEvent)) for o in objs):
             return super().save(*objs, **kwargs)
         processing: ProcessingEvent[UUID] = ProcessingEvent()
+        processing.saved_kwargs.update(kwargs)
         for obj in objs:
             if isinstance(obj, DomainEvent):
                 processing.events.append(obj)
@@ -218,12 +219,12 @@ class SourceAuth(Application[UUID]):
             evicted, _ = self._senders.popitem(last=False)
             self._checked.pop(evicted, None)
 
-    def _commit(self, batch: _Batch) -> None:
+    def _commit(self, batch: _Batch, **recorder_kwargs: Any) -> None:
         aggregates = batch.aggregates()
         if not aggregates:
             return
         try:
-            self.save(*aggregates)
+            self.save(*aggregates, **recorder_kwargs)
         except Exception:
             # In-memory state ran ahead of the log: forget it, reload on the retry.
             for sid in batch.senders:
@@ -253,8 +254,12 @@ class SourceAuth(Application[UUID]):
         """Decide every recipient of one accepted message and record the decisions."""
         return self.receive_many([incoming])[0]
 
-    def receive_many(self, batch: Sequence[Incoming]) -> list[Receipt]:
-        """Group commit: decide each message, then save all of them in one transaction."""
+    def receive_many(
+        self, batch: Sequence[Incoming], *, attachments: Sequence[tuple[str, bytes]] = ()
+    ) -> list[Receipt]:
+        """Group commit: decide each message, then save all of them in one transaction.
+        `attachments` go to the event recorder with the events (a recorder that stores
+        message originals in the same transaction uses them; see adapters/storage)."""
         for incoming in batch:
             self._validate(incoming)
 
@@ -262,7 +267,7 @@ class SourceAuth(Application[UUID]):
             unit = _Batch()
             self._prefetch_senders(unit, batch)
             receipts = [self._decide(unit, incoming) for incoming in batch]
-            self._commit(unit)
+            self._commit(unit, **({"blobs": list(attachments)} if attachments else {}))
             return receipts
 
         try:

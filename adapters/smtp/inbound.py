@@ -22,6 +22,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from adapters.smtp.dsn import parse_bounce
 from adapters.storage.blobs import BlobStoreError, FileBlobStore
+from adapters.storage.dbblobs import DatabaseBlobStore
 from engine.addresses import AddressError, is_null_sender, normalize_address, split_extension
 from engine.api import Blob, BounceInfo, Headers, Incoming, Receipt
 from engine.application import SourceAuth
@@ -76,7 +77,7 @@ class GroupCommitter:
     def __init__(
         self,
         app: SourceAuth,
-        blobs: FileBlobStore,
+        blobs: FileBlobStore | DatabaseBlobStore,
         *,
         max_batch: int = 256,
         wait_ms: float = 2.0,
@@ -135,8 +136,15 @@ class GroupCommitter:
 
     def _commit(self, batch: list[_Pending]) -> None:
         keys = [uuid.uuid4().hex for _ in batch]
+        items = [(k, item.raw) for k, item in zip(keys, batch, strict=True)]
+        attachments: list[tuple[str, bytes]] = []
         try:
-            refs = self.blobs.put_many([(k, item.raw) for k, item in zip(keys, batch, strict=True)])
+            if isinstance(self.blobs, DatabaseBlobStore):
+                # Stored by the same transaction (and fsync) as the message's events.
+                refs = [self.blobs.ref(k, raw) for k, raw in items]
+                attachments = items
+            else:
+                refs = self.blobs.put_many(items)
         except (BlobStoreError, OSError) as exc:
             log.error("blob_store_failed", error=str(exc), batch=len(batch))
             for item in batch:
@@ -154,7 +162,7 @@ class GroupCommitter:
                 )
             )
         try:
-            receipts = self.app.receive_many(incomings)
+            receipts = self.app.receive_many(incomings, attachments=attachments)
         except Exception as exc:
             log.error("commit_failed", error=str(exc), batch=len(batch))
             if len(batch) > 1 and isinstance(exc, SourceAuthError):
@@ -173,7 +181,10 @@ class GroupCommitter:
 
     def _commit_one(self, item: _Pending, incoming: Incoming) -> None:
         try:
-            receipt = self.app.receive(incoming)
+            attachments = (
+                [(incoming.blob.key, item.raw)] if isinstance(self.blobs, DatabaseBlobStore) else []
+            )
+            receipt = self.app.receive_many([incoming], attachments=attachments)[0]
         except Exception as exc:
             _resolve(item, exc=exc)
             return

@@ -18,6 +18,7 @@ from adapters.smtp.challenge import (
 )
 from adapters.smtp.delivery import NextHop, Outcome, deliver, send_message
 from adapters.storage.blobs import BlobCorrupt, BlobNotFound, BlobStoreError, FileBlobStore
+from adapters.storage.dbblobs import DatabaseBlobStore
 from engine.api import DeliveryJob, DeliveryResult, OutgoingChallenge, SendOutcome, SendResult
 
 log = structlog.get_logger(__name__)
@@ -82,7 +83,7 @@ class NextHopDelivery:
     stamped with the copy's stable X-SourceAuth-Id."""
 
     next_hop: NextHop
-    blobs: FileBlobStore
+    blobs: FileBlobStore | DatabaseBlobStore
     hostname: str
     timeout: float = 30.0
 

@@ -7,12 +7,15 @@ picks FULL (fsync every commit, the default: a 250 survives power loss) or NORMA
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from typing import Any
 
-from eventsourcing.persistence import InterfaceError
+from eventsourcing.persistence import InterfaceError, StoredEvent
 from eventsourcing.sqlite import (
+    SQLiteApplicationRecorder,
     SQLiteConnection,
     SQLiteConnectionPool,
+    SQLiteCursor,
     SQLiteFactory,
 )
 from eventsourcing.utils import Environment
@@ -41,8 +44,42 @@ class TunedSQLiteConnectionPool(SQLiteConnectionPool):
         return conn
 
 
+BLOB_TABLE = "sa_blob_data"
+CREATE_BLOB_TABLE = (
+    f"CREATE TABLE IF NOT EXISTS {BLOB_TABLE} (receipt_id TEXT PRIMARY KEY, data BLOB NOT NULL)"
+)
+
+
+class BlobRecordingSQLiteRecorder(SQLiteApplicationRecorder):
+    """The application recorder, plus message originals written in the same transaction as
+    their events (`save(..., blobs=[(key, bytes), ...])`): one fsync makes both durable."""
+
+    def construct_create_table_statements(self) -> list[str]:
+        return [
+            *super().construct_create_table_statements(),
+            CREATE_BLOB_TABLE,
+        ]
+
+    def _insert_events(
+        self,
+        c: SQLiteCursor,
+        stored_events: Sequence[StoredEvent],
+        *,
+        blobs: Sequence[tuple[str, bytes]] = (),
+        **kwargs: Any,
+    ) -> Sequence[int] | None:
+        if blobs:
+            c.executemany(
+                f"INSERT INTO {BLOB_TABLE} (receipt_id, data) VALUES (?, ?) "
+                "ON CONFLICT (receipt_id) DO NOTHING",
+                blobs,
+            )
+        return super()._insert_events(c, stored_events, **kwargs)
+
+
 class TunedSQLiteFactory(SQLiteFactory):
     SQLITE_SYNCHRONOUS = "SQLITE_SYNCHRONOUS"
+    application_recorder_class = BlobRecordingSQLiteRecorder
 
     def __init__(self, env: Environment | Any) -> None:
         if not (env.get(self.SQLITE_LOCK_TIMEOUT) or "").strip():

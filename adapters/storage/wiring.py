@@ -13,6 +13,7 @@ from uuid import UUID
 from eventsourcing.persistence import ApplicationRecorder, Mapper
 
 from adapters.storage.blobs import FileBlobStore
+from adapters.storage.dbblobs import DatabaseBlobStore
 from adapters.storage.views import (
     Dialect,
     PostgresDialect,
@@ -43,6 +44,13 @@ class Storage:
     blob_dir: Path = Path("./var/blobs")
     sqlite_synchronous: str = "FULL"
     blob_fsync: bool = True
+    blobs: str = (
+        ""  # "database" (SQLite: originals in the event transaction) or "files"; "" = per kind
+    )
+
+    @property
+    def blob_location(self) -> str:
+        return self.blobs or ("database" if self.kind == "sqlite" else "files")
 
     def conninfo(self) -> str:
         parts = [
@@ -98,6 +106,17 @@ def views_factory(storage: Storage) -> Callable[[ApplicationRecorder, Mapper[UUI
     return build
 
 
+def open_blobs(storage: Storage) -> FileBlobStore | DatabaseBlobStore:
+    """The blob store this storage uses for message originals."""
+    if storage.blob_location == "database":
+        if storage.kind != "sqlite":
+            raise ValueError('blobs in the database need SQLite; use blobs="files"')
+        assert storage.sqlite_path is not None
+        storage.sqlite_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return DatabaseBlobStore(storage.sqlite_path, synchronous=storage.sqlite_synchronous)
+    return FileBlobStore(storage.blob_dir, fsync=storage.blob_fsync)
+
+
 def open_engine(
     *,
     settings: EngineSettings,
@@ -106,9 +125,11 @@ def open_engine(
     clock: Clock = system_clock,
     challenges: ChallengeTransport | None = None,
     deliveries: DeliveryTransport | None = None,
+    blobs: FileBlobStore | DatabaseBlobStore | None = None,
 ) -> SourceAuth:
     """One engine over this storage; the caller closes it."""
-    blobs = FileBlobStore(storage.blob_dir, fsync=storage.blob_fsync)
+    if blobs is None:
+        blobs = open_blobs(storage)
     if storage.kind == "postgresql" and storage.pg_schema:
         # eventsourcing creates its tables but not the schema they live in.
         postgres_connector(storage.conninfo(), storage.pg_schema)().close()

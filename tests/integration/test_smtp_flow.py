@@ -125,12 +125,12 @@ def test_relay_refusing_the_challenge_expires_the_sender_and_maintain_deletes_he
         wait_for(lambda: {s.address: s.state for s in flt.app.whitelist()} == {STRANGER: "expired"})
         held = flt.app.quarantine(sender=STRANGER)
         assert [h.state for h in held] == ["expired"]
-        blob = flt.app.blobs.path_of(held[0].receipt_id)
-        assert blob.exists()
+        receipt = held[0].receipt_id
+        assert flt.app.blobs.exists(receipt)
         report = flt.app.maintain()
         assert report.purged == 1
         assert [h.state for h in flt.app.quarantine(sender=STRANGER)] == ["purged"]
-        assert not blob.exists()
+        assert not flt.app.blobs.exists(receipt)
         # nothing was sent to anybody: no bounce to the sender, nothing to the local user
         assert relay.messages == [] and next_hop.messages == []
 
