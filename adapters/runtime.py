@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -154,20 +155,99 @@ class Worker:
                 self.stopping.wait(self.min_gap)
 
 
+class Workers:
+    """The outbound side: challenge sender, delivery worker and maintenance timer, as threads
+    around one engine. `serve` runs them in their own process (see Filter)."""
+
+    def __init__(self, app: SourceAuth, cfg: Config) -> None:
+        self.challenges = Worker("challenges", app.dispatch_challenges, 1.0, min_gap=0.05)
+        self.deliveries = Worker("deliveries", app.dispatch_deliveries, 1.0, min_gap=0.05)
+        self.maintenance = Worker(
+            "maintenance", lambda: app.maintain(dispatch=False), cfg.maintenance.interval
+        )
+        self.all = (self.challenges, self.deliveries, self.maintenance)
+
+    def start(self) -> None:
+        for worker in self.all:
+            worker.start()
+        self.wake()  # pick up whatever a previous run left queued
+
+    def wake(self) -> None:
+        self.challenges.wake.set()
+        self.deliveries.wake.set()
+
+    def stop(self) -> None:
+        for worker in self.all:
+            worker.stop()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this process when the process that started it dies (even by kill -9)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        log.debug("pdeathsig_unavailable")
+
+
+def run_worker_process(cfg: Config, stop: Any, wake: Any) -> None:
+    """Entry point of the worker process: its own engine on the same storage; the event log
+    is the only thing it shares with the SMTP process."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the SMTP process decides when to stop
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    configure_logging(cfg.logging.format, cfg.logging.level)
+    app = build_engine(cfg)
+    workers = Workers(app, cfg)
+    workers.start()
+    parent = multiprocessing.parent_process()
+    log.info("workers_started", pid=os.getpid())
+    try:
+        while not stop.is_set():
+            if wake.wait(0.2):
+                wake.clear()
+                workers.wake()
+            if parent is not None and not parent.is_alive():
+                break
+    finally:
+        workers.stop()
+        app.close()
+        log.info("workers_stopped", pid=os.getpid())
+
+
 class Filter:
-    """Everything `sourceauth serve` runs, startable from tests on any loop."""
+    """Everything `sourceauth serve` runs, startable from tests on any loop.
+
+    `workers="process"` (what `serve` uses) runs the outbound workers in a second process, so
+    SMTP and commits keep a CPU and the interpreter lock to themselves; "thread" keeps
+    everything in this process (handy for tests that inspect the engine)."""
 
     def __init__(
-        self, cfg: Config, *, clock: Clock = system_clock, app: SourceAuth | None = None
+        self,
+        cfg: Config,
+        *,
+        clock: Clock = system_clock,
+        app: SourceAuth | None = None,
+        workers: str = "thread",
     ) -> None:
         self.cfg = cfg
         self.app = app or build_engine(cfg, clock=clock)
         assert isinstance(self.app.blobs, FileBlobStore | DatabaseBlobStore)
-        self.challenges = Worker("challenges", self.app.dispatch_challenges, 1.0, min_gap=0.05)
-        self.deliveries = Worker("deliveries", self.app.dispatch_deliveries, 1.0, min_gap=0.05)
-        self.maintenance = Worker(
-            "maintenance", lambda: self.app.maintain(dispatch=False), cfg.maintenance.interval
-        )
+        self.mode = workers
+        self.workers: Workers | None = Workers(self.app, cfg) if workers == "thread" else None
+        self._process: Any = None
+        if workers == "process":
+            ctx = multiprocessing.get_context("spawn")
+            self._stop = ctx.Event()
+            self._wake = ctx.Event()
+            self._process = ctx.Process(
+                target=run_worker_process,
+                args=(cfg, self._stop, self._wake),
+                name="sourceauth-workers",
+                daemon=True,
+            )
         self.committer = GroupCommitter(
             self.app,
             self.app.blobs,
@@ -185,23 +265,20 @@ class Filter:
 
     def _committed(self, receipts: list[Receipt]) -> None:
         # A challenge leaves as soon as its hold is committed, not at the next timer tick.
-        if any(r.challenges for r in receipts):
-            self.challenges.wake.set()
-        if any(
-            d.decision.value == "deliver" or d.decision.value == "confirm"
-            for r in receipts
-            for d in r.decisions
+        if any(r.challenges for r in receipts) or any(
+            d.decision.value in ("deliver", "confirm") for r in receipts for d in r.decisions
         ):
-            self.deliveries.wake.set()
+            if self.workers is not None:
+                self.workers.wake()
+            else:
+                self._wake.set()
 
     async def start(self) -> None:
         self.committer.start()
-        self.challenges.start()
-        self.deliveries.start()
-        self.maintenance.start()
-        # Pick up whatever a previous run left queued.
-        self.challenges.wake.set()
-        self.deliveries.wake.set()
+        if self.workers is not None:
+            self.workers.start()
+        else:
+            self._process.start()
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
             inbound_server_factory(
@@ -212,7 +289,12 @@ class Filter:
             host=self.cfg.server.listen_host,
             port=self.cfg.server.listen_port,
         )
-        log.info("filter_started", listen=self.cfg.server.listen, hostname=self.cfg.server.hostname)
+        log.info(
+            "filter_started",
+            listen=self.cfg.server.listen,
+            hostname=self.cfg.server.hostname,
+            workers=self.mode,
+        )
 
     @property
     def port(self) -> int:
@@ -221,12 +303,18 @@ class Filter:
 
     async def stop(self) -> None:
         """Stop accepting, finish every message already accepted, then stop the workers."""
+        loop = asyncio.get_running_loop()
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
-        await asyncio.get_running_loop().run_in_executor(None, self.committer.stop)
-        for worker in (self.challenges, self.deliveries, self.maintenance):
-            await asyncio.get_running_loop().run_in_executor(None, worker.stop)
+        await loop.run_in_executor(None, self.committer.stop)
+        if self.workers is not None:
+            await loop.run_in_executor(None, self.workers.stop)
+        elif self._process is not None and self._process.is_alive():
+            self._stop.set()
+            await loop.run_in_executor(None, self._process.join, 60)
+            if self._process.is_alive():
+                self._process.terminate()
         self.app.close()
         log.info("filter_stopped")
 
@@ -235,7 +323,7 @@ def serve(cfg: Config) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
 
     async def main() -> None:
-        flt = Filter(cfg)
+        flt = Filter(cfg, workers="process")
         await flt.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
