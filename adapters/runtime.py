@@ -261,6 +261,7 @@ class Filter:
             bounce_address=cfg.challenge.bounce_address,
             delimiter=cfg.policy.recipient_delimiter,
         )
+        self.limits = Worker("quarantine-limits", self.app.refresh_full_mailboxes, 0.5)
         self.server: asyncio.AbstractServer | None = None
 
     def _committed(self, receipts: list[Receipt]) -> None:
@@ -274,7 +275,9 @@ class Filter:
                 self._wake.set()
 
     async def start(self) -> None:
+        self.app.refresh_full_mailboxes()
         self.committer.start()
+        self.limits.start()
         if self.workers is not None:
             self.workers.start()
         else:
@@ -308,6 +311,7 @@ class Filter:
             self.server.close()
             await self.server.wait_closed()
         await loop.run_in_executor(None, self.committer.stop)
+        await loop.run_in_executor(None, self.limits.stop)
         if self.workers is not None:
             await loop.run_in_executor(None, self.workers.stop)
         elif self._process is not None and self._process.is_alive():

@@ -138,6 +138,7 @@ class SourceAuth(Application[UUID]):
         self._senders: OrderedDict[UUID, Sender] = OrderedDict()
         self._sender_ids: dict[tuple[str, str], UUID] = {}
         self._checked: dict[UUID, float] = {}  # when each cached sender was last read from the log
+        self._full_mailboxes: set[str] = set()
         self._in_flight: set[str] = set()
         self.limiter = ChallengeRateLimiter(settings.limits)
         now = clock()
@@ -1198,6 +1199,22 @@ class SourceAuth(Application[UUID]):
         return int(live_count(receipt_id))
 
     # ----------------------------------------------------------------- queries
+
+    def refresh_full_mailboxes(self) -> None:
+        """Re-read which protected mailboxes hold `held_per_recipient` copies (a timer calls it)."""
+        with self._lock:
+            self.views.catch_up(self._observe)
+            full = self.views.recipients_holding(self.settings.held_per_recipient)
+        self._full_mailboxes = full
+
+    def mailbox_may_be_full(self, recipient: str) -> bool:
+        """Memory-only first check for `quarantine_full`, safe on an event loop."""
+        if not self._full_mailboxes:
+            return False
+        try:
+            return normalize_address(recipient) in self._full_mailboxes
+        except AddressError:
+            return False
 
     def quarantine_full(self, mail_from: str, recipient: str) -> bool:
         """True when `recipient` already has `held_per_recipient` held copies and this mail

@@ -267,9 +267,12 @@ class FilterHandler:
             normalize_address(address)
         except AddressError as exc:
             return f"553 5.1.3 Bad recipient address syntax: {exc}"
-        full = await asyncio.get_running_loop().run_in_executor(
-            None, self.committer.app.quarantine_full, envelope.mail_from or "", address
-        )
+        app = self.committer.app
+        full = False
+        if app.mailbox_may_be_full(address):  # memory only; the exact check reads the store
+            full = await asyncio.get_running_loop().run_in_executor(
+                None, app.quarantine_full, envelope.mail_from or "", address
+            )
         if full:
             # 4xx, never 5xx: the sending MTA keeps the message and retries later.
             return "452 4.2.2 Quarantine for this recipient is full, try again later"

@@ -393,6 +393,10 @@ class SqlViews:
                 (rcpt, delta),
             )
 
+    def recipients_holding(self, at_least: int) -> set[str]:
+        rows = self._rows(f"SELECT recipient FROM {p.HELD_COUNTS} WHERE held >= ?", (at_least,))
+        return {str(r[0]) for r in rows}
+
     def held_count(self, recipient: str) -> int:
         rows = self._rows(f"SELECT held FROM {p.HELD_COUNTS} WHERE recipient = ?", (recipient,))
         return int(rows[0][0]) if rows else 0
