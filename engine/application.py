@@ -1201,11 +1201,9 @@ class SourceAuth(Application[UUID]):
     # ----------------------------------------------------------------- queries
 
     def refresh_full_mailboxes(self) -> None:
-        """Re-read which protected mailboxes hold `held_per_recipient` copies (a timer calls it)."""
-        with self._lock:
-            self.views.catch_up(self._observe)
-            full = self.views.recipients_holding(self.settings.held_per_recipient)
-        self._full_mailboxes = full
+        """Re-read which protected mailboxes hold `held_per_recipient` copies (a timer calls it;
+        whoever runs the dispatchers keeps the views current)."""
+        self._full_mailboxes = self.views.recipients_holding(self.settings.held_per_recipient)
 
     def mailbox_may_be_full(self, recipient: str) -> bool:
         """Memory-only first check for `quarantine_full`, safe on an event loop."""
