@@ -1081,13 +1081,15 @@ class SourceAuth(Application[UUID]):
                 self.dispatch_deliveries()
             )
         # Last: originals whose every copy is done (delivered in this very pass included).
-        if self.blobs is not None:
-            for receipt_id in self._drain(lambda: self.views.blobs_unreferenced(BATCH_LIMIT)):
-                with self._lock:
-                    if not self.views.blob_live(receipt_id):
-                        if self.blobs.delete(receipt_id):
-                            report.blobs_collected += 1
-                        self.views.mark_blob_collected(receipt_id)
+        # (A receipt's live count only falls once its copies exist, so no copy can need it again.)
+        while self.blobs is not None:
+            with self._lock:
+                self.views.catch_up(self._observe)
+                done = self.views.blobs_unreferenced(BATCH_LIMIT)
+            if not done:
+                break
+            report.blobs_collected += self.blobs.delete_many(done)
+            self.views.mark_blobs_collected(done)
         with self._lock:
             self.views.catch_up(self._observe)
         log.info("maintenance_done", **report.as_dict())

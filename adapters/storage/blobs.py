@@ -246,6 +246,10 @@ class FileBlobStore:
             raise _store_error(exc, f"cannot delete blob {key}") from exc
         return True
 
+    def delete_many(self, keys: Sequence[str]) -> int:
+        """Delete several blobs; how many were there."""
+        return sum(self.delete(key) for key in keys)
+
     def cleanup_temp(self, older_than_seconds: float = 3600.0) -> int:
         """Remove temp files older than this (left by a crash mid-write); how many.
 

@@ -94,6 +94,28 @@ class DatabaseBlobStore:
             raise BlobStoreError(f"cannot delete blob {key}: {exc}") from exc
         return cur.rowcount > 0
 
+    def delete_many(self, keys: Sequence[str]) -> int:
+        """Delete several originals in one transaction; how many were there."""
+        for key in keys:
+            _check(key)
+        try:
+            with self._lock:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    removed = sum(
+                        self._conn.execute(
+                            f"DELETE FROM {BLOB_TABLE} WHERE receipt_id = ?", (key,)
+                        ).rowcount
+                        for key in keys
+                    )
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise BlobStoreError(f"cannot delete {len(keys)} blob(s): {exc}") from exc
+        return removed
+
     def keys(self) -> Iterator[str]:
         with self._lock:
             rows = self._conn.execute(

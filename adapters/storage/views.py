@@ -534,14 +534,17 @@ class SqlViews:
         )
         return [str(r[0]) for r in rows]
 
-    def mark_blob_collected(self, receipt_id: str) -> None:
+    def mark_blobs_collected(self, receipt_ids: Sequence[str]) -> None:
         import time
 
+        now = time.time()
         with self._tx(write=True) as cur:
-            self._x(
-                cur,
-                f"INSERT INTO {BLOB_GC} (receipt_id, collected_at) VALUES (?, ?) ON CONFLICT (receipt_id) DO NOTHING",
-                (receipt_id, time.time()),
+            cur.executemany(
+                self.dialect.sql(
+                    f"INSERT INTO {BLOB_GC} (receipt_id, collected_at) VALUES (?, ?) "
+                    f"ON CONFLICT (receipt_id) DO NOTHING"
+                ),
+                [(r, now) for r in receipt_ids],
             )
 
     def blob_live(self, receipt_id: str) -> bool:
