@@ -377,7 +377,8 @@ def projections_rebuild(cfg: Config) -> None:
 @click.option(
     "--machine", type=click.Choice(["sender", "message", "all"]), default="all", show_default=True
 )
-def diagram(machine: str) -> None:
+@with_config
+def diagram(cfg: Config, machine: str) -> None:
     """Print the state machines from specs/ as Mermaid state diagrams."""
     from engine.statemachine import MACHINES
 
