@@ -340,14 +340,10 @@ class SourceAuth(Application[UUID]):
         confirm_base = normalize_address(s.confirm_address)
         bounce_base = normalize_address(s.bounce_address)
 
-        confirm_first = sorted(  # replies and reports first: a "reply all" confirms, then delivers
-            recipients,
-            key=lambda r: (
-                split_extension(r, s.recipient_delimiter)[0] not in (confirm_base, bounce_base)
-            ),
-        )
-        for rcpt in confirm_first:
-            base, token = split_extension(rcpt, s.recipient_delimiter)
+        split = [(r, *split_extension(r, s.recipient_delimiter)) for r in recipients]
+        if len(split) > 1:  # replies and reports first: a "reply all" confirms, then delivers
+            split.sort(key=lambda item: item[1] not in (confirm_base, bounce_base))
+        for rcpt, base, token in split:
             if base == confirm_base:
                 reason = self._confirm_reply(unit, sender, incoming.headers, token, now)
                 discard.setdefault(reason, []).append(rcpt)
@@ -443,8 +439,9 @@ class SourceAuth(Application[UUID]):
             mid = message(rcpts, trigger, reason, sid.hex, expires)
             decision = Decision.CHALLENGE if trigger == "challenge" else Decision.HOLD
             decisions += [RecipientDecision(r, decision, reason, mid) for r in rcpts]
-        order = {r: i for i, r in enumerate(recipients)}
-        decisions.sort(key=lambda d: order.get(d.recipient, 0))
+        if len(decisions) > 1:
+            order = {r: i for i, r in enumerate(recipients)}
+            decisions.sort(key=lambda d: order.get(d.recipient, 0))
         return Receipt(incoming.blob.key, tuple(decisions), tuple(challenges))
 
     def _hold_for(
