@@ -271,10 +271,7 @@ class SourceAuth(Application[UUID]):
             self._commit(unit, **({"blobs": list(attachments)} if attachments else {}))
             return receipts
 
-        try:
-            receipts = self._retrying("receive", work)
-        except TemporaryFailure:
-            raise
+        receipts = self._retrying("receive", work)
         for receipt in receipts:
             for d in receipt.decisions:
                 log.info(
@@ -1187,15 +1184,8 @@ class SourceAuth(Application[UUID]):
         return True
 
     def _blob_shared(self, msg: Message) -> bool:
-        """True if another live copy still needs the same original."""
-        # blob_live counts live copies of the receipt; this one (expired) is one of them.
-        return self.views.blob_live(msg.receipt_id) and self._live_copies(msg.receipt_id) > 1
-
-    def _live_copies(self, receipt_id: str) -> int:
-        live_count = getattr(self.views, "live_copies", None)
-        if live_count is None:
-            return 1
-        return int(live_count(receipt_id))
+        """True if another live copy still needs the same original (this expired one counts)."""
+        return self.views.live_copies(msg.receipt_id) > 1
 
     # ----------------------------------------------------------------- queries
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import email.header
-import hashlib
 import queue
 import threading
 import time
@@ -325,6 +324,3 @@ def inbound_server_factory(
 
     return factory
 
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

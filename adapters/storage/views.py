@@ -547,9 +547,6 @@ class SqlViews:
                 [(r, now) for r in receipt_ids],
             )
 
-    def blob_live(self, receipt_id: str) -> bool:
-        return self.live_copies(receipt_id) > 0
-
     def live_copies(self, receipt_id: str) -> int:
         rows = self._rows(f"SELECT live FROM {p.BLOBS} WHERE receipt_id = ?", (receipt_id,))
         return int(rows[0][0]) if rows else 0
