@@ -323,4 +323,3 @@ def inbound_server_factory(
         )
 
     return factory
-

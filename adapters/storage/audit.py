@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 from uuid import UUID
 
-from adapters.storage.views import Dialect, SqlViews
+from adapters.storage.views import Dialect, SqlViews, log_pages
 from engine.application import SourceAuth
 from engine.audit import Fault, LogSummary, check_events
 
@@ -19,13 +19,7 @@ PAGE = 5000
 
 
 def _events(app: SourceAuth, faults: list[Fault]) -> Iterator[tuple[int, Any]]:
-    position = 0
-    while True:
-        page = app.recorder.select_notifications(
-            start=position, limit=PAGE, inclusive_of_start=False
-        )
-        if not page:
-            return
+    for page in log_pages(app.recorder, PAGE):
         for n in page:
             try:
                 event = app.mapper.to_domain_event(n)
@@ -38,7 +32,6 @@ def _events(app: SourceAuth, faults: list[Fault]) -> Iterator[tuple[int, Any]]:
                 faults.append(Fault(n.id, oid, n.originator_version, f"cannot decode: {exc}"))
                 return
             yield n.id, event
-        position = page[-1].id
 
 
 def verify(app: SourceAuth) -> tuple[Fault | None, str]:

@@ -10,6 +10,7 @@ import hashlib
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from adapters.storage.blobs import BlobCorrupt, BlobNotFound, BlobRef, BlobStoreError, _check
@@ -44,22 +45,28 @@ class DatabaseBlobStore:
 
     def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[BlobRef]:
         refs = [self.ref(k, d) for k, d in items]
+        with self._write(f"cannot store {len(items)} blob(s)") as conn:
+            conn.executemany(
+                f"INSERT INTO {BLOB_TABLE} (receipt_id, data) VALUES (?, ?) "
+                "ON CONFLICT (receipt_id) DO NOTHING",
+                list(items),
+            )
+        return refs
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction; sqlite errors become BlobStoreError (the SMTP side: 4xx)."""
         try:
             with self._lock:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
-                    self._conn.executemany(
-                        f"INSERT INTO {BLOB_TABLE} (receipt_id, data) VALUES (?, ?) "
-                        "ON CONFLICT (receipt_id) DO NOTHING",
-                        [(k, d) for k, d in items],
-                    )
+                    yield self._conn
                 except BaseException:
                     self._conn.execute("ROLLBACK")
                     raise
                 self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            raise BlobStoreError(f"cannot store {len(items)} blob(s): {exc}") from exc
-        return refs
+            raise BlobStoreError(f"{what}: {exc}") from exc
 
     def get(self, key: str, *, verify_sha256: str | None = None) -> bytes:
         _check(key)
@@ -86,35 +93,15 @@ class DatabaseBlobStore:
         return row is not None
 
     def delete(self, key: str) -> bool:
-        _check(key)
-        try:
-            with self._lock:
-                cur = self._conn.execute(f"DELETE FROM {BLOB_TABLE} WHERE receipt_id = ?", (key,))
-        except sqlite3.Error as exc:
-            raise BlobStoreError(f"cannot delete blob {key}: {exc}") from exc
-        return cur.rowcount > 0
+        return self.delete_many([key]) > 0
 
     def delete_many(self, keys: Sequence[str]) -> int:
         """Delete several originals in one transaction; how many were there."""
         for key in keys:
             _check(key)
-        try:
-            with self._lock:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    removed = sum(
-                        self._conn.execute(
-                            f"DELETE FROM {BLOB_TABLE} WHERE receipt_id = ?", (key,)
-                        ).rowcount
-                        for key in keys
-                    )
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-                self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise BlobStoreError(f"cannot delete {len(keys)} blob(s): {exc}") from exc
-        return removed
+        with self._write(f"cannot delete {len(keys)} blob(s)") as conn:
+            sql = f"DELETE FROM {BLOB_TABLE} WHERE receipt_id = ?"
+            return sum(conn.execute(sql, (key,)).rowcount for key in keys)
 
     def keys(self) -> Iterator[str]:
         with self._lock:

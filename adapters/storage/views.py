@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from uuid import UUID
 
 import structlog
-from eventsourcing.persistence import ApplicationRecorder, Mapper
+from eventsourcing.persistence import ApplicationRecorder, Mapper, Notification
 
 from adapters.storage.fold import MemoryTables
 from engine import projections as p
@@ -65,6 +65,21 @@ class PostgresDialect(Dialect):
 
     def lock_tracking(self) -> str:
         return f"SELECT position FROM {TRACKING} WHERE name = ? FOR UPDATE"
+
+
+def log_pages(recorder: ApplicationRecorder, page: int) -> Iterator[Sequence[Notification]]:
+    """The whole event log in pages of notifications, oldest first."""
+    position = 0
+    while True:
+        notifications = recorder.select_notifications(
+            start=position, limit=page, inclusive_of_start=False
+        )
+        if not notifications:
+            return
+        yield notifications
+        if len(notifications) < page:
+            return
+        position = notifications[-1].id
 
 
 def _pk(table: str) -> str:
@@ -196,21 +211,14 @@ class SqlViews:
         projector = p.Projector(memory.current_challenge)
         position = 0
         applied = 0
-        while True:
-            page = self.recorder.select_notifications(
-                start=position, limit=REBUILD_PAGE, inclusive_of_start=False
-            )
-            if not page:
-                break
-            to_domain_event = self.mapper.to_domain_event
-            apply = memory.apply
+        to_domain_event = self.mapper.to_domain_event
+        apply = memory.apply
+        for page in log_pages(self.recorder, REBUILD_PAGE):
             for n in page:
                 for op in projector.ops(to_domain_event(n)):
                     apply(op)
             position = page[-1].id
             applied += len(page)
-            if len(page) < REBUILD_PAGE:
-                break
         with self._tx(write=True) as cur:
             self._x(cur, self.dialect.lock_tracking(), (TRACKING_NAME,))
             for table, columns in p.TABLES.items():
