@@ -26,7 +26,7 @@ lint: venv
 	$(BIN)/ruff check engine adapters benchmarks tests
 
 typecheck: venv
-	$(BIN)/mypy --strict engine
+	$(BIN)/mypy --strict -p sourceauth.engine
 
 unit: venv
 	$(BIN)/pytest -q tests/unit

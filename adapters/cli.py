@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 import click
 
-from adapters.config import Config, ConfigError, load_config
-from engine.errors import IllegalTransition, InvalidInput, NotFound, SourceAuthError
+from sourceauth.adapters.config import Config, ConfigError, load_config
+from sourceauth.engine.errors import IllegalTransition, InvalidInput, NotFound, SourceAuthError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,7 +59,7 @@ def with_config(func: F) -> F:
 
 @contextmanager
 def engine_for(cfg: Config, *, transports: bool = False) -> Iterator[Any]:
-    from adapters.runtime import build_engine, configure_logging
+    from sourceauth.adapters.runtime import build_engine, configure_logging
 
     configure_logging("console", "warning")
     try:
@@ -106,8 +106,8 @@ def cli() -> None:
 @with_config
 def serve(cfg: Config) -> None:
     """Run the filter: inbound SMTP, challenge sender, delivery worker, maintenance timer."""
-    from adapters.runtime import configure_logging
-    from adapters.runtime import serve as run
+    from sourceauth.adapters.runtime import configure_logging
+    from sourceauth.adapters.runtime import serve as run
 
     configure_logging(cfg.logging.format, cfg.logging.level)
     try:
@@ -325,7 +325,7 @@ def audit_history(cfg: Config, subject: str, as_json: bool) -> None:
 @with_config
 def audit_verify(cfg: Config) -> None:
     """Replay the log: only legal transitions, views equal a fresh rebuild. Exit 1 on a fault."""
-    from adapters.storage.audit import verify
+    from sourceauth.adapters.storage.audit import verify
 
     with engine_for(cfg) as app:
         fault, summary = verify(app)
@@ -340,7 +340,7 @@ def audit_verify(cfg: Config) -> None:
 @with_config
 def audit_export(cfg: Config, output: Path | None) -> None:
     """Write every event as one JSON object per line (to stdout or --output)."""
-    from adapters.storage.audit import export_events
+    from sourceauth.adapters.storage.audit import export_events
 
     with engine_for(cfg) as app:
         if output is None:
@@ -380,7 +380,7 @@ def projections_rebuild(cfg: Config) -> None:
 @with_config
 def diagram(cfg: Config, machine: str) -> None:
     """Print the state machines from specs/ as Mermaid state diagrams."""
-    from engine.statemachine import MACHINES
+    from sourceauth.engine.statemachine import MACHINES
 
     names = list(MACHINES) if machine == "all" else [machine]
     for name in names:

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from adapters.smtp.delivery import NextHop, NextHopError, parse_next_hop
-from engine.addresses import AddressError, normalize_address, normalize_pattern
-from engine.policy import AuthGate, ExemptAction, Exemption, Limits
-from engine.settings import EngineSettings
-from engine.tokens import Keyring, generate_keyring, parse_keyring, render_keyring
+from sourceauth.adapters.smtp.delivery import NextHop, NextHopError, parse_next_hop
+from sourceauth.engine.addresses import AddressError, normalize_address, normalize_pattern
+from sourceauth.engine.policy import AuthGate, ExemptAction, Exemption, Limits
+from sourceauth.engine.settings import EngineSettings
+from sourceauth.engine.tokens import Keyring, generate_keyring, parse_keyring, render_keyring
 
 Scope = Literal["global", "recipient"]
 FailedAction = Literal["purge", "keep"]

@@ -17,15 +17,15 @@ from typing import Any
 import orjson
 import structlog
 
-from adapters.config import Config, engine_settings, load_or_create_keyring
-from adapters.smtp.challenge import DEFAULT_BODY_TEMPLATE, DEFAULT_SUBJECT_TEMPLATE
-from adapters.smtp.inbound import FilterHandler, GroupCommitter, inbound_server_factory
-from adapters.smtp.outbound import ChallengeSender, NextHopDelivery
-from adapters.storage.blobs import FileBlobStore
-from adapters.storage.dbblobs import DatabaseBlobStore
-from adapters.storage.wiring import Storage, open_blobs, open_engine
-from engine.api import Clock, Receipt
-from engine.application import SourceAuth, system_clock
+from sourceauth.adapters.config import Config, engine_settings, load_or_create_keyring
+from sourceauth.adapters.smtp.challenge import DEFAULT_BODY_TEMPLATE, DEFAULT_SUBJECT_TEMPLATE
+from sourceauth.adapters.smtp.inbound import FilterHandler, GroupCommitter, inbound_server_factory
+from sourceauth.adapters.smtp.outbound import ChallengeSender, NextHopDelivery
+from sourceauth.adapters.storage.blobs import FileBlobStore
+from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
+from sourceauth.adapters.storage.wiring import Storage, open_blobs, open_engine
+from sourceauth.engine.api import Clock, Receipt
+from sourceauth.engine.application import SourceAuth, system_clock
 
 log = structlog.get_logger(__name__)
 

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.result import BenchResult
-from engine import tokens
-from engine.api import Blob, Decision, Incoming
-from engine.application import SourceAuth
-from engine.message import Message
-from engine.policy import Limits
-from engine.settings import EngineSettings
+from sourceauth.engine import tokens
+from sourceauth.engine.api import Blob, Decision, Incoming
+from sourceauth.engine.application import SourceAuth
+from sourceauth.engine.message import Message
+from sourceauth.engine.policy import Limits
+from sourceauth.engine.settings import EngineSettings
 
 BATCH = 200
 PROTECTED = "example.test"
@@ -39,7 +39,7 @@ _DEVNULL = open(os.devnull, "w")
 def quiet_production_logging() -> None:
     """The production structlog config (JSON, level info) writing to /dev/null: every
     decision is still rendered, as in `sourceauth serve`, just not kept."""
-    from adapters.runtime import configure_logging
+    from sourceauth.adapters.runtime import configure_logging
 
     configure_logging("json", "info", stream=_DEVNULL)
 
@@ -64,7 +64,7 @@ def open_bench_engine(
     **kwargs: Any,
 ) -> SourceAuth:
     """An engine on a fresh SQLite file under `directory` (the embedded default wiring)."""
-    from adapters.storage.wiring import Storage, open_engine
+    from sourceauth.adapters.storage.wiring import Storage, open_engine
 
     directory.mkdir(parents=True, exist_ok=True)
     storage = Storage(

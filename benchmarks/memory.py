@@ -42,7 +42,7 @@ def status() -> dict[str, int]:
 
 def _open(directory: Path, synchronous: str = "FULL") -> Any:
     from benchmarks.engine import open_bench_engine
-    from engine import tokens
+    from sourceauth.engine import tokens
 
     # The same keyring in both processes, so the sender ids the builder wrote are found again.
     keyring = tokens.parse_keyring((directory / KEYRING).read_text())
@@ -53,8 +53,8 @@ def build(directory: Path, senders: int) -> dict[str, Any]:
     """Write `senders` Sender.Registered (authorized by the operator) events, INSERT_BATCH per
     transaction straight through the recorder, then bring the views up to date."""
     from benchmarks.engine import quiet_production_logging
-    from engine import tokens
-    from engine.sender import Sender
+    from sourceauth.engine import tokens
+    from sourceauth.engine.sender import Sender
 
     quiet_production_logging()
     directory.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def measure(directory: Path, senders: int, messages: int) -> dict[str, Any]:
     """Open the engine (default FULL), receive `messages` messages from random senders of the
     first `senders` (authorized ones when the log holds them), report this process's memory."""
     from benchmarks.engine import BATCH, make_incoming, quiet_production_logging
-    from engine.api import Decision
+    from sourceauth.engine.api import Decision
 
     quiet_production_logging()
     before_open = status()

@@ -20,8 +20,14 @@ from benchmarks.engine import (
     quiet_production_logging,
 )
 from benchmarks.result import BenchResult
-from engine.api import DeliveryJob, DeliveryResult, OutgoingChallenge, SendOutcome, SendResult
-from engine.application import SourceAuth
+from sourceauth.engine.api import (
+    DeliveryJob,
+    DeliveryResult,
+    OutgoingChallenge,
+    SendOutcome,
+    SendResult,
+)
+from sourceauth.engine.application import SourceAuth
 
 PAGE = 2000  # the views' own page size
 DAY = 86400.0

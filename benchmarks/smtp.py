@@ -185,7 +185,7 @@ class _PerProcessHandler:
 
 
 def per_process(directory: Path, count: int, seconds: float) -> dict[str, Any]:
-    from adapters.smtp.sink import _Controller
+    from tests.support.smtp_sink import _Controller
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -202,7 +202,7 @@ def per_process(directory: Path, count: int, seconds: float) -> dict[str, Any]:
 
 
 def sink(count: int, seconds: float, fsync_dir: Path | None) -> dict[str, Any]:
-    from adapters.smtp.sink import Sink
+    from tests.support.smtp_sink import Sink
 
     with Sink(keep=False, fsync_dir=str(fsync_dir) if fsync_dir else None) as server:
         result = client(server.port, count, seconds, "f" if fsync_dir else "n")
@@ -246,8 +246,8 @@ def _count_files(root: Path) -> int:
 
 
 def real_filter(directory: Path, count: int, seconds: float) -> dict[str, Any]:
-    from adapters.config import load_config
-    from adapters.runtime import Filter
+    from sourceauth.adapters.config import load_config
+    from sourceauth.adapters.runtime import Filter
 
     var = directory / "var"
     path = directory / "sourceauth.toml"

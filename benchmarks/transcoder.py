@@ -22,8 +22,8 @@ from eventsourcing.persistence import (
     UUIDAsHex,
 )
 
-from adapters.storage.transcoder import MsgpackTranscoder
 from benchmarks.result import BenchResult
+from sourceauth.adapters.storage.transcoder import MsgpackTranscoder
 
 _REASONS = (
     "challenge_sent",
@@ -57,8 +57,8 @@ def make_events(n: int, seed: int = 1) -> list[dict[str, Any]]:
     """The states of real engine events, as the mapper hands them to a transcoder (no
     originator_id/version): a mix of Message.Received, Sender.Registered, Sender.ChallengeSent
     and Message.Delivered, as a day of mail records them."""
-    from engine.message import Message
-    from engine.sender import Sender
+    from sourceauth.engine.message import Message
+    from sourceauth.engine.sender import Sender
 
     rng = random.Random(seed)
     start = datetime(2026, 1, 1, tzinfo=UTC)
@@ -73,7 +73,7 @@ def make_events(n: int, seed: int = 1) -> list[dict[str, Any]]:
                 originator_id=oid,
                 originator_version=1,
                 timestamp=ts,
-                originator_topic="engine.message:Message",
+                originator_topic="sourceauth.engine.message:Message",
                 receipt_id=uuid.UUID(int=rng.getrandbits(128), version=4).hex,
                 size=rng.randint(300, 5_000_000),
                 sha256=rng.getrandbits(256).to_bytes(32, "big").hex(),
@@ -92,7 +92,7 @@ def make_events(n: int, seed: int = 1) -> list[dict[str, Any]]:
                 originator_id=oid,
                 originator_version=1,
                 timestamp=ts,
-                originator_topic="engine.sender:Sender",
+                originator_topic="sourceauth.engine.sender:Sender",
                 address=_address(rng),
                 scope="global",
                 trigger="challenge",

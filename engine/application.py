@@ -23,9 +23,14 @@ from eventsourcing.domain import Aggregate, DomainEvent
 from eventsourcing.persistence import ApplicationRecorder, IntegrityError, Mapper, Recording
 from eventsourcing.utils import get_topic
 
-from engine import tokens
-from engine.addresses import AddressError, is_null_sender, normalize_address, split_extension
-from engine.api import (
+from sourceauth.engine import tokens
+from sourceauth.engine.addresses import (
+    AddressError,
+    is_null_sender,
+    normalize_address,
+    split_extension,
+)
+from sourceauth.engine.api import (
     BlobStore,
     ChallengeRow,
     ChallengeTransport,
@@ -49,9 +54,9 @@ from engine.api import (
     SendResult,
     ViewStore,
 )
-from engine.errors import IllegalTransition, InvalidInput, NotFound, TemporaryFailure
-from engine.message import HELD_STATES, Message
-from engine.policy import (
+from sourceauth.engine.errors import IllegalTransition, InvalidInput, NotFound, TemporaryFailure
+from sourceauth.engine.message import HELD_STATES, Message
+from sourceauth.engine.policy import (
     ChallengeRateLimiter,
     ExemptAction,
     check_auth_gate,
@@ -59,8 +64,8 @@ from engine.policy import (
     is_automated,
     is_protected,
 )
-from engine.sender import Sender
-from engine.settings import EngineSettings
+from sourceauth.engine.sender import Sender
+from sourceauth.engine.settings import EngineSettings
 
 log = structlog.get_logger(__name__)
 MESSAGE_TOPIC = get_topic(Message)

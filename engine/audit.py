@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from engine.message import Message
-from engine.sender import Sender
-from engine.statemachine import MESSAGE, SENDER, StateMachineSpec
+from sourceauth.engine.message import Message
+from sourceauth.engine.sender import Sender
+from sourceauth.engine.statemachine import MESSAGE, SENDER, StateMachineSpec
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 from eventsourcing.domain import Aggregate
 
-from engine.statemachine import MESSAGE
+from sourceauth.engine.statemachine import MESSAGE
 
 LIVE_STATES = frozenset({"held", "challenged", "authorized", "expired", "failed"})
 HELD_STATES = frozenset({"held", "challenged"})

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
-from engine.addresses import (
+from sourceauth.engine.addresses import (
     AddressError,
     is_null_sender,
     matches,

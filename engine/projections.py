@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from engine.message import Message
-from engine.sender import Sender
+from sourceauth.engine.message import Message
+from sourceauth.engine.sender import Sender
 
 WHITELIST = "sa_whitelist"
 CHALLENGES = "sa_challenges"
@@ -151,7 +151,7 @@ def _sender_row(e: Any, state: str) -> Op:
 
 
 def _sender_registered(e: Sender.Registered) -> Iterator[Op]:
-    from engine.statemachine import SENDER
+    from sourceauth.engine.statemachine import SENDER
 
     ts = e.timestamp.timestamp()
     yield Upsert(
@@ -292,7 +292,7 @@ class Projector:
             yield _SupersedeIfPending(cid)
 
     def _message_received(self, e: Message.Received) -> Iterator[Op]:
-        from engine.statemachine import MESSAGE
+        from sourceauth.engine.statemachine import MESSAGE
 
         mid = e.originator_id.hex
         ts = e.timestamp.timestamp()

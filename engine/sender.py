@@ -10,7 +10,7 @@ from typing import Any
 
 from eventsourcing.domain import Aggregate
 
-from engine.statemachine import SENDER
+from sourceauth.engine.statemachine import SENDER
 
 
 class Sender(Aggregate):

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from engine.policy import DEFAULT_SPAM_HEADERS, AuthGate, ExemptAction, Exemption, Limits
+from sourceauth.engine.policy import DEFAULT_SPAM_HEADERS, AuthGate, ExemptAction, Exemption, Limits
 
 DAY = 86400.0
 

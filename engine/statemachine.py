@@ -10,16 +10,22 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from transitions import Machine
 
-from engine.errors import IllegalTransition
+from sourceauth.engine.errors import IllegalTransition
 
-SPECS_DIR = Path(
-    os.environ.get("SOURCEAUTH_SPECS", Path(__file__).resolve().parent.parent / "specs")
-)
+
+def _spec_text(filename: str) -> str:
+    """A spec file: from $SOURCEAUTH_SPECS when set (to try a changed machine), else the
+    package data of `sourceauth.specs` (the same files, in a checkout or an installed wheel)."""
+    override = os.environ.get("SOURCEAUTH_SPECS")
+    if override:
+        return (Path(override) / filename).read_text(encoding="utf-8")
+    return resources.files("sourceauth.specs").joinpath(filename).read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -83,9 +89,8 @@ class StateMachineSpec:
         return "\n".join(lines)
 
 
-def _load(path: Path) -> StateMachineSpec:
-    with path.open("rb") as fh:
-        raw: dict[str, Any] = tomllib.load(fh)
+def _load(filename: str) -> StateMachineSpec:
+    raw: dict[str, Any] = tomllib.loads(_spec_text(filename))
     states = tuple(str(s) for s in raw["states"])
     initial = str(raw["initial"])
     edges: list[Transition] = []
@@ -116,6 +121,6 @@ def _load(path: Path) -> StateMachineSpec:
     )
 
 
-SENDER = _load(SPECS_DIR / "sender.toml")
-MESSAGE = _load(SPECS_DIR / "message.toml")
+SENDER = _load("sender.toml")
+MESSAGE = _load("message.toml")
 MACHINES: Mapping[str, StateMachineSpec] = {SENDER.name: SENDER, MESSAGE.name: MESSAGE}

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from adapters.smtp.inbound import parse_headers
-from adapters.storage.wiring import Storage, open_engine
-from engine import tokens
-from engine.addresses import is_null_sender
-from engine.api import (
+from sourceauth.adapters.smtp.inbound import parse_headers
+from sourceauth.adapters.storage.wiring import Storage, open_engine
+from sourceauth.engine import tokens
+from sourceauth.engine.addresses import is_null_sender
+from sourceauth.engine.api import (
     Blob,
     BounceInfo,
     DeliveryJob,
@@ -31,8 +31,8 @@ from engine.api import (
     SendOutcome,
     SendResult,
 )
-from engine.application import SourceAuth
-from engine.settings import EngineSettings
+from sourceauth.engine.application import SourceAuth
+from sourceauth.engine.settings import EngineSettings
 
 START = 1_800_000_000.0
 PROTECTED = ("example.test",)

@@ -19,13 +19,18 @@ from typing import Any
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from adapters.smtp.dsn import parse_bounce
-from adapters.storage.blobs import BlobStoreError, FileBlobStore
-from adapters.storage.dbblobs import DatabaseBlobStore
-from engine.addresses import AddressError, is_null_sender, normalize_address, split_extension
-from engine.api import Blob, BounceInfo, Headers, Incoming, Receipt
-from engine.application import SourceAuth
-from engine.errors import InvalidInput, SourceAuthError
+from sourceauth.adapters.smtp.dsn import parse_bounce
+from sourceauth.adapters.storage.blobs import BlobStoreError, FileBlobStore
+from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
+from sourceauth.engine.addresses import (
+    AddressError,
+    is_null_sender,
+    normalize_address,
+    split_extension,
+)
+from sourceauth.engine.api import Blob, BounceInfo, Headers, Incoming, Receipt
+from sourceauth.engine.application import SourceAuth
+from sourceauth.engine.errors import InvalidInput, SourceAuthError
 
 log = structlog.get_logger(__name__)
 

@@ -9,17 +9,28 @@ from datetime import UTC, datetime
 
 import structlog
 
-from adapters.smtp.challenge import (
+from sourceauth.adapters.smtp.challenge import (
     DEFAULT_BODY_TEMPLATE,
     DEFAULT_SUBJECT_TEMPLATE,
     ChallengeContent,
     compose_challenge,
     verp_address,
 )
-from adapters.smtp.delivery import NextHop, Outcome, deliver, send_message
-from adapters.storage.blobs import BlobCorrupt, BlobNotFound, BlobStoreError, FileBlobStore
-from adapters.storage.dbblobs import DatabaseBlobStore
-from engine.api import DeliveryJob, DeliveryResult, OutgoingChallenge, SendOutcome, SendResult
+from sourceauth.adapters.smtp.delivery import NextHop, Outcome, deliver, send_message
+from sourceauth.adapters.storage.blobs import (
+    BlobCorrupt,
+    BlobNotFound,
+    BlobStoreError,
+    FileBlobStore,
+)
+from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
+from sourceauth.engine.api import (
+    DeliveryJob,
+    DeliveryResult,
+    OutgoingChallenge,
+    SendOutcome,
+    SendResult,
+)
 
 log = structlog.get_logger(__name__)
 

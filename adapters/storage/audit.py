@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 from uuid import UUID
 
-from adapters.storage.views import Dialect, SqlViews, log_pages
-from engine.application import SourceAuth
-from engine.audit import Fault, LogSummary, check_events
+from sourceauth.adapters.storage.views import Dialect, SqlViews, log_pages
+from sourceauth.engine.application import SourceAuth
+from sourceauth.engine.audit import Fault, LogSummary, check_events
 
 PAGE = 5000
 

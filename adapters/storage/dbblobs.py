@@ -13,8 +13,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from adapters.storage.blobs import BlobCorrupt, BlobNotFound, BlobRef, BlobStoreError, _check
-from adapters.storage.sqlite import BLOB_TABLE, CREATE_BLOB_TABLE
+from sourceauth.adapters.storage.blobs import (
+    BlobCorrupt,
+    BlobNotFound,
+    BlobRef,
+    BlobStoreError,
+    _check,
+)
+from sourceauth.adapters.storage.sqlite import BLOB_TABLE, CREATE_BLOB_TABLE
 
 
 class DatabaseBlobStore:

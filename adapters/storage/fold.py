@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine import projections as p
+from sourceauth.engine import projections as p
 
 Row = dict[str, Any]
 PENDING = ("queued", "sent", "deferred")

@@ -61,7 +61,7 @@ FIELDS: Final[tuple[str, ...]] = (
 _FIELD_INDEX: Final[dict[str, int]] = {name: i for i, name in enumerate(FIELDS)}
 
 #: Value for the application's TRANSCODER_TOPIC setting.
-TOPIC: Final = "adapters.storage.transcoder:MsgpackTranscoder"
+TOPIC: Final = "sourceauth.adapters.storage.transcoder:MsgpackTranscoder"
 
 # Msgpack extension type codes (application range 0..127). They are on disk: never renumber.
 EXT_UUID: Final = 1  # 16 raw bytes (UUID.bytes)

@@ -16,9 +16,9 @@ from uuid import UUID
 import structlog
 from eventsourcing.persistence import ApplicationRecorder, Mapper, Notification
 
-from adapters.storage.fold import MemoryTables
-from engine import projections as p
-from engine.api import ChallengeRow, DeliveryRow, HeldMessage, SenderView
+from sourceauth.adapters.storage.fold import MemoryTables
+from sourceauth.engine import projections as p
+from sourceauth.engine.api import ChallengeRow, DeliveryRow, HeldMessage, SenderView
 
 log = structlog.get_logger(__name__)
 

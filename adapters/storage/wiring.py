@@ -12,21 +12,21 @@ from uuid import UUID
 
 from eventsourcing.persistence import ApplicationRecorder, Mapper
 
-from adapters.storage.blobs import FileBlobStore
-from adapters.storage.dbblobs import DatabaseBlobStore
-from adapters.storage.views import (
+from sourceauth.adapters.storage.blobs import FileBlobStore
+from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
+from sourceauth.adapters.storage.views import (
     Dialect,
     PostgresDialect,
     SqlViews,
     postgres_connector,
     sqlite_connector,
 )
-from engine import tokens
-from engine.api import ChallengeTransport, Clock, DeliveryTransport
-from engine.application import SourceAuth, system_clock
-from engine.settings import EngineSettings
+from sourceauth.engine import tokens
+from sourceauth.engine.api import ChallengeTransport, Clock, DeliveryTransport
+from sourceauth.engine.application import SourceAuth, system_clock
+from sourceauth.engine.settings import EngineSettings
 
-TRANSCODER = "adapters.storage.transcoder:MsgpackTranscoder"
+TRANSCODER = "sourceauth.adapters.storage.transcoder:MsgpackTranscoder"
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def eventsourcing_env(storage: Storage) -> dict[str, str]:
         assert storage.sqlite_path is not None
         storage.sqlite_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         env.update(
-            PERSISTENCE_MODULE="adapters.storage.sqlite:TunedSQLiteFactory",
+            PERSISTENCE_MODULE="sourceauth.adapters.storage.sqlite:TunedSQLiteFactory",
             SQLITE_DBNAME=str(storage.sqlite_path),
             SQLITE_SYNCHRONOUS=storage.sqlite_synchronous,
         )

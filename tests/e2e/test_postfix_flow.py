@@ -66,7 +66,7 @@ level = "info"
 
 def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "adapters.cli", *args, "--config", str(config)],
+        [sys.executable, "-m", "sourceauth.adapters.cli", *args, "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -81,7 +81,7 @@ def sourceauth(postfix: PostfixHarness, tmp_path: Path) -> Iterator[Path]:
     config = _config(tmp_path)
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "adapters.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "sourceauth.adapters.cli", "serve", "--config", str(config)],
         stdout=log,
         stderr=subprocess.STDOUT,
     )

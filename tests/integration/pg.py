@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from adapters.storage.wiring import Storage
+from sourceauth.adapters.storage.wiring import Storage
 
 postgres = pytest.mark.postgres
 

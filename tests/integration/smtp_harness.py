@@ -16,9 +16,9 @@ from email.message import Message
 from pathlib import Path
 from typing import Any
 
-from adapters.config import Config, load_config
-from adapters.runtime import Filter
-from adapters.smtp.sink import Received, Sink
+from sourceauth.adapters.config import Config, load_config
+from sourceauth.adapters.runtime import Filter
+from tests.support.smtp_sink import Received, Sink
 
 
 def free_port() -> int:

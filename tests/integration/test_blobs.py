@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.storage.blobs import (
+from sourceauth.adapters.storage.blobs import (
     BlobConflict,
     BlobCorrupt,
     BlobNotFound,

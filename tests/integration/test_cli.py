@@ -12,7 +12,7 @@ import pytest
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "adapters.cli", *args],
+        [sys.executable, "-m", "sourceauth.adapters.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -41,10 +41,10 @@ from uuid import UUID
 
 import pytest
 
-from adapters.config import load_config
-from adapters.runtime import build_engine
-from adapters.smtp.sink import Received, Sink
+from sourceauth.adapters.config import load_config
+from sourceauth.adapters.runtime import build_engine
 from tests.integration.smtp_harness import free_port
+from tests.support.smtp_sink import Received, Sink
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -99,7 +99,7 @@ class Server:
         with self.log.open("ab") as err:
             err.write(f"--- start {self.starts}\n".encode())
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "adapters.cli", "serve", "--config", str(self.config)],
+                [sys.executable, "-m", "sourceauth.adapters.cli", "serve", "--config", str(self.config)],
                 cwd=REPO,
                 stdout=err,
                 stderr=err,
@@ -132,7 +132,7 @@ class Server:
 
 def cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "adapters.cli", *args, "--config", str(config)],
+        [sys.executable, "-m", "sourceauth.adapters.cli", *args, "--config", str(config)],
         cwd=REPO,
         capture_output=True,
         text=True,

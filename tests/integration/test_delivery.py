@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.smtp.delivery import (
+from sourceauth.adapters.smtp.delivery import (
     DeliveryResult,
     NextHop,
     NextHopError,
@@ -23,7 +23,7 @@ from adapters.smtp.delivery import (
     send_message,
     stamp,
 )
-from adapters.smtp.sink import Sink
+from tests.support.smtp_sink import Sink
 
 pytestmark = pytest.mark.timeout(60)
 

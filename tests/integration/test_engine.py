@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from adapters.storage.audit import verify
-from engine import tokens
-from engine.api import (
+from sourceauth.adapters.storage.audit import verify
+from sourceauth.engine import tokens
+from sourceauth.engine.api import (
     BounceInfo,
     Decision,
     DeliveryJob,
@@ -24,11 +24,11 @@ from engine.api import (
     Receipt,
     SendOutcome,
 )
-from engine.application import SourceAuth
-from engine.errors import IllegalTransition, NotFound
-from engine.policy import AuthGate, ExemptAction, Exemption, Limits
-from engine.sender import Sender
-from engine.settings import DAY
+from sourceauth.engine.application import SourceAuth
+from sourceauth.engine.errors import IllegalTransition, NotFound
+from sourceauth.engine.policy import AuthGate, ExemptAction, Exemption, Limits
+from sourceauth.engine.sender import Sender
+from sourceauth.engine.settings import DAY
 from tests.conftest import (
     FakeChallenges,
     FakeClock,

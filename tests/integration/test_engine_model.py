@@ -24,12 +24,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from adapters.storage.audit import verify
-from engine import tokens
-from engine.api import Decision, DeliveryJob, DeliveryResult, Receipt, SendOutcome
-from engine.audit import check_events
-from engine.errors import IllegalTransition, NotFound
-from engine.settings import DAY
+from sourceauth.adapters.storage.audit import verify
+from sourceauth.engine import tokens
+from sourceauth.engine.api import Decision, DeliveryJob, DeliveryResult, Receipt, SendOutcome
+from sourceauth.engine.audit import check_events
+from sourceauth.engine.errors import IllegalTransition, NotFound
+from sourceauth.engine.settings import DAY
 from tests.conftest import (
     FakeChallenges,
     FakeClock,

@@ -17,14 +17,13 @@ from typing import Any
 import pytest
 from eventsourcing.persistence import IntegrityError
 
-from adapters.config import load_config
-from adapters.runtime import build_engine
-from adapters.smtp.sink import Sink
-from adapters.storage.audit import verify
-from adapters.storage.wiring import open_engine
-from engine import tokens
-from engine.api import BounceInfo, Decision, MaintenanceReport, Receipt
-from engine.application import SourceAuth
+from sourceauth.adapters.config import load_config
+from sourceauth.adapters.runtime import build_engine
+from sourceauth.adapters.storage.audit import verify
+from sourceauth.adapters.storage.wiring import open_engine
+from sourceauth.engine import tokens
+from sourceauth.engine.api import BounceInfo, Decision, MaintenanceReport, Receipt
+from sourceauth.engine.application import SourceAuth
 from tests.conftest import (
     FakeChallenges,
     FakeClock,
@@ -44,6 +43,7 @@ from tests.integration.smtp_harness import (
     wait_for,
     write_config,
 )
+from tests.support.smtp_sink import Sink
 
 pytestmark = [postgres, pytest.mark.timeout(120)]
 

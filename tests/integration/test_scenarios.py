@@ -46,8 +46,8 @@ from typing import Any
 
 import pytest
 
-from engine.api import BounceInfo
-from engine.application import SourceAuth
+from sourceauth.engine.api import BounceInfo
+from sourceauth.engine.application import SourceAuth
 from tests.conftest import (
     BOUNCES,
     FakeChallenges,

@@ -252,8 +252,8 @@ def test_graceful_stop_records_everything_accepted(tmp_path: Path) -> None:
         app = flt.app
         accepted = 20
     # after the graceful stop, reopen the same data directory and count what was recorded
-    from adapters.config import load_config
-    from adapters.runtime import build_engine
+    from sourceauth.adapters.config import load_config
+    from sourceauth.adapters.runtime import build_engine
 
     again = build_engine(load_config(tmp_path / "sourceauth.toml"), transports=False)
     try:

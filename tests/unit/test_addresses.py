@@ -6,7 +6,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from engine.addresses import (
+from sourceauth.engine.addresses import (
     AddressError,
     domain_of,
     is_null_sender,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.config import (
+from sourceauth.adapters.config import (
     DAY,
     HOUR,
     AuthGateConfig,
@@ -38,9 +38,9 @@ from adapters.config import (
     parse_duration,
     parse_size,
 )
-from adapters.smtp.delivery import NextHop
-from engine.policy import ExemptAction, Exemption
-from engine.tokens import generate_keyring, render_keyring
+from sourceauth.adapters.smtp.delivery import NextHop
+from sourceauth.engine.policy import ExemptAction, Exemption
+from sourceauth.engine.tokens import generate_keyring, render_keyring
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from engine.statemachine import MACHINES
+from sourceauth.engine.statemachine import MACHINES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,3 +23,18 @@ def test_readme_names_every_sender_and_message_state() -> None:
     for name in ("sender", "message"):
         for state in MACHINES[name].states:
             assert f"`{state}`" in readme, f"README does not mention the {name} state {state!r}"
+
+
+def test_readme_library_example_runs_when_pasted(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## The library API", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "from sourceauth." in code and "from engine" not in code
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "confirmed=True" in done.stdout and "released=1" in done.stdout

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.smtp import dsn
-from adapters.smtp.dsn import BounceReport, extract_original_headers, parse_bounce
+from sourceauth.adapters.smtp import dsn
+from sourceauth.adapters.smtp.dsn import BounceReport, extract_original_headers, parse_bounce
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "dsn"
 STATUS_5XX = re.compile(r"5\.\d{1,3}\.\d{1,3}\Z")

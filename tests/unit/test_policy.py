@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.policy import (
+from sourceauth.engine.policy import (
     DEFAULT_SPAM_HEADERS,
     AuthGate,
     ChallengeRateLimiter,

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import transitions
 
-from engine.errors import IllegalTransition
-from engine.message import Message
-from engine.sender import Sender
-from engine.statemachine import MACHINES, MESSAGE, SENDER, StateMachineSpec
+from sourceauth.engine.errors import IllegalTransition
+from sourceauth.engine.message import Message
+from sourceauth.engine.sender import Sender
+from sourceauth.engine.statemachine import MACHINES, MESSAGE, SENDER, StateMachineSpec
 
 AGGREGATES: dict[str, type[Any]] = {"sender": Sender, "message": Message}
 CREATED: dict[str, type[Any]] = {"sender": Sender.Registered, "message": Message.Received}

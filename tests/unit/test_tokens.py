@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.tokens import (
+from sourceauth.engine.tokens import (
     TOKEN_LENGTH,
     Keyring,
     TokenClaims,

@@ -31,7 +31,7 @@ from eventsourcing.persistence import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.storage.transcoder import FORMAT_VERSION, TOPIC, MsgpackTranscoder
+from sourceauth.adapters.storage.transcoder import FORMAT_VERSION, TOPIC, MsgpackTranscoder
 
 T = MsgpackTranscoder()
 
@@ -567,9 +567,9 @@ def test_every_engine_event_field_has_an_entry_in_the_field_table() -> None:
     """New event fields must be added to FIELDS deliberately (append-only), not silently."""
     import dataclasses
 
-    from adapters.storage.transcoder import FIELDS
-    from engine.message import Message
-    from engine.sender import Sender
+    from sourceauth.adapters.storage.transcoder import FIELDS
+    from sourceauth.engine.message import Message
+    from sourceauth.engine.sender import Sender
 
     classes = [
         v
@@ -585,7 +585,7 @@ def test_every_engine_event_field_has_an_entry_in_the_field_table() -> None:
 
 
 def test_field_table_has_no_duplicates_and_keeps_its_first_entries() -> None:
-    from adapters.storage.transcoder import FIELDS
+    from sourceauth.adapters.storage.transcoder import FIELDS
 
     assert len(set(FIELDS)) == len(FIELDS)
     assert FIELDS[:3] == ("timestamp", "originator_topic", "class_version")

@@ -1,0 +1,1 @@
+"""The state machines as data (`*.toml`), installed as package data of `sourceauth.specs`."""
