@@ -24,8 +24,9 @@ from sourceauth.adapters.smtp.outbound import ChallengeSender, NextHopDelivery
 from sourceauth.adapters.storage.blobs import FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
 from sourceauth.adapters.storage.wiring import Storage, open_blobs, open_engine
-from sourceauth.engine.api import Clock, Receipt
+from sourceauth.engine.api import Receipt
 from sourceauth.engine.application import SourceAuth, system_clock
+from sourceauth.engine.ports import Clock
 
 log = structlog.get_logger(__name__)
 

@@ -1,19 +1,17 @@
-"""Typed inputs and results of the library API, and the small ports adapters implement.
+"""Typed inputs and results of the library API: plain data, no sockets, files or SQL.
 
-Everything here is plain data or a Protocol: no sockets, files or SQL.
+What the engine needs from outside (clock, blobs, transports, views) is in ports.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any
 from uuid import UUID
 
 Headers = Sequence[tuple[str, str]]
-Clock = Callable[[], float]
-"""Unix seconds now; injectable so tests can move time."""
 
 
 @dataclass(frozen=True)
@@ -220,75 +218,3 @@ class DeliveryResult:
     rejected: tuple[str, ...] = ()
     diagnostic: str = ""
     next_hop: str = ""
-
-
-class ChallengeTransport(Protocol):
-    """Sends one challenge (blocking; the engine calls it outside its lock)."""
-
-    def send(self, challenge: OutgoingChallenge) -> SendResult: ...
-
-
-class DeliveryTransport(Protocol):
-    """Hands one message copy to the next hop (blocking; called outside the engine's lock)."""
-
-    def deliver(self, job: DeliveryJob) -> DeliveryResult: ...
-
-
-class BlobStore(Protocol):
-    def delete(self, key: str) -> bool: ...
-
-    def delete_many(self, keys: Sequence[str]) -> int: ...
-
-    def exists(self, key: str) -> bool: ...
-
-
-class ViewStore(Protocol):
-    """The projections, read by the engine for queues and queries (adapters/storage)."""
-
-    def catch_up(self, observer: Callable[[UUID, int], None] | None = None) -> int: ...
-
-    def challenge(self, challenge_id: str) -> ChallengeRow | None: ...
-
-    def known_senders(self, sender_ids: Sequence[str]) -> set[str]: ...
-
-    def held_count(self, recipient: str) -> int: ...
-
-    def recipients_holding(self, at_least: int) -> set[str]: ...
-
-    def challenges_due(self, now: float, limit: int) -> list[ChallengeRow]: ...
-
-    def challenges_lapsed(self, now: float, limit: int) -> list[ChallengeRow]: ...
-
-    def recent_challenges(self, since: float) -> list[tuple[str, float]]: ...
-
-    def held_of_sender(self, sender_id: str) -> list[str]: ...
-
-    def held_lapsed(self, now: float, limit: int) -> list[str]: ...
-
-    def held_of_authorized_senders(self, limit: int) -> list[str]: ...
-
-    def expired_messages(self, limit: int) -> list[str]: ...
-
-    def deliveries_due(self, now: float, limit: int) -> list[DeliveryRow]: ...
-
-    def blobs_unreferenced(self, limit: int) -> list[str]: ...
-
-    def mark_blobs_collected(self, receipt_ids: Sequence[str]) -> None: ...
-
-    def live_copies(self, receipt_id: str) -> int: ...
-
-    def senders(
-        self, *, state: str | None = None, address: str | None = None, limit: int | None = None
-    ) -> list[SenderView]: ...
-
-    def quarantine(
-        self,
-        *,
-        state: str | None = None,
-        sender: str | None = None,
-        limit: int | None = None,
-    ) -> list[HeldMessage]: ...
-
-    def held_message(self, message_id: str) -> HeldMessage | None: ...
-
-    def close(self) -> None: ...

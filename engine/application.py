@@ -31,15 +31,11 @@ from sourceauth.engine.addresses import (
     split_extension,
 )
 from sourceauth.engine.api import (
-    BlobStore,
     ChallengeRow,
-    ChallengeTransport,
-    Clock,
     ConfirmResult,
     Decision,
     DeliveryJob,
     DeliveryResult,
-    DeliveryTransport,
     FailureResult,
     Headers,
     HeldMessage,
@@ -52,7 +48,6 @@ from sourceauth.engine.api import (
     SenderView,
     SendOutcome,
     SendResult,
-    ViewStore,
 )
 from sourceauth.engine.errors import IllegalTransition, InvalidInput, NotFound, TemporaryFailure
 from sourceauth.engine.message import HELD_STATES, Message
@@ -63,6 +58,13 @@ from sourceauth.engine.policy import (
     classify,
     is_automated,
     is_protected,
+)
+from sourceauth.engine.ports import (
+    BlobStore,
+    ChallengeTransport,
+    Clock,
+    DeliveryTransport,
+    ViewStore,
 )
 from sourceauth.engine.sender import Sender
 from sourceauth.engine.settings import EngineSettings

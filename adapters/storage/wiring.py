@@ -22,8 +22,8 @@ from sourceauth.adapters.storage.views import (
     sqlite_connector,
 )
 from sourceauth.engine import tokens
-from sourceauth.engine.api import ChallengeTransport, Clock, DeliveryTransport
 from sourceauth.engine.application import SourceAuth, system_clock
+from sourceauth.engine.ports import ChallengeTransport, Clock, DeliveryTransport
 from sourceauth.engine.settings import EngineSettings
 
 TRANSCODER = "sourceauth.adapters.storage.transcoder:MsgpackTranscoder"
