@@ -5,11 +5,13 @@ Also the secret keyring's file handling (created 0600, reused, refused when othe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import stat
 import threading
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,6 +33,8 @@ from sourceauth.adapters.config import (
     PolicyConfig,
     ServerConfig,
     StorageConfig,
+    build_config,
+    config_key,
     config_summary,
     default_hostname,
     engine_settings,
@@ -39,8 +43,11 @@ from sourceauth.adapters.config import (
     parse_duration,
     parse_size,
 )
+from sourceauth.adapters.config.values import Domain, Duration
+from sourceauth.adapters.runtime import storage_of
 from sourceauth.adapters.smtp.delivery import NextHop
-from sourceauth.engine.policy import ExemptAction, Exemption
+from sourceauth.engine.policy import AuthGate, ExemptAction, Exemption, Limits
+from sourceauth.engine.settings import EngineSettings
 from sourceauth.engine.tokens import generate_keyring, render_keyring
 
 REPO = Path(__file__).resolve().parents[2]
@@ -187,6 +194,21 @@ def file_keys() -> list[str]:
         for key in section.__struct_fields__
         if key != "pg_password"
     ]
+
+
+def test_repository_example_file_shows_the_defaults() -> None:
+    """Every key of the example file equals its default, unless marked "# not the default"."""
+    marked: dict[str, list[str]] = {}
+    section = ""
+    for line in (REPO / "sourceauth.example.toml").read_text(encoding="utf-8").splitlines():
+        if header := re.fullmatch(r"\[(\w+)\]", line):
+            section = header.group(1)
+        elif "# not the default" in line:
+            marked.setdefault(section, []).append(line.split("=", 1)[0].strip())
+    example = tomllib.loads((REPO / "sourceauth.example.toml").read_text(encoding="utf-8"))
+    only_marked = {name: {key: example[name][key] for key in keys} for name, keys in marked.items()}
+    shown, defaults = build_config(example, REPO, {}), build_config(only_marked, REPO, {})
+    assert config_summary(shown) == config_summary(defaults)
 
 
 def test_repository_example_file_shows_every_key() -> None:
@@ -340,6 +362,22 @@ BAD_VALUES = [
     ('[logging]\nlevel = "verbose"', "logging.level: must be"),
     ('[logging]\nformat = "xml"', 'logging.format: must be "json" or "console", got "xml"'),
     ('[maintenance]\ninterval = "soon"', "maintenance.interval: must be a duration"),
+    ('[server]\nhostnme = "mx.test"', "unknown key server.hostnme (did you mean server.hostname?)"),
+    ("[policy]\nscope = 5", 'policy.scope: must be "global" or "recipient", got integer 5'),
+    (
+        '[storage]\ngroup_commit_wait_ms = "2"',
+        'storage.group_commit_wait_ms: must be a number, got "2"',
+    ),
+    ('[challenge]\nconfirm_address = ""', 'challenge.confirm_address: "" is not a valid address'),
+    ('[delivery]\nnext_hop = ""', "delivery.next_hop: bad next hop"),
+    (
+        '[exemptions]\nspam_headers = [["X-Spam", 5]]',
+        "exemptions.spam_headers[0][1]: must be a string, got integer 5",
+    ),
+    (
+        '[exemptions]\nspam_headers = "X-Spam"',
+        'exemptions.spam_headers: must be an array, got "X-Spam"',
+    ),
     ("[maintenance]\ninterval = 0", "maintenance.interval: must be a duration greater than zero"),
 ]
 
@@ -627,6 +665,48 @@ def test_engine_settings_carry_the_operators_policy(tmp_path: Path) -> None:
     assert settings.limits.challenges_per_hour == 1000
     assert settings.limits.max_resends == cfg.policy.max_resends
     assert settings.delivery_give_up_after == 5 * DAY
+
+
+def test_every_engine_setting_comes_from_one_config_key() -> None:
+    nested = [
+        f for f in dataclasses.fields(EngineSettings) if f.name not in ("limits", "auth_gate")
+    ]
+    names = [f.name for kind in (Limits, AuthGate) for f in dataclasses.fields(kind)]
+    names += [f.name for f in nested if f.name != "exemptions"]
+    assert {name: config_key(name) for name in names if config_key(name) is None} == {}
+    assert config_key("challenge_retry_initial") == "challenge.retry_initial"
+    assert config_key("max_resends") == "policy.max_resends"
+
+
+def test_schema_defaults_are_the_engines_defaults(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, '[server]\nhostname = "mx.example.test"\n')
+    assert engine_settings(cfg) == EngineSettings(
+        confirm_address="confirm@mx.example.test", bounce_address="bounces@mx.example.test"
+    )
+
+
+def test_sections_built_directly_derive_what_the_loader_derives() -> None:
+    cfg = Config(server=ServerConfig(hostname=Domain("mx.example.test"), data_dir=Path("/srv/sa")))
+    assert cfg.challenge.confirm_address == "confirm@mx.example.test"
+    assert cfg.storage.sqlite_path == Path("/srv/sa/sourceauth.db")
+    assert cfg.delivery.next_hop_endpoint == NextHop("maildir", "", 0, "/srv/sa/mail")
+    assert PolicyConfig(challenge_lifetime=Duration("3d")).hold_lifetime == 3 * DAY
+
+
+def test_storage_wiring_takes_every_postgresql_part_from_the_url(tmp_path: Path) -> None:
+    storage = storage_of(load_text(tmp_path, PG_URL))
+    assert (storage.pg_host, storage.pg_port, storage.pg_user) == (
+        "db.example.test",
+        6432,
+        "mail@app",
+    )
+    assert (storage.pg_dbname, storage.pg_schema, storage.pg_password) == (
+        "sourceauth",
+        "filter",
+        "p:ss",
+    )
+    assert (storage.kind, storage.blob_location) == ("postgresql", "files")
+    assert "p:ss" not in repr(storage)
 
 
 # ---------------------------------------------------------------- the secret keyring
