@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
+
+from tests.integration import test_cli
 
 BASE = (
     '[server]\ndata_dir = "./var"\nhostname = "mx.example.test"\n'
@@ -14,13 +15,7 @@ BASE = (
 
 
 def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sourceauth.adapters.cli", *args, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return test_cli.run(*args, "--config", str(config))
 
 
 def write(tmp_path: Path, logging: str) -> Path:

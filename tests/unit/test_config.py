@@ -46,6 +46,7 @@ from sourceauth.adapters.config import (
 from sourceauth.adapters.config.values import Domain, Duration
 from sourceauth.adapters.runtime import storage_of
 from sourceauth.adapters.smtp.delivery import NextHop
+from sourceauth.adapters.storage.wiring import Storage
 from sourceauth.engine.policy import AuthGate, ExemptAction, Exemption, Limits
 from sourceauth.engine.settings import EngineSettings
 from sourceauth.engine.tokens import generate_keyring, render_keyring
@@ -595,20 +596,25 @@ def test_home_directory_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 PG_URL = '[storage]\nurl = "postgresql://mail%40app:p%3Ass@db.example.test:6432/sourceauth?schema=filter"\n'
 
 
+PG_PARTS = ("db.example.test", 6432, "mail@app", "sourceauth", "filter", "p:ss")
+
+
+def pg_parts(storage: StorageConfig | Storage) -> tuple[object, ...]:
+    return (
+        storage.pg_host,
+        storage.pg_port,
+        storage.pg_user,
+        storage.pg_dbname,
+        storage.pg_schema,
+        storage.pg_password,
+    )
+
+
 def test_postgresql_url_is_parsed_into_fields(tmp_path: Path) -> None:
     storage = load_text(tmp_path, PG_URL).storage
     assert storage.kind == "postgresql"
     assert storage.sqlite_path is None
-    assert (storage.pg_host, storage.pg_port, storage.pg_user) == (
-        "db.example.test",
-        6432,
-        "mail@app",
-    )
-    assert (storage.pg_dbname, storage.pg_schema, storage.pg_password) == (
-        "sourceauth",
-        "filter",
-        "p:ss",
-    )
+    assert pg_parts(storage) == PG_PARTS
     assert storage.url == "postgresql://mail%40app@db.example.test:6432/sourceauth?schema=filter"
 
 
@@ -695,16 +701,7 @@ def test_sections_built_directly_derive_what_the_loader_derives() -> None:
 
 def test_storage_wiring_takes_every_postgresql_part_from_the_url(tmp_path: Path) -> None:
     storage = storage_of(load_text(tmp_path, PG_URL))
-    assert (storage.pg_host, storage.pg_port, storage.pg_user) == (
-        "db.example.test",
-        6432,
-        "mail@app",
-    )
-    assert (storage.pg_dbname, storage.pg_schema, storage.pg_password) == (
-        "sourceauth",
-        "filter",
-        "p:ss",
-    )
+    assert pg_parts(storage) == PG_PARTS
     assert (storage.kind, storage.blob_location) == ("postgresql", "files")
     assert "p:ss" not in repr(storage)
 
