@@ -6,8 +6,6 @@ reads the file; settings.py derives the engine's settings; keyring.py handles th
 
 from sourceauth.adapters.config.keyring import load_or_create_keyring
 from sourceauth.adapters.config.loader import (
-    DB_PASSWORD_ENV,
-    DEFAULT_CONFIG_FILE,
     build_config,
     load_config,
 )
@@ -29,23 +27,16 @@ from sourceauth.adapters.config.settings import config_key, config_summary, engi
 from sourceauth.adapters.config.values import (
     DAY,
     HOUR,
-    MINUTE,
-    WEEK,
     ConfigError,
     default_hostname,
     parse_duration,
-    parse_listen,
     parse_size,
 )
 
 __all__ = [
     "DAY",
-    "DB_PASSWORD_ENV",
-    "DEFAULT_CONFIG_FILE",
     "HOUR",
-    "MINUTE",
     "SECTIONS",
-    "WEEK",
     "AuthGateConfig",
     "ChallengeConfig",
     "Config",
@@ -66,6 +57,5 @@ __all__ = [
     "load_config",
     "load_or_create_keyring",
     "parse_duration",
-    "parse_listen",
     "parse_size",
 ]

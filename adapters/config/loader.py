@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import functools
 import os
 import re
 import tomllib
@@ -257,6 +258,7 @@ def _member(kind: Any, part: str) -> Any:
     return args[0] if len(args) == 2 and args[1] is Ellipsis else args[int(part)]
 
 
+@functools.cache
 def _hints(kind: type) -> dict[str, Any]:
     return typing.get_type_hints(kind, include_extras=True)
 

@@ -1,7 +1,8 @@
 """The configuration schema: one msgspec Struct per [section]; each field is the key, its type
 and its default. Keys the engine reads take their defaults from the engine's own settings.
 
-A default of None or "" means "derived", as its comment says; Config fills it in.
+A default of None or "" means "derived", as its comment says; Config fills it in. The values
+are shown in docs/configuration.md and sourceauth.example.toml; a test keeps the example equal.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ def _must(description: str, **constraints: Any) -> Any:
     return msgspec.Meta(description=description, **constraints)
 
 
-_AUTHSERV = r'\A[^\s;"()]+\Z'
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 Line = Annotated[str, _must("must be a non-empty single line", pattern=r"\A[^\x00-\x1f\x7f]+\Z")]

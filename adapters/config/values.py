@@ -248,15 +248,6 @@ class Listen(str):
         return listen
 
 
-def parse_listen(text: str, key: str) -> tuple[str, int]:
-    """Split "host:port" or "[ipv6]:port" into (host, port); ConfigError naming key if bad."""
-    try:
-        listen = Listen(text)
-    except ValueError as error:
-        raise ConfigError(f"{key}: {error}") from None
-    return listen.host, listen.port
-
-
 # ---------------------------------------------------------------- endpoints and the storage URL
 
 
