@@ -183,12 +183,14 @@ def _explain(error: str, document: Mapping[str, Any]) -> ConfigError:
     key = where.rstrip("`").lstrip(".")
     if not (message.startswith("Expected `") or message.startswith("Invalid enum value")):
         return ConfigError(f"{key}: {message}")  # raised by a value type: already explained
-    parts = re.findall(r"[^.\[\]]+", key)
     value: Any = document
     kind: Any = Config
-    for part in parts:
-        value = value[int(part)] if isinstance(value, list) else value[part]
-        kind = _member(kind, part)
+    try:
+        for part in re.findall(r"[^.\[\]]+", key):
+            value = value[int(part)] if isinstance(value, list) else value[part]
+            kind = _member(kind, part)
+    except (KeyError, IndexError, ValueError):  # not a value of the file: say what msgspec said
+        return ConfigError(f"{key}: {message}")
     return ConfigError(f"{key}: {_expected(kind, value)}")
 
 
