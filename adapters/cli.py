@@ -48,10 +48,14 @@ def with_config(func: F) -> F:
     )
     @functools.wraps(func)
     def wrapper(*args: Any, config_path: Path | None, **kwargs: Any) -> Any:
+        from sourceauth.adapters.runtime import configure_logging
+
         try:
             cfg = load_config(config_path)
         except ConfigError as exc:
             raise BadInput(str(exc)) from exc
+        # Every command logs as [logging] says, to stderr: stdout is the command's output.
+        configure_logging(cfg.logging.format, cfg.logging.level)
         return func(cfg, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -59,9 +63,8 @@ def with_config(func: F) -> F:
 
 @contextmanager
 def engine_for(cfg: Config, *, transports: bool = False) -> Iterator[Any]:
-    from sourceauth.adapters.runtime import build_engine, configure_logging
+    from sourceauth.adapters.runtime import build_engine
 
-    configure_logging("console", "warning")
     try:
         app = build_engine(cfg, transports=transports)
     except ConfigError as exc:
@@ -106,10 +109,8 @@ def cli() -> None:
 @with_config
 def serve(cfg: Config) -> None:
     """Run the filter: inbound SMTP, challenge sender, delivery worker, maintenance timer."""
-    from sourceauth.adapters.runtime import configure_logging
     from sourceauth.adapters.runtime import serve as run
 
-    configure_logging(cfg.logging.format, cfg.logging.level)
     try:
         code = run(cfg)
     except ConfigError as exc:

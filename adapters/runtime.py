@@ -12,12 +12,18 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 import orjson
 import structlog
 
-from sourceauth.adapters.config import Config, engine_settings, load_or_create_keyring
+from sourceauth.adapters.config import (
+    Config,
+    config_summary,
+    engine_settings,
+    load_or_create_keyring,
+)
 from sourceauth.adapters.smtp.challenge import DEFAULT_BODY_TEMPLATE, DEFAULT_SUBJECT_TEMPLATE
 from sourceauth.adapters.smtp.inbound import FilterHandler, GroupCommitter, inbound_server_factory
 from sourceauth.adapters.smtp.outbound import ChallengeSender, NextHopDelivery
@@ -56,26 +62,10 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: Any = None
 
 
 def storage_of(cfg: Config) -> Storage:
-    st = cfg.storage
-    if st.kind == "sqlite":
-        return Storage(
-            kind="sqlite",
-            sqlite_path=st.sqlite_path,
-            blob_dir=st.blob_dir,
-            sqlite_synchronous=st.sqlite_synchronous,
-            blobs=st.blobs or "",
-        )
-    return Storage(
-        kind="postgresql",
-        pg_host=st.pg_host or "127.0.0.1",
-        pg_port=st.pg_port or 5432,
-        pg_user=st.pg_user or "postgres",
-        pg_password=st.pg_password or "",
-        pg_dbname=st.pg_dbname or "postgres",
-        pg_schema=st.pg_schema or "",
-        blob_dir=st.blob_dir,
-        blobs="files",
-    )
+    """The storage wiring for [storage]: each Storage field the configuration sets, by name
+    (the URL fills every pg_* field, so no default is repeated here)."""
+    values = {item.name: getattr(cfg.storage, item.name, None) for item in fields(Storage)}
+    return Storage(**{name: value for name, value in values.items() if value is not None})
 
 
 def build_engine(
@@ -298,6 +288,7 @@ class Filter:
             listen=self.cfg.server.listen,
             hostname=self.cfg.server.hostname,
             workers=self.mode,
+            config=config_summary(self.cfg),
         )
 
     @property

@@ -11,14 +11,17 @@ import os
 import re
 import stat
 import threading
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from sourceauth.adapters.config import (
     DAY,
     HOUR,
+    SECTIONS,
     AuthGateConfig,
     ChallengeConfig,
     Config,
@@ -30,6 +33,8 @@ from sourceauth.adapters.config import (
     PolicyConfig,
     ServerConfig,
     StorageConfig,
+    build_config,
+    config_key,
     config_summary,
     default_hostname,
     engine_settings,
@@ -38,8 +43,12 @@ from sourceauth.adapters.config import (
     parse_duration,
     parse_size,
 )
+from sourceauth.adapters.config.values import Domain, Duration
+from sourceauth.adapters.runtime import storage_of
 from sourceauth.adapters.smtp.delivery import NextHop
-from sourceauth.engine.policy import ExemptAction, Exemption
+from sourceauth.adapters.storage.wiring import Storage
+from sourceauth.engine.policy import AuthGate, ExemptAction, Exemption, Limits
+from sourceauth.engine.settings import EngineSettings
 from sourceauth.engine.tokens import generate_keyring, render_keyring
 
 REPO = Path(__file__).resolve().parents[2]
@@ -180,14 +189,27 @@ def test_repository_example_file_loads_cleanly() -> None:
 
 def file_keys() -> list[str]:
     """Every "section.key" an operator may write (pg_password comes from the URL or env)."""
-    defaults = Config()
     return [
-        f"{section.name}.{item.name}"
-        for section in dataclasses.fields(Config)
-        if section.name != "file"
-        for item in dataclasses.fields(getattr(defaults, section.name))
-        if item.init and item.name != "pg_password"
+        f"{name}.{key}"
+        for name, section in SECTIONS.items()
+        for key in section.__struct_fields__
+        if key != "pg_password"
     ]
+
+
+def test_repository_example_file_shows_the_defaults() -> None:
+    """Every key of the example file equals its default, unless marked "# not the default"."""
+    marked: dict[str, list[str]] = {}
+    section = ""
+    for line in (REPO / "sourceauth.example.toml").read_text(encoding="utf-8").splitlines():
+        if header := re.fullmatch(r"\[(\w+)\]", line):
+            section = header.group(1)
+        elif "# not the default" in line:
+            marked.setdefault(section, []).append(line.split("=", 1)[0].strip())
+    example = tomllib.loads((REPO / "sourceauth.example.toml").read_text(encoding="utf-8"))
+    only_marked = {name: {key: example[name][key] for key in keys} for name, keys in marked.items()}
+    shown, defaults = build_config(example, REPO, {}), build_config(only_marked, REPO, {})
+    assert config_summary(shown) == config_summary(defaults)
 
 
 def test_repository_example_file_shows_every_key() -> None:
@@ -341,6 +363,22 @@ BAD_VALUES = [
     ('[logging]\nlevel = "verbose"', "logging.level: must be"),
     ('[logging]\nformat = "xml"', 'logging.format: must be "json" or "console", got "xml"'),
     ('[maintenance]\ninterval = "soon"', "maintenance.interval: must be a duration"),
+    ('[server]\nhostnme = "mx.test"', "unknown key server.hostnme (did you mean server.hostname?)"),
+    ("[policy]\nscope = 5", 'policy.scope: must be "global" or "recipient", got integer 5'),
+    (
+        '[storage]\ngroup_commit_wait_ms = "2"',
+        'storage.group_commit_wait_ms: must be a number, got "2"',
+    ),
+    ('[challenge]\nconfirm_address = ""', 'challenge.confirm_address: "" is not a valid address'),
+    ('[delivery]\nnext_hop = ""', "delivery.next_hop: bad next hop"),
+    (
+        '[exemptions]\nspam_headers = [["X-Spam", 5]]',
+        "exemptions.spam_headers[0][1]: must be a string, got integer 5",
+    ),
+    (
+        '[exemptions]\nspam_headers = "X-Spam"',
+        'exemptions.spam_headers: must be an array, got "X-Spam"',
+    ),
     ("[maintenance]\ninterval = 0", "maintenance.interval: must be a duration greater than zero"),
 ]
 
@@ -558,20 +596,25 @@ def test_home_directory_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 PG_URL = '[storage]\nurl = "postgresql://mail%40app:p%3Ass@db.example.test:6432/sourceauth?schema=filter"\n'
 
 
+PG_PARTS = ("db.example.test", 6432, "mail@app", "sourceauth", "filter", "p:ss")
+
+
+def pg_parts(storage: StorageConfig | Storage) -> tuple[object, ...]:
+    return (
+        storage.pg_host,
+        storage.pg_port,
+        storage.pg_user,
+        storage.pg_dbname,
+        storage.pg_schema,
+        storage.pg_password,
+    )
+
+
 def test_postgresql_url_is_parsed_into_fields(tmp_path: Path) -> None:
     storage = load_text(tmp_path, PG_URL).storage
     assert storage.kind == "postgresql"
     assert storage.sqlite_path is None
-    assert (storage.pg_host, storage.pg_port, storage.pg_user) == (
-        "db.example.test",
-        6432,
-        "mail@app",
-    )
-    assert (storage.pg_dbname, storage.pg_schema, storage.pg_password) == (
-        "sourceauth",
-        "filter",
-        "p:ss",
-    )
+    assert pg_parts(storage) == PG_PARTS
     assert storage.url == "postgresql://mail%40app@db.example.test:6432/sourceauth?schema=filter"
 
 
@@ -614,7 +657,7 @@ def test_config_summary_is_json_ready_and_covers_every_section(tmp_path: Path) -
     assert decoded["file"] == str(tmp_path / "sourceauth.toml")
     assert decoded["server"]["listen_port"] == 10030
     assert decoded["challenge"]["relay_endpoint"] == "smtp://127.0.0.1:10031"
-    assert set(decoded) == {"file"} | {f.name for f in dataclasses.fields(Config)} - {"file"}
+    assert set(decoded) == {"file", *SECTIONS}
 
 
 def test_engine_settings_carry_the_operators_policy(tmp_path: Path) -> None:
@@ -628,6 +671,39 @@ def test_engine_settings_carry_the_operators_policy(tmp_path: Path) -> None:
     assert settings.limits.challenges_per_hour == 1000
     assert settings.limits.max_resends == cfg.policy.max_resends
     assert settings.delivery_give_up_after == 5 * DAY
+
+
+def test_every_engine_setting_comes_from_one_config_key() -> None:
+    nested = [
+        f for f in dataclasses.fields(EngineSettings) if f.name not in ("limits", "auth_gate")
+    ]
+    names = [f.name for kind in (Limits, AuthGate) for f in dataclasses.fields(kind)]
+    names += [f.name for f in nested if f.name != "exemptions"]
+    assert {name: config_key(name) for name in names if config_key(name) is None} == {}
+    assert config_key("challenge_retry_initial") == "challenge.retry_initial"
+    assert config_key("max_resends") == "policy.max_resends"
+
+
+def test_schema_defaults_are_the_engines_defaults(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, '[server]\nhostname = "mx.example.test"\n')
+    assert engine_settings(cfg) == EngineSettings(
+        confirm_address="confirm@mx.example.test", bounce_address="bounces@mx.example.test"
+    )
+
+
+def test_sections_built_directly_derive_what_the_loader_derives() -> None:
+    cfg = Config(server=ServerConfig(hostname=Domain("mx.example.test"), data_dir=Path("/srv/sa")))
+    assert cfg.challenge.confirm_address == "confirm@mx.example.test"
+    assert cfg.storage.sqlite_path == Path("/srv/sa/sourceauth.db")
+    assert cfg.delivery.next_hop_endpoint == NextHop("maildir", "", 0, "/srv/sa/mail")
+    assert PolicyConfig(challenge_lifetime=Duration("3d")).hold_lifetime == 3 * DAY
+
+
+def test_storage_wiring_takes_every_postgresql_part_from_the_url(tmp_path: Path) -> None:
+    storage = storage_of(load_text(tmp_path, PG_URL))
+    assert pg_parts(storage) == PG_PARTS
+    assert (storage.kind, storage.blob_location) == ("postgresql", "files")
+    assert "p:ss" not in repr(storage)
 
 
 # ---------------------------------------------------------------- the secret keyring
@@ -686,7 +762,7 @@ def test_secret_from_the_environment_wins_and_no_file_is_created(tmp_path: Path)
 
 
 def test_secret_env_variable_name_is_configurable(tmp_path: Path) -> None:
-    cfg = dataclasses.replace(secret_config(tmp_path), secret_env="MY_KEYS")
+    cfg = msgspec.structs.replace(secret_config(tmp_path), secret_env="MY_KEYS")
     text = render_keyring(generate_keyring())
     assert render_keyring(load_or_create_keyring(cfg, {"MY_KEYS": text})) == text
 

@@ -1,0 +1,119 @@
+"""The challenge keyring: read from the environment or the secret file, or created 0600.
+
+Key material never reaches a message or a log; rotation (kids) is engine.tokens' format.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+
+from sourceauth.adapters.config.schema import ChallengeConfig
+from sourceauth.adapters.config.values import ConfigError
+from sourceauth.engine.tokens import Keyring, generate_keyring, parse_keyring, render_keyring
+
+_KEY = "challenge.secret_file"
+
+
+def load_or_create_keyring(cfg: ChallengeConfig, environ: Mapping[str, str]) -> Keyring:
+    """The token keyring: from env var cfg.secret_env if set, else cfg.secret_file.
+
+    A missing file is created with mode 0600 (parents 0700) from a new random keyring. A file
+    readable or writable by group or others is refused. Errors never contain key material.
+    """
+    if cfg.secret_env in environ:
+        text = environ[cfg.secret_env]
+        if not text.strip():
+            raise ConfigError(f"environment variable {cfg.secret_env} is set but empty")
+        return _parse_secret(text, f"environment variable {cfg.secret_env}")
+    path = cfg.secret_file
+    if path is None:
+        raise ConfigError(f"{_KEY}: not set")
+    try:
+        return _read_secret_file(path)
+    except FileNotFoundError:
+        pass
+    return _create_secret_file(path)
+
+
+def _parse_secret(text: str, where: str) -> Keyring:
+    try:
+        return parse_keyring(text)
+    except ValueError as error:
+        # parse_keyring's messages name the line, never the key material.
+        raise ConfigError(f"{where}: not a valid keyring: {error}") from None
+
+
+def _read_secret_file(path: Path) -> Keyring:
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ConfigError(f"{_KEY}: {path} is a symlink; name the file itself") from None
+        raise ConfigError(f"{_KEY}: cannot open {path} ({error.strerror})") from None
+    with os.fdopen(descriptor, "rb") as handle:
+        status = os.fstat(handle.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise ConfigError(f"{_KEY}: {path} is not a regular file")
+        if status.st_mode & 0o077:
+            raise ConfigError(
+                f"{_KEY}: {path} is readable or writable by group or others "
+                f"(mode {status.st_mode & 0o777:04o}); run: chmod 600 {path}"
+            )
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{_KEY}: {path} is not a valid keyring (not UTF-8 text)") from None
+    return _parse_secret(text, f"{_KEY}: {path}")
+
+
+def _create_secret_file(path: Path) -> Keyring:
+    keyring = generate_keyring()
+    data = render_keyring(keyring).encode("utf-8")
+    try:
+        _make_private_dirs(path.parent)
+        # Write a private temporary file, then link it into place: readers never see a partial
+        # file, and a process racing us keeps whichever keyring was linked first.
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        descriptor = os.open(
+            temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                return _read_secret_file(path)
+        finally:
+            temporary.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+    except OSError as error:
+        raise ConfigError(f"{_KEY}: cannot create {path} ({error.strerror})") from None
+    return keyring
+
+
+def _make_private_dirs(directory: Path) -> None:
+    missing: list[Path] = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for created in reversed(missing):
+        created.mkdir(mode=0o700, exist_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

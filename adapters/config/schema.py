@@ -1,0 +1,291 @@
+"""The configuration schema: one msgspec Struct per [section]; each field is the key, its type
+and its default. Keys the engine reads take their defaults from the engine's own settings.
+
+A default of None or "" means "derived", as its comment says; Config fills it in. The values
+are shown in docs/configuration.md and sourceauth.example.toml; a test keeps the example equal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import msgspec
+from msgspec.structs import force_setattr, replace
+
+from sourceauth.adapters.config.values import (
+    Address,
+    Domain,
+    Duration,
+    Listen,
+    NextHopUrl,
+    Protected,
+    Relay,
+    Secret,
+    Size,
+    StorageUrl,
+    default_hostname,
+    parse_endpoint,
+    unset,
+)
+from sourceauth.adapters.smtp.delivery import NextHop
+from sourceauth.engine.policy import AuthGate, ExemptAction, Exemption, Limits
+from sourceauth.engine.settings import EngineSettings
+
+_ENGINE = EngineSettings()
+_LIMITS = Limits()
+_GATE = AuthGate()
+
+
+def _must(description: str, **constraints: Any) -> Any:
+    """A constraint with the message an operator sees when it fails: "must be …"."""
+    return msgspec.Meta(description=description, **constraints)
+
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Line = Annotated[str, _must("must be a non-empty single line", pattern=r"\A[^\x00-\x1f\x7f]+\Z")]
+Template = Annotated[
+    str, _must("must not be empty (leave the key out for the built-in text)", pattern=r"\S")
+]
+Delimiter = Annotated[
+    str, _must('must be one character such as "+" or "-"', pattern=r"\A[-+=_~#%&!$*/?^{|}]\Z")
+]
+EnvName = Annotated[
+    str, _must("must be an environment variable name", pattern=r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
+]
+AuthservId = Annotated[
+    str,
+    _must(
+        "must be an authserv-id (no spaces, quotes, ; or parentheses)", pattern=r'\A[^\s;"()]+\Z'
+    ),
+]
+HeaderName = Annotated[str, _must("must be a header field name", pattern=r"\A[!-9;-~]+\Z")]
+SpamHeader = Annotated[tuple[HeaderName, Line], _must('must be a pair ["Header-Name", "value"]')]
+
+
+class Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A [section] of the file; derived lists the computed values config_summary also shows."""
+
+    derived: ClassVar[tuple[str, ...]] = ()
+
+
+class ServerConfig(Section, frozen=True):
+    """[server]: the inbound SMTP listener, this host's name and the data directory."""
+
+    listen: Listen = Listen("127.0.0.1:2525")
+    hostname: Domain = unset(Domain)  # "": this host's FQDN, else "localhost"
+    data_dir: Path = Path("var")
+
+    derived = ("listen_host", "listen_port")
+
+    @property
+    def listen_host(self) -> str:
+        return Listen(self.listen).host
+
+    @property
+    def listen_port(self) -> int:
+        return Listen(self.listen).port
+
+
+def _url_part(name: str) -> Any:
+    return property(lambda self: getattr(StorageUrl(self.url), name), doc=f"{name} of url")
+
+
+class StorageConfig(Section, frozen=True):
+    """[storage]: the event store (SQLite file or PostgreSQL) and the blob directory.
+
+    url never holds the password: it comes from the URL or SOURCEAUTH_DB_PASSWORD.
+    """
+
+    url: StorageUrl | None = None  # None: sqlite:///<data_dir>/sourceauth.db
+    blob_dir: Path | None = None  # None: <data_dir>/blobs
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = "FULL"
+    group_commit_max: PositiveInt = 256
+    group_commit_wait_ms: Annotated[float, _must("must be zero or more", ge=0)] = 2.0
+    # "database" (SQLite only: in the same file and transaction as the events) or "files".
+    blobs: Literal["database", "files"] | None = None  # None: "database" on SQLite, else "files"
+    pg_password: Secret | None = None  # not a file key: from the URL or SOURCEAUTH_DB_PASSWORD
+
+    derived = ("kind", "sqlite_path", "pg_host", "pg_port", "pg_user", "pg_dbname", "pg_schema")
+    kind = _url_part("kind")
+    sqlite_path = _url_part("sqlite_path")
+    pg_host = _url_part("pg_host")
+    pg_port = _url_part("pg_port")
+    pg_user = _url_part("pg_user")
+    pg_dbname = _url_part("pg_dbname")
+    pg_schema = _url_part("pg_schema")
+
+    def __post_init__(self) -> None:
+        if self.url is None:
+            return
+        url = StorageUrl(self.url)
+        force_setattr(self, "url", url)
+        if url.kind != "postgresql":
+            force_setattr(self, "pg_password", None)
+        elif self.pg_password is None and url.password is not None:
+            force_setattr(self, "pg_password", url.password)
+        if self.blobs is None:
+            force_setattr(self, "blobs", "database" if url.kind == "sqlite" else "files")
+
+
+class PolicyConfig(Section, frozen=True):
+    """[policy]: who is protected, whitelist scope, lifetimes and resend rules."""
+
+    protected: tuple[Protected, ...] = _ENGINE.protected  # type: ignore[assignment]
+    scope: Literal["global", "recipient"] = _ENGINE.scope
+    challenge_lifetime: Duration = Duration(_ENGINE.challenge_lifetime)
+    failed_action: Literal["purge", "keep"] = _ENGINE.failed_action
+    hold_lifetime: Duration | None = None  # None: challenge_lifetime
+    recipient_delimiter: Delimiter = _ENGINE.recipient_delimiter
+    max_resends: Count = _LIMITS.max_resends
+    resend_after: Duration = Duration(_ENGINE.resend_after)
+
+    def __post_init__(self) -> None:
+        if self.hold_lifetime is None:
+            force_setattr(self, "hold_lifetime", self.challenge_lifetime)
+
+
+class ChallengeConfig(Section, frozen=True):
+    """[challenge]: how challenges leave, the VERP addresses, the secret and the wording."""
+
+    relay: Relay = Relay("")  # "": maildir:<data_dir>/outbox
+    confirm_address: Address = unset(Address)  # "": confirm@<server.hostname>
+    bounce_address: Address = unset(Address)  # "": bounces@<server.hostname>
+    secret_file: Path | None = None  # None: <data_dir>/secret
+    secret_env: EnvName = "SOURCEAUTH_SECRET"
+    subject_template: Line | None = None  # None: the built-in text
+    body_template: Template | None = None  # None: the built-in text
+    display_name: Line = "Mail Source Authentication"
+    retry_initial: Duration = Duration(_ENGINE.challenge_retry_initial)
+    retry_max: Duration = Duration(_ENGINE.challenge_retry_max)
+    give_up_after: Duration = Duration(_ENGINE.challenge_give_up_after)
+
+    derived = ("relay_endpoint",)
+
+    @property
+    def relay_endpoint(self) -> NextHop:
+        return parse_endpoint(self.relay, Relay.schemes)
+
+
+class DeliveryConfig(Section, frozen=True):
+    """[delivery]: the next hop for released and unprotected mail, and its retry schedule."""
+
+    next_hop: NextHopUrl = NextHopUrl("")  # "": maildir:<data_dir>/mail
+    retry_initial: Duration = Duration(_ENGINE.delivery_retry_initial)
+    retry_max: Duration = Duration(_ENGINE.delivery_retry_max)
+    give_up_after: Duration = Duration(_ENGINE.delivery_give_up_after)
+
+    derived = ("next_hop_endpoint",)
+
+    @property
+    def next_hop_endpoint(self) -> NextHop:
+        return parse_endpoint(self.next_hop, NextHopUrl.schemes)
+
+
+class LimitsConfig(Section, frozen=True):
+    """[limits]: rate limits and size caps; excess mail is held without a challenge."""
+
+    challenges_per_domain_per_hour: PositiveInt = _LIMITS.challenges_per_domain_per_hour
+    challenges_per_hour: PositiveInt = _LIMITS.challenges_per_hour
+    held_per_recipient: PositiveInt = _ENGINE.held_per_recipient
+    max_message_size: Size = Size("25MB")
+    max_recipients: PositiveInt = _ENGINE.max_recipients
+
+
+def _exempt(exemption: Exemption) -> ExemptAction:
+    return _ENGINE.exemptions[exemption]
+
+
+class ExemptionsConfig(Section, frozen=True):
+    """[exemptions]: what to do with each class of mail that must never be challenged."""
+
+    null_sender: ExemptAction = _exempt(Exemption.NULL_SENDER)
+    mailer_daemon: ExemptAction = _exempt(Exemption.MAILER_DAEMON)
+    auto_submitted: ExemptAction = _exempt(Exemption.AUTO_SUBMITTED)
+    mailing_list: ExemptAction = _exempt(Exemption.MAILING_LIST)
+    bulk: ExemptAction = _exempt(Exemption.BULK)
+    dsn: ExemptAction = _exempt(Exemption.DSN)
+    spam: ExemptAction = _exempt(Exemption.SPAM)
+    spam_headers: tuple[SpamHeader, ...] = _ENGINE.spam_headers
+
+
+class AuthGateConfig(Section, frozen=True):
+    """[auth_gate]: challenge only senders whose domain passed SPF and/or DKIM upstream."""
+
+    enabled: bool = _GATE.enabled
+    trusted_authserv_ids: tuple[AuthservId, ...] = _GATE.trusted_authserv_ids
+    require: Literal["spf", "dkim", "spf_or_dkim"] = _GATE.require
+
+
+class LoggingConfig(Section, frozen=True):
+    """[logging]: structlog output format and level (every command, not only serve)."""
+
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class MaintenanceConfig(Section, frozen=True):
+    """[maintenance]: the maintenance timer inside `sourceauth serve`."""
+
+    interval: Duration = Duration("5m")
+
+
+def _section(kind: type[Section]) -> Any:
+    return msgspec.field(default_factory=kind)
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The whole configuration; build it with load_config. file is None for built-in defaults.
+
+    Building one fills in every derived default (None above) from data_dir and hostname.
+    """
+
+    server: ServerConfig = _section(ServerConfig)
+    storage: StorageConfig = _section(StorageConfig)
+    policy: PolicyConfig = _section(PolicyConfig)
+    challenge: ChallengeConfig = _section(ChallengeConfig)
+    delivery: DeliveryConfig = _section(DeliveryConfig)
+    limits: LimitsConfig = _section(LimitsConfig)
+    exemptions: ExemptionsConfig = _section(ExemptionsConfig)
+    auth_gate: AuthGateConfig = _section(AuthGateConfig)
+    logging: LoggingConfig = _section(LoggingConfig)
+    maintenance: MaintenanceConfig = _section(MaintenanceConfig)
+    file: Path | None = None  # not a file key: the file this was loaded from
+
+    def __post_init__(self) -> None:
+        server = self.server
+        if not server.hostname:  # only look the FQDN up (DNS) when the file names no host
+            server = replace(server, hostname=Domain(default_hostname()))
+        data, host = server.data_dir, server.hostname
+        storage, challenge, delivery = self.storage, self.challenge, self.delivery
+        if storage.url is None or storage.blob_dir is None:
+            storage = replace(
+                storage,
+                url=storage.url or StorageUrl(f"sqlite:///{data / 'sourceauth.db'}"),
+                blob_dir=storage.blob_dir or data / "blobs",
+            )
+        challenge = replace(
+            challenge,
+            relay=challenge.relay or Relay(f"maildir:{data / 'outbox'}"),
+            confirm_address=challenge.confirm_address or Address(f"confirm@{host}"),
+            bounce_address=challenge.bounce_address or Address(f"bounces@{host}"),
+            secret_file=challenge.secret_file or data / "secret",
+        )
+        delivery = replace(
+            delivery, next_hop=delivery.next_hop or NextHopUrl(f"maildir:{data / 'mail'}")
+        )
+        for name, section in (
+            ("server", server),
+            ("storage", storage),
+            ("challenge", challenge),
+            ("delivery", delivery),
+        ):
+            force_setattr(self, name, section)
+
+
+SECTIONS: dict[str, type[Section]] = {
+    field.name: field.type for field in msgspec.structs.fields(Config) if field.name != "file"
+}
+# Fields an operator cannot set in the file.
+NOT_FILE_KEYS = frozenset({"pg_password", "file"})
