@@ -221,9 +221,7 @@ def test_one_machine_per_kind_and_none_per_aggregate(monkeypatch: pytest.MonkeyP
         original(self, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(transitions.Machine, "__init__", counting)
-    aggregates = [
-        _build(kind, path) for kind in MACHINES for path in _paths(MACHINES[kind]).values()
-    ]
+    aggregates = [_build(kind, path) for kind in MACHINES for path in _paths(MACHINES[kind]).values()]
     assert built == [], "an aggregate built a transitions.Machine of its own"
 
     triggers = set(SENDER.triggers()) | set(MESSAGE.triggers())
