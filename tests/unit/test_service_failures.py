@@ -34,6 +34,17 @@ def test_dsn_for_the_challenge_expires_the_sender_and_its_held_mail(service: Ser
     assert len(service.relay.sent) == 1
 
 
+def test_challenge_failed_through_the_api_needs_a_valid_token(service: Service) -> None:
+    _held_and_challenged(service)
+    token = service.relay.sent[0].token
+    forged = service.app.challenge_failed("a" * len(token), "550 5.1.1 gone")
+    assert not forged.recorded
+    assert service.state_of(STRANGER) == "challenged"
+    failed = service.app.challenge_failed(token, "550 5.1.1 gone")
+    assert failed.recorded and failed.sender == STRANGER and failed.expired == 1
+    assert not service.app.challenge_failed(token, "550 5.1.1 gone").recorded  # once only
+
+
 def test_the_dsn_itself_is_never_delivered(service: Service) -> None:
     _held_and_challenged(service)
     dsn = service.dsn(service.relay.sent[0])
