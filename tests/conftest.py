@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from email.utils import formatdate, make_msgid
 from pathlib import Path
@@ -24,37 +23,20 @@ from sourceauth.engine.addresses import is_null_sender
 from sourceauth.engine.api import (
     Blob,
     BounceInfo,
-    DeliveryJob,
-    DeliveryResult,
     Incoming,
-    OutgoingChallenge,
-    SendOutcome,
-    SendResult,
 )
 from sourceauth.engine.application import SourceAuth
 from sourceauth.engine.settings import EngineSettings
+from tests.support.fakes import START, FakeChallenges, FakeClock, FakeDeliveries
 
-START = 1_800_000_000.0
+__all__ = ["START", "FakeChallenges", "FakeClock", "FakeDeliveries"]  # imported from here too
+
 PROTECTED = ("example.test",)
 CONFIRM = "confirm@example.test"
 BOUNCES = "bounces@example.test"
 
 
 # ------------------------------------------------------------------------------ time and keys
-
-
-class FakeClock:
-    """A clock the test moves: `clock()` is now (unix seconds), `clock.advance(s)` moves it."""
-
-    def __init__(self, start: float = START) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> float:
-        self.now += seconds
-        return self.now
 
 
 @pytest.fixture
@@ -68,49 +50,6 @@ def keyring() -> tokens.Keyring:
 
 
 # ------------------------------------------------------------------------------ network fakes
-
-
-class FakeChallenges:
-    """ChallengeTransport standing for the relay: records every challenge, answers `outcome`."""
-
-    def __init__(
-        self, outcome: SendOutcome = SendOutcome.SENT, diagnostic: str = "250 2.0.0 Ok"
-    ) -> None:
-        self.outcome = outcome
-        self.diagnostic = diagnostic
-        self.sent: list[OutgoingChallenge] = []
-
-    def send(self, challenge: OutgoingChallenge) -> SendResult:
-        self.sent.append(challenge)
-        return SendResult(self.outcome, self.diagnostic)
-
-    def to(self, address: str) -> list[OutgoingChallenge]:
-        return [c for c in self.sent if c.to == address]
-
-
-class FakeDeliveries:
-    """DeliveryTransport standing for the next hop: records every job; by default accepts all.
-
-    Set `answer` to a function of the job returning a DeliveryResult to script other outcomes.
-    `jobs` is every attempt; `accepted` is every (message id, recipient) the next hop took.
-    """
-
-    def __init__(self, answer: Callable[[DeliveryJob], DeliveryResult] | None = None) -> None:
-        self.answer = answer
-        self.jobs: list[DeliveryJob] = []
-        self.accepted: list[tuple[str, str]] = []
-
-    def deliver(self, job: DeliveryJob) -> DeliveryResult:
-        self.jobs.append(job)
-        result = DeliveryResult(delivered=job.recipients, diagnostic="250 ok", next_hop="fake")
-        if self.answer is not None:
-            result = self.answer(job)
-        self.accepted += [(job.message_id, r) for r in result.delivered]
-        return result
-
-    def per_recipient(self) -> Counter[str]:
-        """How many times each recipient was delivered (taken by the next hop)."""
-        return Counter(r for _, r in self.accepted)
 
 
 @pytest.fixture
@@ -229,6 +168,16 @@ def incoming(
     app: SourceAuth,
     mail_from: str,
     to: Sequence[str] | str,
+    **kw: Any,
+) -> Incoming:
+    """Store a real blob in the engine's blob store and describe it as the SMTP layer would."""
+    return describe(app.blobs, mail_from, to, **kw)
+
+
+def describe(
+    blobs: Any,
+    mail_from: str,
+    to: Sequence[str] | str,
     *,
     subject: str = "hello",
     headers: Sequence[tuple[str, str]] = (),
@@ -236,15 +185,15 @@ def incoming(
     bounce: BounceInfo | None = None,
     raw: bytes | None = None,
 ) -> Incoming:
-    """Store a real blob in the engine's blob store and describe it as the SMTP layer would."""
+    """Put the message's bytes in `blobs` (put(key, data) -> ref with key, size, sha256) and
+    describe it as the SMTP layer would: envelope, blob reference, parsed headers."""
     recipients = (to,) if isinstance(to, str) else tuple(to)
     data = (
         raw
         if raw is not None
         else raw_message(mail_from, recipients, subject=subject, headers=headers, body=body)
     )
-    store: Any = app.blobs
-    ref = store.put(uuid.uuid4().hex, data)
+    ref = blobs.put(uuid.uuid4().hex, data)
     return Incoming(
         mail_from=mail_from,
         recipients=recipients,

@@ -34,10 +34,12 @@ from email import message_from_bytes
 from email.message import Message
 from email.policy import default as default_policy
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
+
+from tests.support.waiting import wait_until
 
 HOST = "127.0.0.1"
 PUBLIC_PORT = 10025
@@ -51,9 +53,6 @@ VHOSTS = Path("/var/mail/vhosts")
 MAILLOG = Path("/var/log/postfix.log")
 EXPECTED_CONTENT_FILTER = f"scan:[{HOST}]:{FILTER_PORT}"
 SETUP_HINT = "run sudo bash .ci/postfix-setup.sh"
-
-T = TypeVar("T")
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -179,25 +178,6 @@ def clear_mailboxes() -> None:
                 for p in d.iterdir():
                     if p.is_file():
                         p.unlink(missing_ok=True)
-
-
-def wait_until(
-    predicate: Callable[[], T | None],
-    timeout: float = 30.0,
-    interval: float = 0.1,
-    message: str = "condition",
-) -> T:
-    """Poll ``predicate`` until it returns something truthy; return that value.
-
-    Bounded: raises AssertionError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {message}")
-        time.sleep(interval)
 
 
 def postfix_log_offset() -> int:

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from sourceauth.adapters.config import load_config
+from sourceauth.adapters.runtime import build_engine
 from tests.e2e.conftest import CaptureHandler, PostfixHarness
+from tests.support.waiting import outbound_idle
 
 pytestmark = pytest.mark.postfix
 
@@ -112,6 +115,20 @@ def _listening(port: int) -> bool:
         return False
 
 
+def _settled(postfix: PostfixHarness, config: Path) -> None:
+    """Wait until nothing is on its way: Postfix's queue is empty, the filter has sent all it
+    queued (it records a send only after Postfix took it), and Postfix's queue is still empty."""
+    app = build_engine(load_config(config), transports=False)
+    try:
+        postfix.wait_until(
+            lambda: not postfix.queue_ids() and outbound_idle(app) and not postfix.queue_ids(),
+            timeout=60,
+            message="the filter's queues and Postfix's queue to drain",
+        )
+    finally:
+        app.close()
+
+
 def _senders(config: Path) -> dict[str, str]:
     out = _cli(config, "senders", "list", "--json")
     assert out.returncode == 0, out.stderr
@@ -158,7 +175,7 @@ def test_refused_challenge_bounces_back_to_the_filter_and_maintain_deletes_the_o
     assert "Sender.ChallengeFailed" in events and "Message.Purged" in events
 
     # No bounce and no held mail reached any user; the DSN reached no mailbox either.
-    time.sleep(1.0)
+    _settled(postfix, sourceauth)
     for box in postfix.mailboxes:
         assert postfix.maildir_messages(box) == [], f"unexpected mail in {box}"
     verify = _cli(sourceauth, "audit", "verify")
@@ -180,7 +197,7 @@ def test_answered_challenge_releases_held_mail_into_the_maildir(
     reply_to = msg["Reply-To"].strip().strip("<>")
     assert reply_to.startswith("confirm+") and reply_to.endswith("@example.test")
     assert challenge.mail_from.startswith("bounces+")
-    time.sleep(1.0)
+    _settled(postfix, sourceauth)
     assert len([m for m in capture_server.messages if m.rcpt_tos == [sender]]) == 1
     assert postfix.maildir_messages("alice@example.test") == []
 
@@ -201,7 +218,7 @@ def test_answered_challenge_releases_held_mail_into_the_maildir(
     assert all(postfix.parse(m)["X-SourceAuth-Id"] for m in delivered)
     assert _senders(sourceauth)[sender] == "authorized"
     # the reply itself reached nobody
-    time.sleep(1.0)
+    _settled(postfix, sourceauth)
     assert len(postfix.maildir_messages("alice@example.test")) == 2
     assert postfix.maildir_messages("confirm@example.test") == []
 

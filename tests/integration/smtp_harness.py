@@ -131,16 +131,6 @@ def parsed(received: Received) -> Message:
     return message_from_bytes(received.data)
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
 def token_of(challenge: Received) -> str:
     reply_to = parsed(challenge)["Reply-To"]
     local = reply_to.strip("<>").split("@")[0]

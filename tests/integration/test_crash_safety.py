@@ -45,6 +45,7 @@ from sourceauth.adapters.config import load_config
 from sourceauth.adapters.runtime import build_engine
 from tests.integration.smtp_harness import free_port
 from tests.support.smtp_sink import Received, Sink
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -99,22 +100,29 @@ class Server:
         with self.log.open("ab") as err:
             err.write(f"--- start {self.starts}\n".encode())
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sourceauth.adapters.cli", "serve", "--config", str(self.config)],
+                [
+                    sys.executable,
+                    "-m",
+                    "sourceauth.adapters.cli",
+                    "serve",
+                    "--config",
+                    str(self.config),
+                ],
                 cwd=REPO,
                 stdout=err,
                 stderr=err,
             )
         self.starts += 1
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"serve exited {self.proc.returncode}: {self.tail()}"
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    if s.recv(64).startswith(b"220"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"serve did not listen within 30s: {self.tail()}")
+        wait_until(self._greets, timeout=30, message=f"serve to greet on {self.port}")
+
+    def _greets(self) -> bool:
+        assert self.proc is not None
+        assert self.proc.poll() is None, f"serve exited {self.proc.returncode}: {self.tail()}"
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                return s.recv(64).startswith(b"220")
+        except OSError:
+            return False
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -259,7 +267,7 @@ class Load:
                 with self.lock:
                     self.accepted.append(Accepted(receipt, attempt, mail_from, rcpts, kind))
                 return True
-            time.sleep(0.05)
+            self.stop.wait(0.05)  # a client's retry pace
         return False
 
     def client(self, n: int) -> None:
@@ -285,18 +293,26 @@ class Load:
         except BaseException as exc:
             self.errors.append(exc)
 
+    def unanswered(self) -> set[str]:
+        """Confirming strangers whose challenge arrived and who have not replied yet."""
+        challenged = {c.rcpt_tos[0] for c in list(self.relay.messages)}
+        with self.lock:
+            return (challenged & CONFIRMING) - self.confirmed
+
     def confirmer(self) -> None:
         """Answers the first challenge each confirming stranger gets, as a person would."""
         try:
             while not self.stop.is_set():
                 for challenge in list(self.relay.messages):
                     to = challenge.rcpt_tos[0]
-                    if to not in CONFIRMING or to in self.confirmed:
-                        continue
+                    with self.lock:
+                        if to not in CONFIRMING or to in self.confirmed:
+                            continue
                     rcpt = f"confirm+{token_of(challenge)}@example.test"
                     if self.send(to, (rcpt,), "confirm", f"confirm-{to}"):
-                        self.confirmed.add(to)
-                time.sleep(0.2)
+                        with self.lock:
+                            self.confirmed.add(to)
+                self.stop.wait(0.2)  # a person's pace, not a wait for a result
         except BaseException as exc:
             self.errors.append(exc)
 
@@ -349,8 +365,15 @@ def test_kill_9_under_load_loses_no_accepted_mail_and_never_duplicates_a_challen
         try:
             for target in kill_points(rng):
                 # a random moment under load: after `target` acceptances, plus a random delay
-                while load.accepted_count() < target and time.monotonic() - started < LOAD_DEADLINE:
-                    time.sleep(0.01)
+                wait_until(
+                    lambda target=target: (
+                        load.accepted_count() >= target
+                        or time.monotonic() - started >= LOAD_DEADLINE
+                    ),
+                    timeout=LOAD_DEADLINE + 30,
+                    interval=0.01,
+                    message=f"{target} accepted messages",
+                )
                 time.sleep(rng.uniform(0.0, 0.3))
                 at = load.accepted_count()
                 server.kill()
@@ -358,9 +381,16 @@ def test_kill_9_under_load_loses_no_accepted_mail_and_never_duplicates_a_challen
                 time.sleep(rng.uniform(0.0, 0.5))  # clients meet a closed port meanwhile
                 server.start()
             deadline = started + LOAD_DEADLINE
-            while load.quota_left() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            time.sleep(1.0)  # let the confirmer answer the last challenges
+            wait_until(
+                lambda: not load.quota_left() or time.monotonic() >= deadline,
+                timeout=LOAD_DEADLINE + 30,
+                message="the load to finish",
+            )
+            wait_until(
+                lambda: load.unanswered() == set(),
+                timeout=30,
+                message="the confirmer to answer every challenge it should",
+            )
         finally:
             load.stop.set()
             for t in threads:
@@ -371,7 +401,8 @@ def test_kill_9_under_load_loses_no_accepted_mail_and_never_duplicates_a_challen
         maintained = cli(config, "maintain", "--json")
         assert maintained.returncode == 0, maintained.stderr
         report = json.loads(maintained.stdout)
-        time.sleep(0.5)  # the sinks record after they reply
+        # The sinks record a message before they answer it, and every sender above has had
+        # its answer: what they hold now is all they will ever get.
         events = read_log(config, tmp_path / "log.jsonl")
         verified = cli(config, "audit", "verify")
         relay_messages = list(relay.messages)

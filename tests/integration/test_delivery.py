@@ -233,9 +233,9 @@ def test_connection_refused_is_temporary_quickly() -> None:
         recipients=["b@example.test", "c@example.test"],
         raw=RAW,
         sourceauth_id=SID,
-        timeout=5,
+        timeout=60,
     )
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 30  # answered by the refusal, not by the timeout
     assert result.outcome is Outcome.TEMPORARY
     assert all(r.outcome is Outcome.TEMPORARY and r.code == 451 for r in result.results)
     assert "refused" in result.results[0].text.lower()
@@ -256,7 +256,7 @@ def test_silent_server_times_out_as_temporary() -> None:
             timeout=0.5,
         )
         elapsed = time.monotonic() - started
-    assert 0.4 < elapsed < 3
+    assert 0.4 < elapsed < 30  # it waited for the timeout, and then gave up
     assert result.outcome is Outcome.TEMPORARY
 
 
@@ -752,7 +752,7 @@ def test_sink_wait_for_times_out_with_what_arrived(sink: Sink) -> None:
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="1 of 2"):
         sink.wait_for(2, timeout=0.3)
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 30  # gave up at its deadline, did not hang
 
 
 def test_fsync_sink_writes_each_message_and_keep_false_only_counts(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ fakes, except in the SMTP tests, where they are real sinks on loopback.
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,10 +39,10 @@ from tests.integration.smtp_harness import (
     message,
     parsed,
     token_of,
-    wait_for,
     write_config,
 )
 from tests.support.smtp_sink import Sink
+from tests.support.waiting import wait_outbound_idle, wait_until
 
 pytestmark = [postgres, pytest.mark.timeout(120)]
 
@@ -439,7 +438,7 @@ def test_smtp_flow_on_postgresql(tmp_path: Path, pg: PgSchema) -> None:
             delivered = next_hop.wait_for(2, timeout=20)
             assert sorted(parsed(m)["Subject"] for m in delivered) == ["one", "two"]
             assert all(parsed(m)["X-SourceAuth-Id"] for m in delivered)
-            time.sleep(0.5)
+            wait_outbound_idle(flt.app)
             assert len(relay.messages) == 1 and len(next_hop.messages) == 2
         finally:
             flt.stop()
@@ -479,7 +478,7 @@ def test_two_smtp_nodes_on_one_database_send_one_challenge_and_release_across_no
             )
             assert [c for c, _ in codes] == [250, 250]
             first = relay.wait_for(1, timeout=15)
-            time.sleep(2.5)  # both nodes' challenge workers have run by now
+            wait_outbound_idle(*(n.app for n in nodes))  # every challenge either node queued
             tokens_sent = {token_of(m) for m in relay.messages}
             assert len(tokens_sent) == 1, tokens_sent
             token = token_of(first[0])
@@ -489,8 +488,11 @@ def test_two_smtp_nodes_on_one_database_send_one_challenge_and_release_across_no
                 [f"confirm+{token}@example.test"],
                 message(stranger, f"confirm+{token}@example.test", subject="Re: confirm"),
             )
-            wait_for(lambda: len({parsed(m)["X-SourceAuth-Id"] for m in next_hop.messages}) == 2)
-            time.sleep(2.5)
+            wait_until(
+                lambda: len({parsed(m)["X-SourceAuth-Id"] for m in next_hop.messages}) == 2,
+                message="both held copies at the next hop",
+            )
+            wait_outbound_idle(*(n.app for n in nodes))
             ids = Counter(parsed(m)["X-SourceAuth-Id"] for m in next_hop.messages)
             assert sorted(parsed(m)["Subject"] for m in next_hop.messages)[:1] == ["n0"]
             assert len(ids) == 2

@@ -5,7 +5,6 @@ standing in for the challenge relay and the next hop, a real SQLite file and blo
 from __future__ import annotations
 
 import smtplib
-import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,8 @@ from tests.integration.smtp_harness import (
     message,
     parsed,
     token_of,
-    wait_for,
 )
+from tests.support.waiting import wait_outbound_idle, wait_until
 
 PROTECTED = "bob@example.test"
 STRANGER = "alice@remote.test"
@@ -37,7 +36,7 @@ def test_unknown_sender_is_held_and_gets_exactly_one_challenge(tmp_path: Path) -
         )
         flt.send(STRANGER, [PROTECTED], raw)
         challenge = relay.wait_for(1, timeout=15)[0]
-        time.sleep(0.5)
+        wait_outbound_idle(flt.app)
         assert len(relay.messages) == 1
         assert next_hop.messages == []
         msg = parsed(challenge)
@@ -60,8 +59,8 @@ def test_second_message_from_pending_sender_is_held_without_a_second_challenge(
         flt.send(STRANGER, [PROTECTED], message(STRANGER, PROTECTED, subject="one"))
         relay.wait_for(1)
         flt.send(STRANGER, [PROTECTED], message(STRANGER, PROTECTED, subject="two"))
-        wait_for(lambda: len(flt.app.quarantine()) == 2)
-        time.sleep(0.5)
+        wait_until(lambda: len(flt.app.quarantine()) == 2, message="two held messages")
+        wait_outbound_idle(flt.app)
         assert len(relay.messages) == 1
         assert next_hop.messages == []
 
@@ -81,7 +80,7 @@ def test_reply_from_the_sender_releases_all_held_mail_and_authorizes_it(tmp_path
         states = {s.address: s.state for s in flt.app.whitelist()}
         assert states == {STRANGER: "authorized"}
         # the confirmation reply itself is never delivered to anyone
-        time.sleep(0.5)
+        wait_outbound_idle(flt.app)
         assert len(next_hop.messages) == 3
         # and from now on the sender's mail goes straight through
         flt.send(STRANGER, [PROTECTED], message(STRANGER, PROTECTED, subject="four"))
@@ -102,8 +101,8 @@ def test_reply_with_a_bad_token_releases_nothing(tmp_path: Path, tamper: str) ->
         else:
             replier = "mallory@evil.test"
         rcpt = f"confirm+{token}@example.test"
-        flt.send(replier, [rcpt], message(replier, rcpt))
-        time.sleep(1.0)
+        flt.send(replier, [rcpt], message(replier, rcpt))  # 250 only once its decision is recorded
+        wait_outbound_idle(flt.app)
         assert next_hop.messages == []
         assert {s.address: s.state for s in flt.app.whitelist()} == {STRANGER: "challenged"}
         held = [
@@ -122,7 +121,10 @@ def test_relay_refusing_the_challenge_expires_the_sender_and_maintain_deletes_he
 
     with filter_with_sinks(tmp_path, relay_reply=refuse) as (flt, relay, next_hop):
         flt.send(STRANGER, [PROTECTED], message(STRANGER, PROTECTED))
-        wait_for(lambda: {s.address: s.state for s in flt.app.whitelist()} == {STRANGER: "expired"})
+        wait_until(
+            lambda: {s.address: s.state for s in flt.app.whitelist()} == {STRANGER: "expired"},
+            message="the sender expired by the relay's 5xx",
+        )
         held = flt.app.quarantine(sender=STRANGER)
         assert [h.state for h in held] == ["expired"]
         receipt = held[0].receipt_id
@@ -155,12 +157,15 @@ def test_dsn_for_the_challenge_expires_the_sender_and_is_never_delivered(tmp_pat
             "\r\n--B--\r\n"
         ).encode()
         flt.send("", [bounce_rcpt], dsn)
-        wait_for(lambda: {s.address: s.state for s in flt.app.whitelist()} == {STRANGER: "expired"})
+        wait_until(
+            lambda: {s.address: s.state for s in flt.app.whitelist()} == {STRANGER: "expired"},
+            message="the sender expired by the DSN",
+        )
         assert flt.app.maintain().purged == 1
         history = flt.app.history(STRANGER)
         failed = [h for h in history if h.event == "Sender.ChallengeFailed"]
         assert failed and "5.1.1" in failed[0].fields["diagnostic"]
-        time.sleep(0.5)
+        wait_outbound_idle(flt.app)
         assert next_hop.messages == [] and len(relay.messages) == 1
 
 
@@ -176,7 +181,7 @@ def test_mixed_recipients_unprotected_now_protected_after_confirmation_without_d
         flt.send(STRANGER, [f"confirm+{token}@example.test"], message(STRANGER, "confirm"))
         second = next_hop.wait_for(2)[1]
         assert second.rcpt_tos == [PROTECTED]
-        time.sleep(1.0)
+        wait_outbound_idle(flt.app)
         assert len(next_hop.messages) == 2
         ids = {parsed(m)["X-SourceAuth-Id"] for m in next_hop.messages}
         assert len(ids) == 2
@@ -202,8 +207,8 @@ def test_automated_and_bulk_mail_is_never_challenged(
             [PROTECTED],
             message(mail_from or "nobody@remote.test", PROTECTED, headers=headers),
         )
-        wait_for(lambda: flt.app.quarantine())
-        time.sleep(0.5)
+        wait_until(lambda: flt.app.quarantine(), message="the message in the quarantine")
+        wait_outbound_idle(flt.app)
         assert relay.messages == []
         held = flt.app.quarantine()
         assert held[0].state == "held" and held[0].reason.startswith("never_challenge:")
@@ -225,7 +230,7 @@ def test_bad_input_gets_clear_replies_and_loses_nothing(tmp_path: Path) -> None:
             b"Content-Type: multipart/mixed; boundary=\r\n\r\n--\r\nbroken\nbare lf line\r\n"
         )
         flt.send(STRANGER, [PROTECTED], ugly)
-        held = wait_for(lambda: flt.app.quarantine())
+        held = wait_until(lambda: flt.app.quarantine(), message="the message in the quarantine")
         assert held[0].state == "challenged"
         # a too-large message is refused before anything is accepted
         code, _ = flt.sendmail_reply(
@@ -270,7 +275,7 @@ def test_full_quarantine_answers_452_for_that_recipient_only(tmp_path: Path) -> 
         )
         for i in range(2):
             flt.send(f"s{i}@remote.test", [PROTECTED], message(f"s{i}@remote.test", PROTECTED))
-        wait_for(lambda: len(flt.app.quarantine()) == 2)
+        wait_until(lambda: len(flt.app.quarantine()) == 2, message="two held messages")
 
         def rcpt_replies() -> tuple[tuple[int, bytes], int] | None:
             with smtplib.SMTP("127.0.0.1", flt.port, timeout=10) as c:
@@ -281,7 +286,7 @@ def test_full_quarantine_answers_452_for_that_recipient_only(tmp_path: Path) -> 
             return (refused, other) if refused[0] == 452 else None
 
         # the filter re-reads the held counts on a half-second timer
-        (code, text), other = wait_for(rcpt_replies, timeout=5)
+        (code, text), other = wait_until(rcpt_replies, timeout=5, message="a 452 for the full box")
         assert code == 452 and b"full" in text and other == 250
         # an authorized sender still gets through
         flt.app.authorize("friend@remote.test")

@@ -590,7 +590,7 @@ def test_megabyte_header_values_are_judged_in_bounded_time() -> None:
     passed, _ = check_auth_gate(GATE, "example.org", headers)
     assert found is not None and found.exemption is Exemption.AUTO_SUBMITTED
     assert not passed
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 10.0  # linear: milliseconds; quadratic: minutes
 
 
 def test_gate_with_no_usable_sender_domain_does_not_pass() -> None:
