@@ -1,6 +1,6 @@
 """Policy as data: everything the engine decides by, handed in by whoever configures it.
 
-adapters/config.py maps the operator's TOML file onto this; integrators build it directly.
+adapters/config/ maps the operator's TOML file onto this; integrators build it directly.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -26,8 +27,26 @@ def _run(cmd: list[str], cwd: Path, timeout: float = 600) -> subprocess.Complete
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
+    # Build from a copy: setuptools reuses a build/ folder, where stale modules would leak in.
+    source = tmp_path_factory.mktemp("src") / "sourceauth"
+    shutil.copytree(
+        ROOT,
+        source,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "build",
+            "dist",
+            "*.egg-info",
+            "var",
+            "__pycache__",
+            ".*_cache",
+            ".hypothesis",
+        ),
+    )
     built = _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)],
         cwd=out,
     )
     assert built.returncode == 0, built.stderr[-3000:]
