@@ -19,7 +19,6 @@ __all__ = ["LibraryLogger", "get_logger"]
 logging.getLogger("sourceauth").addHandler(logging.NullHandler())
 
 _STDLIB_PROCESSORS: list[Any] = [
-    structlog.stdlib.filter_by_level,  # first: nothing is rendered for a disabled level
     structlog.stdlib.render_to_log_kwargs,  # event name as the message, fields as `extra`
 ]
 
@@ -33,39 +32,44 @@ class LibraryLogger:
     """A structlog-style logger whose destination is decided at each call, not at import:
     modules create it before the integrator gets a chance to configure anything."""
 
-    __slots__ = ("_stdlib", "_structlog", "name")
+    __slots__ = ("_logging", "_stdlib", "_structlog", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._structlog: Any = structlog.get_logger(name)
+        self._logging = logging.getLogger(name)
         self._stdlib: Any = structlog.wrap_logger(
-            logging.getLogger(name),
+            self._logging,
             processors=_STDLIB_PROCESSORS,
             wrapper_class=structlog.stdlib.BoundLogger,
         )
 
-    def _target(self) -> Any:
-        return self._structlog if structlog.is_configured() else self._stdlib
+    def _log(self, level: int, method: str, event: str, fields: dict[str, Any]) -> Any:
+        if structlog.is_configured():
+            return getattr(self._structlog, method)(event, **fields)
+        if self._logging.isEnabledFor(level):  # the silent default costs one cached lookup
+            return getattr(self._stdlib, method)(event, **fields)
+        return None
 
     def bind(self, **context: Any) -> Any:
         """A bound logger for the current configuration (bind inside functions, not at import)."""
-        return self._target().bind(**context)
+        return (self._structlog if structlog.is_configured() else self._stdlib).bind(**context)
 
     def debug(self, event: str, **fields: Any) -> Any:
-        return self._target().debug(event, **fields)
+        return self._log(logging.DEBUG, "debug", event, fields)
 
     def info(self, event: str, **fields: Any) -> Any:
-        return self._target().info(event, **fields)
+        return self._log(logging.INFO, "info", event, fields)
 
     def warning(self, event: str, **fields: Any) -> Any:
-        return self._target().warning(event, **fields)
+        return self._log(logging.WARNING, "warning", event, fields)
 
     def error(self, event: str, **fields: Any) -> Any:
-        return self._target().error(event, **fields)
+        return self._log(logging.ERROR, "error", event, fields)
 
     def critical(self, event: str, **fields: Any) -> Any:
-        return self._target().critical(event, **fields)
+        return self._log(logging.CRITICAL, "critical", event, fields)
 
     def exception(self, event: str, **fields: Any) -> Any:
         """An error with the current exception's traceback."""
-        return self._target().exception(event, **fields)
+        return self._log(logging.ERROR, "exception", event, fields)
