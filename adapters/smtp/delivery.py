@@ -574,7 +574,9 @@ def delivery_result(hop: NextHop, results: Sequence[RecipientResult]) -> Deliver
     )
 
 
-def _log_refused(purpose: str, hop: NextHop, key: str, results: Sequence[RecipientResult]) -> None:
+def _log_refused(
+    purpose: str, hop: NextHop, results: Sequence[RecipientResult], **ids: str
+) -> None:
     for r in results:
         if r.outcome is not Outcome.DELIVERED:
             log.warning(
@@ -582,10 +584,10 @@ def _log_refused(purpose: str, hop: NextHop, key: str, results: Sequence[Recipie
                 purpose=purpose,
                 outcome=str(r.outcome),
                 next_hop=str(hop),
-                sourceauth_id=key,
                 recipient=r.recipient,
                 code=r.code,
                 text=r.text,
+                **ids,
             )
 
 
@@ -614,7 +616,7 @@ def deliver(
         results = _deliver_maildir(next_hop.path, mail_from, recipients, data, sourceauth_id)
     else:
         results = _Session(next_hop, mail_from, recipients, data, timeout, helo).run()
-    _log_refused("delivery", next_hop, sourceauth_id, results)
+    _log_refused("delivery", next_hop, results, sourceauth_id=sourceauth_id)
     result = delivery_result(next_hop, results)
     log.info(
         "delivery_done",
@@ -650,7 +652,7 @@ def send_message(
     else:
         results = _Session(relay, mail_from, [recipient], data, timeout, helo).run()
     result = results[0]
-    _log_refused("challenge", relay, key, results)
+    _log_refused("challenge", relay, results, message_key=key)
     log.info(
         "send_done",
         relay=str(relay),
