@@ -30,6 +30,7 @@ __all__ = [
     "Outcome",
     "RecipientResult",
     "deliver",
+    "delivery_result",
     "parse_next_hop",
     "send_message",
     "stamp",
