@@ -5,10 +5,12 @@ the projections. Adapters implement these; the engine imports no adapter.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 from uuid import UUID
 
 from sourceauth.engine.api import (
+    Blob,
     ChallengeRow,
     DeliveryJob,
     DeliveryResult,
@@ -35,12 +37,68 @@ class DeliveryTransport(Protocol):
     def deliver(self, job: DeliveryJob) -> DeliveryResult: ...
 
 
-class BlobStore(Protocol):
-    def delete(self, key: str) -> bool: ...
+class BlobError(Exception):
+    """Base class of what a blob store raises on purpose."""
 
-    def delete_many(self, keys: Sequence[str]) -> int: ...
+
+class BlobNotFound(BlobError, KeyError):
+    """No blob under that key."""
+
+
+class BlobCorrupt(BlobError, ValueError):
+    """The stored bytes no longer match the SHA-256 recorded for them."""
+
+
+class BlobStoreUnavailable(BlobError, OSError):
+    """Storage trouble (disk full, permissions, I/O, database down): try again later (SMTP 4xx).
+
+    `errno` and `filename` are those of the failing system call when there was one.
+    """
+
+
+@dataclass(frozen=True)
+class StagedBlobs:
+    """Originals staged for one group commit, in the order given.
+
+    `with_events` holds the (key, bytes) pairs the event recorder must write in the same
+    transaction as the events (pass them to `receive_many(..., attachments=...)`); it is
+    empty when `stage` already made every original durable on its own.
+    """
+
+    blobs: tuple[Blob, ...]
+    with_events: tuple[tuple[str, bytes], ...] = ()
+
+    def with_events_for(self, key: str) -> tuple[tuple[str, bytes], ...]:
+        """The pairs of one original (for a unit retried message by message)."""
+        return tuple(pair for pair in self.with_events if pair[0] == key)
+
+
+class BlobStore(Protocol):
+    """Message originals, keyed by receipt id (32 lowercase hex digits).
+
+    Flow of one group commit: `stage` every original of the batch, then commit the events
+    with `StagedBlobs.with_events`; answer 250 only after both. Delivery reads an original
+    back with `get` (checking its SHA-256); maintenance deletes it once no copy needs it.
+    Trouble with the storage raises BlobStoreUnavailable; a bad key raises ValueError.
+    """
+
+    def stage(self, items: Sequence[tuple[str, bytes]]) -> StagedBlobs:
+        """Make these originals durable, or hand them to the event transaction."""
+        ...
+
+    def get(self, key: str, *, verify_sha256: str | None = None) -> bytes:
+        """The bytes of `key`; BlobNotFound, or BlobCorrupt if they fail `verify_sha256`."""
+        ...
 
     def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> bool:
+        """Remove one original, durably: True if removed, False if it was already gone."""
+        ...
+
+    def delete_many(self, keys: Sequence[str]) -> int:
+        """Remove several originals; how many were there."""
+        ...
 
 
 class ViewStore(Protocol):

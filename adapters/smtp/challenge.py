@@ -14,9 +14,9 @@ from email import quoprimime
 from email.header import Header
 from email.utils import format_datetime
 
-import structlog
+from sourceauth.engine.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 __all__ = [
     "DEFAULT_BODY_TEMPLATE",
@@ -132,7 +132,7 @@ def compose_challenge(
     message_id = f"<challenge.{challenge_id}@{hostname}>"
     original_id = normalize_message_id(content.original_message_id)
     if content.original_message_id.strip() and not original_id:
-        log.debug("challenge.original_message_id_dropped", challenge_id=challenge_id)
+        log.debug("challenge_original_message_id_dropped", challenge_id=challenge_id)
 
     name = _single_line(display_name[: _NAME_MAX * 8])[:_NAME_MAX].strip()
     headers: list[tuple[str, str]] = [

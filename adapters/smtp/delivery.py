@@ -18,17 +18,19 @@ from functools import lru_cache
 from typing import Literal
 from urllib.parse import urlsplit
 
-import structlog
+from sourceauth.adapters.durable import fsync_dir, write_once
+from sourceauth.engine.api import DeliveryResult
+from sourceauth.engine.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 __all__ = [
-    "DeliveryResult",
     "NextHop",
     "NextHopError",
     "Outcome",
     "RecipientResult",
     "deliver",
+    "delivery_result",
     "parse_next_hop",
     "send_message",
     "stamp",
@@ -46,7 +48,7 @@ _HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
 class Outcome(StrEnum):
-    """What happened to one recipient (or, aggregated, to a whole delivery)."""
+    """What happened to one recipient."""
 
     DELIVERED = "delivered"
     TEMPORARY = "temporary"
@@ -61,44 +63,6 @@ class RecipientResult:
     outcome: Outcome
     code: int
     text: str
-
-
-@dataclass(frozen=True)
-class DeliveryResult:
-    """Per-recipient results, in the order the recipients were given."""
-
-    results: tuple[RecipientResult, ...]
-
-    @property
-    def outcome(self) -> Outcome:
-        """The worst outcome among the recipients that are not delivered.
-
-        DELIVERED when every recipient is delivered (or there are none); TEMPORARY when any
-        recipient still needs a retry; otherwise PERMANENT (each recipient is either delivered
-        or permanently failed, so nothing is left to retry).
-        """
-        pending = [r.outcome for r in self.results if r.outcome is not Outcome.DELIVERED]
-        if not pending:
-            return Outcome.DELIVERED
-        if Outcome.TEMPORARY in pending:
-            return Outcome.TEMPORARY
-        return Outcome.PERMANENT
-
-    def _with(self, outcome: Outcome) -> tuple[str, ...]:
-        return tuple(r.recipient for r in self.results if r.outcome is outcome)
-
-    @property
-    def delivered(self) -> tuple[str, ...]:
-        return self._with(Outcome.DELIVERED)
-
-    @property
-    def temporary(self) -> tuple[str, ...]:
-        """Recipients to retry later."""
-        return self._with(Outcome.TEMPORARY)
-
-    @property
-    def permanent(self) -> tuple[str, ...]:
-        return self._with(Outcome.PERMANENT)
 
 
 class NextHopError(ValueError):
@@ -484,14 +448,6 @@ def _mailbox_name(address: str) -> str:
     return name
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _ensure_maildir(mailbox: str) -> None:
     created = False
     root = os.path.dirname(mailbox)
@@ -505,8 +461,8 @@ def _ensure_maildir(mailbox: str) -> None:
             if not os.path.isdir(path):
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", path) from None
     if created:
-        _fsync_dir(mailbox)
-        _fsync_dir(root)
+        fsync_dir(mailbox)
+        fsync_dir(root)
 
 
 def _already_there(mailbox: str, key: str, name: str) -> bool:
@@ -517,9 +473,6 @@ def _already_there(mailbox: str, key: str, name: str) -> bool:
         if any(n.startswith(prefix) for n in os.listdir(os.path.join(mailbox, sub))):
             return True
     return False
-
-
-_LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
 
 
 def _maildir_write_once(mailbox: str, key: str, content: bytes) -> str | None:
@@ -535,30 +488,8 @@ def _maildir_write_once(mailbox: str, key: str, content: bytes) -> str | None:
         mailbox, "tmp", f"{name}.{os.getpid()}_{threading.get_ident()}_{uuid.uuid4().hex[:8]}"
     )
     final = os.path.join(mailbox, "new", name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, final)  # never overwrites: a racing writer of the same id wins
-        except FileExistsError:
-            return None
-        except OSError as exc:
-            if exc.errno not in _LINK_UNSUPPORTED:
-                raise
-            os.rename(tmp, final)
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-    _fsync_dir(os.path.join(mailbox, "new"))
-    return final
+    # Linked, never renamed over: a racing writer of the same id wins.
+    return final if write_once(final, content, temp=tmp) else None
 
 
 def _final_delivery_headers(mail_from: str, recipient: str, data: bytes) -> bytes:
@@ -625,25 +556,39 @@ def _deliver_maildir(
 # Public entry points
 
 
-def _log_results(event: str, hop: NextHop, key: str, results: Sequence[RecipientResult]) -> None:
+def delivery_result(hop: NextHop, results: Sequence[RecipientResult]) -> DeliveryResult:
+    """The engine's DeliveryResult: recipients by outcome, in the order given, and the replies
+    of those not delivered as its diagnostic (what the events record)."""
+
+    def having(outcome: Outcome) -> tuple[str, ...]:
+        return tuple(r.recipient for r in results if r.outcome is outcome)
+
+    diagnostic = "; ".join(
+        f"{r.recipient}: {r.code} {r.text}" for r in results if r.outcome is not Outcome.DELIVERED
+    )
+    return DeliveryResult(
+        delivered=having(Outcome.DELIVERED),
+        temporary=having(Outcome.TEMPORARY),
+        rejected=having(Outcome.PERMANENT),
+        diagnostic=diagnostic[:500],
+        next_hop=str(hop),
+    )
+
+
+def _log_refused(
+    purpose: str, hop: NextHop, results: Sequence[RecipientResult], **ids: str
+) -> None:
     for r in results:
-        if r.outcome is Outcome.TEMPORARY:
+        if r.outcome is not Outcome.DELIVERED:
             log.warning(
-                f"{event}_deferred",
+                "recipient_refused",
+                purpose=purpose,
+                outcome=str(r.outcome),
                 next_hop=str(hop),
-                sourceauth_id=key,
                 recipient=r.recipient,
                 code=r.code,
                 text=r.text,
-            )
-        elif r.outcome is Outcome.PERMANENT:
-            log.warning(
-                f"{event}_failed",
-                next_hop=str(hop),
-                sourceauth_id=key,
-                recipient=r.recipient,
-                code=r.code,
-                text=r.text,
+                **ids,
             )
 
 
@@ -659,8 +604,9 @@ def deliver(
 ) -> DeliveryResult:
     """Deliver raw, stamped with X-SourceAuth-Id, to every recipient through next_hop.
 
-    Never raises for trouble at the next hop: each recipient gets DELIVERED, TEMPORARY or
-    PERMANENT. Raises ValueError for programming errors (no recipients, invalid id).
+    Never raises for trouble at the next hop: each recipient ends up delivered, temporary
+    (retry later) or rejected. Raises ValueError for programming errors (no recipients,
+    invalid id).
     """
     if isinstance(recipients, str) or not recipients:
         raise ValueError("recipients must be a non-empty sequence of addresses")
@@ -671,16 +617,15 @@ def deliver(
         results = _deliver_maildir(next_hop.path, mail_from, recipients, data, sourceauth_id)
     else:
         results = _Session(next_hop, mail_from, recipients, data, timeout, helo).run()
-    result = DeliveryResult(tuple(results))
-    _log_results("delivery", next_hop, sourceauth_id, results)
+    _log_refused("delivery", next_hop, results, sourceauth_id=sourceauth_id)
+    result = delivery_result(next_hop, results)
     log.info(
         "delivery_done",
         next_hop=str(next_hop),
         sourceauth_id=sourceauth_id,
-        outcome=str(result.outcome),
         delivered=len(result.delivered),
         temporary=len(result.temporary),
-        permanent=len(result.permanent),
+        rejected=len(result.rejected),
     )
     return result
 
@@ -708,7 +653,7 @@ def send_message(
     else:
         results = _Session(relay, mail_from, [recipient], data, timeout, helo).run()
     result = results[0]
-    _log_results("send", relay, key, results)
+    _log_refused("challenge", relay, results, message_key=key)
     log.info(
         "send_done",
         relay=str(relay),

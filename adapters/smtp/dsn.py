@@ -15,10 +15,11 @@ from email.message import Message
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 
-import structlog
 from flufl.bounce import scan_message
 
-log = structlog.get_logger(__name__)
+from sourceauth.engine.logs import get_logger
+
+log = get_logger(__name__)
 
 __all__ = ["BounceReport", "extract_original_headers", "parse_bounce"]
 
@@ -86,13 +87,13 @@ def parse_bounce(raw: bytes) -> BounceReport:
         msg = email.message_from_bytes(data, policy=email.policy.compat32)
         parts = list(_walk(msg))
     except Exception:
-        log.warning("dsn.unparseable", size=_safe_len(raw), exc_info=True)
+        log.warning("dsn_unparseable", size=_safe_len(raw), exc_info=True)
         return _NONE
     for stage in (_from_rfc3464, _from_flufl, _from_heuristic):
         try:
             report = stage(msg, parts, data)
         except Exception:
-            log.warning("dsn.stage_failed", stage=stage.__name__, exc_info=True)
+            log.warning("dsn_stage_failed", stage=stage.__name__, exc_info=True)
             continue
         if report is not None:
             return report
@@ -115,7 +116,7 @@ def extract_original_headers(raw: bytes) -> list[tuple[str, str]]:
                     parsed = BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
                     return _header_items(parsed)
     except Exception:
-        log.warning("dsn.original_headers_failed", size=_safe_len(raw), exc_info=True)
+        log.warning("dsn_original_headers_failed", size=_safe_len(raw), exc_info=True)
     return []
 
 
@@ -188,7 +189,7 @@ def _from_flufl(msg: Message, parts: list[Message], raw: bytes) -> BounceReport 
         failed = scan_message(msg)
     except Exception:
         # Some detectors raise on odd input and scan_message stops at the first that does.
-        log.info("dsn.flufl_failed", exc_info=True)
+        log.info("dsn_flufl_failed", exc_info=True)
         return None
     addresses = sorted(a.decode("ascii", "replace") for a in failed if a)
     if not addresses:
@@ -380,7 +381,7 @@ def _ensure_parsable_from(msg: Message) -> None:
         if getaddresses([_header_str(_raw_get(msg, "from"))]):
             return
     except Exception:
-        log.debug("dsn.unparsable_from", exc_info=True)
+        log.debug("dsn_unparseable_from", exc_info=True)
     del msg["from"]
     msg["From"] = "unknown@invalid"
 

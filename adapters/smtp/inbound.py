@@ -16,23 +16,22 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any
 
-import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from sourceauth.adapters.smtp.dsn import parse_bounce
-from sourceauth.adapters.storage.blobs import BlobStoreError, FileBlobStore
-from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
 from sourceauth.engine.addresses import (
     AddressError,
     is_null_sender,
     normalize_address,
     split_extension,
 )
-from sourceauth.engine.api import Blob, BounceInfo, Headers, Incoming, Receipt
+from sourceauth.engine.api import BounceInfo, Headers, Incoming, Receipt
 from sourceauth.engine.application import SourceAuth
 from sourceauth.engine.errors import InvalidInput, SourceAuthError
+from sourceauth.engine.logs import get_logger
+from sourceauth.engine.ports import BlobError, BlobStore, StagedBlobs
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 HEADER_SCAN_LIMIT = 256 * 1024  # never parse more than this many bytes as headers
 
@@ -75,13 +74,14 @@ class _Pending:
 
 
 class GroupCommitter:
-    """One writer thread: takes what arrived meanwhile (up to `max_batch`), writes every blob
-    with one directory fsync, records every decision in one transaction, then answers each."""
+    """One writer thread: takes what arrived meanwhile (up to `max_batch`), stages every blob
+    (one group fsync, or inside the event transaction), records every decision in one
+    transaction, then answers each."""
 
     def __init__(
         self,
         app: SourceAuth,
-        blobs: FileBlobStore | DatabaseBlobStore,
+        blobs: BlobStore,
         *,
         max_batch: int = 256,
         wait_ms: float = 2.0,
@@ -139,39 +139,31 @@ class GroupCommitter:
                 return
 
     def _commit(self, batch: list[_Pending]) -> None:
-        keys = [uuid.uuid4().hex for _ in batch]
-        items = [(k, item.raw) for k, item in zip(keys, batch, strict=True)]
-        attachments: list[tuple[str, bytes]] = []
+        items = [(uuid.uuid4().hex, item.raw) for item in batch]
         try:
-            if isinstance(self.blobs, DatabaseBlobStore):
-                # Stored by the same transaction (and fsync) as the message's events.
-                refs = [self.blobs.ref(k, raw) for k, raw in items]
-                attachments = items
-            else:
-                refs = self.blobs.put_many(items)
-        except (BlobStoreError, OSError) as exc:
+            staged = self.blobs.stage(items)
+        except (BlobError, OSError) as exc:
             log.error("blob_store_failed", error=str(exc), batch=len(batch))
             for item in batch:
                 _resolve(item, exc=exc)
             return
-        incomings = []
-        for item, ref in zip(batch, refs, strict=True):
-            incomings.append(
-                Incoming(
-                    mail_from=item.mail_from,
-                    recipients=item.recipients,
-                    blob=Blob(ref.key, ref.size, ref.sha256),
-                    headers=parse_headers(item.raw),
-                    bounce=_bounce_info(item),
-                )
+        incomings = [
+            Incoming(
+                mail_from=item.mail_from,
+                recipients=item.recipients,
+                blob=blob,
+                headers=parse_headers(item.raw),
+                bounce=_bounce_info(item),
             )
+            for item, blob in zip(batch, staged.blobs, strict=True)
+        ]
         try:
-            receipts = self.app.receive_many(incomings, attachments=attachments)
+            receipts = self.app.receive_many(incomings, attachments=staged.with_events)
         except Exception as exc:
             log.error("commit_failed", error=str(exc), batch=len(batch))
             if len(batch) > 1 and isinstance(exc, SourceAuthError):
                 for item, incoming in zip(batch, incomings, strict=True):
-                    self._commit_one(item, incoming)
+                    self._commit_one(item, incoming, staged)
                 return
             for item in batch:
                 _resolve(item, exc=exc)
@@ -183,11 +175,9 @@ class GroupCommitter:
         if self.on_commit is not None:
             self.on_commit(receipts)
 
-    def _commit_one(self, item: _Pending, incoming: Incoming) -> None:
+    def _commit_one(self, item: _Pending, incoming: Incoming, staged: StagedBlobs) -> None:
         try:
-            attachments = (
-                [(incoming.blob.key, item.raw)] if isinstance(self.blobs, DatabaseBlobStore) else []
-            )
+            attachments = staged.with_events_for(incoming.blob.key)
             receipt = self.app.receive_many([incoming], attachments=attachments)[0]
         except Exception as exc:
             _resolve(item, exc=exc)

@@ -7,8 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import structlog
-
 from sourceauth.adapters.smtp.challenge import (
     DEFAULT_BODY_TEMPLATE,
     DEFAULT_SUBJECT_TEMPLATE,
@@ -17,13 +15,6 @@ from sourceauth.adapters.smtp.challenge import (
     verp_address,
 )
 from sourceauth.adapters.smtp.delivery import NextHop, Outcome, deliver, send_message
-from sourceauth.adapters.storage.blobs import (
-    BlobCorrupt,
-    BlobNotFound,
-    BlobStoreError,
-    FileBlobStore,
-)
-from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
 from sourceauth.engine.api import (
     DeliveryJob,
     DeliveryResult,
@@ -31,8 +22,10 @@ from sourceauth.engine.api import (
     SendOutcome,
     SendResult,
 )
+from sourceauth.engine.logs import get_logger
+from sourceauth.engine.ports import BlobCorrupt, BlobNotFound, BlobStore, BlobStoreUnavailable
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass
@@ -94,14 +87,22 @@ class NextHopDelivery:
     stamped with the copy's stable X-SourceAuth-Id."""
 
     next_hop: NextHop
-    blobs: FileBlobStore | DatabaseBlobStore
+    blobs: BlobStore
     hostname: str
     timeout: float = 30.0
 
     def deliver(self, job: DeliveryJob) -> DeliveryResult:
         try:
             raw = self.blobs.get(job.receipt_id, verify_sha256=job.sha256)
-        except (BlobNotFound, BlobCorrupt, BlobStoreError) as exc:
+        except BlobStoreUnavailable as exc:
+            # Storage trouble passes: the copy is retried with the usual backoff.
+            log.warning("delivery_blob_unavailable", message_id=job.message_id, error=str(exc))
+            return DeliveryResult(
+                temporary=job.recipients,
+                diagnostic=f"original unavailable: {exc}",
+                next_hop=str(self.next_hop),
+            )
+        except (BlobNotFound, BlobCorrupt) as exc:
             # The original is gone or damaged: retrying will not help, but the copy stays
             # visible as failed for the operator (nothing silently dropped).
             log.error("delivery_blob_unreadable", message_id=job.message_id, error=str(exc))
@@ -110,7 +111,7 @@ class NextHopDelivery:
                 diagnostic=f"original unreadable: {exc}",
                 next_hop=str(self.next_hop),
             )
-        result = deliver(
+        return deliver(
             self.next_hop,
             mail_from=job.mail_from,
             recipients=job.recipients,
@@ -118,16 +119,4 @@ class NextHopDelivery:
             sourceauth_id=job.message_id,
             timeout=self.timeout,
             helo=self.hostname,
-        )
-        diagnostic = "; ".join(
-            f"{r.recipient}: {r.code} {r.text}"
-            for r in result.results
-            if r.outcome != Outcome.DELIVERED
-        )
-        return DeliveryResult(
-            delivered=result.delivered,
-            temporary=result.temporary,
-            rejected=result.permanent,
-            diagnostic=diagnostic[:500],
-            next_hop=str(self.next_hop),
         )

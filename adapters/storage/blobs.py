@@ -12,79 +12,51 @@ import re
 import secrets
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import structlog
+from sourceauth.adapters.durable import fsync_all, fsync_dir, unlink_quietly, write_new_file
+from sourceauth.engine.api import Blob
+from sourceauth.engine.logs import get_logger
+from sourceauth.engine.ports import (
+    BlobCorrupt,
+    BlobNotFound,
+    BlobStoreUnavailable,
+    StagedBlobs,
+)
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
-__all__ = [
-    "BlobConflict",
-    "BlobCorrupt",
-    "BlobNotFound",
-    "BlobRef",
-    "BlobStoreError",
-    "FileBlobStore",
-]
+__all__ = ["BlobConflict", "FileBlobStore", "blob_ref", "check_key"]
 
 _KEY = re.compile(r"[0-9a-f]{32}")
 _FANOUT = re.compile(r"[0-9a-f]{2}")
 _TMP = "tmp"  # never a fan-out name: those are two hex digits
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 
-@dataclass(frozen=True)
-class BlobRef:
-    """Where a blob is and what it holds: key (receipt id, 32 hex), size, SHA-256 hex."""
-
-    key: str
-    size: int
-    sha256: str
-
-
-class BlobStoreError(OSError):
-    """Storage trouble (disk full, permissions, I/O): the SMTP side answers 4xx.
-
-    `errno` and `filename` are those of the failing system call when there was one.
-    """
-
-
-class BlobConflict(BlobStoreError):
+class BlobConflict(BlobStoreUnavailable):
     """A key is already stored with other content (errno EEXIST)."""
 
 
-class BlobNotFound(KeyError):
-    """No blob under that key."""
-
-
-class BlobCorrupt(ValueError):
-    """The stored bytes no longer match the SHA-256 recorded for them."""
-
-
-def _check(key: str) -> str:
+def check_key(key: str) -> str:
+    """`key` if it is a blob key (a receipt id: 32 lowercase hex digits); ValueError if not."""
     if type(key) is not str or _KEY.fullmatch(key) is None:
         raise ValueError(f"bad blob key {key!r}: expected 32 lowercase hex digits")
     return key
 
 
-def _store_error(exc: OSError, what: str) -> BlobStoreError:
+def blob_ref(key: str, data: bytes) -> Blob:
+    """What the events record about an original: its key, size and SHA-256."""
+    return Blob(check_key(key), len(data), hashlib.sha256(data).hexdigest())
+
+
+def _store_error(exc: OSError, what: str) -> BlobStoreUnavailable:
     message = f"{what}: {exc.strerror or exc}"
     if exc.filename is not None:
-        return BlobStoreError(exc.errno, message, exc.filename)
-    return BlobStoreError(exc.errno, message)
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+        return BlobStoreUnavailable(exc.errno, message, exc.filename)
+    return BlobStoreUnavailable(exc.errno, message)
 
 
 class FileBlobStore:
@@ -96,7 +68,7 @@ class FileBlobStore:
     `cleanup_temp`). Re-putting a key with the same bytes is a no-op; with other bytes it
     raises BlobConflict. Two concurrent puts of one key with different bytes are not
     arbitrated (last rename wins): keys are receipt ids, unique per message.
-    Every OSError surfaces as BlobStoreError; bad keys raise ValueError.
+    Every OSError surfaces as BlobStoreUnavailable; bad keys raise ValueError.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
@@ -124,39 +96,36 @@ class FileBlobStore:
 
     def path_of(self, key: str) -> Path:
         """The final path of `key` (whether or not it is stored)."""
-        _check(key)
+        check_key(key)
         return self.root / key[:2] / key
-
-    def _fsync_dir(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     # ------------------------------------------------------------------------------ writes
 
-    def put(self, key: str, data: bytes) -> BlobRef:
-        """Store `data` under `key` durably; BlobStoreError (4xx) if it cannot."""
+    def stage(self, items: Sequence[tuple[str, bytes]]) -> StagedBlobs:
+        """The port's stage: every original is durable on return (nothing rides with events)."""
+        return StagedBlobs(tuple(self.put_many(items)))
+
+    def put(self, key: str, data: bytes) -> Blob:
+        """Store `data` under `key` durably; BlobStoreUnavailable (4xx) if it cannot."""
         return self.put_many([(key, data)])[0]
 
-    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[BlobRef]:
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[Blob]:
         """Store several blobs with one group fsync; refs in the order of `items`.
 
         Every file is written and fsync'd, then all are renamed, then each touched
         directory is fsync'd once. On failure the blobs this call created are removed
-        again (best effort) and BlobStoreError is raised: all or nothing for the caller.
+        again (best effort) and BlobStoreUnavailable is raised: all or nothing for the caller.
         """
         for key, _ in items:
-            _check(key)
-        refs: list[BlobRef] = []
+            check_key(key)
+        refs: list[Blob] = []
         staged: list[tuple[Path, Path]] = []  # (temp file, final path)
         created: list[Path] = []  # renamed into place by this call: staged[: len(created)]
         dirty: set[Path] = set()  # directories whose entries changed
-        batch: dict[str, BlobRef] = {}
+        batch: dict[str, Blob] = {}
         try:
             for key, data in items:
-                ref = BlobRef(key, len(data), hashlib.sha256(data).hexdigest())
+                ref = blob_ref(key, data)
                 refs.append(ref)
                 seen = batch.get(key)
                 if seen is not None:
@@ -172,27 +141,27 @@ class FileBlobStore:
                     continue
                 if self._ensure_fanout(final.parent):
                     dirty.add(self.root)
-                staged.append((self._write_temp(key, data, sync=False), final))
+                staged.append((self._write_temp(key, data), final))
             if self.fsync:
-                _fsync_all([tmp for tmp, _ in staged])
+                fsync_all([tmp for tmp, _ in staged])
             for tmp, final in staged:
                 os.replace(tmp, final)
                 created.append(final)
                 dirty.add(final.parent)
             if self.fsync:
-                _fsync_all(sorted(dirty), directory=True)
+                fsync_all(sorted(dirty), directory=True)
         except BaseException as exc:
             for tmp, _ in staged[len(created) :]:
-                _unlink_quietly(tmp)
+                unlink_quietly(tmp)
             for final in created:
-                _unlink_quietly(final)
-            if isinstance(exc, BlobStoreError | ValueError) or not isinstance(exc, OSError):
+                unlink_quietly(final)
+            if isinstance(exc, BlobStoreUnavailable | ValueError) or not isinstance(exc, OSError):
                 raise
             log.warning("blob_put_failed", error=str(exc), batch=len(items))
             raise _store_error(exc, f"cannot store {len(items)} blob(s)") from exc
         return refs
 
-    def _matches_existing(self, final: Path, ref: BlobRef) -> bool:
+    def _matches_existing(self, final: Path, ref: Blob) -> bool:
         """True if `final` already holds exactly these bytes; BlobConflict if other bytes."""
         try:
             with open(final, "rb") as f:
@@ -217,20 +186,10 @@ class FileBlobStore:
             return False
         return True
 
-    def _write_temp(self, key: str, data: bytes, *, sync: bool = True) -> Path:
+    def _write_temp(self, key: str, data: bytes) -> Path:
+        """An unsynced temp file with `data`: put_many fsyncs the whole batch at once."""
         tmp = self._tmp / f"{key}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, _FILE_MODE)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if self.fsync and sync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            _unlink_quietly(tmp)
-            raise
-        os.close(fd)
+        write_new_file(tmp, data, mode=_FILE_MODE, fsync=False)
         return tmp
 
     def delete(self, key: str) -> bool:
@@ -239,7 +198,7 @@ class FileBlobStore:
         try:
             os.unlink(path)
             if self.fsync:
-                self._fsync_dir(path.parent)
+                fsync_dir(path.parent)
         except FileNotFoundError:
             return False
         except OSError as exc:
@@ -334,24 +293,3 @@ class FileBlobStore:
                 yield from found
         except OSError as exc:
             raise _store_error(exc, f"cannot list blob store {self.root}") from exc
-
-
-_FSYNC_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="blob-fsync")
-
-
-def _fsync_path(path: Path, directory: bool) -> None:
-    fd = os.open(path, (os.O_RDONLY | os.O_DIRECTORY) if directory else os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_all(paths: Sequence[Path], *, directory: bool = False) -> None:
-    """fsync several files (or directories) at once: the file system commits them together,
-    so a batch costs about one journal commit instead of one per file."""
-    if len(paths) == 1:
-        _fsync_path(paths[0], directory)
-        return
-    for future in [_FSYNC_POOL.submit(_fsync_path, p, directory) for p in paths]:
-        future.result()

@@ -1,7 +1,7 @@
 """Message originals inside the SQLite file, beside their events (`[storage] blobs = "database"`).
 
-Written by the event recorder in the same transaction as the events (one fsync for both);
-this class reads, deletes and, for direct callers, stores them.
+Written by the event recorder in the same transaction as the events (one fsync for both):
+`stage` only hands them over; this class reads, deletes and, for direct callers, stores them.
 """
 
 from __future__ import annotations
@@ -13,20 +13,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from sourceauth.adapters.storage.blobs import (
-    BlobCorrupt,
-    BlobNotFound,
-    BlobRef,
-    BlobStoreError,
-    _check,
-)
+from sourceauth.adapters.storage.blobs import blob_ref, check_key
 from sourceauth.adapters.storage.sqlite import BLOB_TABLE, CREATE_BLOB_TABLE
+from sourceauth.engine.api import Blob
+from sourceauth.engine.ports import BlobCorrupt, BlobNotFound, BlobStoreUnavailable, StagedBlobs
 
 
 class DatabaseBlobStore:
-    """The blob interface of FileBlobStore over the `sa_blob_data` table."""
-
-    in_transaction_with_events = True  # the inbound committer hands blobs to the event save
+    """The BlobStore port over the `sa_blob_data` table of the SQLite event store."""
 
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
         self.path = str(path)
@@ -39,18 +33,18 @@ class DatabaseBlobStore:
             self._conn.execute(f"PRAGMA synchronous={synchronous}")
             self._conn.execute(CREATE_BLOB_TABLE)
         except sqlite3.Error as exc:
-            raise BlobStoreError(f"cannot open blob table in {self.path}: {exc}") from exc
+            raise BlobStoreUnavailable(f"cannot open blob table in {self.path}: {exc}") from exc
 
-    @staticmethod
-    def ref(key: str, data: bytes) -> BlobRef:
-        _check(key)
-        return BlobRef(key, len(data), hashlib.sha256(data).hexdigest())
+    def stage(self, items: Sequence[tuple[str, bytes]]) -> StagedBlobs:
+        """The port's stage: nothing is written here; the event recorder stores the originals
+        in the transaction of their events, so one fsync makes both durable."""
+        return StagedBlobs(tuple(blob_ref(k, d) for k, d in items), with_events=tuple(items))
 
-    def put(self, key: str, data: bytes) -> BlobRef:
+    def put(self, key: str, data: bytes) -> Blob:
         return self.put_many([(key, data)])[0]
 
-    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[BlobRef]:
-        refs = [self.ref(k, d) for k, d in items]
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[Blob]:
+        refs = [blob_ref(k, d) for k, d in items]
         with self._write(f"cannot store {len(items)} blob(s)") as conn:
             conn.executemany(
                 f"INSERT INTO {BLOB_TABLE} (receipt_id, data) VALUES (?, ?) "
@@ -61,7 +55,7 @@ class DatabaseBlobStore:
 
     @contextmanager
     def _write(self, what: str) -> Iterator[sqlite3.Connection]:
-        """One write transaction; sqlite errors become BlobStoreError (the SMTP side: 4xx)."""
+        """One write transaction; sqlite errors become BlobStoreUnavailable (the SMTP side: 4xx)."""
         try:
             with self._lock:
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -72,31 +66,32 @@ class DatabaseBlobStore:
                     raise
                 self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            raise BlobStoreError(f"{what}: {exc}") from exc
+            raise BlobStoreUnavailable(f"{what}: {exc}") from exc
 
     def get(self, key: str, *, verify_sha256: str | None = None) -> bytes:
-        _check(key)
-        try:
-            with self._lock:
-                row = self._conn.execute(
-                    f"SELECT data FROM {BLOB_TABLE} WHERE receipt_id = ?", (key,)
-                ).fetchone()
-        except sqlite3.Error as exc:
-            raise BlobStoreError(f"blob {key} unreadable: {exc}") from exc
+        row = self._select("data", key)
         if row is None:
             raise BlobNotFound(key)
-        data = bytes(row[0])
-        if verify_sha256 is not None and hashlib.sha256(data).hexdigest() != verify_sha256:
+        data = row[0]
+        assert isinstance(data, bytes)
+        if verify_sha256 is not None and hashlib.sha256(data).hexdigest() != verify_sha256.lower():
             raise BlobCorrupt(f"blob {key} does not match its recorded SHA-256")
         return data
 
     def exists(self, key: str) -> bool:
-        _check(key)
-        with self._lock:
-            row = self._conn.execute(
-                f"SELECT 1 FROM {BLOB_TABLE} WHERE receipt_id = ?", (key,)
-            ).fetchone()
-        return row is not None
+        return self._select("1", key) is not None
+
+    def _select(self, column: str, key: str) -> tuple[object, ...] | None:
+        """One row of the blob table (or None); storage errors become BlobStoreUnavailable."""
+        check_key(key)
+        try:
+            with self._lock:
+                row: tuple[object, ...] | None = self._conn.execute(
+                    f"SELECT {column} FROM {BLOB_TABLE} WHERE receipt_id = ?", (key,)
+                ).fetchone()
+        except sqlite3.Error as exc:
+            raise BlobStoreUnavailable(f"cannot read blob {key}: {exc}") from exc
+        return row
 
     def delete(self, key: str) -> bool:
         return self.delete_many([key]) > 0
@@ -104,7 +99,7 @@ class DatabaseBlobStore:
     def delete_many(self, keys: Sequence[str]) -> int:
         """Delete several originals in one transaction; how many were there."""
         for key in keys:
-            _check(key)
+            check_key(key)
         with self._write(f"cannot delete {len(keys)} blob(s)") as conn:
             sql = f"DELETE FROM {BLOB_TABLE} WHERE receipt_id = ?"
             return sum(conn.execute(sql, (key,)).rowcount for key in keys)

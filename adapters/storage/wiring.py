@@ -23,7 +23,7 @@ from sourceauth.adapters.storage.views import (
 )
 from sourceauth.engine import tokens
 from sourceauth.engine.application import SourceAuth, system_clock
-from sourceauth.engine.ports import ChallengeTransport, Clock, DeliveryTransport
+from sourceauth.engine.ports import BlobStore, ChallengeTransport, Clock, DeliveryTransport
 from sourceauth.engine.settings import EngineSettings
 
 TRANSCODER = "sourceauth.adapters.storage.transcoder:MsgpackTranscoder"
@@ -125,9 +125,9 @@ def open_engine(
     clock: Clock = system_clock,
     challenges: ChallengeTransport | None = None,
     deliveries: DeliveryTransport | None = None,
-    blobs: FileBlobStore | DatabaseBlobStore | None = None,
+    blobs: BlobStore | None = None,
 ) -> SourceAuth:
-    """One engine over this storage; the caller closes it."""
+    """One engine over this storage (blobs: its own store unless given); the caller closes it."""
     if blobs is None:
         blobs = open_blobs(storage)
     if storage.kind == "postgresql" and storage.pg_schema:

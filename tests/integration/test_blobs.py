@@ -1,4 +1,5 @@
-"""FileBlobStore on a real temporary directory: durability layout, idempotence, errors, GC listing.
+"""The blob stores: FileBlobStore on a real temporary directory (durability layout, idempotence,
+errors, GC listing) and both stores through the BlobStore port.
 
 We run as root, so unwritable places are simulated with a regular file where a directory should be.
 """
@@ -11,6 +12,7 @@ import os
 import stat
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +20,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sourceauth.adapters.storage.blobs import (
-    BlobConflict,
+from sourceauth.adapters.storage.blobs import BlobConflict, FileBlobStore
+from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
+from sourceauth.engine.api import Blob
+from sourceauth.engine.ports import (
     BlobCorrupt,
+    BlobError,
     BlobNotFound,
-    BlobRef,
-    BlobStoreError,
-    FileBlobStore,
+    BlobStore,
+    BlobStoreUnavailable,
 )
 
 
@@ -55,7 +59,7 @@ def test_root_is_created_private(tmp_path: Path) -> None:
 def test_put_get_round_trip_with_layout_and_modes(store: FileBlobStore) -> None:
     k, data = key(), b"From: a@example.org\r\n\r\nhello\r\n"
     ref = store.put(k, data)
-    assert ref == BlobRef(k, len(data), hashlib.sha256(data).hexdigest())
+    assert ref == Blob(k, len(data), hashlib.sha256(data).hexdigest())
     assert store.path_of(k) == store.root / k[:2] / k
     assert store.path_of(k).read_bytes() == data
     assert mode(store.path_of(k)) == 0o600 and mode(store.path_of(k).parent) == 0o700
@@ -87,7 +91,7 @@ def test_repeat_put_with_same_content_is_a_no_op(store: FileBlobStore) -> None:
 def test_repeat_put_with_other_content_raises(store: FileBlobStore, other: bytes) -> None:
     k = key()
     store.put(k, b"same")
-    with pytest.raises(BlobStoreError) as info:
+    with pytest.raises(BlobStoreUnavailable) as info:
         store.put(k, other)
     assert isinstance(info.value, BlobConflict) and info.value.errno == errno.EEXIST
     assert store.get(k) == b"same"
@@ -270,7 +274,7 @@ def test_no_fsync_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_root_under_a_regular_file_gives_blob_store_error(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_bytes(b"")
-    with pytest.raises(BlobStoreError) as info:
+    with pytest.raises(BlobStoreUnavailable) as info:
         FileBlobStore(blocker / "blobs")
     assert info.value.errno == errno.ENOTDIR
     assert "Not a directory" in str(info.value)
@@ -279,13 +283,13 @@ def test_root_under_a_regular_file_gives_blob_store_error(tmp_path: Path) -> Non
 def test_unwritable_fan_out_gives_blob_store_error_and_no_debris(store: FileBlobStore) -> None:
     (store.root / "ab").write_bytes(b"a file where the fan-out directory should be")
     good, bad = "cd" + "0" * 30, "ab" + "0" * 30
-    with pytest.raises(BlobStoreError) as info:
+    with pytest.raises(BlobStoreUnavailable) as info:
         store.put_many([(good, b"ok"), (bad, b"x")])
     assert info.value.errno == errno.ENOTDIR and not isinstance(info.value, BlobConflict)
     assert list(store.keys()) == [] and temp_files(store) == [], "all or nothing"
-    with pytest.raises(BlobStoreError):
+    with pytest.raises(BlobStoreUnavailable):
         store.get(bad)  # reading through a file is trouble, not "not found"
-    with pytest.raises(BlobStoreError):
+    with pytest.raises(BlobStoreUnavailable):
         store.delete(bad)
 
 
@@ -304,7 +308,7 @@ def test_disk_full_maps_to_blob_store_error(
 
     monkeypatch.setattr(os, "write", write)
     first = key()
-    with pytest.raises(BlobStoreError) as info:
+    with pytest.raises(BlobStoreUnavailable) as info:
         store.put_many([(first, b"fits"), (key(), b"does not fit")])
     assert info.value.errno == errno.ENOSPC
     assert "No space left on device" in str(info.value)
@@ -326,7 +330,9 @@ def test_short_writes_are_completed(store: FileBlobStore, monkeypatch: pytest.Mo
 
 
 def test_blob_store_error_is_an_os_error() -> None:
-    assert issubclass(BlobStoreError, OSError) and issubclass(BlobConflict, BlobStoreError)
+    assert issubclass(BlobStoreUnavailable, OSError) and issubclass(
+        BlobConflict, BlobStoreUnavailable
+    )
     assert issubclass(BlobNotFound, KeyError) and issubclass(BlobCorrupt, ValueError)
 
 
@@ -341,3 +347,87 @@ def test_property_round_trip_of_arbitrary_bytes(store: FileBlobStore, data: byte
     assert store.get(k, verify_sha256=ref.sha256) == data
     assert store.put(k, data) == ref
     assert store.delete(k)
+
+
+# --------------------------------------------------------------------------------------------
+# The BlobStore port, on both stores
+
+
+@pytest.fixture(params=["files", "database"])
+def port_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
+    if request.param == "files":
+        yield FileBlobStore(tmp_path / "blobs")
+        return
+    db = DatabaseBlobStore(tmp_path / "sourceauth.db")
+    yield db
+    db.close()
+
+
+def test_file_store_stage_makes_every_original_durable_before_the_events(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path / "blobs")
+    items = [(key(), b"first\r\n"), (key(), b"second\r\n")]
+    staged = store.stage(items)
+    assert staged.blobs == tuple(Blob(k, len(d), hashlib.sha256(d).hexdigest()) for k, d in items)
+    assert staged.with_events == ()
+    assert [store.get(k) for k, _ in items] == [d for _, d in items]
+
+
+def test_database_store_stage_hands_the_originals_to_the_event_transaction(tmp_path: Path) -> None:
+    store = DatabaseBlobStore(tmp_path / "sourceauth.db")
+    items = [(key(), b"first\r\n"), (key(), b"second\r\n")]
+    staged = store.stage(items)
+    assert staged.blobs == tuple(Blob(k, len(d), hashlib.sha256(d).hexdigest()) for k, d in items)
+    assert staged.with_events == tuple(items)
+    assert staged.with_events_for(items[1][0]) == (items[1],)
+    assert not any(store.exists(k) for k, _ in items)  # written by the event recorder, not here
+    store.close()
+
+
+def test_port_reads_back_checks_and_deletes(port_store: BlobStore) -> None:
+    k, data = key(), b"Subject: hi\r\n\r\nbody\r\n"
+    _put(port_store, k, data)
+    assert port_store.exists(k)
+    assert port_store.get(k, verify_sha256=hashlib.sha256(data).hexdigest().upper()) == data
+    with pytest.raises(BlobCorrupt) as corrupt:
+        port_store.get(k, verify_sha256=hashlib.sha256(b"other").hexdigest())
+    assert isinstance(corrupt.value, BlobError)
+    assert port_store.delete(k) is True
+    assert port_store.delete(k) is False
+    assert not port_store.exists(k)
+    with pytest.raises(BlobNotFound) as missing:
+        port_store.get(k)
+    assert isinstance(missing.value, BlobError)
+    others = [key(), key()]
+    for other in others:
+        _put(port_store, other, b"x")
+    assert port_store.delete_many([*others, key()]) == 2
+
+
+def test_port_refuses_a_bad_key(port_store: BlobStore) -> None:
+    for call in (port_store.exists, port_store.get, port_store.delete):
+        with pytest.raises(ValueError):
+            call("../etc/passwd")
+    with pytest.raises(ValueError):
+        port_store.stage([("not-a-key", b"x")])
+
+
+def test_storage_trouble_is_blob_store_unavailable(tmp_path: Path) -> None:
+    files = FileBlobStore(tmp_path / "blobs")
+    k = key()
+    (files.root / k[:2]).write_bytes(b"a file where the fan-out directory should be")
+    with pytest.raises(BlobStoreUnavailable) as put_failed:
+        files.stage([(k, b"x")])
+    assert isinstance(put_failed.value, BlobError)
+    db = DatabaseBlobStore(tmp_path / "sourceauth.db")
+    db.close()
+    for call in (db.exists, db.get, db.delete):
+        with pytest.raises(BlobStoreUnavailable):
+            call(key())
+
+
+def _put(store: BlobStore, k: str, data: bytes) -> None:
+    """Store an original as the group commit would: staged, then written with the events."""
+    staged = store.stage([(k, data)])
+    if staged.with_events:
+        assert isinstance(store, DatabaseBlobStore)
+        store.put_many(list(staged.with_events))  # what the event recorder does in its transaction

@@ -3,26 +3,32 @@ Covers stamping, per-recipient SMTP/LMTP outcomes, 8-bit/SMTPUTF8, exactly-once 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sourceauth.adapters.smtp.delivery import (
-    DeliveryResult,
     NextHop,
     NextHopError,
     Outcome,
     RecipientResult,
     deliver,
+    delivery_result,
     parse_next_hop,
     send_message,
     stamp,
 )
+from sourceauth.adapters.smtp.outbound import NextHopDelivery
+from sourceauth.adapters.storage.blobs import FileBlobStore
+from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
+from sourceauth.engine.api import DeliveryJob, DeliveryResult
 from tests.support.smtp_sink import Sink
 
 pytestmark = pytest.mark.timeout(60)
@@ -62,6 +68,20 @@ def sink() -> Iterator[Sink]:
 
 def hop(s: Sink) -> NextHop:
     return parse_next_hop(s.url)
+
+
+def all_delivered(result: DeliveryResult) -> bool:
+    return bool(result.delivered) and not result.temporary and not result.rejected
+
+
+def refusals(result: DeliveryResult) -> dict[str, tuple[int, str]]:
+    """recipient -> (code, text) of each recipient not delivered, read from the diagnostic."""
+    out: dict[str, tuple[int, str]] = {}
+    for part in filter(None, result.diagnostic.split("; ")):
+        recipient, _, reply = part.partition(": ")
+        code, _, text = reply.partition(" ")
+        out[recipient] = (int(code), text)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,8 +141,9 @@ def test_smtp_delivery_carries_sourceauth_id_and_exact_original_bytes(sink: Sink
         sourceauth_id=SID,
         timeout=5,
     )
-    assert result.outcome is Outcome.DELIVERED
+    assert all_delivered(result)
     assert result.delivered == ("bob@example.test", "carol@example.test")
+    assert result.diagnostic == "" and result.next_hop == str(hop(sink))
     (msg,) = sink.wait_for(1, timeout=5)
     assert msg.data == header() + RAW
     assert msg.mail_from == "alice@remote.test"
@@ -159,15 +180,12 @@ def test_per_recipient_550_is_permanent_for_that_recipient_only() -> None:
             timeout=5,
         )
         (msg,) = s.wait_for(1, timeout=5)
-    assert [r.outcome for r in result.results] == [
-        Outcome.DELIVERED,
-        Outcome.PERMANENT,
-        Outcome.DELIVERED,
-    ]
-    ghost = result.results[1]
-    assert (ghost.recipient, ghost.code) == ("ghost@example.test", 550)
-    assert "User unknown" in ghost.text
-    assert result.outcome is Outcome.PERMANENT  # nothing left to retry
+    assert result.delivered == ("bob@example.test", "carol@example.test")
+    assert result.rejected == ("ghost@example.test",)
+    assert result.temporary == ()  # nothing left to retry
+    ((ghost, (code, text)),) = refusals(result).items()
+    assert (ghost, code) == ("ghost@example.test", 550)
+    assert "User unknown" in text
     assert msg.rcpt_tos == ["bob@example.test", "carol@example.test"]
 
 
@@ -185,17 +203,16 @@ def test_rcpt_451_is_temporary_and_the_delivery_needs_a_retry() -> None:
             timeout=5,
         )
         s.wait_for(1, timeout=5)
-    assert result.outcome is Outcome.TEMPORARY
     assert result.temporary == ("busy@example.test",)
     assert result.delivered == ("bob@example.test",)
-    assert result.results[1].code == 451
+    assert refusals(result)["busy@example.test"][0] == 451
 
 
 @pytest.mark.parametrize(
     ("reply", "outcome"),
-    [("451 4.3.0 try later", Outcome.TEMPORARY), ("554 5.7.1 content rejected", Outcome.PERMANENT)],
+    [("451 4.3.0 try later", "temporary"), ("554 5.7.1 content rejected", "rejected")],
 )
-def test_data_reply_applies_to_every_accepted_recipient(reply: str, outcome: Outcome) -> None:
+def test_data_reply_applies_to_every_accepted_recipient(reply: str, outcome: str) -> None:
     with Sink(data_reply=reply) as s:
         result = deliver(
             hop(s),
@@ -206,8 +223,8 @@ def test_data_reply_applies_to_every_accepted_recipient(reply: str, outcome: Out
             timeout=5,
         )
         assert s.messages == []
-    assert result.outcome is outcome
-    assert {r.code for r in result.results} == {int(reply[:3])}
+    assert getattr(result, outcome) == ("b@example.test", "c@example.test")
+    assert {code for code, _ in refusals(result).values()} == {int(reply[:3])}
 
 
 def test_mail_from_rejection_fails_every_recipient() -> None:
@@ -220,8 +237,9 @@ def test_mail_from_rejection_fails_every_recipient() -> None:
             sourceauth_id=SID,
             timeout=5,
         )
-    assert result.outcome is Outcome.PERMANENT
-    assert all(r.code == 553 and r.text.startswith("MAIL:") for r in result.results)
+    assert result.rejected == ("b@example.test", "c@example.test")
+    replies = refusals(result).values()
+    assert len(replies) == 2 and all(c == 553 and t.startswith("MAIL:") for c, t in replies)
 
 
 def test_connection_refused_is_temporary_quickly() -> None:
@@ -236,9 +254,10 @@ def test_connection_refused_is_temporary_quickly() -> None:
         timeout=60,
     )
     assert time.monotonic() - started < 30  # answered by the refusal, not by the timeout
-    assert result.outcome is Outcome.TEMPORARY
-    assert all(r.outcome is Outcome.TEMPORARY and r.code == 451 for r in result.results)
-    assert "refused" in result.results[0].text.lower()
+    assert result.temporary == ("b@example.test", "c@example.test")
+    replies = refusals(result)
+    assert [code for code, _ in replies.values()] == [451, 451]
+    assert "refused" in replies["b@example.test"][1].lower()
 
 
 def test_silent_server_times_out_as_temporary() -> None:
@@ -257,7 +276,7 @@ def test_silent_server_times_out_as_temporary() -> None:
         )
         elapsed = time.monotonic() - started
     assert 0.4 < elapsed < 30  # it waited for the timeout, and then gave up
-    assert result.outcome is Outcome.TEMPORARY
+    assert result.temporary == ("b@example.test",)
 
 
 def test_disconnect_after_greeting_is_temporary() -> None:
@@ -285,8 +304,8 @@ def test_disconnect_after_greeting_is_temporary() -> None:
             timeout=5,
         )
         thread.join(5)
-    assert result.outcome is Outcome.TEMPORARY
-    assert result.results[0].code == 451
+    assert result.temporary == ("b@example.test",)
+    assert refusals(result)["b@example.test"][0] == 451
 
 
 def test_greeting_554_is_permanent() -> None:
@@ -317,8 +336,8 @@ def test_greeting_554_is_permanent() -> None:
             timeout=5,
         )
         thread.join(5)
-    assert result.outcome is Outcome.PERMANENT
-    assert result.results[0].code == 554
+    assert result.rejected == ("b@example.test",)
+    assert refusals(result)["b@example.test"][0] == 554
 
 
 def test_lmtp_per_recipient_replies() -> None:
@@ -336,13 +355,13 @@ def test_lmtp_per_recipient_replies() -> None:
             timeout=5,
         )
         (msg,) = s.wait_for(1, timeout=5)
-    assert [(r.recipient, r.outcome, r.code) for r in result.results] == [
-        ("bob@example.test", Outcome.DELIVERED, 250),
-        ("full@example.test", Outcome.TEMPORARY, 452),
-        ("gone@example.test", Outcome.PERMANENT, 550),
-        ("c@x.test", Outcome.DELIVERED, 250),
-    ]
-    assert result.outcome is Outcome.TEMPORARY
+    assert result.delivered == ("bob@example.test", "c@x.test")
+    assert result.temporary == ("full@example.test",)
+    assert result.rejected == ("gone@example.test",)
+    assert refusals(result) == {
+        "full@example.test": (452, "4.2.2 mailbox full"),
+        "gone@example.test": (550, "5.2.1 mailbox disabled"),
+    }
     assert msg.rcpt_tos == ["bob@example.test", "c@x.test"]
     assert msg.data == header() + RAW
 
@@ -361,7 +380,13 @@ def test_lmtp_mixes_rcpt_and_data_replies() -> None:
             sourceauth_id=SID,
             timeout=5,
         )
-    assert [r.code for r in result.results] == [250, 550, 451]
+    assert (result.delivered, result.rejected, result.temporary) == (
+        ("a@e.test",),
+        ("x@e.test",),
+        ("b@e.test",),
+    )
+    codes = {r: code for r, (code, _) in refusals(result).items()}
+    assert codes == {"x@e.test": 550, "b@e.test": 451}
 
 
 def test_null_sender_is_sent_as_empty_reverse_path(sink: Sink) -> None:
@@ -374,7 +399,7 @@ def test_null_sender_is_sent_as_empty_reverse_path(sink: Sink) -> None:
             sourceauth_id=SID,
             timeout=5,
         )
-        assert result.outcome is Outcome.DELIVERED
+        assert all_delivered(result)
     msgs = sink.wait_for(2, timeout=5)
     assert [m.mail_from for m in msgs] == ["", ""]
 
@@ -395,7 +420,7 @@ def test_8bit_body_without_body_8bitmime_arrives_byte_identical(sink: Sink) -> N
         sourceauth_id=SID,
         timeout=5,
     )
-    assert result.outcome is Outcome.DELIVERED
+    assert all_delivered(result)
     (msg,) = sink.wait_for(1, timeout=5)
     assert msg.data == header() + raw
     assert "SMTPUTF8" not in msg.mail_options  # 8-bit content alone does not need SMTPUTF8
@@ -424,7 +449,7 @@ def test_smtputf8_recipient_uses_the_smtputf8_option(sink: Sink) -> None:
         sourceauth_id=SID,
         timeout=5,
     )
-    assert result.outcome is Outcome.DELIVERED
+    assert all_delivered(result)
     (msg,) = sink.wait_for(1, timeout=5)
     assert msg.rcpt_tos == [recipient]
     assert "SMTPUTF8" in msg.mail_options
@@ -439,7 +464,7 @@ def test_recipient_with_line_break_is_refused_without_injection(sink: Sink) -> N
         sourceauth_id=SID,
         timeout=5,
     )
-    assert [r.outcome for r in result.results] == [Outcome.DELIVERED, Outcome.PERMANENT]
+    assert len(result.delivered) == 1 and len(result.rejected) == 1
     (msg,) = sink.wait_for(1, timeout=5)
     assert msg.rcpt_tos == ["b@example.test"]
 
@@ -461,7 +486,7 @@ def test_ipv6_loopback_next_hop() -> None:
             timeout=5,
         )
         (msg,) = s.wait_for(1, timeout=5)
-    assert result.outcome is Outcome.DELIVERED
+    assert all_delivered(result)
     assert msg.data == header() + RAW
 
 
@@ -489,7 +514,7 @@ def test_maildir_delivery_writes_one_file_per_recipient_in_new(tmp_path: Path) -
         raw=RAW,
         sourceauth_id=SID,
     )
-    assert result.outcome is Outcome.DELIVERED
+    assert all_delivered(result)
     for mailbox, rcpt in (
         ("bob@example.test", b"bob@example.test"),
         ("carol@example.test", b"Carol@Example.Test"),
@@ -511,14 +536,14 @@ def test_maildir_second_delivery_with_same_id_writes_nothing_new(tmp_path: Path)
     rcpts = ["bob@example.test", "carol@example.test"]
     first = deliver(nh, mail_from="a@remote.test", recipients=rcpts, raw=RAW, sourceauth_id=SID)
     again = deliver(nh, mail_from="a@remote.test", recipients=rcpts, raw=RAW, sourceauth_id=SID)
-    assert first.outcome is again.outcome is Outcome.DELIVERED
-    assert all("exactly-once" in r.text for r in again.results)
+    assert first.delivered == again.delivered == tuple(rcpts)
+    assert all_delivered(first) and all_delivered(again)
     for rcpt in rcpts:
         assert len(maildir_files(tmp_path / "mail", rcpt, "new")) == 1
     other = deliver(
         nh, mail_from="a@remote.test", recipients=rcpts[:1], raw=RAW, sourceauth_id=SID + "2"
     )
-    assert other.outcome is Outcome.DELIVERED
+    assert all_delivered(other)
     assert len(maildir_files(tmp_path / "mail", rcpts[0], "new")) == 2
 
 
@@ -534,7 +559,7 @@ def test_maildir_exactly_once_also_after_the_copy_moved_to_cur_with_flags(tmp_pa
     again = deliver(
         nh, mail_from="a@remote.test", recipients=["bob@example.test"], raw=RAW, sourceauth_id=SID
     )
-    assert again.outcome is Outcome.DELIVERED
+    assert all_delivered(again)
     assert maildir_files(root, "bob@example.test", "new") == []
     assert maildir_files(root, "bob@example.test", "cur") == [moved]
 
@@ -548,7 +573,7 @@ def test_maildir_same_mailbox_twice_in_one_delivery_is_written_once(tmp_path: Pa
         raw=RAW,
         sourceauth_id=SID,
     )
-    assert result.outcome is Outcome.DELIVERED
+    assert all_delivered(result)
     assert len(maildir_files(root, "bob@example.test", "new")) == 1
 
 
@@ -559,9 +584,9 @@ def test_maildir_disk_error_is_temporary(tmp_path: Path) -> None:
     result = deliver(
         nh, mail_from="a@remote.test", recipients=["b@example.test"], raw=RAW, sourceauth_id=SID
     )
-    assert result.outcome is Outcome.TEMPORARY
-    (r,) = result.results
-    assert r.code == 451 and r.text.startswith("4.3.0")
+    assert result.temporary == ("b@example.test",)
+    ((code, text),) = refusals(result).values()
+    assert code == 451 and text.startswith("4.3.0")
 
 
 def test_maildir_unwritable_mailbox_is_temporary_for_that_recipient_only(tmp_path: Path) -> None:
@@ -575,7 +600,8 @@ def test_maildir_unwritable_mailbox_is_temporary_for_that_recipient_only(tmp_pat
         raw=RAW,
         sourceauth_id=SID,
     )
-    assert [r.outcome for r in result.results] == [Outcome.DELIVERED, Outcome.TEMPORARY]
+    assert result.delivered == ("ok@example.test",)
+    assert result.temporary == ("broken@example.test",)
 
 
 @pytest.mark.parametrize(
@@ -597,7 +623,7 @@ def test_maildir_mailbox_names_are_sanitised(tmp_path: Path, recipient: str, mai
         raw=RAW,
         sourceauth_id=SID,
     )
-    assert result.outcome is Outcome.DELIVERED
+    assert all_delivered(result)
     assert sorted(p.name for p in root.iterdir()) == [mailbox]
     assert len(maildir_files(root, mailbox, "new")) == 1
     assert sorted(os.listdir(tmp_path)) == ["mail"]
@@ -719,25 +745,30 @@ def test_send_message_maildir_outbox_is_exactly_once_by_message_id(tmp_path: Pat
 # DeliveryResult and the sink itself
 
 
-def _r(outcome: Outcome) -> RecipientResult:
-    return RecipientResult("x@example.test", outcome, 0, "")
+def test_delivery_result_sorts_recipients_by_outcome_and_reports_the_refusals() -> None:
+    nh = parse_next_hop("smtp://relay.example.test")
+    replies = [
+        RecipientResult("a@x.test", Outcome.DELIVERED, 250, "2.0.0 ok"),
+        RecipientResult("b@x.test", Outcome.TEMPORARY, 451, "4.3.0 later"),
+        RecipientResult("c@x.test", Outcome.PERMANENT, 550, "5.1.1 unknown"),
+        RecipientResult("d@x.test", Outcome.DELIVERED, 250, "2.0.0 ok"),
+    ]
+    assert delivery_result(nh, replies) == DeliveryResult(
+        delivered=("a@x.test", "d@x.test"),
+        temporary=("b@x.test",),
+        rejected=("c@x.test",),
+        diagnostic="b@x.test: 451 4.3.0 later; c@x.test: 550 5.1.1 unknown",
+        next_hop="smtp://relay.example.test:25",
+    )
 
 
-@pytest.mark.parametrize(
-    ("outcomes", "expected"),
-    [
-        ([], Outcome.DELIVERED),
-        ([Outcome.DELIVERED, Outcome.DELIVERED], Outcome.DELIVERED),
-        ([Outcome.DELIVERED, Outcome.PERMANENT], Outcome.PERMANENT),
-        ([Outcome.PERMANENT, Outcome.PERMANENT], Outcome.PERMANENT),
-        ([Outcome.DELIVERED, Outcome.TEMPORARY], Outcome.TEMPORARY),
-        ([Outcome.PERMANENT, Outcome.TEMPORARY, Outcome.DELIVERED], Outcome.TEMPORARY),
-    ],
-)
-def test_delivery_outcome_is_the_worst_among_pending(
-    outcomes: list[Outcome], expected: Outcome
-) -> None:
-    assert DeliveryResult(tuple(_r(o) for o in outcomes)).outcome is expected
+def test_delivery_result_diagnostic_is_capped() -> None:
+    nh = parse_next_hop("smtp://relay.example.test")
+    refused = [
+        RecipientResult(f"r{i}@x.test", Outcome.PERMANENT, 550, "5.1.1 " + "x" * 80)
+        for i in range(20)
+    ]
+    assert len(delivery_result(nh, refused).diagnostic) == 500
 
 
 def test_sink_wait_for_times_out_with_what_arrived(sink: Sink) -> None:
@@ -771,3 +802,48 @@ def test_fsync_sink_writes_each_message_and_keep_false_only_counts(tmp_path: Pat
     files = sorted(tmp_path.iterdir())
     assert len(files) == 3
     assert files[0].read_bytes() == header(f"{SID}0") + RAW
+
+
+# --------------------------------------------------------------------------------------------
+# NextHopDelivery: the engine's delivery port over the blob store port
+
+
+def _job(receipt_id: str, sha256: str) -> DeliveryJob:
+    return DeliveryJob(
+        message_id="0123456789abcdef0123456789abcdef",
+        receipt_id=receipt_id,
+        sha256=sha256,
+        mail_from="a@remote.test",
+        recipients=("bob@example.test",),
+    )
+
+
+def test_next_hop_delivery_reads_the_original_and_delivers_it(tmp_path: Path) -> None:
+    blobs = FileBlobStore(tmp_path / "blobs")
+    ref = blobs.put(uuid.uuid4().hex, RAW)
+    transport = NextHopDelivery(parse_next_hop(f"maildir:{tmp_path / 'mail'}"), blobs, "mx.test")
+    result = transport.deliver(_job(ref.key, ref.sha256))
+    assert result.delivered == ("bob@example.test",)
+    (new,) = maildir_files(tmp_path / "mail", "bob@example.test", "new")
+    assert new.read_bytes().endswith(RAW)
+
+
+def test_next_hop_delivery_rejects_a_missing_or_corrupt_original(tmp_path: Path) -> None:
+    blobs = FileBlobStore(tmp_path / "blobs")
+    ref = blobs.put(uuid.uuid4().hex, RAW)
+    transport = NextHopDelivery(parse_next_hop(f"maildir:{tmp_path / 'mail'}"), blobs, "mx.test")
+    corrupt = transport.deliver(_job(ref.key, hashlib.sha256(b"other").hexdigest()))
+    missing = transport.deliver(_job(uuid.uuid4().hex, ref.sha256))
+    for result in (corrupt, missing):
+        assert result.rejected == ("bob@example.test",) and not result.temporary
+        assert result.diagnostic.startswith("original unreadable")
+    assert not (tmp_path / "mail").exists()
+
+
+def test_next_hop_delivery_retries_when_the_blob_store_is_unavailable(tmp_path: Path) -> None:
+    blobs = DatabaseBlobStore(tmp_path / "sourceauth.db")
+    blobs.close()  # every read now fails with a storage error
+    transport = NextHopDelivery(parse_next_hop(f"maildir:{tmp_path / 'mail'}"), blobs, "mx.test")
+    result = transport.deliver(_job(uuid.uuid4().hex, hashlib.sha256(RAW).hexdigest()))
+    assert result.temporary == ("bob@example.test",) and not result.rejected
+    assert result.diagnostic.startswith("original unavailable")

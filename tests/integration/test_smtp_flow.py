@@ -292,3 +292,24 @@ def test_full_quarantine_answers_452_for_that_recipient_only(tmp_path: Path) -> 
         flt.app.authorize("friend@remote.test")
         flt.send("friend@remote.test", [PROTECTED], message("friend@remote.test", PROTECTED))
         assert next_hop.wait_for(1)[0].rcpt_tos == [PROTECTED]
+
+
+@pytest.mark.parametrize(
+    ("blobs", "store"), [("files", "FileBlobStore"), ("database", "DatabaseBlobStore")]
+)
+def test_group_commit_stages_originals_in_either_blob_store_and_delivers_them_unchanged(
+    tmp_path: Path, blobs: str, store: str
+) -> None:
+    storage = f'\n[storage]\nblobs = "{blobs}"\n'
+    with filter_with_sinks(tmp_path, extra=storage) as (flt, relay, next_hop):
+        assert type(flt.app.blobs).__name__ == store
+        unprotected = "carol@elsewhere.test"
+        raws = [message(STRANGER, unprotected, subject=f"n{i}") for i in range(3)]
+        for raw in raws:
+            flt.send(STRANGER, [unprotected], raw)
+        delivered = next_hop.wait_for(3, timeout=20)
+        for raw in raws:
+            (copy,) = [m.data for m in delivered if m.data.endswith(raw)]
+            assert copy.startswith(b"X-SourceAuth-Id: ")
+            assert copy.count(b"\r\n") == raw.count(b"\r\n") + 1  # the stamp, nothing else
+        assert relay.messages == []

@@ -1,0 +1,69 @@
+"""engine/logs.py in process: the stdlib route while structlog is unconfigured, structlog's own
+configuration once there is one, decided at each call (loggers are made at import time)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+import structlog
+from structlog.testing import LogCapture
+
+from sourceauth.engine.logs import get_logger
+
+NAME = "sourceauth.tests.logs"
+
+
+@pytest.fixture
+def unconfigured() -> Iterator[None]:
+    """structlog as a fresh process has it; the previous configuration is restored after."""
+    was_configured, saved = structlog.is_configured(), structlog.get_config()
+    structlog.reset_defaults()
+    yield
+    if was_configured:
+        structlog.configure(**saved)
+    else:
+        structlog.reset_defaults()
+
+
+def test_unconfigured_events_go_to_the_stdlib_logger_with_fields_as_attributes(
+    unconfigured: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = get_logger(NAME)
+    with caplog.at_level(logging.INFO, logger=NAME):
+        log.debug("below_the_level", n=0)
+        log.info("message_held", sender="a@remote.test", n=1)
+        log.bind(challenge_id="c1").warning("challenge_deferred", attempt=2)
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            log.exception("step_failed")
+    records = [r for r in caplog.records if r.name == NAME]
+    assert [(r.levelname, r.getMessage()) for r in records] == [
+        ("INFO", "message_held"),
+        ("WARNING", "challenge_deferred"),
+        ("ERROR", "step_failed"),
+    ]
+    held, deferred, failed = records
+    assert (held.sender, held.n) == ("a@remote.test", 1)  # type: ignore[attr-defined]
+    assert (deferred.challenge_id, deferred.attempt) == ("c1", 2)  # type: ignore[attr-defined]
+    assert failed.exc_info is not None and failed.exc_info[0] is RuntimeError
+
+
+def test_without_a_handler_nothing_is_emitted(unconfigured: None) -> None:
+    assert any(isinstance(h, logging.NullHandler) for h in logging.getLogger("sourceauth").handlers)
+
+
+def test_a_logger_made_before_structlog_is_configured_follows_the_configuration(
+    unconfigured: None,
+) -> None:
+    log = get_logger(NAME)  # as at import time
+    capture = LogCapture()
+    structlog.configure(processors=[capture])
+    log.info("message_held", sender="a@remote.test")
+    log.bind(challenge_id="c1").error("challenge_failed", attempt=3)
+    assert capture.entries == [
+        {"event": "message_held", "sender": "a@remote.test", "log_level": "info"},
+        {"event": "challenge_failed", "challenge_id": "c1", "attempt": 3, "log_level": "error"},
+    ]
