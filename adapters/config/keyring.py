@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
 from collections.abc import Mapping
 from pathlib import Path
 
 from sourceauth.adapters.config.schema import ChallengeConfig
 from sourceauth.adapters.config.values import ConfigError
+from sourceauth.adapters.durable import write_once
 from sourceauth.engine.tokens import Keyring, generate_keyring, parse_keyring, render_keyring
 
 _KEY = "challenge.secret_file"
@@ -79,24 +79,9 @@ def _create_secret_file(path: Path) -> Keyring:
     data = render_keyring(keyring).encode("utf-8")
     try:
         _make_private_dirs(path.parent)
-        # Write a private temporary file, then link it into place: readers never see a partial
-        # file, and a process racing us keeps whichever keyring was linked first.
-        temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        descriptor = os.open(
-            temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-        )
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            try:
-                os.link(temporary, path)
-            except FileExistsError:
-                return _read_secret_file(path)
-        finally:
-            temporary.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        # Readers never see a partial file; a process racing us keeps whichever keyring won.
+        if not write_once(path, data, mode=0o600):
+            return _read_secret_file(path)
     except OSError as error:
         raise ConfigError(f"{_KEY}: cannot create {path} ({error.strerror})") from None
     return keyring
@@ -109,11 +94,3 @@ def _make_private_dirs(directory: Path) -> None:
         directory = directory.parent
     for created in reversed(missing):
         created.mkdir(mode=0o700, exist_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
