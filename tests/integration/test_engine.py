@@ -883,3 +883,69 @@ def test_reply_to_the_challenge_that_also_names_a_protected_mailbox_confirms_and
     assert sender_state(app, ALICE) == "authorized"
     app.maintain()
     assert next_hop.per_recipient() == Counter({BOB: 2}), "the original and the reply"
+
+
+class _Recorder:
+    """Stands in for a module's structlog logger: records (level, event, fields)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Callable[..., None]:
+        def record(event: str, **fields: Any) -> None:
+            self.lines.append((level, event, fields))
+
+        return record
+
+    def events(self) -> list[str]:
+        return [event for _, event, _ in self.lines]
+
+
+def test_a_unit_retried_after_a_conflict_logs_each_decision_once(
+    app: SourceAuth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eventsourcing.persistence import IntegrityError
+
+    from sourceauth.engine.service import context
+
+    logged = _Recorder()
+    monkeypatch.setattr(context, "log", logged)
+    real_save, attempts = app.save, []
+
+    def conflicting_once(*objs: Any, **kwargs: Any) -> Any:
+        attempts.append(len(objs))
+        if len(attempts) == 1:
+            raise IntegrityError("another writer got there first")
+        return real_save(*objs, **kwargs)
+
+    monkeypatch.setattr(app, "save", conflicting_once)
+    receipt = send(app, to=[BOB, DAVE])
+    assert len(attempts) == 2, "the unit was redone once"
+    assert decisions(receipt) == {BOB: Decision.CHALLENGE, DAVE: Decision.DELIVER}
+    assert logged.events() == ["concurrency_conflict", "message_decided", "message_decided"]
+    assert {f["recipient"] for _, e, f in logged.lines if e == "message_decided"} == {BOB, DAVE}
+    assert len(events_since(app, 0)) == 3  # the sender and two copies, recorded once
+
+
+def test_log_event_names_are_literal_past_tense_facts(
+    app: SourceAuth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sourceauth.engine.service import context
+
+    logged = _Recorder()
+    monkeypatch.setattr(context, "log", logged)
+    held = send(app, "spam@remote.test").decisions[0].message_id
+    app.release(str(held))
+    app.block("spam@remote.test")
+    app.authorize("friend@remote.test")
+    app.forget("friend@remote.test")
+    other = send(app, "x@remote.test").decisions[0].message_id
+    app.discard(str(other))
+    verbs = [e for e in logged.events() if e != "message_decided"]
+    assert verbs == [
+        "message_released",
+        "sender_blocked",
+        "sender_authorized",
+        "sender_forgotten",
+        "message_discarded",
+    ]
