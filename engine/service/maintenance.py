@@ -18,10 +18,11 @@ from sourceauth.engine.errors import (
     MessageNotHeld,
     TemporaryFailure,
 )
-from sourceauth.engine.message import EXPIRED, HELD_STATES
+from sourceauth.engine.message import HELD_STATES
 from sourceauth.engine.service import dispatch, replies
 from sourceauth.engine.service.context import BATCH_LIMIT, ENGINE, Context, Unit, ts
 from sourceauth.engine.service.routing import AUTHORIZED
+from sourceauth.engine.statemachine import MESSAGE
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -137,7 +138,7 @@ def _sweep_release(ctx: Context, mid: str, now: float, unit: Unit) -> bool:
 
 def _purge(ctx: Context, mid: str, now: float, unit: Unit) -> bool:
     msg = ctx.load_message(UUID(mid))
-    if msg is None or msg.state != EXPIRED:
+    if msg is None or not MESSAGE.allows(msg.state, "purge"):
         return False
     deleted = False
     blobs = ctx.blobs

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
+import structlog
+
 from sourceauth.engine import tokens
 from sourceauth.engine.addresses import AddressError, is_null_sender, normalize_address
 from sourceauth.engine.api import Decision, Headers, Incoming, Receipt, RecipientDecision
@@ -29,6 +31,8 @@ from sourceauth.engine.service.routing import (
 )
 from sourceauth.engine.statemachine import SENDER
 
+log = structlog.get_logger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class Hold:
@@ -49,21 +53,22 @@ def receive_many(
 
     def work(unit: Unit) -> list[Receipt]:
         _prefetch_senders(ctx, unit, plans)
-        receipts = [decide(ctx, unit, i, p) for i, p in zip(batch, plans, strict=True)]
-        for receipt in receipts:
-            for d in receipt.decisions:
-                unit.note(
-                    "message_decided",
-                    receipt_id=receipt.receipt_id,
-                    message_id=str(d.message_id) if d.message_id else None,
-                    recipient=d.recipient,
-                    decision=d.decision.value,
-                    reason=d.reason,
-                )
-        return receipts
+        return [decide(ctx, unit, i, p) for i, p in zip(batch, plans, strict=True)]
 
     kwargs = {"blobs": list(attachments)} if attachments else {}
-    return ctx.run("receive", work, **kwargs)
+    receipts = ctx.run("receive", work, **kwargs)
+    # Logged from the committed result: a unit redone after a conflict logs once.
+    for receipt in receipts:
+        for d in receipt.decisions:
+            log.info(
+                "message_decided",
+                receipt_id=receipt.receipt_id,
+                message_id=str(d.message_id) if d.message_id else None,
+                recipient=d.recipient,
+                decision=d.decision.value,
+                reason=d.reason,
+            )
+    return receipts
 
 
 def validate(ctx: Context, incoming: Incoming) -> None:

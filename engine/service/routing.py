@@ -126,7 +126,7 @@ def plan(incoming: Incoming, settings: EngineSettings) -> Plan:
         protected = answer is None and is_protected(rcpt, s.protected, s.recipient_delimiter)
         scope = None
         if protected and sender:
-            scope = scope_for(rcpt, s)
+            scope = "global" if s.scope == "global" else scope_for(rcpt, s)
             scopes[scope] = None
         targets.append(Target(rcpt, answer, scope, protected))
     return Plan(sender, recipients, tuple(targets), tuple(scopes), tuple(answers))

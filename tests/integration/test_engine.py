@@ -906,10 +906,11 @@ def test_a_unit_retried_after_a_conflict_logs_each_decision_once(
 ) -> None:
     from eventsourcing.persistence import IntegrityError
 
-    from sourceauth.engine.service import context
+    from sourceauth.engine.service import context, receive
 
     logged = _Recorder()
     monkeypatch.setattr(context, "log", logged)
+    monkeypatch.setattr(receive, "log", logged)
     real_save, attempts = app.save, []
 
     def conflicting_once(*objs: Any, **kwargs: Any) -> Any:
@@ -930,10 +931,11 @@ def test_a_unit_retried_after_a_conflict_logs_each_decision_once(
 def test_log_event_names_are_literal_past_tense_facts(
     app: SourceAuth, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sourceauth.engine.service import context
+    from sourceauth.engine.service import context, receive
 
     logged = _Recorder()
     monkeypatch.setattr(context, "log", logged)
+    monkeypatch.setattr(receive, "log", logged)
     held = send(app, "spam@remote.test").decisions[0].message_id
     app.release(str(held))
     app.block("spam@remote.test")
