@@ -15,6 +15,7 @@ from sourceauth.engine.message import EXPIRED, HELD_STATES
 from sourceauth.engine.policy import is_automated
 from sourceauth.engine.sender import Sender
 from sourceauth.engine.service.context import ENGINE, Context, Unit, ts
+from sourceauth.engine.statemachine import SENDER
 
 
 def confirm(ctx: Context, token: str, claimants: Iterable[str]) -> ConfirmResult:
@@ -97,11 +98,12 @@ def confirm_in(
         unit.note("confirm_refused", reason=str(exc), sender=row.address)
         return ConfirmResult(False, f"token refused: {exc}", row.address)
     sender = ctx.load_sender(unit, UUID(row.sender_id))
-    if sender is None:
-        return ConfirmResult(False, "challenge no longer pending (sender unknown)", row.address)
     try:
+        if sender is None:
+            raise ChallengeNotPending(SENDER.initial)
         sender.confirm(row.challenge_id, timestamp=ts(now), actor=row.address)
     except ChallengeNotPending as exc:
+        unit.note("confirm_refused", reason=str(exc), sender=row.address)
         return ConfirmResult(False, str(exc), row.address)
     unit.senders[sender.id] = sender
     released = release_held(ctx, unit, sender, f"sender_confirmed:{row.address}", now)
