@@ -19,6 +19,7 @@ import click
 
 from sourceauth.adapters.config import Config, ConfigError, load_config
 from sourceauth.engine.errors import IllegalTransition, InvalidInput, NotFound, SourceAuthError
+from sourceauth.engine.statemachine import MACHINES, MESSAGE, SENDER
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -155,9 +156,7 @@ def _sender_dict(v: Any) -> dict[str, Any]:
 
 @senders.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-@click.option(
-    "--state", type=click.Choice(["unknown", "challenged", "authorized", "expired", "blocked"])
-)
+@click.option("--state", type=click.Choice(list(SENDER.states)))
 @click.option("--limit", type=click.IntRange(min=1), default=None)
 @with_config
 def senders_list(cfg: Config, as_json: bool, state: str | None, limit: int | None) -> None:
@@ -219,18 +218,7 @@ def _held_dict(m: Any) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @click.option(
     "--state",
-    type=click.Choice(
-        [
-            "held",
-            "challenged",
-            "authorized",
-            "delivered",
-            "failed",
-            "expired",
-            "purged",
-            "discarded",
-        ]
-    ),
+    type=click.Choice([s for s in MESSAGE.states if s != MESSAGE.initial]),
 )
 @click.option("--sender", default=None, help="Only mail from this address.")
 @click.option("--limit", type=click.IntRange(min=1), default=None)
@@ -368,21 +356,17 @@ def projections_rebuild(cfg: Config) -> None:
 
     with engine_for(cfg) as app:
         started = time.perf_counter()
-        with app._lock:
+        with app.exclusive():
             n = app.views.rebuild()
         took = time.perf_counter() - started
     click.echo(f"rebuilt views from {n} events in {took:.2f}s")
 
 
 @cli.command()
-@click.option(
-    "--machine", type=click.Choice(["sender", "message", "all"]), default="all", show_default=True
-)
+@click.option("--machine", type=click.Choice([*MACHINES, "all"]), default="all", show_default=True)
 @with_config
 def diagram(cfg: Config, machine: str) -> None:
     """Print the state machines from specs/ as Mermaid state diagrams."""
-    from sourceauth.engine.statemachine import MACHINES
-
     names = list(MACHINES) if machine == "all" else [machine]
     for name in names:
         click.echo(MACHINES[name].mermaid())

@@ -109,9 +109,9 @@ def _timed(step: Callable[[], None]) -> tuple[float, float]:
 
 
 def _received_event(incoming: Incoming, now: float) -> Any:
-    """The Message.Received event `receive` records for an authorized sender, built the same way."""
+    """The Message.Accepted event `receive` records for an authorized sender, built the same way."""
     msg = Message._create(
-        Message.Received,
+        Message.Accepted,
         id=uuid.uuid4(),
         timestamp=datetime.fromtimestamp(now, tz=UTC),
         receipt_id=incoming.blob.key,
@@ -122,7 +122,6 @@ def _received_event(incoming: Incoming, now: float) -> Any:
         recipients=list(incoming.recipients),
         subject=dict(incoming.headers)["Subject"][:300],
         message_id_header=dict(incoming.headers)["Message-ID"][:300],
-        trigger="accept",
         actor="engine",
         reason="sender_authorized",
         expires_at=0.0,
@@ -146,7 +145,7 @@ def _raw_append(directory: Path, synchronous: str, stored_batches: list[list[Any
 def _raw_pipeline(
     directory: Path, synchronous: str, warm: list[Incoming], load: list[Incoming]
 ) -> tuple[float, float, float]:
-    """The baseline for authorized mail: build each Message.Received exactly as the engine does,
+    """The baseline for authorized mail: build each Message.Accepted exactly as the engine does,
     map it with app.mapper.to_stored_event and insert 200 per transaction with
     app.recorder.insert_events into a fresh log. Returns (total, insert-only, build+map) seconds."""
     raw = open_bench_engine(directory, synchronous=synchronous)
@@ -170,7 +169,7 @@ def _raw_pipeline(
 
 
 def authorized(n: int, synchronous: str) -> BenchResult:
-    """Messages from one pre-authorized sender: one Message.Received each, 200 per commit."""
+    """Messages from one pre-authorized sender: one Message.Accepted each, 200 per commit."""
     with tempfile.TemporaryDirectory(prefix="sa-bench-engine-") as tmp:
         app = open_bench_engine(Path(tmp) / "engine", synchronous=synchronous)
         try:
@@ -216,8 +215,8 @@ def authorized(n: int, synchronous: str) -> BenchResult:
 
 
 def unknown(n: int, synchronous: str) -> BenchResult:
-    """First message from a distinct new sender each: Sender.Registered (challenge queued) and
-    Message.Received (held), 200 messages per commit."""
+    """First message from a distinct new sender each: Sender.FirstChallenged (challenge queued)
+    and Message.Challenged (held), 200 messages per commit."""
     with tempfile.TemporaryDirectory(prefix="sa-bench-engine-") as tmp:
         app = open_bench_engine(Path(tmp) / "engine", synchronous=synchronous)
         try:

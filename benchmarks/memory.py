@@ -50,7 +50,7 @@ def _open(directory: Path, synchronous: str = "FULL") -> Any:
 
 
 def build(directory: Path, senders: int) -> dict[str, Any]:
-    """Write `senders` Sender.Registered (authorized by the operator) events, INSERT_BATCH per
+    """Write `senders` Sender.FirstAuthorized (authorized by the operator) events, INSERT_BATCH per
     transaction straight through the recorder, then bring the views up to date."""
     from benchmarks.engine import quiet_production_logging
     from sourceauth.engine import tokens
@@ -66,21 +66,14 @@ def build(directory: Path, senders: int) -> dict[str, Any]:
         stored = []
         for i in range(senders):
             address = sender_address(i)
-            sender = Sender._create(
-                Sender.Registered,
-                id=app.sender_id(address),
-                timestamp=stamp,
+            sender = Sender.first_verdict(
+                app.sender_id(address),
+                trigger="authorize",
                 address=address,
                 scope="global",
-                trigger="authorize",
+                timestamp=stamp,
                 actor="benchmark",
                 reason="bulk import",
-                challenge_id="",
-                kid=0,
-                expires_at=0.0,
-                subject="",
-                in_reply_to="",
-                recipient="",
             )
             stored.append(app.mapper.to_stored_event(sender.collect_events()[0]))
             if len(stored) == INSERT_BATCH:

@@ -55,8 +55,8 @@ def _subject(rng: random.Random) -> str:
 
 def make_events(n: int, seed: int = 1) -> list[dict[str, Any]]:
     """The states of real engine events, as the mapper hands them to a transcoder (no
-    originator_id/version): a mix of Message.Received, Sender.Registered, Sender.ChallengeSent
-    and Message.Delivered, as a day of mail records them."""
+    originator_id/version): a mix of Message creation events, Sender.FirstChallenged,
+    Sender.ChallengeSent and Message.Delivered, as a day of mail records them."""
     from sourceauth.engine.message import Message
     from sourceauth.engine.sender import Sender
 
@@ -69,7 +69,8 @@ def make_events(n: int, seed: int = 1) -> list[dict[str, Any]]:
         kind = i % 10
         event: Any
         if kind < 6:
-            event = Message.Received(
+            created = rng.choice((Message.Accepted, Message.Challenged, Message.Held))
+            event = created(
                 originator_id=oid,
                 originator_version=1,
                 timestamp=ts,
@@ -82,20 +83,18 @@ def make_events(n: int, seed: int = 1) -> list[dict[str, Any]]:
                 recipients=[_address(rng) for _ in range(rng.randint(1, 3))],
                 subject=_subject(rng),
                 message_id_header=f"<{oid.hex[:20]}@{_address(rng).split('@')[1]}>",
-                trigger=rng.choice(("accept", "challenge", "hold")),
                 actor="engine",
                 reason=rng.choice(_REASONS),
                 expires_at=ts.timestamp() + 604800.0,
             )
         elif kind < 8:
-            event = Sender.Registered(
+            event = Sender.FirstChallenged(
                 originator_id=oid,
                 originator_version=1,
                 timestamp=ts,
                 originator_topic="sourceauth.engine.sender:Sender",
                 address=_address(rng),
                 scope="global",
-                trigger="challenge",
                 actor="engine",
                 reason="first_message_from_unknown_sender",
                 challenge_id=rng.getrandbits(80).to_bytes(10, "big").hex(),
@@ -110,6 +109,7 @@ def make_events(n: int, seed: int = 1) -> list[dict[str, Any]]:
                 originator_id=oid,
                 originator_version=2,
                 timestamp=ts,
+                challenge_id=rng.getrandbits(80).to_bytes(10, "big").hex(),
                 relay="smtp://127.0.0.1:10031: 250 2.0.0 Ok: queued",
                 attempt=1,
             )

@@ -1,5 +1,6 @@
 """The auditor's checks: every event in the log decodes, follows its aggregate's previous
-event, and is a transition specs/ declares. Pure: it reads events, it writes nothing.
+event, and is a transition specs/ declares (the challenge lifecycle included). Pure: it
+reads events, it writes nothing.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from typing import Any
 from uuid import UUID
 
 from sourceauth.engine.message import Message
-from sourceauth.engine.sender import Sender
-from sourceauth.engine.statemachine import MESSAGE, SENDER, StateMachineSpec
+from sourceauth.engine.sender import SUPERSEDE, Sender
+from sourceauth.engine.statemachine import CHALLENGE, MESSAGE, SENDER, StateMachineSpec
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,11 @@ class LogSummary:
 
 
 def _machine_of(event: Any) -> tuple[StateMachineSpec, bool] | None:
-    if isinstance(event, Sender.Registered):
+    if isinstance(event, Sender.FirstSeen):
         return SENDER, True
     if isinstance(event, Sender.Event):
         return SENDER, False
-    if isinstance(event, Message.Received):
+    if isinstance(event, Message.Arrived):
         return MESSAGE, True
     if isinstance(event, Message.Event):
         return MESSAGE, False
@@ -53,6 +54,7 @@ def check_events(
     """Replay (position, event) pairs in log order against the specs; None if all are legal."""
     summary = summary if summary is not None else LogSummary()
     states: dict[UUID, tuple[int, str, str]] = {}  # id -> (version, state, machine name)
+    outcomes: dict[UUID, str] = {}  # sender id -> state of its current challenge
     for position, event in events:
         summary.events += 1
         aid: UUID = event.originator_id
@@ -97,4 +99,27 @@ def check_events(
                 f"in specs/{spec.name}.toml",
             )
         states[aid] = (version, spec.next_state(source, trigger), spec.name)
+        if spec is SENDER:
+            problem = _follow_challenge(outcomes, aid, event)
+            if problem:
+                return Fault(position, aid.hex, version, problem)
     return None
+
+
+def _follow_challenge(outcomes: dict[UUID, str], aid: UUID, event: Any) -> str:
+    """Track a sender's current challenge through specs/challenge.toml; a problem or ""."""
+    if isinstance(event, (Sender.FirstChallenged, Sender.Challenged)):
+        outcomes[aid] = CHALLENGE.initial
+        return ""
+    trigger = str(getattr(event, "challenge_trigger", ""))
+    if not trigger or isinstance(event, Sender.FirstSeen):
+        return ""
+    outcome = outcomes.get(aid, "")
+    if CHALLENGE.allows(outcome, trigger):
+        outcomes[aid] = CHALLENGE.next_state(outcome, trigger)
+    elif trigger != SUPERSEDE:  # an operator's verdict ends only a challenge still out
+        return (
+            f"{type(event).__qualname__}: '{trigger}' is not allowed from challenge state "
+            f"'{outcome or 'none'}' in specs/{CHALLENGE.name}.toml"
+        )
+    return ""

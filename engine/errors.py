@@ -30,3 +30,20 @@ class NotFound(SourceAuthError, LookupError):
 
 class TemporaryFailure(SourceAuthError):
     """Storage trouble or contention that outlasted the retries: try again later (SMTP 4xx)."""
+
+
+class ChallengeNotPending(SourceAuthError):
+    """An answer (reply, report, send result, lapse) to a challenge that is no longer the
+    sender's current, unanswered one: it is stale and records nothing."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(f"challenge no longer pending (sender {state})")
+        self.state = state
+
+
+class MessageNotHeld(SourceAuthError):
+    """A verb for held mail (expire, sweep release) on a copy that is no longer held."""
+
+
+class NotAwaitingDelivery(SourceAuthError):
+    """A delivery outcome for a copy that is not (or no longer) queued for the next hop."""

@@ -1,26 +1,34 @@
 """The Message aggregate: one copy of an accepted message for a set of recipients.
 
-A message to protected and unprotected recipients becomes two copies of one blob:
-one delivered at once, one held. States follow specs/message.toml.
+A message to protected and unprotected recipients becomes two copies of one blob: one
+delivered at once, one held. Verbs record past-tense events; specs/message.toml says where
+each trigger leads.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Any, ClassVar
+from uuid import UUID
 
 from eventsourcing.domain import Aggregate
+from eventsourcing.utils import get_topic
 
+from sourceauth.engine.errors import MessageNotHeld, NotAwaitingDelivery
 from sourceauth.engine.statemachine import MESSAGE
 
-LIVE_STATES = frozenset({"held", "challenged", "authorized", "expired", "failed"})
-HELD_STATES = frozenset({"held", "challenged"})
+# Derived from the spec: held = what a lapse can expire; live = not yet in a final state.
+HELD_STATES = MESSAGE.sources("expire")
+EXPIRED = MESSAGE.dest("expire")
+QUEUED = MESSAGE.dest("accept")  # awaiting the next hop
+LIVE_STATES = frozenset(MESSAGE.states) - MESSAGE.final_states() - {MESSAGE.initial}
 
 
 class Message(Aggregate):
     """One copy of a message: where it came from, for whom, and what became of it."""
 
     class Event(Aggregate.Event):
-        trigger = ""
+        trigger: ClassVar[str] = ""  # of specs/message.toml
 
         def apply(self, aggregate: Any) -> None:
             message: Message = aggregate
@@ -30,9 +38,11 @@ class Message(Aggregate):
         def update(self, message: Message) -> None:
             """Event-specific fields; runs on trigger and on every replay."""
 
-    class Received(Aggregate.Created):
-        """Accepted over SMTP (250) and its first decision: accept, challenge, hold or discard."""
+    class Arrived(Aggregate.Created):
+        """Accepted over SMTP (250) together with its first decision. Only its subclasses
+        are recorded; each names the trigger it takes from `unknown`."""
 
+        trigger: ClassVar[str] = ""
         receipt_id: str
         size: int
         sha256: str
@@ -41,7 +51,6 @@ class Message(Aggregate):
         recipients: list[str]
         subject: str
         message_id_header: str
-        trigger: str
         actor: str
         reason: str
         expires_at: float
@@ -70,11 +79,44 @@ class Message(Aggregate):
             message: Message = aggregate
             message.state = MESSAGE.next_state(MESSAGE.initial, self.trigger)
             message.reason = self.reason
-            if self.trigger in ("challenge", "hold"):
-                message.held = True
+
+        @classmethod
+        def record(cls, message_id: UUID, **fields: Any) -> Message.Arrived:
+            """The creation event alone, without the aggregate (the hot path: most copies are
+            never read back in the unit that decided them)."""
+            return cls(
+                originator_id=message_id,
+                originator_version=1,
+                originator_topic=_TOPICS[cls],
+                **fields,
+            )
+
+        def held_for(self, sender_id: str) -> bool:
+            return self.sender_id == sender_id and MESSAGE.dest(self.trigger) in HELD_STATES
+
+    class Accepted(Arrived):
+        """Queued for the next hop at once (recipient unprotected, or sender authorized)."""
+
+        trigger: ClassVar[str] = "accept"
+
+    class Challenged(Arrived):
+        """Held while its sender's challenge is out."""
+
+        trigger: ClassVar[str] = "challenge"
+
+    class Held(Arrived):
+        """Held without a challenge (never-challenge class, rate limit, auth gate)."""
+
+        trigger: ClassVar[str] = "hold"
+
+    class Discarded(Arrived):
+        """Recorded and dropped (blocked sender, never-challenge discard, a processed reply
+        or report)."""
+
+        trigger: ClassVar[str] = "discard"
 
     class Released(Event):
-        trigger = "release"
+        trigger: ClassVar[str] = "release"
         actor: str
         reason: str
 
@@ -84,7 +126,7 @@ class Message(Aggregate):
             message.next_attempt_at = 0.0
 
     class DeliveryDeferred(Event):
-        trigger = "defer"
+        trigger: ClassVar[str] = "defer"
         delivered: list[str]
         rejected: list[str]
         diagnostic: str
@@ -99,7 +141,7 @@ class Message(Aggregate):
             message.next_attempt_at = self.next_attempt_at
 
     class Delivered(Event):
-        trigger = "deliver"
+        trigger: ClassVar[str] = "deliver"
         delivered: list[str]
         rejected: list[str]
         next_hop: str
@@ -109,7 +151,7 @@ class Message(Aggregate):
             message.pending = []
 
     class DeliveryFailed(Event):
-        trigger = "reject"
+        trigger: ClassVar[str] = "reject"
         actor: str
         reason: str
         rejected: list[str]
@@ -119,7 +161,7 @@ class Message(Aggregate):
             message.reason = self.reason
 
     class Expired(Event):
-        trigger = "expire"
+        trigger: ClassVar[str] = "expire"
         actor: str
         reason: str
 
@@ -127,7 +169,7 @@ class Message(Aggregate):
             message.reason = self.reason
 
     class Purged(Event):
-        trigger = "purge"
+        trigger: ClassVar[str] = "purge"
         actor: str
         reason: str
         blob_deleted: bool
@@ -135,8 +177,10 @@ class Message(Aggregate):
         def update(self, message: Message) -> None:
             message.reason = self.reason
 
-    class Discarded(Event):
-        trigger = "discard"
+    class DiscardedWhileHeld(Event):
+        """Dropped after it was held (blocked sender, or an operator)."""
+
+        trigger: ClassVar[str] = "discard"
         actor: str
         reason: str
 
@@ -167,10 +211,100 @@ class Message(Aggregate):
         self.expires_at = expires_at
         self.state = MESSAGE.initial
         self.reason = ""
-        self.held = False
         self.attempts = 0
         self.next_attempt_at = 0.0
+
+    # ------------------------------------------------------------------ guards
+
+    def check_is_held(self) -> None:
+        if self.state not in HELD_STATES:
+            raise MessageNotHeld(f"message {self.id} is {self.state}, not held")
+
+    def check_awaits_delivery(self) -> None:
+        if self.state != QUEUED:
+            raise NotAwaitingDelivery(f"message {self.id} is {self.state}, not queued")
 
     def check(self, trigger: str) -> None:
         """Raise IllegalTransition unless specs/ allows `trigger` now (guards run before events)."""
         MESSAGE.next_state(self.state, trigger)
+
+    # ------------------------------------------------------------------ verbs
+
+    def release(self, *, timestamp: datetime, actor: str, reason: str) -> None:
+        self.trigger_event(self.Released, timestamp=timestamp, actor=actor, reason=reason)
+
+    def discard(self, *, timestamp: datetime, actor: str, reason: str) -> None:
+        self.trigger_event(self.DiscardedWhileHeld, timestamp=timestamp, actor=actor, reason=reason)
+
+    def expire(self, *, timestamp: datetime, actor: str, reason: str) -> None:
+        self.check_is_held()
+        self.trigger_event(self.Expired, timestamp=timestamp, actor=actor, reason=reason)
+
+    def purge(self, *, timestamp: datetime, actor: str, blob_deleted: bool) -> None:
+        kept = "original deleted" if blob_deleted else "original kept for another copy"
+        self.trigger_event(
+            self.Purged,
+            timestamp=timestamp,
+            actor=actor,
+            reason=f"{self.reason}; {kept}",
+            blob_deleted=blob_deleted,
+        )
+
+    def record_delivery_deferred(
+        self,
+        *,
+        timestamp: datetime,
+        delivered: list[str],
+        rejected: list[str],
+        diagnostic: str,
+        attempt: int,
+        next_attempt_at: float,
+    ) -> None:
+        self.check_awaits_delivery()
+        self.trigger_event(
+            self.DeliveryDeferred,
+            timestamp=timestamp,
+            delivered=delivered,
+            rejected=rejected,
+            diagnostic=diagnostic[:500],
+            attempt=attempt,
+            next_attempt_at=next_attempt_at,
+        )
+
+    def record_delivered(
+        self,
+        *,
+        timestamp: datetime,
+        delivered: list[str],
+        rejected: list[str],
+        next_hop: str,
+        diagnostic: str,
+    ) -> None:
+        self.check_awaits_delivery()
+        self.trigger_event(
+            self.Delivered,
+            timestamp=timestamp,
+            delivered=delivered,
+            rejected=rejected,
+            next_hop=next_hop,
+            diagnostic=diagnostic[:500],
+        )
+
+    def record_delivery_failed(
+        self, *, timestamp: datetime, actor: str, reason: str, rejected: list[str], diagnostic: str
+    ) -> None:
+        self.check_awaits_delivery()
+        self.trigger_event(
+            self.DeliveryFailed,
+            timestamp=timestamp,
+            actor=actor,
+            reason=reason,
+            rejected=rejected,
+            diagnostic=diagnostic[:500],
+        )
+
+
+_TOPICS: dict[type[Any], str] = {
+    cls: get_topic(cls)
+    for cls in (Message.Accepted, Message.Challenged, Message.Held, Message.Discarded)
+}

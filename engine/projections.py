@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sourceauth.engine.message import Message
-from sourceauth.engine.sender import Sender
+from sourceauth.engine.message import HELD_STATES, QUEUED, Message
+from sourceauth.engine.sender import SUPERSEDE, Sender
+from sourceauth.engine.statemachine import CHALLENGE, MESSAGE, SENDER
 
 WHITELIST = "sa_whitelist"
 CHALLENGES = "sa_challenges"
@@ -129,7 +130,7 @@ class Delete:
     key: Any
 
 
-TERMINAL_COPY_STATES = frozenset({"delivered", "purged", "discarded"})
+TERMINAL_COPY_STATES = MESSAGE.final_states()
 
 
 def _join(items: list[str]) -> str:
@@ -150,9 +151,7 @@ def _sender_row(e: Any, state: str) -> Op:
     )
 
 
-def _sender_registered(e: Sender.Registered) -> Iterator[Op]:
-    from sourceauth.engine.statemachine import SENDER
-
+def _sender_first_seen(e: Sender.FirstSeen) -> Iterator[Op]:
     ts = e.timestamp.timestamp()
     yield Upsert(
         WHITELIST,
@@ -167,39 +166,25 @@ def _sender_registered(e: Sender.Registered) -> Iterator[Op]:
             "version": e.originator_version,
         },
     )
-    if e.challenge_id:
-        yield _challenge_row(e, e.address, e.scope)
-
-
-def _challenge_row(e: Any, address: str, scope: str) -> Op:
-    return Upsert(
-        CHALLENGES,
-        e.challenge_id,
-        {
-            "sender_id": e.originator_id.hex,
-            "address": address,
-            "domain": address.rsplit("@", 1)[-1],
-            "scope": scope,
-            "kid": e.kid,
-            "created": e.timestamp.timestamp(),
-            "expires": e.expires_at,
-            "sent_at": 0.0,
-            "attempts": 0,
-            "resends": 0,
-            "next_attempt": 0.0,
-            "outcome": "queued",
-            "diagnostic": "",
-            "subject": e.subject,
-            "in_reply_to": e.in_reply_to,
-            "recipient": e.recipient,
-        },
-    )
+    if isinstance(e, Sender.FirstChallenged):
+        yield Upsert(
+            CHALLENGES,
+            e.challenge_id,
+            {
+                "sender_id": e.originator_id.hex,
+                "address": e.address,
+                "domain": e.address.rsplit("@", 1)[-1],
+                "scope": e.scope,
+                **_challenge_values(e),
+            },
+        )
 
 
 class Projector:
     """Turns events into row operations. It keeps a small map from sender id to its
     current challenge id, rebuilt from the same events, so that later sender events
-    (sent, failed, confirmed) can find their challenge row without a read."""
+    (sent, failed, confirmed) can find their challenge row without a read. Every state a
+    row records is the destination specs/ gives the event's trigger."""
 
     def __init__(self, current_challenge: Callable[[str], str | None]) -> None:
         self._current_challenge = current_challenge
@@ -212,14 +197,14 @@ class Projector:
         return self._current_challenge(sender_id)
 
     def ops(self, event: Any) -> Iterator[Op]:
-        if isinstance(event, Sender.Registered):
-            if event.challenge_id:
+        if isinstance(event, Sender.FirstSeen):
+            if isinstance(event, Sender.FirstChallenged):
                 self._remember(event.originator_id.hex, event.challenge_id)
-            yield from _sender_registered(event)
+            yield from _sender_first_seen(event)
         elif isinstance(event, Sender.Event):
             yield from self._sender_event(event)
-        elif isinstance(event, Message.Received):
-            yield from self._message_received(event)
+        elif isinstance(event, Message.Arrived):
+            yield from self._message_arrived(event)
         elif isinstance(event, Message.Event):
             yield from self._message_event(event)
 
@@ -229,16 +214,14 @@ class Projector:
         self._cache[sender_id] = (challenge_id, "", "")
 
     def _sender_event(self, e: Sender.Event) -> Iterator[Op]:
-
         sid = e.originator_id.hex
-        # The view holds the state reached, derived from the same spec as the aggregate.
         if isinstance(e, Sender.Challenged):
             self._remember(sid, e.challenge_id)
             yield Update(
                 WHITELIST,
                 sid,
                 {
-                    "state": "challenged",
+                    "state": SENDER.dest(e.trigger),
                     "since": e.timestamp.timestamp(),
                     "reason": e.reason,
                     "version": e.originator_version,
@@ -246,60 +229,55 @@ class Projector:
             )
             yield _ChallengeFromSender(e.challenge_id, sid, _challenge_values(e))
             return
-        dest = {
-            Sender.Confirmed: "authorized",
-            Sender.ChallengeFailed: "expired",
-            Sender.ChallengeExpired: "expired",
-            Sender.Authorized: "authorized",
-            Sender.Blocked: "blocked",
-            Sender.Forgotten: "unknown",
-        }.get(type(e))
-        if dest is not None:
-            yield _sender_row(e, dest)
-        else:
+        dest = SENDER.dest(e.trigger)
+        if SENDER.sources(e.trigger) == {dest}:  # bookkeeping on the challenge: state unchanged
             yield Update(WHITELIST, sid, {"version": e.originator_version})
+        else:
+            yield _sender_row(e, dest)
         cid = self.challenge_of(sid)
-        if not cid:
+        if not cid or not e.challenge_trigger:
             return
-        ts = e.timestamp.timestamp()
+        if e.challenge_trigger == SUPERSEDE:
+            yield _SupersedeIfPending(cid)
+            return
+        outcome = {"outcome": CHALLENGE.dest(e.challenge_trigger)}
         if isinstance(e, Sender.ChallengeSent):
             yield Update(
                 CHALLENGES,
                 cid,
-                {"outcome": "sent", "sent_at": ts, "attempts": e.attempt, "diagnostic": ""},
+                {
+                    **outcome,
+                    "sent_at": e.timestamp.timestamp(),
+                    "attempts": e.attempt,
+                    "diagnostic": "",
+                },
             )
         elif isinstance(e, Sender.ChallengeDeferred):
             yield Update(
                 CHALLENGES,
                 cid,
                 {
-                    "outcome": "deferred",
+                    **outcome,
                     "attempts": e.attempt,
                     "next_attempt": e.next_attempt_at,
                     "diagnostic": e.diagnostic,
                 },
             )
         elif isinstance(e, Sender.ChallengeResent):
-            yield Update(CHALLENGES, cid, {"outcome": "queued", "next_attempt": 0.0})
+            yield Update(CHALLENGES, cid, {**outcome, "next_attempt": 0.0})
             yield Add(CHALLENGES, cid, {"resends": 1})
-        elif isinstance(e, Sender.Confirmed):
-            yield Update(CHALLENGES, cid, {"outcome": "confirmed"})
         elif isinstance(e, Sender.ChallengeFailed):
-            yield Update(CHALLENGES, cid, {"outcome": "failed", "diagnostic": e.diagnostic})
-        elif isinstance(e, Sender.ChallengeExpired):
-            yield Update(CHALLENGES, cid, {"outcome": "expired"})
-        elif isinstance(e, (Sender.Authorized, Sender.Blocked, Sender.Forgotten)):
-            yield _SupersedeIfPending(cid)
+            yield Update(CHALLENGES, cid, {**outcome, "diagnostic": e.diagnostic})
+        else:
+            yield Update(CHALLENGES, cid, outcome)
 
-    def _message_received(self, e: Message.Received) -> Iterator[Op]:
-        from sourceauth.engine.statemachine import MESSAGE
-
+    def _message_arrived(self, e: Message.Arrived) -> Iterator[Op]:
         mid = e.originator_id.hex
         ts = e.timestamp.timestamp()
         state = MESSAGE.next_state(MESSAGE.initial, e.trigger)
         live = 0 if state in TERMINAL_COPY_STATES else 1
         yield _BlobRef(e.receipt_id, live)
-        if e.trigger == "accept":
+        if state == QUEUED:
             yield Upsert(
                 DELIVERY,
                 mid,
@@ -313,7 +291,7 @@ class Projector:
                 },
             )
             return
-        if state in ("held", "challenged"):
+        if state in HELD_STATES:
             yield _HeldDelta(tuple(e.recipients), 1)
         yield Upsert(
             QUARANTINE,
@@ -336,12 +314,11 @@ class Projector:
     def _message_event(self, e: Message.Event) -> Iterator[Op]:
         mid = e.originator_id.hex
         ts = e.timestamp.timestamp()
-        if isinstance(e, (Message.Released, Message.Expired, Message.Discarded)):
+        state = MESSAGE.dest(e.trigger)
+        if isinstance(e, (Message.Released, Message.Expired, Message.DiscardedWhileHeld)):
             yield _LeaveHeld(mid)  # before the state changes: it reads whether the copy was held
         if isinstance(e, Message.Released):
-            yield Update(
-                QUARANTINE, mid, {"state": "authorized", "reason": e.reason, "updated": ts}
-            )
+            yield Update(QUARANTINE, mid, {"state": state, "reason": e.reason, "updated": ts})
             yield _QueueFromQuarantine(mid, ts)
         elif isinstance(e, Message.DeliveryDeferred):
             yield Update(DELIVERY, mid, {"attempts": e.attempt, "next_attempt": e.next_attempt_at})
@@ -349,21 +326,18 @@ class Projector:
         elif isinstance(e, Message.Delivered):
             yield _CopyDone(mid)  # before the delivery row goes: it names the receipt
             yield Delete(DELIVERY, mid)
-            yield Update(QUARANTINE, mid, {"state": "delivered", "updated": ts})
+            yield Update(QUARANTINE, mid, {"state": state, "updated": ts})
         elif isinstance(e, Message.DeliveryFailed):
             yield _FailedCopy(mid, ts, e.reason)
             yield Delete(DELIVERY, mid)
         elif isinstance(e, Message.Expired):
-            yield Update(QUARANTINE, mid, {"state": "expired", "reason": e.reason, "updated": ts})
-        elif isinstance(e, Message.Purged):
-            yield Update(QUARANTINE, mid, {"state": "purged", "reason": e.reason, "updated": ts})
-            yield _CopyDone(mid)
-        elif isinstance(e, Message.Discarded):
-            yield Update(QUARANTINE, mid, {"state": "discarded", "reason": e.reason, "updated": ts})
+            yield Update(QUARANTINE, mid, {"state": state, "reason": e.reason, "updated": ts})
+        elif isinstance(e, (Message.Purged, Message.DiscardedWhileHeld)):
+            yield Update(QUARANTINE, mid, {"state": state, "reason": e.reason, "updated": ts})
             yield _CopyDone(mid)
 
 
-def _challenge_values(e: Sender.Challenged) -> dict[str, Any]:
+def _challenge_values(e: Sender.Challenged | Sender.FirstChallenged) -> dict[str, Any]:
     return {
         "kid": e.kid,
         "created": e.timestamp.timestamp(),
@@ -372,7 +346,7 @@ def _challenge_values(e: Sender.Challenged) -> dict[str, Any]:
         "attempts": 0,
         "resends": 0,
         "next_attempt": 0.0,
-        "outcome": "queued",
+        "outcome": CHALLENGE.initial,
         "diagnostic": "",
         "subject": e.subject,
         "in_reply_to": e.in_reply_to,
@@ -404,6 +378,21 @@ class _CopyDone:
     """A copy reached a terminal state: one fewer live reference to its original."""
 
     message_id: str
+
+
+# The states the storage adapters' queries name, all from specs/ (none written twice).
+FAILED_COPY = MESSAGE.dest("reject")
+EXPIRED_COPY = MESSAGE.dest("expire")
+RELEASABLE_COPY = HELD_STATES | {EXPIRED_COPY}  # what a confirmation releases
+PENDING_OUTCOMES = CHALLENGE.sources(SUPERSEDE)
+DUE_OUTCOMES = CHALLENGE.sources("sent")  # waiting for the relay
+SUPERSEDED = CHALLENGE.dest(SUPERSEDE)
+AUTHORIZED_SENDER = SENDER.dest("authorize")
+
+
+def sql_in(states: frozenset[str] | set[str]) -> str:
+    """A SQL list literal of state names (names from specs/, never from input)."""
+    return "(" + ", ".join(f"'{s}'" for s in sorted(states)) + ")"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The sender and message state machines, loaded from specs/ as data.
+"""The sender, message and challenge state machines, loaded from specs/ as data.
 
 One `transitions.Machine` is built per kind at import time; aggregates look up
 transitions in the table derived from it and never carry a machine of their own.
@@ -57,6 +57,21 @@ class StateMachineSpec:
 
     def allows(self, source: str, trigger: str) -> bool:
         return (source, trigger) in self.table
+
+    def sources(self, trigger: str) -> frozenset[str]:
+        """The states `trigger` may be taken from."""
+        return frozenset(t.source for t in self.transitions if t.trigger == trigger)
+
+    def dest(self, trigger: str) -> str:
+        """The one destination of `trigger` (for triggers whose every edge leads to one state)."""
+        found = {t.dest for t in self.transitions if t.trigger == trigger}
+        if len(found) != 1:
+            raise ValueError(f"{self.name}: trigger {trigger!r} leads to {sorted(found)}")
+        return found.pop()
+
+    def final_states(self) -> frozenset[str]:
+        """States no trigger leaves (a message copy's terminal states)."""
+        return frozenset(self.states) - {t.source for t in self.transitions}
 
     def triggers(self) -> tuple[str, ...]:
         seen: dict[str, None] = {}
@@ -123,4 +138,9 @@ def _load(filename: str) -> StateMachineSpec:
 
 SENDER = _load("sender.toml")
 MESSAGE = _load("message.toml")
-MACHINES: Mapping[str, StateMachineSpec] = {SENDER.name: SENDER, MESSAGE.name: MESSAGE}
+CHALLENGE = _load("challenge.toml")
+MACHINES: Mapping[str, StateMachineSpec] = {
+    SENDER.name: SENDER,
+    MESSAGE.name: MESSAGE,
+    CHALLENGE.name: CHALLENGE,
+}

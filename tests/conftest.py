@@ -249,5 +249,5 @@ def events_since(app: SourceAuth, position: int) -> list[Any]:
 
 
 def event_name(event: Any) -> str:
-    """'Sender.Confirmed', 'Message.Received', …"""
+    """'Sender.Confirmed', 'Message.Challenged', …"""
     return type(event).__qualname__

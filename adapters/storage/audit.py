@@ -43,8 +43,8 @@ def verify(app: SourceAuth) -> tuple[Fault | None, str]:
         return decode_faults[0], ""
     if fault is not None:
         return fault, ""
-    with app._lock:
-        app.views.catch_up(app._observe)
+    with app.exclusive():
+        app.catch_up()
         live = app.views.dump()  # type: ignore[attr-defined]
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/rebuild.db"

@@ -11,7 +11,6 @@ from typing import Any
 from sourceauth.engine import projections as p
 
 Row = dict[str, Any]
-PENDING = ("queued", "sent", "deferred")
 
 
 def _split(text: str) -> tuple[str, ...]:
@@ -119,11 +118,11 @@ class MemoryTables:
                     expires=0,
                 )
             if row is not None:
-                row.update(state="failed", reason=op.reason, updated=op.at)
+                row.update(state=p.FAILED_COPY, reason=op.reason, updated=op.at)
         elif isinstance(op, p.SupersedeIfPending):
             row = self.tables[p.CHALLENGES].get(op.challenge_id)
-            if row is not None and row["outcome"] in PENDING:
-                row["outcome"] = "superseded"
+            if row is not None and row["outcome"] in p.PENDING_OUTCOMES:
+                row["outcome"] = p.SUPERSEDED
         elif isinstance(op, p.ChallengeFromSender):
             sender = self.tables[p.WHITELIST].get(op.sender_id)
             address, scope = (sender["address"], sender["scope"]) if sender else ("", "")
@@ -139,7 +138,7 @@ class MemoryTables:
             self._held_delta(op.recipients, op.delta)
         elif isinstance(op, p.LeaveHeld):
             row = self.tables[p.QUARANTINE].get(op.message_id)
-            if row is not None and row["state"] in ("held", "challenged"):
+            if row is not None and row["state"] in p.HELD_STATES:
                 self._held_delta(_split(row["recipients"]), -1)
         else:  # pragma: no cover - the projector emits only the kinds above
             raise TypeError(f"unknown view operation {op!r}")

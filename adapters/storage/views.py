@@ -348,21 +348,21 @@ class SqlViews:
                 cur,
                 f"INSERT INTO {p.QUARANTINE} (message_id, receipt_id, sender, sender_id, recipients, subject, size, "
                 f"received, expires, state, reason, updated) SELECT message_id, receipt_id, sender, '', recipients, '', 0, "
-                f"queued_at, 0, 'failed', ?, ? FROM {p.DELIVERY} WHERE message_id = ? "
-                f"ON CONFLICT (message_id) DO UPDATE SET state = 'failed', reason = excluded.reason, updated = excluded.updated",
-                (op.reason, op.at, op.message_id),
+                f"queued_at, 0, ?, ?, ? FROM {p.DELIVERY} WHERE message_id = ? "
+                f"ON CONFLICT (message_id) DO UPDATE SET state = excluded.state, reason = excluded.reason, updated = excluded.updated",
+                (p.FAILED_COPY, op.reason, op.at, op.message_id),
             )
             self._x(
                 cur,
-                f"UPDATE {p.QUARANTINE} SET state = 'failed', reason = ?, updated = ? WHERE message_id = ?",
-                (op.reason, op.at, op.message_id),
+                f"UPDATE {p.QUARANTINE} SET state = ?, reason = ?, updated = ? WHERE message_id = ?",
+                (p.FAILED_COPY, op.reason, op.at, op.message_id),
             )
         elif isinstance(op, p.SupersedeIfPending):
             self._x(
                 cur,
-                f"UPDATE {p.CHALLENGES} SET outcome = 'superseded' WHERE challenge_id = ? "
-                f"AND outcome IN ('queued', 'sent', 'deferred')",
-                (op.challenge_id,),
+                f"UPDATE {p.CHALLENGES} SET outcome = ? WHERE challenge_id = ? "
+                f"AND outcome IN {p.sql_in(p.PENDING_OUTCOMES)}",
+                (p.SUPERSEDED, op.challenge_id),
             )
         elif isinstance(op, p.HeldDelta):
             self._held_delta(cur, op.recipients, op.delta)
@@ -372,7 +372,7 @@ class SqlViews:
                 f"SELECT state, recipients FROM {p.QUARANTINE} WHERE message_id = ?",
                 (op.message_id,),
             ).fetchone()
-            if row is not None and row[0] in ("held", "challenged"):
+            if row is not None and row[0] in p.HELD_STATES:
                 self._held_delta(cur, _split(row[1]), -1)
         elif isinstance(op, p.ChallengeFromSender):
             row = self._x(
@@ -466,13 +466,13 @@ class SqlViews:
 
     def challenges_due(self, now: float, limit: int) -> list[ChallengeRow]:
         return self._challenges(
-            "outcome IN ('queued', 'deferred') AND next_attempt <= ? ORDER BY next_attempt LIMIT ?",
+            f"outcome IN {p.sql_in(p.DUE_OUTCOMES)} AND next_attempt <= ? ORDER BY next_attempt LIMIT ?",
             (now, limit),
         )
 
     def challenges_lapsed(self, now: float, limit: int) -> list[ChallengeRow]:
         return self._challenges(
-            "outcome IN ('queued', 'sent', 'deferred') AND expires <= ? ORDER BY expires LIMIT ?",
+            f"outcome IN {p.sql_in(p.PENDING_OUTCOMES)} AND expires <= ? ORDER BY expires LIMIT ?",
             (now, limit),
         )
 
@@ -490,7 +490,7 @@ class SqlViews:
 
     def held_of_sender(self, sender_id: str) -> list[str]:
         rows = self._rows(
-            f"SELECT message_id FROM {p.QUARANTINE} WHERE sender_id = ? AND state IN ('held', 'challenged', 'expired') "
+            f"SELECT message_id FROM {p.QUARANTINE} WHERE sender_id = ? AND state IN {p.sql_in(p.RELEASABLE_COPY)} "
             f"ORDER BY received",
             (sender_id,),
         )
@@ -498,7 +498,7 @@ class SqlViews:
 
     def held_lapsed(self, now: float, limit: int) -> list[str]:
         rows = self._rows(
-            f"SELECT message_id FROM {p.QUARANTINE} WHERE state IN ('held', 'challenged') AND expires > 0 "
+            f"SELECT message_id FROM {p.QUARANTINE} WHERE state IN {p.sql_in(p.HELD_STATES)} AND expires > 0 "
             f"AND expires <= ? ORDER BY expires LIMIT ?",
             (now, limit),
         )
@@ -507,14 +507,15 @@ class SqlViews:
     def held_of_authorized_senders(self, limit: int) -> list[str]:
         rows = self._rows(
             f"SELECT q.message_id FROM {p.QUARANTINE} q JOIN {p.WHITELIST} w ON q.sender_id = w.sender_id "
-            f"WHERE q.state IN ('held', 'challenged') AND w.state = 'authorized' LIMIT ?",
-            (limit,),
+            f"WHERE q.state IN {p.sql_in(p.HELD_STATES)} AND w.state = ? LIMIT ?",
+            (p.AUTHORIZED_SENDER, limit),
         )
         return [str(r[0]) for r in rows]
 
     def expired_messages(self, limit: int) -> list[str]:
         rows = self._rows(
-            f"SELECT message_id FROM {p.QUARANTINE} WHERE state = 'expired' LIMIT ?", (limit,)
+            f"SELECT message_id FROM {p.QUARANTINE} WHERE state = ? LIMIT ?",
+            (p.EXPIRED_COPY, limit),
         )
         return [str(r[0]) for r in rows]
 

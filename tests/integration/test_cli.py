@@ -51,7 +51,7 @@ def test_block_then_forget_changes_state_and_history_records_both(config: Path) 
     history = json.loads(
         run("audit", "history", "x@y.example", "--json", "--config", str(config)).stdout
     )
-    assert [h["event"] for h in history] == ["Sender.Registered", "Sender.Forgotten"]
+    assert [h["event"] for h in history] == ["Sender.FirstBlocked", "Sender.Forgotten"]
     assert history[0]["fields"]["trigger"] == "block"
 
 
@@ -60,12 +60,18 @@ def test_quarantine_list_is_an_empty_json_array_on_a_fresh_install(config: Path)
     assert out.returncode == 0 and json.loads(out.stdout) == []
 
 
-def test_diagram_prints_both_machines_as_mermaid() -> None:
+def test_diagram_prints_all_three_machines_as_mermaid() -> None:
     out = run("diagram")
     assert out.returncode == 0
-    assert out.stdout.count("stateDiagram-v2") == 2
+    assert out.stdout.count("stateDiagram-v2") == 3
+    for title in ("sender state machine", "message state machine", "challenge state machine"):
+        assert title in out.stdout
     for state in ("unknown", "challenged", "authorized", "expired", "purged", "discarded"):
         assert state in out.stdout
+    for state in ("queued", "sent", "deferred", "confirmed", "failed", "superseded"):
+        assert state in out.stdout
+    only = run("diagram", "--machine", "challenge")
+    assert only.returncode == 0 and only.stdout.count("stateDiagram-v2") == 1
 
 
 @pytest.mark.parametrize(
@@ -134,7 +140,7 @@ def test_maintain_verify_export_and_rebuild_on_a_fresh_install(config: Path) -> 
     assert verify.returncode == 0 and "log sound" in verify.stdout
     export = run("audit", "export", "--config", str(config))
     lines = [json.loads(line) for line in export.stdout.splitlines()]
-    assert [e["event"] for e in lines] == ["Sender.Registered"]
+    assert [e["event"] for e in lines] == ["Sender.FirstAuthorized"]
     rebuild = run("projections", "rebuild", "--config", str(config))
     assert rebuild.returncode == 0 and "1 events" in rebuild.stdout
     listed = json.loads(run("senders", "list", "--json", "--config", str(config)).stdout)

@@ -6,10 +6,10 @@ and known senders, a confirmer answers some challenges, and the server is killed
 moments and restarted while clients retry. A message counts as accepted only when its client
 read `250 … queued as <receipt_id>`. At the end, after a graceful stop and `maintain`:
 
-- every accepted receipt id is in the log (Message.Received), and each of its copies is
+- every accepted receipt id is in the log (a Message creation event), and each of its copies is
   delivered, held, or in a terminal state with a reason: never silently gone;
 - at most one challenge token per sender reached the relay (a resend after a crash carries
-  the same token) and at most one Registered/Challenged per sender in the log;
+  the same token) and at most one FirstChallenged/Challenged per sender in the log;
 - the next hop never got one copy under two X-SourceAuth-Ids (the same id twice is the
   allowed at-least-once redelivery; counted and printed);
 - `sourceauth audit verify` exits 0.
@@ -71,9 +71,14 @@ STATE_AFTER = {
     "Message.DeliveryFailed": "failed",
     "Message.Expired": "expired",
     "Message.Purged": "purged",
+    "Message.DiscardedWhileHeld": "discarded",
+}
+FIRST_STATE = {
+    "Message.Accepted": "authorized",
+    "Message.Challenged": "challenged",
+    "Message.Held": "held",
     "Message.Discarded": "discarded",
 }
-FIRST_STATE = {"accept": "authorized", "challenge": "challenged", "hold": "held"}
 SETTLED = {"delivered", "challenged", "held", "failed", "expired", "purged", "discarded"}
 
 
@@ -416,11 +421,11 @@ def test_kill_9_under_load_loses_no_accepted_mail_and_never_duplicates_a_challen
     by_receipt: dict[str, list[str]] = defaultdict(list)
     for e in events:
         f = e["fields"]
-        if e["event"] == "Message.Received":
+        if e["event"] in FIRST_STATE:
             copies[e["aggregate_id"]] = {
                 "receipt_id": f["receipt_id"],
                 "recipients": tuple(f["recipients"]),
-                "state": FIRST_STATE.get(f["trigger"], "discarded"),
+                "state": FIRST_STATE[e["event"]],
                 "reason": f["reason"],
             }
             by_receipt[f["receipt_id"]].append(e["aggregate_id"])
@@ -467,11 +472,9 @@ def test_kill_9_under_load_loses_no_accepted_mail_and_never_duplicates_a_challen
     addresses: dict[str, str] = {}
     for e in events:
         f = e["fields"]
-        if e["event"] == "Sender.Registered":
+        if e["event"] in ("Sender.FirstChallenged", "Sender.FirstAuthorized", "Sender.FirstBlocked"):
             addresses[e["aggregate_id"]] = f["address"]
-        if (e["event"] == "Sender.Registered" and f["trigger"] == "challenge") or e[
-            "event"
-        ] == "Sender.Challenged":
+        if e["event"] in ("Sender.FirstChallenged", "Sender.Challenged"):
             challenged_in_log[addresses[e["aggregate_id"]]] += 1
     assert set(challenged_in_log.values()) <= {1}, challenged_in_log
     assert set(tokens) == set(challenged_in_log), "a recorded challenge never left, or vice versa"

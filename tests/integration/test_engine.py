@@ -26,6 +26,7 @@ from sourceauth.engine.api import (
 )
 from sourceauth.engine.application import SourceAuth
 from sourceauth.engine.errors import IllegalTransition, NotFound
+from sourceauth.engine.message import Message
 from sourceauth.engine.policy import AuthGate, ExemptAction, Exemption, Limits
 from sourceauth.engine.sender import Sender
 from sourceauth.engine.settings import DAY
@@ -94,7 +95,7 @@ def test_first_message_from_unknown_sender_is_held_and_one_challenge_leaves(
     assert decisions(receipt) == {BOB: Decision.CHALLENGE}
     assert receipt.decisions[0].reason == "challenge_queued"
     assert len(receipt.challenges) == 1
-    assert names(events_since(app, before)) == ["Sender.Registered", "Message.Received"]
+    assert names(events_since(app, before)) == ["Sender.FirstChallenged", "Message.Challenged"]
     assert sender_state(app, ALICE) == "challenged"
     assert held_states(app) == ["challenged"]
 
@@ -116,7 +117,7 @@ def test_second_message_from_pending_sender_sends_no_second_challenge(
     assert decisions(second) == {CAROL: Decision.CHALLENGE}
     assert second.decisions[0].reason == "challenge_pending"
     assert second.challenges == ()
-    assert names(events_since(app, before)) == ["Message.Received"]
+    assert names(events_since(app, before)) == ["Message.Challenged"]
     app.maintain()
     assert len(relay.sent) == 1
     assert held_states(app) == ["challenged", "challenged"]
@@ -134,7 +135,7 @@ def test_confirmation_releases_every_held_message(
     assert decision.reason == "confirm_accepted: sender confirmed"
     new = events_since(app, before)
     assert Counter(names(new)) == Counter(
-        {"Sender.Confirmed": 1, "Message.Released": 3, "Message.Received": 1}
+        {"Sender.Confirmed": 1, "Message.Released": 3, "Message.Discarded": 1}
     )
     assert sender_state(app, ALICE) == "authorized"
     assert app.sender(ALICE).via == "reply"
@@ -164,7 +165,7 @@ def test_reply_from_other_sender_releases_nothing(app: SourceAuth) -> None:
     reply = app.receive(reply_to_challenge(app, MALLORY, token=token_of(app, ALICE)))
     assert reply.decisions[0].decision == Decision.CONFIRM
     assert reply.decisions[0].reason.startswith("confirm_refused: reply is not from the challenged")
-    assert names(events_since(app, before)) == ["Message.Received"]  # the reply, discarded
+    assert names(events_since(app, before)) == ["Message.Discarded"]  # the reply
     assert app.confirm(token_of(app, ALICE), [MALLORY]).confirmed is False
     assert sender_state(app, ALICE) == "challenged"
     assert held_states(app) == ["challenged"]
@@ -420,7 +421,8 @@ def test_exemption_action_deliver_delivers_with_the_reason_recorded(
     receipt = send(app, "promo@remote.test", BOB, headers=[("Precedence", "bulk")])
     assert decisions(receipt) == {BOB: Decision.DELIVER}
     [received] = events_since(app, 0)
-    assert received.trigger == "accept" and received.reason.startswith("never_challenge:bulk")
+    assert isinstance(received, Message.Accepted)
+    assert received.reason.startswith("never_challenge:bulk")
     assert app.dispatch_deliveries() == (1, 0, 0)
     assert app.whitelist() == []
 
@@ -433,7 +435,7 @@ def test_exemption_action_discard_discards_with_the_reason_recorded(
     )
     receipt = send(app, "news@remote.test", [BOB, DAVE], headers=[("List-Id", "<n.remote.test>")])
     assert decisions(receipt) == {BOB: Decision.DISCARD, DAVE: Decision.DELIVER}
-    discarded = [e for e in events_since(app, 0) if e.trigger == "discard"]
+    discarded = [e for e in events_since(app, 0) if isinstance(e, Message.Discarded)]
     assert [e.reason.split(":")[:2] for e in discarded] == [["never_challenge", "mailing_list"]]
     app.maintain()
     assert next_hop.per_recipient() == Counter({DAVE: 1})
@@ -461,7 +463,7 @@ def test_automated_reply_to_confirm_address_never_confirms(
     [decision] = app.receive(automated).decisions
     assert decision.decision == Decision.CONFIRM
     assert decision.reason.startswith("confirm_refused: automated reply never confirms")
-    assert names(events_since(app, before)) == ["Message.Received"]
+    assert names(events_since(app, before)) == ["Message.Discarded"]
     assert sender_state(app, ALICE) == "challenged"
     assert held_states(app) == ["challenged"]
 
@@ -490,7 +492,7 @@ def test_rate_limit_holds_without_challenge_and_records_reason(
     assert limited.decisions[0].reason == (
         "rate_limited: challenges_per_domain_per_hour limit 2 reached for remote.test"
     )
-    assert names(events_since(app, before)) == ["Message.Received"], "no challenge, no sender"
+    assert names(events_since(app, before)) == ["Message.Held"], "no challenge, no sender"
     assert decisions(send(app, "b1@elsewhere.test")) == {BOB: Decision.CHALLENGE}
     server_wide = send(app, "b2@elsewhere.test")
     assert server_wide.decisions[0].reason == "rate_limited: challenges_per_hour limit 3 reached"
@@ -630,7 +632,7 @@ def test_concurrent_engines_on_one_file_produce_one_challenge(
 
     recorded = Counter(names(events_since(left, 0)))
     assert recorded == Counter(
-        {"Sender.Registered": len(strangers), "Message.Received": 2 * len(strangers)}
+        {"Sender.FirstChallenged": len(strangers), "Message.Challenged": 2 * len(strangers)}
     )
     for engine in (left, right):
         for stranger in strangers:
@@ -673,16 +675,16 @@ def test_every_decision_has_a_reason_in_the_log(app: SourceAuth, clock: FakeCloc
             assert event.actor, f"{event_name(event)} has no actor"
     history = app.history(ALICE)
     by_event = {(h.event, h.fields.get("reason")) for h in history}
-    assert ("Sender.Registered", "first_message_from_unknown_sender") in by_event
-    assert ("Message.Received", "challenge_queued") in by_event
-    assert ("Message.Received", "challenge_pending") in by_event
+    assert ("Sender.FirstChallenged", "first_message_from_unknown_sender") in by_event
+    assert ("Message.Challenged", "challenge_queued") in by_event
+    assert ("Message.Challenged", "challenge_pending") in by_event
     assert ("Sender.Confirmed", "valid_reply") in by_event
     assert ("Message.Released", f"sender_confirmed:{ALICE}") in by_event
     assert ("Sender.Forgotten", "manual") in by_event
     assert [h.timestamp for h in history] == sorted(h.timestamp for h in history)
     spammer = {h.event: h.fields for h in app.history("spam@remote.test")}
     assert spammer["Sender.Blocked"]["actor"] == "operator"
-    assert spammer["Message.Discarded"]["reason"] == "sender_blocked"
+    assert spammer["Message.DiscardedWhileHeld"]["reason"] == "sender_blocked"
 
 
 def test_rebuild_equals_live_for_every_view(app: SourceAuth, clock: FakeClock) -> None:
@@ -806,7 +808,7 @@ def test_unprotected_recipients_alone_record_no_sender(app: SourceAuth) -> None:
     receipt = send(app, to=[DAVE])
     assert decisions(receipt) == {DAVE: Decision.DELIVER}
     assert receipt.decisions[0].reason == "recipient_unprotected"
-    assert names(events_since(app, 0)) == ["Message.Received"]
+    assert names(events_since(app, 0)) == ["Message.Accepted"]
     assert app.whitelist() == []
 
 
@@ -816,7 +818,7 @@ def test_group_commit_of_two_messages_from_one_stranger_makes_one_challenge(
     receipts = app.receive_many([incoming(app, ALICE, BOB), incoming(app, ALICE, CAROL)])
     assert [r.decisions[0].reason for r in receipts] == ["challenge_queued", "challenge_pending"]
     recorded = Counter(names(events_since(app, 0)))
-    assert recorded == Counter({"Sender.Registered": 1, "Message.Received": 2})
+    assert recorded == Counter({"Sender.FirstChallenged": 1, "Message.Challenged": 2})
 
 
 def test_token_for_a_challenge_just_recorded_is_available(app: SourceAuth) -> None:
@@ -881,3 +883,71 @@ def test_reply_to_the_challenge_that_also_names_a_protected_mailbox_confirms_and
     assert sender_state(app, ALICE) == "authorized"
     app.maintain()
     assert next_hop.per_recipient() == Counter({BOB: 2}), "the original and the reply"
+
+
+class _Recorder:
+    """Stands in for a module's structlog logger: records (level, event, fields)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Callable[..., None]:
+        def record(event: str, **fields: Any) -> None:
+            self.lines.append((level, event, fields))
+
+        return record
+
+    def events(self) -> list[str]:
+        return [event for _, event, _ in self.lines]
+
+
+def test_a_unit_retried_after_a_conflict_logs_each_decision_once(
+    app: SourceAuth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eventsourcing.persistence import IntegrityError
+
+    from sourceauth.engine.service import context, receive
+
+    logged = _Recorder()
+    monkeypatch.setattr(context, "log", logged)
+    monkeypatch.setattr(receive, "log", logged)
+    real_save, attempts = app.save, []
+
+    def conflicting_once(*objs: Any, **kwargs: Any) -> Any:
+        attempts.append(len(objs))
+        if len(attempts) == 1:
+            raise IntegrityError("another writer got there first")
+        return real_save(*objs, **kwargs)
+
+    monkeypatch.setattr(app, "save", conflicting_once)
+    receipt = send(app, to=[BOB, DAVE])
+    assert len(attempts) == 2, "the unit was redone once"
+    assert decisions(receipt) == {BOB: Decision.CHALLENGE, DAVE: Decision.DELIVER}
+    assert logged.events() == ["concurrency_conflict", "message_decided", "message_decided"]
+    assert {f["recipient"] for _, e, f in logged.lines if e == "message_decided"} == {BOB, DAVE}
+    assert len(events_since(app, 0)) == 3  # the sender and two copies, recorded once
+
+
+def test_log_event_names_are_literal_past_tense_facts(
+    app: SourceAuth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sourceauth.engine.service import context, receive
+
+    logged = _Recorder()
+    monkeypatch.setattr(context, "log", logged)
+    monkeypatch.setattr(receive, "log", logged)
+    held = send(app, "spam@remote.test").decisions[0].message_id
+    app.release(str(held))
+    app.block("spam@remote.test")
+    app.authorize("friend@remote.test")
+    app.forget("friend@remote.test")
+    other = send(app, "x@remote.test").decisions[0].message_id
+    app.discard(str(other))
+    verbs = [e for e in logged.events() if e != "message_decided"]
+    assert verbs == [
+        "message_released",
+        "sender_blocked",
+        "sender_authorized",
+        "sender_forgotten",
+        "message_discarded",
+    ]

@@ -237,8 +237,8 @@ def test_rebuilt_views_equal_live_views_row_for_row_and_audit_verify_is_sound(
     app.maintain()
     app.receive(incoming(app, senders[7], BOB, subject="again"))  # expired -> challenged again
 
-    with app._lock:
-        app.views.catch_up(app._observe)
+    with app.exclusive():
+        app.catch_up()
         live = app.views.dump()  # type: ignore[attr-defined]
         applied = app.views.rebuild()  # type: ignore[attr-defined]
         rebuilt = app.views.dump()  # type: ignore[attr-defined]
@@ -296,9 +296,9 @@ def test_two_nodes_racing_the_first_message_from_one_sender_record_one_challenge
         "challenge_queued",
     ]
     events = all_events(a)
-    assert names(events)["Sender.Registered"] == 1
+    assert names(events)["Sender.FirstChallenged"] == 1
     assert names(events)["Sender.Challenged"] == 0
-    assert names(events)["Message.Received"] == 2
+    assert names(events)["Message.Challenged"] == 2
     for app in (a, b):
         assert sorted(m.state for m in app.quarantine(sender=ALICE)) == ["challenged"] * 2
     # the challenge leaves once, whichever node dispatches first
@@ -316,8 +316,8 @@ def test_two_nodes_racing_many_senders_never_record_a_second_challenge(node: Nod
     for _ in range(2):
         run_together(lambda: flood(a, "a"), lambda: flood(b, "b"))
     events = all_events(a)
-    assert set(per_aggregate(events, "Sender.Registered").values()) == {1}
-    assert len(per_aggregate(events, "Sender.Registered")) == len(senders)
+    assert set(per_aggregate(events, "Sender.FirstChallenged").values()) == {1}
+    assert len(per_aggregate(events, "Sender.FirstChallenged")) == len(senders)
     assert names(events)["Sender.Challenged"] == 0
     held = b.quarantine()
     assert len(held) == 4 * len(senders)

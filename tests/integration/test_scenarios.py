@@ -16,7 +16,7 @@ Scenario format (also in specs/scenarios/README.md)::
 
     [then]
     events = [                      # every event recorded by `when`, in log order
-      { aggregate = "message", event = "Message.Received", trigger = "challenge",
+      { aggregate = "message", event = "Message.Challenged",
         reason = "challenge_pending" },
     ]
     senders = { "alice@remote.test" = "challenged" }   # optional: the whole whitelist
@@ -201,9 +201,9 @@ def test_the_runner_notices_a_wrong_expectation() -> None:
         trigger = "challenge"
         reason = "challenge_pending"
 
-    Fake.__qualname__ = "Message.Received"
+    Fake.__qualname__ = "Message.Challenged"
     event = Fake()
-    assert matches(event, {"aggregate": "message", "event": "Message.Received", "trigger": "challenge"}) == []
+    assert matches(event, {"aggregate": "message", "event": "Message.Challenged", "trigger": "challenge"}) == []
     assert matches(event, {"reason_prefix": "challenge_"}) == []
     assert matches(event, {"aggregate": "sender"}) != []
     assert matches(event, {"event": "Message.Released"}) != []

@@ -1,0 +1,234 @@
+"""What every use case shares: the application, its ports, the sender cache, and the one
+unit-of-work runner (retry on a concurrency conflict, log only after the commit succeeded).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+from uuid import UUID
+
+import structlog
+from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import IntegrityError
+
+from sourceauth.engine import tokens
+from sourceauth.engine.errors import TemporaryFailure
+from sourceauth.engine.message import Message
+from sourceauth.engine.policy import ChallengeRateLimiter
+from sourceauth.engine.ports import (
+    BlobStore,
+    ChallengeTransport,
+    Clock,
+    DeliveryTransport,
+    ViewStore,
+)
+from sourceauth.engine.sender import Sender
+from sourceauth.engine.settings import EngineSettings
+
+if TYPE_CHECKING:
+    from sourceauth.engine.application import SourceAuth
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+ENGINE = "engine"  # the actor of every decision the engine takes by itself
+MAX_CONFLICT_RETRIES = 8
+SENDER_CACHE_SIZE = 20_000
+SENDER_CACHE_TTL = 2.0  # seconds a cached sender is trusted before a check for newer events
+BATCH_LIMIT = 500
+
+
+def ts(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+@dataclass
+class Unit:
+    """Aggregates touched by one unit of work, saved together in one transaction, and the
+    log lines it will emit once that transaction is committed."""
+
+    senders: dict[UUID, Sender] = field(default_factory=dict)
+    messages: list[Message | Message.Arrived] = field(default_factory=list)  # in decision order
+    absent: set[UUID] = field(default_factory=set)  # senders known not to exist (no read needed)
+    logs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def aggregates(self) -> list[Any]:
+        return [*self.senders.values(), *self.messages]
+
+    def note(self, event: str, **fields: Any) -> None:
+        """A log line for after the commit (a retried unit logs nothing of its failed try)."""
+        self.logs.append((event, fields))
+
+
+class Context:
+    """The engine's shared state: one per SourceAuth, used by every service module."""
+
+    def __init__(
+        self,
+        app: SourceAuth,
+        *,
+        settings: EngineSettings,
+        keyring: tokens.Keyring,
+        views: ViewStore,
+        blobs: BlobStore | None,
+        challenges: ChallengeTransport | None,
+        deliveries: DeliveryTransport | None,
+        clock: Clock,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.keyring = keyring
+        self.views = views
+        self.blobs = blobs
+        self.challenge_transport = challenges
+        self.delivery_transport = deliveries
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.limiter = ChallengeRateLimiter(settings.limits)
+        self.full_mailboxes: set[str] = set()
+        self.in_flight: set[str] = set()  # challenge and message ids a dispatcher is sending
+        self._senders: OrderedDict[UUID, Sender] = OrderedDict()
+        self._sender_ids: dict[tuple[str, str], UUID] = {}
+        self._checked: dict[UUID, float] = {}  # when each cached sender was last read
+
+    # ----------------------------------------------------------------- ids and views
+
+    def sender_id(self, address: str, scope: str) -> UUID:
+        """The keyed id of a sender in a scope (an HMAC: ids cannot be guessed from addresses)."""
+        key = (address, scope)
+        found = self._sender_ids.get(key)
+        if found is None:
+            found = tokens.aggregate_id(self.keyring, "sender", scope, address)
+            if len(self._sender_ids) >= SENDER_CACHE_SIZE:
+                self._sender_ids.clear()
+            self._sender_ids[key] = found
+        return found
+
+    def observe(self, originator_id: UUID, version: int) -> None:
+        """Called by the views for every event they apply: drop senders another process changed."""
+        cached = self._senders.get(originator_id)
+        if cached is not None and cached.version < version:
+            del self._senders[originator_id]
+
+    def catch_up(self) -> None:
+        """Bring the views up to the log (call with the lock held)."""
+        self.views.catch_up(self.observe)
+
+    def is_cached(self, sender_id: UUID) -> bool:
+        return sender_id in self._senders
+
+    # ----------------------------------------------------------------- loading
+
+    def load_sender(self, unit: Unit, sender_id: UUID) -> Sender | None:
+        found = unit.senders.get(sender_id)
+        if found is not None:
+            return found
+        if sender_id in unit.absent:
+            return None
+        cached = self._senders.get(sender_id)
+        if cached is None:
+            try:
+                cached = self.app.repository.get(sender_id)
+            except AggregateNotFoundError:
+                return None
+            assert isinstance(cached, Sender)
+            self._remember(cached)
+        else:
+            self._senders.move_to_end(sender_id)
+            now = time.monotonic()
+            if now - self._checked.get(sender_id, 0.0) > SENDER_CACHE_TTL:
+                # Another process or node may have moved this sender on: bounded staleness.
+                for event in self.app.events.get(sender_id, gt=cached.version):
+                    event.mutate(cached)  # type: ignore[attr-defined]
+                self._checked[sender_id] = now
+        return cached
+
+    def load_message(self, message_id: UUID) -> Message | None:
+        try:
+            msg: Any = self.app.repository.get(message_id)
+        except AggregateNotFoundError:
+            return None
+        assert isinstance(msg, Message)
+        return msg
+
+    def held_of(self, unit: Unit, sender_id_hex: str, states: frozenset[str]) -> Iterator[Message]:
+        """Held copies waiting on this sender: committed ones (views, caught up first) and
+        ones decided earlier in this same unit of work."""
+        self.catch_up()
+        seen: set[UUID] = set()
+        for index, item in enumerate(list(unit.messages)):
+            if isinstance(item, Message.Arrived):
+                seen.add(item.originator_id)
+                if not item.held_for(sender_id_hex):
+                    continue
+                # A copy decided earlier in this unit: now it needs its aggregate after all.
+                built = item.mutate(None)
+                assert isinstance(built, Message)
+                built.pending_events.append(item)
+                unit.messages[index] = built
+                item = built
+            if not isinstance(item, Message):
+                continue
+            seen.add(item.id)
+            if item.sender_id == sender_id_hex and item.state in states:
+                yield item
+        for mid in self.views.held_of_sender(sender_id_hex):
+            uid = UUID(mid)
+            if uid in seen:
+                continue
+            msg = self.load_message(uid)
+            if msg is not None and msg.state in states:
+                unit.messages.append(msg)
+                yield msg
+
+    # ----------------------------------------------------------------- the unit of work
+
+    def _remember(self, sender: Sender) -> None:
+        self._senders[sender.id] = sender
+        self._senders.move_to_end(sender.id)
+        self._checked[sender.id] = time.monotonic()
+        while len(self._senders) > SENDER_CACHE_SIZE:
+            evicted, _ = self._senders.popitem(last=False)
+            self._checked.pop(evicted, None)
+
+    def _commit(self, unit: Unit, save_kwargs: dict[str, Any]) -> None:
+        aggregates = unit.aggregates()
+        if not aggregates:
+            return
+        try:
+            self.app.save(*aggregates, **save_kwargs)
+        except Exception:
+            # In-memory state ran ahead of the log: forget it, reload on the retry.
+            for sid in unit.senders:
+                self._senders.pop(sid, None)
+            raise
+        for sender in unit.senders.values():
+            self._remember(sender)
+
+    def run(self, what: str, work: Callable[[Unit], T], **save_kwargs: Any) -> T:
+        """One unit of work under the lock: decide on fresh state, save everything it touched
+        in one transaction, redo it all after a conflict; then log what it did, once."""
+        for attempt in range(1, MAX_CONFLICT_RETRIES + 1):
+            unit = Unit()
+            with self.lock:
+                try:
+                    result = work(unit)
+                    self._commit(unit, save_kwargs)
+                except IntegrityError:
+                    log.info("concurrency_conflict", use_case=what, attempt=attempt)
+                    self.catch_up()
+                    continue
+                except BaseException:
+                    # A unit that failed half-way may have moved cached senders ahead of the log.
+                    self._senders.clear()
+                    raise
+            for event, fields in unit.logs:
+                log.info(event, **fields)
+            return result
+        raise TemporaryFailure(f"{what}: too much contention, try again later")

@@ -1,0 +1,152 @@
+"""One idempotent maintenance pass: lapse challenges, expire held mail past its lifetime,
+release mail of senders authorized elsewhere, purge expired originals, retry sends,
+collect originals no copy needs. Safe on several nodes at once."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+from uuid import UUID
+
+import structlog
+
+from sourceauth.engine.api import ChallengeRow, MaintenanceReport
+from sourceauth.engine.errors import (
+    ChallengeNotPending,
+    IllegalTransition,
+    MessageNotHeld,
+    TemporaryFailure,
+)
+from sourceauth.engine.message import HELD_STATES
+from sourceauth.engine.service import dispatch, replies
+from sourceauth.engine.service.context import BATCH_LIMIT, ENGINE, Context, Unit, ts
+from sourceauth.engine.service.routing import AUTHORIZED
+from sourceauth.engine.statemachine import MESSAGE
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+def maintain(ctx: Context, *, dispatch_now: bool = True) -> MaintenanceReport:
+    report = MaintenanceReport()
+    with ctx.lock:
+        ctx.catch_up()
+    now = ctx.clock()
+
+    def each(what: Callable[[Unit], bool]) -> int:
+        try:
+            return int(ctx.run("maintain", what))
+        except (IllegalTransition, TemporaryFailure) as exc:
+            report.conflicts += 1
+            log.warning("maintenance_step_skipped", error=str(exc))
+            return 0
+
+    views = ctx.views
+    for row in _drain(ctx, lambda: views.challenges_lapsed(now, BATCH_LIMIT)):
+        report.challenges_expired += each(functools.partial(_lapse, ctx, row, now))
+    for mid in _drain(ctx, lambda: views.held_lapsed(now, BATCH_LIMIT)):
+        report.messages_expired += each(functools.partial(_expire, ctx, mid, now))
+    for mid in _drain(ctx, lambda: views.held_of_authorized_senders(BATCH_LIMIT)):
+        report.released += each(functools.partial(_sweep_release, ctx, mid, now))
+    for mid in _drain(ctx, lambda: views.expired_messages(BATCH_LIMIT)):
+        report.purged += each(functools.partial(_purge, ctx, mid, now))
+    with ctx.lock:
+        ctx.catch_up()
+    if dispatch_now:
+        report.challenges_sent, report.challenges_deferred, failed = dispatch.dispatch_challenges(
+            ctx
+        )
+        report.challenges_failed += failed
+        report.delivered, report.deliveries_deferred, report.deliveries_failed = (
+            dispatch.dispatch_deliveries(ctx)
+        )
+    # Last: originals whose every copy is done (delivered in this very pass included).
+    # (A receipt's live count only falls once its copies exist, so no copy can need it again.)
+    while ctx.blobs is not None:
+        with ctx.lock:
+            ctx.catch_up()
+            done = views.blobs_unreferenced(BATCH_LIMIT)
+        if not done:
+            break
+        report.blobs_collected += ctx.blobs.delete_many(done)
+        views.mark_blobs_collected(done)
+    with ctx.lock:
+        ctx.catch_up()
+    log.info("maintenance_done", **report.as_dict())
+    return report
+
+
+def _drain(ctx: Context, fetch: Callable[[], Sequence[T]]) -> Iterator[T]:
+    """Rows from a view query, re-fetched until it comes back empty or stops changing."""
+    seen: set[Any] = set()
+    while True:
+        with ctx.lock:
+            ctx.catch_up()
+            rows = [r for r in fetch() if _key(r) not in seen]
+        if not rows:
+            return
+        for r in rows:
+            seen.add(_key(r))
+            yield r
+
+
+def _key(row: Any) -> Any:
+    return row.challenge_id if isinstance(row, ChallengeRow) else row
+
+
+def _lapse(ctx: Context, row: ChallengeRow, now: float, unit: Unit) -> bool:
+    sender = ctx.load_sender(unit, UUID(row.sender_id))
+    if sender is None:
+        return False
+    try:
+        sender.expire_challenge(row.challenge_id, timestamp=ts(now), actor=ENGINE)
+    except ChallengeNotPending:
+        return False
+    unit.senders[sender.id] = sender
+    replies.expire_held(ctx, unit, sender, "challenge_expired", now)
+    unit.note("challenge_expired", sender=sender.address, challenge_id=row.challenge_id)
+    return True
+
+
+def _expire(ctx: Context, mid: str, now: float, unit: Unit) -> bool:
+    msg = ctx.load_message(UUID(mid))
+    if msg is None or msg.expires_at > now:
+        return False
+    try:
+        msg.expire(timestamp=ts(now), actor=ENGINE, reason="hold_lifetime_passed")
+    except MessageNotHeld:
+        return False
+    unit.messages.append(msg)
+    unit.note("message_expired", message_id=mid, reason="hold_lifetime_passed")
+    return True
+
+
+def _sweep_release(ctx: Context, mid: str, now: float, unit: Unit) -> bool:
+    """A copy still held although its sender is authorized (authorized on another node)."""
+    msg = ctx.load_message(UUID(mid))
+    if msg is None or msg.state not in HELD_STATES or not msg.sender_id:
+        return False
+    sender = ctx.load_sender(unit, UUID(msg.sender_id))
+    if sender is None or sender.state != AUTHORIZED:
+        return False
+    msg.release(timestamp=ts(now), actor=ENGINE, reason="sender_authorized")
+    unit.messages.append(msg)
+    unit.note("message_released", message_id=mid, actor=ENGINE, reason="sender_authorized")
+    return True
+
+
+def _purge(ctx: Context, mid: str, now: float, unit: Unit) -> bool:
+    msg = ctx.load_message(UUID(mid))
+    if msg is None or not MESSAGE.allows(msg.state, "purge"):
+        return False
+    deleted = False
+    blobs = ctx.blobs
+    # Another live copy may still need the same original (this expired one counts).
+    if blobs is not None and ctx.views.live_copies(msg.receipt_id) <= 1:
+        # Delete first, record second: a crash in between leaves an idempotent retry.
+        deleted = blobs.delete(msg.receipt_id) or not blobs.exists(msg.receipt_id)
+    msg.purge(timestamp=ts(now), actor=ENGINE, blob_deleted=deleted)
+    unit.messages.append(msg)
+    unit.note("message_purged", message_id=mid, blob_deleted=deleted)
+    return True

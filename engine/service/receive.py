@@ -1,0 +1,264 @@
+"""Receive: decide every recipient of accepted messages and record the decisions, many
+messages per transaction (group commit: every 250 waits for its own commit)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from uuid import UUID
+
+import structlog
+
+from sourceauth.engine import tokens
+from sourceauth.engine.addresses import AddressError, is_null_sender, normalize_address
+from sourceauth.engine.api import Decision, Headers, Incoming, Receipt, RecipientDecision
+from sourceauth.engine.errors import InvalidInput
+from sourceauth.engine.message import Message
+from sourceauth.engine.policy import check_auth_gate
+from sourceauth.engine.sender import ChallengeDetails, Sender
+from sourceauth.engine.service import replies
+from sourceauth.engine.service.context import ENGINE, Context, Unit, ts
+from sourceauth.engine.service.routing import (
+    AwaitSender,
+    ChallengeReply,
+    ChallengeReport,
+    DeliverNow,
+    HoldSilently,
+    Plan,
+    plan,
+    route,
+)
+from sourceauth.engine.statemachine import SENDER
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """How mail from a sender not yet authorized is held."""
+
+    challenged: bool  # its sender has a challenge out (new, pending or resent)
+    reason: str
+    expires_at: float
+    new_challenge: str = ""  # the id of a challenge this unit queued
+
+
+def receive_many(
+    ctx: Context, batch: Sequence[Incoming], attachments: Sequence[tuple[str, bytes]]
+) -> list[Receipt]:
+    for incoming in batch:
+        validate(ctx, incoming)
+    plans = [plan(incoming, ctx.settings) for incoming in batch]
+
+    def work(unit: Unit) -> list[Receipt]:
+        _prefetch_senders(ctx, unit, plans)
+        return [decide(ctx, unit, i, p) for i, p in zip(batch, plans, strict=True)]
+
+    kwargs = {"blobs": list(attachments)} if attachments else {}
+    receipts = ctx.run("receive", work, **kwargs)
+    # Logged from the committed result: a unit redone after a conflict logs once.
+    for receipt in receipts:
+        for d in receipt.decisions:
+            log.info(
+                "message_decided",
+                receipt_id=receipt.receipt_id,
+                message_id=str(d.message_id) if d.message_id else None,
+                recipient=d.recipient,
+                decision=d.decision.value,
+                reason=d.reason,
+            )
+    return receipts
+
+
+def validate(ctx: Context, incoming: Incoming) -> None:
+    if not incoming.recipients:
+        raise InvalidInput("a message needs at least one recipient")
+    if len(incoming.recipients) > ctx.settings.max_recipients:
+        raise InvalidInput(f"more than {ctx.settings.max_recipients} recipients")
+    if not is_null_sender(incoming.mail_from):
+        try:
+            normalize_address(incoming.mail_from)
+        except AddressError as exc:
+            raise InvalidInput(f"bad sender address: {exc}") from exc
+    for rcpt in incoming.recipients:
+        try:
+            normalize_address(rcpt)
+        except AddressError as exc:
+            raise InvalidInput(f"bad recipient address {rcpt!r}: {exc}") from exc
+
+
+def _prefetch_senders(ctx: Context, unit: Unit, plans: Sequence[Plan]) -> None:
+    """One view query for the whole batch instead of one event-store read per stranger.
+    A sender the (possibly lagging) view does not know yet is created at version 1, which
+    the event store refuses if another writer got there first: the unit is then redone."""
+    wanted: set[UUID] = set()
+    for p in plans:
+        for scope in p.scopes:
+            sid = ctx.sender_id(p.sender, scope)
+            if not ctx.is_cached(sid):
+                wanted.add(sid)
+    if wanted:
+        known = ctx.views.known_senders([w.hex for w in wanted])
+        unit.absent = {w for w in wanted if w.hex not in known}
+
+
+def _header(headers: Headers, name: str) -> str:
+    lname = name.lower()
+    for key, value in headers:
+        if key.lower() == lname:
+            return value
+    return ""
+
+
+def decide(ctx: Context, unit: Unit, incoming: Incoming, p: Plan) -> Receipt:
+    now = ctx.clock()
+    deliver_now: list[tuple[str, str]] = []
+    settled: dict[tuple[type[Message.Arrived], Decision, str], list[str]] = {}
+    awaiting: dict[str, list[str]] = {}  # scope -> recipients
+    for rcpt, answer in p.answers:
+        settled.setdefault(_answer(ctx, unit, p.sender, incoming, answer, now), []).append(rcpt)
+    states: dict[str, str] = {}
+    for scope in p.scopes:
+        found = ctx.load_sender(unit, ctx.sender_id(p.sender, scope))
+        states[scope] = SENDER.initial if found is None else found.state
+    for rcpt, r in route(p, incoming, ctx.settings, states):
+        if isinstance(r, DeliverNow):
+            deliver_now.append((rcpt, r.reason))
+        elif isinstance(r, AwaitSender):
+            awaiting.setdefault(r.scope, []).append(rcpt)
+        elif isinstance(r, HoldSilently):
+            settled.setdefault((Message.Held, Decision.HOLD, r.reason), []).append(rcpt)
+        else:
+            settled.setdefault((Message.Discarded, Decision.DISCARD, r.reason), []).append(rcpt)
+
+    decisions: list[RecipientDecision] = []
+    challenges: list[str] = []
+    subject = _header(incoming.headers, "Subject")[:300]
+    message_id_header = _header(incoming.headers, "Message-ID")[:300]
+
+    def record(
+        kind: type[Message.Arrived], rcpts: list[str], reason: str, sid: str, expires: float
+    ) -> UUID:
+        mid = uuid.uuid4()
+        unit.messages.append(
+            kind.record(
+                mid,
+                timestamp=ts(now),
+                receipt_id=incoming.blob.key,
+                size=incoming.blob.size,
+                sha256=incoming.blob.sha256,
+                sender=p.sender,
+                sender_id=sid,
+                recipients=rcpts,
+                subject=subject,
+                message_id_header=message_id_header,
+                actor=ENGINE,
+                reason=reason,
+                expires_at=expires,
+            )
+        )
+        return mid
+
+    if deliver_now:
+        reasons = "; ".join(sorted({r for _, r in deliver_now}))
+        mid = record(Message.Accepted, [r for r, _ in deliver_now], reasons, "", 0.0)
+        decisions += [RecipientDecision(r, Decision.DELIVER, why, mid) for r, why in deliver_now]
+    # Held copies before dropped ones (stable: each kind in routing order).
+    for (kind, decision, reason), rcpts in (
+        sorted(settled.items(), key=lambda item: item[0][0] is not Message.Held)
+        if len(settled) > 1
+        else settled.items()
+    ):
+        expires = now + ctx.settings.hold_lifetime if kind is Message.Held else 0.0
+        mid = record(kind, rcpts, reason, "", expires)
+        decisions += [RecipientDecision(r, decision, reason, mid) for r in rcpts]
+    for scope, rcpts in awaiting.items():
+        sid = ctx.sender_id(p.sender, scope)
+        hold = _hold_for(ctx, unit, sid, scope, p.sender, rcpts, incoming, now)
+        if hold.new_challenge:
+            challenges.append(hold.new_challenge)
+        kind = Message.Challenged if hold.challenged else Message.Held
+        mid = record(kind, rcpts, hold.reason, sid.hex, hold.expires_at)
+        decision = Decision.CHALLENGE if hold.challenged else Decision.HOLD
+        decisions += [RecipientDecision(r, decision, hold.reason, mid) for r in rcpts]
+    if len(decisions) > 1:
+        order = {r: i for i, r in enumerate(p.recipients)}
+        decisions.sort(key=lambda d: order.get(d.recipient, 0))
+    return Receipt(incoming.blob.key, tuple(decisions), tuple(challenges))
+
+
+def _answer(
+    ctx: Context,
+    unit: Unit,
+    sender: str,
+    incoming: Incoming,
+    answer: ChallengeReply | ChallengeReport,
+    now: float,
+) -> tuple[type[Message.Arrived], Decision, str]:
+    """A reply or a report: settle it; its copy is recorded as discarded with the outcome."""
+    if isinstance(answer, ChallengeReply):
+        reason = replies.confirm_reply(ctx, unit, sender, incoming.headers, answer.token, now)
+        return Message.Discarded, Decision.CONFIRM, reason
+    reason = replies.bounce_report(ctx, unit, incoming, answer.token, now)
+    return Message.Discarded, Decision.BOUNCE, reason
+
+
+def _hold_for(
+    ctx: Context,
+    unit: Unit,
+    sid: UUID,
+    scope: str,
+    sender: str,
+    rcpts: list[str],
+    incoming: Incoming,
+    now: float,
+) -> Hold:
+    """Hold mail from a sender not yet authorized; challenge it at most once."""
+    s = ctx.settings
+    current = ctx.load_sender(unit, sid)
+    hold_deadline = now + s.hold_lifetime
+    if current is not None and current.challenge_pending:
+        unit.senders[sid] = current
+        deadline = max(current.expires_at, hold_deadline)
+        if current.may_resend(now, s.resend_after, s.limits.max_resends):
+            current.resend_challenge(
+                timestamp=ts(now), actor=ENGINE, reason="new_message_after_resend_interval"
+            )
+            return Hold(True, "challenge_resent", deadline)
+        return Hold(True, "challenge_pending", deadline)
+    domain = sender.rsplit("@", 1)[1]
+    gate_ok, gate_reason = check_auth_gate(s.auth_gate, domain, incoming.headers)
+    if not gate_ok:
+        return Hold(False, f"auth_gate: {gate_reason}", hold_deadline)
+    limited = ctx.limiter.check(domain, now)
+    if limited is not None:
+        return Hold(False, f"rate_limited: {limited}", hold_deadline)
+    expires = float(int(now + s.challenge_lifetime) // 60 * 60)
+    details = ChallengeDetails(
+        actor=ENGINE,
+        challenge_id=tokens.new_challenge_id().hex(),
+        kid=ctx.keyring.active_kid,
+        expires_at=expires,
+        subject=_header(incoming.headers, "Subject")[:300],
+        in_reply_to=_header(incoming.headers, "Message-ID")[:300],
+        recipient=rcpts[0],
+    )
+    if current is None:
+        current = Sender.first_challenge(
+            sid,
+            address=sender,
+            scope=scope,
+            timestamp=ts(now),
+            reason="first_message_from_unknown_sender",
+            challenge=details,
+        )
+    else:
+        current.challenge(
+            timestamp=ts(now),
+            reason=f"new_message_from_{current.state}_sender",
+            challenge=details,
+        )
+    unit.senders[sid] = current
+    ctx.limiter.record(domain, now)
+    return Hold(True, "challenge_queued", max(expires, hold_deadline), details.challenge_id)

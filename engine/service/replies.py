@@ -1,0 +1,177 @@
+"""Answers to a challenge: a reply that confirms its sender (and releases everything held
+from it), and a failure report (DSN or relay 5xx) that expires it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from email.utils import getaddresses
+from uuid import UUID
+
+from sourceauth.engine import tokens
+from sourceauth.engine.addresses import AddressError, normalize_address
+from sourceauth.engine.api import ChallengeRow, ConfirmResult, FailureResult, Headers, Incoming
+from sourceauth.engine.errors import ChallengeNotPending
+from sourceauth.engine.message import EXPIRED, HELD_STATES
+from sourceauth.engine.policy import is_automated
+from sourceauth.engine.sender import Sender
+from sourceauth.engine.service.context import ENGINE, Context, Unit, ts
+from sourceauth.engine.statemachine import SENDER
+
+
+def confirm(ctx: Context, token: str, claimants: Iterable[str]) -> ConfirmResult:
+    """A reply carrying `token` from one of `claimants` (envelope sender, From)."""
+    names: set[str] = set()
+    for c in claimants:
+        try:
+            names.add(normalize_address(c))
+        except AddressError:
+            continue
+    return ctx.run("confirm", lambda unit: confirm_in(ctx, unit, token, names, ctx.clock()))
+
+
+def challenge_failed(ctx: Context, token: str, diagnostic: str, source: str) -> FailureResult:
+    """The challenge carrying `token` could not be delivered (a DSN, or a relay 5xx)."""
+    return ctx.run(
+        "challenge_failed", lambda unit: fail_in(ctx, unit, token, diagnostic, source, ctx.clock())
+    )
+
+
+def confirm_reply(
+    ctx: Context, unit: Unit, sender: str, headers: Headers, token: str | None, now: float
+) -> str:
+    """A message to the confirm address, inside a receive unit: the reason its copy records."""
+    automated = is_automated(sender or "<>", headers)
+    if automated is not None:
+        return f"confirm_refused: automated reply never confirms ({automated.detail})"
+    if not token:
+        return "confirm_refused: no token in the confirm address"
+    claimants = {sender} if sender else set()
+    for _, addr in getaddresses([v for k, v in headers if k.lower() == "from"]):
+        try:
+            claimants.add(normalize_address(addr))
+        except AddressError:
+            continue
+    result = confirm_in(ctx, unit, token, claimants, now)
+    return f"confirm_{'accepted' if result.confirmed else 'refused'}: {result.reason}"
+
+
+def bounce_report(
+    ctx: Context, unit: Unit, incoming: Incoming, token: str | None, now: float
+) -> str:
+    """A message to the bounce address, inside a receive unit: the reason its copy records."""
+    if not token:
+        return "bounce_ignored: no token in the bounce address"
+    if incoming.bounce is None or not incoming.bounce.failed:
+        return "bounce_ignored: not a permanent failure report"
+    result = fail_in(ctx, unit, token, incoming.bounce.diagnostic, "dsn", now)
+    return f"bounce_{'recorded' if result.recorded else 'ignored'}: {result.reason}"
+
+
+def challenge_for_token(ctx: Context, token: str) -> tuple[tokens.TokenClaims, ChallengeRow] | str:
+    try:
+        claims = tokens.parse(token)
+    except tokens.TokenError as exc:
+        return f"malformed token ({exc})"
+    row = ctx.views.challenge(claims.challenge_id.hex())
+    if row is None:
+        ctx.catch_up()
+        row = ctx.views.challenge(claims.challenge_id.hex())
+    if row is None:
+        return "unknown challenge"
+    return claims, row
+
+
+def confirm_in(
+    ctx: Context, unit: Unit, token: str, claimants: set[str], now: float
+) -> ConfirmResult:
+    found = challenge_for_token(ctx, token)
+    if isinstance(found, str):
+        unit.note("confirm_refused", reason=found)
+        return ConfirmResult(False, found)
+    _, row = found
+    if row.address not in claimants:
+        unit.note("confirm_refused", reason="not from the challenged sender", sender=row.address)
+        return ConfirmResult(False, "reply is not from the challenged sender", row.address)
+    try:
+        tokens.verify(ctx.keyring, token, sender=row.address, scope=row.scope, now=int(now))
+    except tokens.TokenError as exc:
+        unit.note("confirm_refused", reason=str(exc), sender=row.address)
+        return ConfirmResult(False, f"token refused: {exc}", row.address)
+    sender = ctx.load_sender(unit, UUID(row.sender_id))
+    try:
+        if sender is None:
+            raise ChallengeNotPending(SENDER.initial)
+        sender.confirm(row.challenge_id, timestamp=ts(now), actor=row.address)
+    except ChallengeNotPending as exc:
+        unit.note("confirm_refused", reason=str(exc), sender=row.address)
+        return ConfirmResult(False, str(exc), row.address)
+    unit.senders[sender.id] = sender
+    released = release_held(ctx, unit, sender, f"sender_confirmed:{row.address}", now)
+    unit.note("sender_confirmed", sender=row.address, scope=row.scope, released=released)
+    return ConfirmResult(True, "sender confirmed", row.address, released)
+
+
+def fail_in(
+    ctx: Context, unit: Unit, token: str, diagnostic: str, source: str, now: float
+) -> FailureResult:
+    found = challenge_for_token(ctx, token)
+    if isinstance(found, str):
+        return FailureResult(False, found)
+    _, row = found
+    try:
+        # Expired tokens still count: a late DSN is still proof the challenge failed.
+        tokens.verify(ctx.keyring, token, sender=row.address, scope=row.scope, now=0)
+    except tokens.TokenError as exc:
+        return FailureResult(False, f"token refused: {exc}", row.address)
+    sender = ctx.load_sender(unit, UUID(row.sender_id))
+    if sender is None:
+        return FailureResult(False, "challenge no longer pending", row.address)
+    try:
+        expired = fail_sender(ctx, unit, sender, row.challenge_id, diagnostic, source, now)
+    except ChallengeNotPending:
+        return FailureResult(False, "challenge no longer pending", row.address)
+    return FailureResult(True, "challenge failed", sender.address, expired)
+
+
+def fail_sender(
+    ctx: Context,
+    unit: Unit,
+    sender: Sender,
+    challenge_id: str,
+    diagnostic: str,
+    source: str,
+    now: float,
+) -> int:
+    """Record the challenge failed; with failed_action "purge", expire its held mail.
+    Returns how many held copies expired."""
+    sender.fail_challenge(challenge_id, timestamp=ts(now), source=source, diagnostic=diagnostic)
+    unit.senders[sender.id] = sender
+    expired = 0
+    if ctx.settings.failed_action == "purge":
+        expired = expire_held(ctx, unit, sender, "challenge_failed", now)
+    unit.note(
+        "challenge_failed",
+        sender=sender.address,
+        challenge_id=challenge_id,
+        source=source,
+        diagnostic=diagnostic[:200],
+        expired=expired,
+    )
+    return expired
+
+
+def release_held(ctx: Context, unit: Unit, sender: Sender, reason: str, now: float) -> int:
+    """Release every copy held for `sender` (also those its lapsed challenge expired)."""
+    count = 0
+    for msg in ctx.held_of(unit, sender.id.hex, HELD_STATES | {EXPIRED}):
+        msg.release(timestamp=ts(now), actor=ENGINE, reason=reason)
+        count += 1
+    return count
+
+
+def expire_held(ctx: Context, unit: Unit, sender: Sender, reason: str, now: float) -> int:
+    count = 0
+    for msg in ctx.held_of(unit, sender.id.hex, HELD_STATES):
+        msg.expire(timestamp=ts(now), actor=ENGINE, reason=reason)
+        count += 1
+    return count

@@ -1,0 +1,183 @@
+"""Routing, pure: an accepted message and the state of its senders -> one typed route per
+recipient. No I/O and no events: receive.py loads the state and records what routes say.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from sourceauth.engine.addresses import is_null_sender, normalize_address, split_extension
+from sourceauth.engine.api import Headers, Incoming
+from sourceauth.engine.policy import ExemptAction, classify, is_protected
+from sourceauth.engine.settings import EngineSettings
+from sourceauth.engine.statemachine import SENDER
+
+AUTHORIZED = SENDER.dest("authorize")
+BLOCKED = SENDER.dest("block")
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverNow:
+    """Queued for the next hop at once."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Discard:
+    """Recorded and dropped."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class HoldSilently:
+    """Held with no sender to wait on (a never-challenge class whose action is hold)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitSender:
+    """Held until the sender of this scope is authorized: challenge it, or it already is."""
+
+    scope: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChallengeReply:
+    """Addressed to the confirm address: a reply to a challenge (token from the extension)."""
+
+    token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChallengeReport:
+    """Addressed to the bounce address: a delivery report about a challenge."""
+
+    token: str | None
+
+
+Route = DeliverNow | Discard | HoldSilently | AwaitSender
+
+
+Answer = ChallengeReply | ChallengeReport
+
+
+class Target(NamedTuple):
+    recipient: str
+    answer: Answer | None  # set when addressed to the confirm or the bounce address
+    scope: str | None  # the whitelist scope when the recipient is protected and has a sender
+    protected: bool
+
+
+class Plan(NamedTuple):
+    """The normalized envelope: what routing needs and which senders to load for it."""
+
+    sender: str  # "" for the null sender
+    recipients: tuple[str, ...]  # deduplicated, in envelope order
+    targets: tuple[Target, ...]
+    scopes: tuple[str, ...]  # the whitelist scopes whose sender routing needs
+    answers: tuple[tuple[str, Answer], ...]  # see `answers` below
+
+
+# Routes most mail takes, made once (the hot path builds no route object for them).
+UNPROTECTED = DeliverNow("recipient_unprotected")
+SENDER_AUTHORIZED = DeliverNow("sender_authorized")
+SENDER_BLOCKED = Discard("sender_blocked")
+
+
+@functools.lru_cache(maxsize=8)
+def _answer_bases(confirm_address: str, bounce_address: str) -> tuple[str, str]:
+    return normalize_address(confirm_address), normalize_address(bounce_address)
+
+
+def scope_for(recipient: str, settings: EngineSettings) -> str:
+    if settings.scope == "global":
+        return "global"
+    base, _ = split_extension(recipient, settings.recipient_delimiter)
+    return base
+
+
+def plan(incoming: Incoming, settings: EngineSettings) -> Plan:
+    """Normalize the envelope. `answers` are the replies and reports to challenges: settled
+    before anything else, so that a "reply all" confirms first and its other recipients see
+    the sender authorized."""
+    s = settings
+    sender = "" if is_null_sender(incoming.mail_from) else normalize_address(incoming.mail_from)
+    # A recipient named twice (in any case) gets one copy.
+    recipients = tuple(dict.fromkeys(normalize_address(r) for r in incoming.recipients))
+    confirm_base, bounce_base = _answer_bases(s.confirm_address, s.bounce_address)
+    targets = []
+    scopes: dict[str, None] = {}
+    answers: list[tuple[str, Answer]] = []
+    for rcpt in recipients:
+        base, token = split_extension(rcpt, s.recipient_delimiter)
+        answer: Answer | None = None
+        if base == confirm_base:
+            answer = ChallengeReply(token)
+            answers.append((rcpt, answer))
+        elif base == bounce_base:
+            answer = ChallengeReport(token)
+            answers.append((rcpt, answer))
+        protected = answer is None and is_protected(rcpt, s.protected, s.recipient_delimiter)
+        scope = None
+        if protected and sender:
+            scope = "global" if s.scope == "global" else scope_for(rcpt, s)
+            scopes[scope] = None
+        targets.append(Target(rcpt, answer, scope, protected))
+    return Plan(sender, recipients, tuple(targets), tuple(scopes), tuple(answers))
+
+
+def route(
+    plan: Plan,
+    incoming: Incoming,
+    settings: EngineSettings,
+    sender_states: Mapping[str, str],
+) -> list[tuple[str, Route]]:
+    """One route per recipient that is not an answer (see `plan`), in envelope order.
+    `sender_states` maps each scope of `plan.scopes` to its sender's state (the initial
+    state for a stranger), read after the answers were settled."""
+    s = settings
+    routes: list[tuple[str, Route]] = []
+    exempt: Route | None = None
+    exemption_checked = False
+    for t in plan.targets:
+        if t.answer is not None:
+            continue
+        if not t.protected:
+            routes.append((t.recipient, UNPROTECTED))
+            continue
+        if t.scope is not None:
+            state = sender_states[t.scope]
+            if state == BLOCKED:
+                routes.append((t.recipient, SENDER_BLOCKED))
+                continue
+            if state == AUTHORIZED:
+                routes.append((t.recipient, SENDER_AUTHORIZED))
+                continue
+        if not exemption_checked:  # only for mail that would otherwise be challenged
+            exempt = _exemption(incoming.mail_from, incoming.headers, s)
+            exemption_checked = True
+        if exempt is not None:
+            routes.append((t.recipient, exempt))
+            continue
+        assert t.scope is not None  # only the null sender has no scope, and it is exempt
+        routes.append((t.recipient, AwaitSender(t.scope)))
+    return routes
+
+
+def _exemption(mail_from: str, headers: Headers, s: EngineSettings) -> Route | None:
+    found = classify(mail_from, headers, spam_headers=s.spam_headers)
+    if found is None:
+        return None
+    action = s.exemptions.get(found.exemption, ExemptAction.HOLD)
+    reason = f"never_challenge:{found.exemption.value}: {found.detail}"
+    if action == ExemptAction.DELIVER:
+        return DeliverNow(reason)
+    if action == ExemptAction.DISCARD:
+        return Discard(reason)
+    return HoldSilently(reason)
