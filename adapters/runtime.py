@@ -32,9 +32,10 @@ from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
 from sourceauth.adapters.storage.wiring import Storage, open_blobs, open_engine
 from sourceauth.engine.api import Receipt
 from sourceauth.engine.application import SourceAuth, system_clock
+from sourceauth.engine.logs import get_logger
 from sourceauth.engine.ports import Clock
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def configure_logging(fmt: str = "json", level: str = "info", stream: Any = None) -> None:

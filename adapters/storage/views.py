@@ -13,14 +13,14 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 from uuid import UUID
 
-import structlog
 from eventsourcing.persistence import ApplicationRecorder, Mapper, Notification
 
 from sourceauth.adapters.storage.fold import MemoryTables
 from sourceauth.engine import projections as p
 from sourceauth.engine.api import ChallengeRow, DeliveryRow, HeldMessage, SenderView
+from sourceauth.engine.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 TRACKING = "sa_tracking"
 BLOB_GC = "sa_blob_gc"

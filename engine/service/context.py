@@ -13,12 +13,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
-import structlog
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
 
 from sourceauth.engine import tokens
 from sourceauth.engine.errors import TemporaryFailure
+from sourceauth.engine.logs import get_logger
 from sourceauth.engine.message import Message
 from sourceauth.engine.policy import ChallengeRateLimiter
 from sourceauth.engine.ports import (
@@ -34,7 +34,7 @@ from sourceauth.engine.settings import EngineSettings
 if TYPE_CHECKING:
     from sourceauth.engine.application import SourceAuth
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 T = TypeVar("T")
 ENGINE = "engine"  # the actor of every decision the engine takes by itself

@@ -9,8 +9,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 from uuid import UUID
 
-import structlog
-
 from sourceauth.engine.api import ChallengeRow, MaintenanceReport
 from sourceauth.engine.errors import (
     ChallengeNotPending,
@@ -18,13 +16,14 @@ from sourceauth.engine.errors import (
     MessageNotHeld,
     TemporaryFailure,
 )
+from sourceauth.engine.logs import get_logger
 from sourceauth.engine.message import HELD_STATES
 from sourceauth.engine.service import dispatch, replies
 from sourceauth.engine.service.context import BATCH_LIMIT, ENGINE, Context, Unit, ts
 from sourceauth.engine.service.routing import AUTHORIZED
 from sourceauth.engine.statemachine import MESSAGE
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 T = TypeVar("T")
 
 

@@ -125,32 +125,30 @@ def _message_verb(
     ctx: Context,
     message_id: str,
     what: str,
-    verb: Callable[[Message, datetime], None],
-    logged: str,
-    actor: str,
-    reason: str,
+    verb: Callable[[Unit, Message, datetime], None],
 ) -> HeldMessage:
     mid = _message_id(message_id)
 
     def work(unit: Unit) -> None:
         msg = _load(ctx, message_id, mid)
-        verb(msg, ts(ctx.clock()))
+        verb(unit, msg, ts(ctx.clock()))
         unit.messages.append(msg)
-        unit.note(logged, message_id=str(mid), actor=actor, reason=reason)
 
     ctx.run(what, work)
     return _quarantine_row(ctx, message_id, mid)
 
 
 def release(ctx: Context, message_id: str, actor: str, reason: str) -> HeldMessage:
-    def verb(msg: Message, now: datetime) -> None:
+    def verb(unit: Unit, msg: Message, now: datetime) -> None:
         msg.release(timestamp=now, actor=actor, reason=reason)
+        unit.note("message_released", message_id=msg.id.hex, actor=actor, reason=reason)
 
-    return _message_verb(ctx, message_id, "release", verb, "message_released", actor, reason)
+    return _message_verb(ctx, message_id, "release", verb)
 
 
 def discard(ctx: Context, message_id: str, actor: str, reason: str) -> HeldMessage:
-    def verb(msg: Message, now: datetime) -> None:
+    def verb(unit: Unit, msg: Message, now: datetime) -> None:
         msg.discard(timestamp=now, actor=actor, reason=reason)
+        unit.note("message_discarded", message_id=msg.id.hex, actor=actor, reason=reason)
 
-    return _message_verb(ctx, message_id, "discard", verb, "message_discarded", actor, reason)
+    return _message_verb(ctx, message_id, "discard", verb)

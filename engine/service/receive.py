@@ -8,12 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
-import structlog
-
 from sourceauth.engine import tokens
 from sourceauth.engine.addresses import AddressError, is_null_sender, normalize_address
 from sourceauth.engine.api import Decision, Headers, Incoming, Receipt, RecipientDecision
 from sourceauth.engine.errors import InvalidInput
+from sourceauth.engine.logs import get_logger
 from sourceauth.engine.message import Message
 from sourceauth.engine.policy import check_auth_gate
 from sourceauth.engine.sender import ChallengeDetails, Sender
@@ -31,7 +30,7 @@ from sourceauth.engine.service.routing import (
 )
 from sourceauth.engine.statemachine import SENDER
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
