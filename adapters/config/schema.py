@@ -208,6 +208,8 @@ class ExemptionsConfig(Section, frozen=True):
     dsn: ExemptAction = _exempt(Exemption.DSN)
     spam: ExemptAction = _exempt(Exemption.SPAM)
     spam_headers: tuple[SpamHeader, ...] = _ENGINE.spam_headers
+    # --- abuse resistance (issue 7)
+    authorized_spam: ExemptAction = _ENGINE.authorized_spam  # spam-flagged, sender authorized
 
 
 class AuthGateConfig(Section, frozen=True):
@@ -216,6 +218,8 @@ class AuthGateConfig(Section, frozen=True):
     enabled: bool = _GATE.enabled
     trusted_authserv_ids: tuple[AuthservId, ...] = _GATE.trusted_authserv_ids
     require: Literal["spf", "dkim", "spf_or_dkim"] = _GATE.require
+    # --- abuse resistance (issue 7): authorized sender, trusted results show its domain failing
+    authorized_fail_action: ExemptAction = _GATE.authorized_fail_action
 
 
 class LoggingConfig(Section, frozen=True):

@@ -1,0 +1,101 @@
+"""Issue 7, the engine's side, attacked as an attacker would: over real SMTP on loopback against
+the running filter (real aiosmtpd, real SQLite file, real sinks for the relay and next hop).
+Each test names the attack; docs/security.md ("Policy and caps") names the mechanism.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.integration.smtp_harness import filter_with_sinks, message
+from tests.support.waiting import wait_outbound_idle, wait_until
+
+PROTECTED = "bob@example.test"
+FRIEND = "friend@partner.test"
+GATE = """
+[auth_gate]
+enabled = true
+trusted_authserv_ids = ["mx.example.test"]
+"""
+FORGED_RESULTS = (
+    "mx.example.test; spf=fail smtp.mailfrom=partner.test; dkim=fail header.d=partner.test"
+)
+GENUINE_RESULTS = "mx.example.test; spf=pass smtp.mailfrom=partner.test"
+
+
+def _held_reasons(app: object, sender: str) -> list[str]:
+    return [m.reason for m in app.quarantine(sender=sender) if m.state == "held"]  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------- 1. forged whitelisted sender
+
+
+def test_forged_whitelisted_sender_failing_spf_and_dkim_is_held_not_delivered(
+    tmp_path: Path,
+) -> None:
+    with filter_with_sinks(tmp_path, extra=GATE) as (flt, relay, next_hop):
+        flt.app.authorize(FRIEND)
+        forged = message(
+            FRIEND,
+            PROTECTED,
+            subject="wire the money",
+            headers={"Authentication-Results": FORGED_RESULTS, "X-Spam-Flag": "YES"},
+        )
+        flt.send(FRIEND, [PROTECTED], forged)
+        genuine = message(
+            FRIEND, PROTECTED, subject="lunch", headers={"Authentication-Results": GENUINE_RESULTS}
+        )
+        flt.send(FRIEND, [PROTECTED], genuine)
+        delivered = next_hop.wait_for(1, timeout=20)
+        wait_outbound_idle(flt.app)
+        assert [m.data.count(b"Subject: lunch") for m in next_hop.messages] == [1]
+        assert b"wire the money" not in delivered[0].data
+        reasons = _held_reasons(flt.app, FRIEND)
+        assert len(reasons) == 1
+        assert reasons[0].startswith("authorized_sender_auth_failed: no spf=pass or aligned")
+        assert relay.messages == []  # held without a challenge: the real friend is authorized
+        # Its authorization does not release it either: only an operator does.
+        flt.app.maintain()
+        assert len(_held_reasons(flt.app, FRIEND)) == 1
+
+
+def test_forged_whitelisted_sender_action_is_configurable(tmp_path: Path) -> None:
+    extra = GATE + 'authorized_fail_action = "discard"\n'
+    with filter_with_sinks(tmp_path, extra=extra) as (flt, _relay, next_hop):
+        flt.app.authorize(FRIEND)
+        raw = message(FRIEND, PROTECTED, headers={"Authentication-Results": FORGED_RESULTS})
+        flt.send(FRIEND, [PROTECTED], raw)
+        wait_until(lambda: flt.app.quarantine(sender=FRIEND), message="the decision recorded")
+        wait_outbound_idle(flt.app)
+        [copy] = flt.app.quarantine(sender=FRIEND)
+        assert copy.state == "discarded"
+        assert copy.reason.startswith("authorized_sender_auth_failed:")
+        assert next_hop.messages == []
+
+
+def test_whitelisted_sender_without_failing_results_is_still_delivered(tmp_path: Path) -> None:
+    with filter_with_sinks(tmp_path, extra=GATE) as (flt, _relay, next_hop):
+        flt.app.authorize(FRIEND)
+        # No trusted results, or only "none": no evidence of forgery.
+        flt.send(FRIEND, [PROTECTED], message(FRIEND, PROTECTED, subject="a"))
+        none = "mx.example.test; spf=none smtp.mailfrom=partner.test; dkim=none"
+        raw = message(FRIEND, PROTECTED, subject="b", headers={"Authentication-Results": none})
+        flt.send(FRIEND, [PROTECTED], raw)
+        next_hop.wait_for(2, timeout=20)
+
+
+def test_spam_flag_action_for_authorized_senders_is_configurable(tmp_path: Path) -> None:
+    extra = '[exemptions]\nauthorized_spam = "hold"\n'
+    with filter_with_sinks(tmp_path, extra=extra) as (flt, relay, next_hop):
+        flt.app.authorize(FRIEND)
+        flagged = message(FRIEND, PROTECTED, subject="spammy", headers={"X-Spam-Flag": "YES"})
+        flt.send(FRIEND, [PROTECTED], flagged)
+        flt.send(FRIEND, [PROTECTED], message(FRIEND, PROTECTED, subject="clean"))
+        next_hop.wait_for(1, timeout=20)
+        wait_outbound_idle(flt.app)
+        assert len(next_hop.messages) == 1
+        assert b"spammy" not in next_hop.messages[0].data
+        assert [r.split(":")[0] for r in _held_reasons(flt.app, FRIEND)] == [
+            "authorized_sender_spam"
+        ]
+        assert relay.messages == []
