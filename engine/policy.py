@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
+from publicsuffixlist import PublicSuffixList
+
 from sourceauth.engine.addresses import (
     AddressError,
     is_null_sender,
@@ -37,6 +39,7 @@ __all__ = [
     "classify",
     "is_automated",
     "is_protected",
+    "registered_domain",
     "spam_flag",
 ]
 
@@ -415,7 +418,20 @@ def _dkim_aligned(signing_domain: str, sender_domain: str) -> bool:
 
 
 def _organisational(domain: str) -> str:
-    return ".".join(domain.split(".")[-2:])
+    return registered_domain(domain)
+
+
+# The list bundled with the package (a snapshot, updated by upgrading it): never fetched.
+_PSL = PublicSuffixList()
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def registered_domain(domain: str) -> str:
+    """The registered (organisational) domain by the Public Suffix List: "a.b.example.co.uk"
+    -> "example.co.uk". A public suffix itself, or a name under an unknown top-level domain
+    with one label, is its own registered domain."""
+    key = domain.strip().rstrip(".").lower()
+    return _PSL.privatesuffix(key) or key
 
 
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|=|[^\s="]+')
@@ -466,6 +482,8 @@ class Limits:
     challenges_per_domain_per_hour: int = 100
     challenges_per_hour: int = 1000
     max_resends: int = 2
+    # --- abuse resistance (issue 7)
+    challenged_later_per_pass: int = 100  # senders of mail held over a cap, per maintenance pass
 
 
 _BUCKET_SECONDS = 60
@@ -498,15 +516,22 @@ class ChallengeRateLimiter:
         self._total = 0
         self._seeded: list[tuple[int, str]] = []  # (minute, domain) not yet applied
 
-    def check(self, sender_domain: str, now: float) -> str | None:
-        """Return None if a challenge to sender_domain may be sent at now, else the reason."""
+    def check(
+        self, sender_domain: str, now: float, *, pending_total: int = 0, pending_domain: int = 0
+    ) -> str | None:
+        """Return None if a challenge to sender_domain may be sent at now, else the reason.
+
+        Domains count by registered domain (Public Suffix List): random subdomains of one
+        domain share its cap. pending_* are challenges decided but not yet recorded."""
         self._advance(now)
         limits = self._limits
-        if self._total >= limits.challenges_per_hour:
+        if self._total + pending_total >= limits.challenges_per_hour:
             return f"challenges_per_hour limit {limits.challenges_per_hour} reached"
         domain = _domain_key(sender_domain)
         window = self._domains.get(domain)
-        if (window.total if window else 0) >= limits.challenges_per_domain_per_hour:
+        if (
+            window.total if window else 0
+        ) + pending_domain >= limits.challenges_per_domain_per_hour:
             return (
                 f"challenges_per_domain_per_hour limit {limits.challenges_per_domain_per_hour}"
                 f" reached for {_shown(domain)}"
@@ -586,7 +611,7 @@ def _minute_of(now: float) -> int:
 
 
 def _domain_key(domain: str) -> str:
-    return domain.strip().rstrip(".").lower()
+    return registered_domain(domain)
 
 
 # --- header text -------------------------------------------------------------------------

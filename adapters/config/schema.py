@@ -191,6 +191,8 @@ class LimitsConfig(Section, frozen=True):
     held_per_recipient: PositiveInt = _ENGINE.held_per_recipient
     max_message_size: Size = Size("25MB")
     max_recipients: PositiveInt = _ENGINE.max_recipients
+    # --- abuse resistance (issue 7)
+    challenged_later_per_pass: Count = _LIMITS.challenged_later_per_pass
 
 
 def _exempt(exemption: Exemption) -> ExemptAction:

@@ -57,6 +57,9 @@ class Unit:
     messages: list[Message | Message.Arrived] = field(default_factory=list)  # in decision order
     absent: set[UUID] = field(default_factory=set)  # senders known not to exist (no read needed)
     logs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    # Challenges this unit queued, counted against the caps once it commits (a retried unit
+    # counts once): (registered domain, sender mailbox, sender id, challenge id).
+    challenges: list[tuple[str, str, UUID, str]] = field(default_factory=list)
 
     def aggregates(self) -> list[Any]:
         return [*self.senders.values(), *self.messages]
@@ -91,6 +94,9 @@ class Context:
         self.clock = clock
         self.lock = threading.RLock()
         self.limiter = ChallengeRateLimiter(settings.limits)
+        # Sender mailbox (extension removed) -> (sender id, challenge id) of the challenge it
+        # was last sent: at most one pending challenge per mailbox, whatever the extension.
+        self.pending_mailboxes: dict[str, tuple[UUID, str]] = {}
         self.full_mailboxes: set[str] = set()
         self.in_flight: set[str] = set()  # challenge and message ids a dispatcher is sending
         self._senders: OrderedDict[UUID, Sender] = OrderedDict()
@@ -210,6 +216,10 @@ class Context:
             raise
         for sender in unit.senders.values():
             self._remember(sender)
+        now = self.clock()
+        for domain, mailbox, sender_id, challenge_id in unit.challenges:
+            self.limiter.record(domain, now)
+            self.pending_mailboxes[mailbox] = (sender_id, challenge_id)
 
     def run(self, what: str, work: Callable[[Unit], T], **save_kwargs: Any) -> T:
         """One unit of work under the lock: decide on fresh state, save everything it touched

@@ -18,7 +18,7 @@ from sourceauth.engine.errors import (
 )
 from sourceauth.engine.logs import get_logger
 from sourceauth.engine.message import HELD_STATES
-from sourceauth.engine.service import dispatch, replies
+from sourceauth.engine.service import caps, dispatch, replies
 from sourceauth.engine.service.context import BATCH_LIMIT, ENGINE, Context, Unit, ts
 from sourceauth.engine.service.routing import AUTHORIZED
 from sourceauth.engine.statemachine import MESSAGE
@@ -50,6 +50,12 @@ def maintain(ctx: Context, *, dispatch_now: bool = True) -> MaintenanceReport:
         report.released += each(functools.partial(_sweep_release, ctx, mid, now))
     for mid in _drain(ctx, lambda: views.expired_messages(BATCH_LIMIT)):
         report.purged += each(functools.partial(_purge, ctx, mid, now))
+    # Mail held over a cap, oldest first: one page a pass, while the caps allow.
+    with ctx.lock:
+        ctx.catch_up()
+        deferred = views.held_awaiting_challenge(now, ctx.settings.limits.challenged_later_per_pass)
+    for mid in deferred:
+        report.challenged_later += each(functools.partial(caps.challenge_later, ctx, mid, now))
     with ctx.lock:
         ctx.catch_up()
     if dispatch_now:

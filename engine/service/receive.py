@@ -8,15 +8,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
-from sourceauth.engine import tokens
 from sourceauth.engine.addresses import AddressError, is_null_sender, normalize_address
 from sourceauth.engine.api import Decision, Headers, Incoming, Receipt, RecipientDecision
 from sourceauth.engine.errors import InvalidInput
 from sourceauth.engine.logs import get_logger
 from sourceauth.engine.message import Message
 from sourceauth.engine.policy import check_auth_gate
-from sourceauth.engine.sender import ChallengeDetails, Sender
-from sourceauth.engine.service import replies
+from sourceauth.engine.service import caps, replies
 from sourceauth.engine.service.context import ENGINE, Context, Unit, ts
 from sourceauth.engine.service.routing import (
     AwaitSender,
@@ -41,6 +39,7 @@ class Hold:
     reason: str
     expires_at: float
     new_challenge: str = ""  # the id of a challenge this unit queued
+    resent: bool = False  # the sender's pending challenge goes out again
 
 
 def receive_many(
@@ -172,11 +171,13 @@ def decide(ctx: Context, unit: Unit, incoming: Incoming, p: Plan) -> Receipt:
         expires = now + ctx.settings.hold_lifetime if kind is Message.Held else 0.0
         mid = record(kind, rcpts, reason, "", expires)
         decisions += [RecipientDecision(r, decision, reason, mid) for r in rcpts]
+    may_challenge = True  # one message never causes more than one challenge
     for scope, rcpts in awaiting.items():
         sid = ctx.sender_id(p.sender, scope)
-        hold = _hold_for(ctx, unit, sid, scope, p.sender, rcpts, incoming, now)
+        hold = _hold_for(ctx, unit, sid, scope, p.sender, rcpts, incoming, now, may_challenge)
         if hold.new_challenge:
             challenges.append(hold.new_challenge)
+        may_challenge = may_challenge and not (hold.new_challenge or hold.resent)
         kind = Message.Challenged if hold.challenged else Message.Held
         mid = record(kind, rcpts, hold.reason, sid.hex, hold.expires_at)
         decision = Decision.CHALLENGE if hold.challenged else Decision.HOLD
@@ -212,52 +213,45 @@ def _hold_for(
     rcpts: list[str],
     incoming: Incoming,
     now: float,
+    may_challenge: bool,
 ) -> Hold:
-    """Hold mail from a sender not yet authorized; challenge it at most once."""
+    """Hold mail from a sender not yet authorized; challenge it at most once, and only if
+    this message has not caused a challenge already (`may_challenge`) and no cap stands in
+    the way (engine/service/caps.py); mail held over a cap is challenged later."""
     s = ctx.settings
     current = ctx.load_sender(unit, sid)
     hold_deadline = now + s.hold_lifetime
     if current is not None and current.challenge_pending:
         unit.senders[sid] = current
         deadline = max(current.expires_at, hold_deadline)
-        if current.may_resend(now, s.resend_after, s.limits.max_resends):
+        if may_challenge and current.may_resend(now, s.resend_after, s.limits.max_resends):
             current.resend_challenge(
                 timestamp=ts(now), actor=ENGINE, reason="new_message_after_resend_interval"
             )
-            return Hold(True, "challenge_resent", deadline)
+            return Hold(True, "challenge_resent", deadline, resent=True)
         return Hold(True, "challenge_pending", deadline)
     domain = sender.rsplit("@", 1)[1]
     gate_ok, gate_reason = check_auth_gate(s.auth_gate, domain, incoming.headers)
     if not gate_ok:
         return Hold(False, f"auth_gate: {gate_reason}", hold_deadline)
-    limited = ctx.limiter.check(domain, now)
-    if limited is not None:
-        return Hold(False, f"rate_limited: {limited}", hold_deadline)
-    expires = float(int(now + s.challenge_lifetime) // 60 * 60)
-    details = ChallengeDetails(
-        actor=ENGINE,
-        challenge_id=tokens.new_challenge_id().hex(),
-        kid=ctx.keyring.active_kid,
-        expires_at=expires,
-        subject=_header(incoming.headers, "Subject")[:300],
-        in_reply_to=_header(incoming.headers, "Message-ID")[:300],
+    if not may_challenge:
+        return Hold(False, caps.ONE_PER_MESSAGE, hold_deadline)
+    waits = caps.over_cap(ctx, unit, sender, sid, now)
+    if waits is not None:
+        return Hold(False, waits, hold_deadline)
+    details = caps.queue_challenge(
+        ctx,
+        unit,
+        sender_id=sid,
+        scope=scope,
+        sender=sender,
+        current=current,
+        subject=_header(incoming.headers, "Subject"),
+        in_reply_to=_header(incoming.headers, "Message-ID"),
         recipient=rcpts[0],
+        now=now,
+        reason="",
     )
-    if current is None:
-        current = Sender.first_challenge(
-            sid,
-            address=sender,
-            scope=scope,
-            timestamp=ts(now),
-            reason="first_message_from_unknown_sender",
-            challenge=details,
-        )
-    else:
-        current.challenge(
-            timestamp=ts(now),
-            reason=f"new_message_from_{current.state}_sender",
-            challenge=details,
-        )
-    unit.senders[sid] = current
-    ctx.limiter.record(domain, now)
-    return Hold(True, "challenge_queued", max(expires, hold_deadline), details.challenge_id)
+    return Hold(
+        True, "challenge_queued", max(details.expires_at, hold_deadline), details.challenge_id
+    )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.integration.smtp_harness import filter_with_sinks, message
+from tests.integration.smtp_harness import filter_with_sinks, message, token_of
 from tests.support.waiting import wait_outbound_idle, wait_until
 
 PROTECTED = "bob@example.test"
@@ -99,3 +99,77 @@ def test_spam_flag_action_for_authorized_senders_is_configurable(tmp_path: Path)
             "authorized_sender_spam"
         ]
         assert relay.messages == []
+
+
+# ----------------------------------------------------------------- 3. caps against real senders
+
+
+def _challenged(relay: object) -> list[str]:
+    return sorted(r for m in relay.messages for r in m.rcpt_tos)  # type: ignore[attr-defined]
+
+
+def test_random_subdomains_share_the_cap_of_their_registered_domain(tmp_path: Path) -> None:
+    extra = "[limits]\nchallenges_per_domain_per_hour = 3\n"
+    with filter_with_sinks(tmp_path, extra=extra) as (flt, relay, _next_hop):
+        for index in range(8):
+            sender = f"u{index}@s{index}.evil.co.uk"
+            flt.send(sender, [PROTECTED], message(sender, PROTECTED))
+        wait_until(lambda: len(flt.app.quarantine()) == 8, message="eight held copies")
+        wait_outbound_idle(flt.app)
+        assert len(relay.messages) == 3
+        reasons = sorted(m.reason for m in flt.app.quarantine())
+        assert (
+            reasons[-5:]
+            == ["rate_limited: challenges_per_domain_per_hour limit 3 reached for evil.co.uk"] * 5
+        )
+
+
+def test_extensions_of_one_mailbox_draw_one_pending_challenge(tmp_path: Path) -> None:
+    with filter_with_sinks(tmp_path) as (flt, relay, _next_hop):
+        for index in range(6):
+            sender = f"victim+{index}@remote.test"
+            flt.send(sender, [PROTECTED], message(sender, PROTECTED))
+        wait_until(lambda: len(flt.app.quarantine()) == 6, message="six held copies")
+        wait_outbound_idle(flt.app)
+        assert _challenged(relay) == ["victim+0@remote.test"]
+        waiting = [m.reason for m in flt.app.quarantine() if m.state == "held"]
+        assert waiting == ["challenge_deferred: a challenge to this mailbox is pending"] * 5
+        # Once that challenge is answered, maintenance challenges the next one, oldest first.
+        token = token_of(relay.messages[0])
+        confirm = f"confirm+{token}@example.test"
+        flt.send("victim+0@remote.test", [confirm], message("victim+0@remote.test", confirm))
+        wait_until(
+            lambda: flt.app.sender("victim+0@remote.test").state == "authorized",
+            message="the first sender confirmed",
+        )
+        report = flt.app.maintain()
+        assert report.challenged_later == 1
+        relay.wait_for(2, timeout=20)
+        assert _challenged(relay) == ["victim+0@remote.test", "victim+1@remote.test"]
+
+
+def test_one_message_to_many_mailboxes_draws_one_challenge_that_releases_them_all(
+    tmp_path: Path,
+) -> None:
+    mailboxes = [f"user{index}@example.test" for index in range(8)]
+    stranger = "forged@remote.test"
+    with filter_with_sinks(tmp_path, extra='scope = "recipient"\n') as (flt, relay, next_hop):
+        flt.send(stranger, mailboxes, message(stranger, ", ".join(mailboxes)))
+        wait_until(lambda: len(flt.app.quarantine()) == 8, message="one copy per mailbox")
+        wait_outbound_idle(flt.app)
+        assert _challenged(relay) == [stranger]
+        flt.app.maintain()  # nothing more to challenge while that one is pending
+        wait_outbound_idle(flt.app)
+        assert len(relay.messages) == 1
+        token = token_of(relay.messages[0])
+        confirm = f"confirm+{token}@example.test"
+        flt.send(stranger, [confirm], message(stranger, confirm))
+        delivered = wait_until(
+            lambda: sorted(r for m in next_hop.messages for r in m.rcpt_tos) == mailboxes,
+            timeout=30,
+            message="every mailbox's copy delivered",
+        )
+        assert delivered
+        scopes = {s.scope: s.state for s in flt.app.whitelist()}
+        assert scopes == dict.fromkeys(mailboxes, "authorized")
+        assert len(relay.messages) == 1
