@@ -27,6 +27,7 @@ HELD = MESSAGE.dest("hold")
 SEED_LIMIT = 1_000_000
 # Senders a new challenge may go to (a challenged one has one out; others are decided).
 CHALLENGEABLE = SENDER.sources("challenge")
+CHALLENGED = SENDER.dest("challenge")
 
 
 def mailbox_of(ctx: Context, sender: str) -> str:

@@ -173,3 +173,29 @@ def test_one_message_to_many_mailboxes_draws_one_challenge_that_releases_them_al
         scopes = {s.scope: s.state for s in flt.app.whitelist()}
         assert scopes == dict.fromkeys(mailboxes, "authorized")
         assert len(relay.messages) == 1
+
+
+# ----------------------------------------------------------------- 4. quarantine limit
+
+
+def test_a_flood_cannot_lock_a_mailbox_beyond_one_maintenance_pass(tmp_path: Path) -> None:
+    extra = "[limits]\nheld_per_recipient = 10\n"
+    with filter_with_sinks(tmp_path, extra=extra) as (flt, _relay, next_hop):
+        for index in range(10):
+            forged = f"forged{index}@flood.test"
+            flt.send(forged, [PROTECTED], message(forged, PROTECTED))
+        wait_outbound_idle(flt.app)  # the views caught up, as the filter's workers keep them
+        flt.app.refresh_full_mailboxes()
+        real = "real.person@remote.test"
+        code, _ = flt.sendmail_reply(real, [PROTECTED], message(real, PROTECTED))
+        assert code == 452  # full: the sending MTA keeps the mail and retries
+        report = flt.app.maintain()
+        assert report.evicted == 1  # down to the quota less a tenth, oldest first
+        flt.app.catch_up()
+        flt.app.refresh_full_mailboxes()
+        code, _ = flt.sendmail_reply(real, [PROTECTED], message(real, PROTECTED))
+        assert code == 250
+        held = {m.sender: m.state for m in flt.app.quarantine()}
+        assert held["forged0@flood.test"] == "expired"
+        assert held[real] == "challenged"
+        assert next_hop.messages == []
