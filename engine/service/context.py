@@ -150,10 +150,17 @@ class Context:
             now = time.monotonic()
             if now - self._checked.get(sender_id, 0.0) > SENDER_CACHE_TTL:
                 # Another process or node may have moved this sender on: bounded staleness.
-                for event in self.app.events.get(sender_id, gt=cached.version):
-                    event.mutate(cached)  # type: ignore[attr-defined]
-                self._checked[sender_id] = now
+                self.refresh_sender(cached)
         return cached
+
+    def refresh_sender(self, sender: Sender) -> None:
+        """Apply events another process or node recorded since `sender` was read (a sender
+        with changes of this unit not yet saved is left as it is)."""
+        if sender.pending_events:
+            return
+        for event in self.app.events.get(sender.id, gt=sender.version):
+            event.mutate(sender)  # type: ignore[attr-defined]
+        self._checked[sender.id] = time.monotonic()
 
     def load_message(self, message_id: UUID) -> Message | None:
         try:

@@ -17,6 +17,7 @@ from sourceauth.engine.policy import check_auth_gate
 from sourceauth.engine.service import caps, replies
 from sourceauth.engine.service.context import ENGINE, Context, Unit, ts
 from sourceauth.engine.service.routing import (
+    AUTHORIZED,
     AwaitSender,
     ChallengeReply,
     ChallengeReport,
@@ -112,13 +113,20 @@ def _header(headers: Headers, name: str) -> str:
 def decide(ctx: Context, unit: Unit, incoming: Incoming, p: Plan) -> Receipt:
     now = ctx.clock()
     deliver_now: list[tuple[str, str]] = []
-    settled: dict[tuple[type[Message.Arrived], Decision, str], list[str]] = {}
+    # (kind, decision, reason, linked scope or "") -> recipients
+    settled: dict[tuple[type[Message.Arrived], Decision, str, str], list[str]] = {}
     awaiting: dict[str, list[str]] = {}  # scope -> recipients
     for rcpt, answer in p.answers:
-        settled.setdefault(_answer(ctx, unit, p.sender, incoming, answer, now), []).append(rcpt)
+        settled.setdefault((*_answer(ctx, unit, p.sender, incoming, answer, now), ""), []).append(
+            rcpt
+        )
     states: dict[str, str] = {}
     for scope in p.scopes:
         found = ctx.load_sender(unit, ctx.sender_id(p.sender, scope))
+        if found is not None and found.state != AUTHORIZED:
+            # Mail right after an operator's verdict in another process must see it: only
+            # a sender about to be held pays for the read (authorized is the hot path).
+            ctx.refresh_sender(found)
         states[scope] = SENDER.initial if found is None else found.state
     for rcpt, r in route(p, incoming, ctx.settings, states):
         if isinstance(r, DeliverNow):
@@ -126,9 +134,10 @@ def decide(ctx: Context, unit: Unit, incoming: Incoming, p: Plan) -> Receipt:
         elif isinstance(r, AwaitSender):
             awaiting.setdefault(r.scope, []).append(rcpt)
         elif isinstance(r, HoldSilently):
-            settled.setdefault((Message.Held, Decision.HOLD, r.reason), []).append(rcpt)
+            key = (Message.Held, Decision.HOLD, r.reason, r.scope or "")
+            settled.setdefault(key, []).append(rcpt)
         else:
-            settled.setdefault((Message.Discarded, Decision.DISCARD, r.reason), []).append(rcpt)
+            settled.setdefault((Message.Discarded, Decision.DISCARD, r.reason, ""), []).append(rcpt)
 
     decisions: list[RecipientDecision] = []
     challenges: list[str] = []
@@ -163,13 +172,15 @@ def decide(ctx: Context, unit: Unit, incoming: Incoming, p: Plan) -> Receipt:
         mid = record(Message.Accepted, [r for r, _ in deliver_now], reasons, "", 0.0)
         decisions += [RecipientDecision(r, Decision.DELIVER, why, mid) for r, why in deliver_now]
     # Held copies before dropped ones (stable: each kind in routing order).
-    for (kind, decision, reason), rcpts in (
+    for (kind, decision, reason, scope), rcpts in (
         sorted(settled.items(), key=lambda item: item[0][0] is not Message.Held)
         if len(settled) > 1
         else settled.items()
     ):
         expires = now + ctx.settings.hold_lifetime if kind is Message.Held else 0.0
-        mid = record(kind, rcpts, reason, "", expires)
+        # An exempt copy is linked to its sender: authorizing the sender releases it.
+        linked = ctx.sender_id(p.sender, scope).hex if scope else ""
+        mid = record(kind, rcpts, reason, linked, expires)
         decisions += [RecipientDecision(r, decision, reason, mid) for r in rcpts]
     may_challenge = True  # one message never causes more than one challenge
     for scope, rcpts in awaiting.items():

@@ -46,9 +46,11 @@ class Discard:
 
 @dataclass(frozen=True, slots=True)
 class HoldSilently:
-    """Held with no sender to wait on (a never-challenge class whose action is hold)."""
+    """Held without a challenge (a never-challenge class whose action is hold). With a scope,
+    the copy is linked to that scope's sender, so authorizing the sender releases it."""
 
     reason: str
+    scope: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +178,9 @@ def route(
         if not exemption_checked:  # only for mail that would otherwise be challenged
             exempt = _exemption(incoming.mail_from, incoming.headers, s)
             exemption_checked = True
+        if isinstance(exempt, HoldSilently) and t.scope is not None:
+            routes.append((t.recipient, HoldSilently(exempt.reason, t.scope)))
+            continue
         if exempt is not None:
             routes.append((t.recipient, exempt))
             continue

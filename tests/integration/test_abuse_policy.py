@@ -104,6 +104,12 @@ def test_spam_flag_action_for_authorized_senders_is_configurable(tmp_path: Path)
 # ----------------------------------------------------------------- 3. caps against real senders
 
 
+def _flood(flt: object, senders: list[str]) -> None:
+    """One message from each sender to the protected mailbox, one SMTP session each."""
+    for sender in senders:
+        flt.send(sender, [PROTECTED], message(sender, PROTECTED))  # type: ignore[attr-defined]
+
+
 def _challenged(relay: object) -> list[str]:
     return sorted(r for m in relay.messages for r in m.rcpt_tos)  # type: ignore[attr-defined]
 
@@ -111,9 +117,7 @@ def _challenged(relay: object) -> list[str]:
 def test_random_subdomains_share_the_cap_of_their_registered_domain(tmp_path: Path) -> None:
     extra = "[limits]\nchallenges_per_domain_per_hour = 3\n"
     with filter_with_sinks(tmp_path, extra=extra) as (flt, relay, _next_hop):
-        for index in range(8):
-            sender = f"u{index}@s{index}.evil.co.uk"
-            flt.send(sender, [PROTECTED], message(sender, PROTECTED))
+        _flood(flt, [f"u{index}@s{index}.evil.co.uk" for index in range(8)])
         wait_until(lambda: len(flt.app.quarantine()) == 8, message="eight held copies")
         wait_outbound_idle(flt.app)
         assert len(relay.messages) == 3
@@ -126,9 +130,7 @@ def test_random_subdomains_share_the_cap_of_their_registered_domain(tmp_path: Pa
 
 def test_extensions_of_one_mailbox_draw_one_pending_challenge(tmp_path: Path) -> None:
     with filter_with_sinks(tmp_path) as (flt, relay, _next_hop):
-        for index in range(6):
-            sender = f"victim+{index}@remote.test"
-            flt.send(sender, [PROTECTED], message(sender, PROTECTED))
+        _flood(flt, [f"victim+{index}@remote.test" for index in range(6)])
         wait_until(lambda: len(flt.app.quarantine()) == 6, message="six held copies")
         wait_outbound_idle(flt.app)
         assert _challenged(relay) == ["victim+0@remote.test"]
@@ -181,9 +183,7 @@ def test_one_message_to_many_mailboxes_draws_one_challenge_that_releases_them_al
 def test_a_flood_cannot_lock_a_mailbox_beyond_one_maintenance_pass(tmp_path: Path) -> None:
     extra = "[limits]\nheld_per_recipient = 10\n"
     with filter_with_sinks(tmp_path, extra=extra) as (flt, _relay, next_hop):
-        for index in range(10):
-            forged = f"forged{index}@flood.test"
-            flt.send(forged, [PROTECTED], message(forged, PROTECTED))
+        _flood(flt, [f"forged{index}@flood.test" for index in range(10)])
         wait_outbound_idle(flt.app)  # the views caught up, as the filter's workers keep them
         flt.app.refresh_full_mailboxes()
         real = "real.person@remote.test"
@@ -199,3 +199,36 @@ def test_a_flood_cannot_lock_a_mailbox_beyond_one_maintenance_pass(tmp_path: Pat
         assert held["forged0@flood.test"] == "expired"
         assert held[real] == "challenged"
         assert next_hop.messages == []
+
+
+# ----------------------------------------------------------------- 7. verdicts and held mail
+
+
+def test_mail_right_after_another_process_authorizes_the_sender_is_delivered(
+    tmp_path: Path,
+) -> None:
+    from sourceauth.adapters.cli import engine_for
+
+    stranger = "alice@remote.test"
+    with filter_with_sinks(tmp_path) as (flt, relay, next_hop):
+        flt.send(stranger, [PROTECTED], message(stranger, PROTECTED, subject="first"))
+        relay.wait_for(1, timeout=20)
+        with engine_for(flt.cfg) as operator:  # what `sourceauth senders allow` does
+            operator.authorize(stranger)
+        flt.send(stranger, [PROTECTED], message(stranger, PROTECTED, subject="second"))
+        # The 250 came after the decision was committed: it is in the log now.
+        second = [m for m in flt.app.quarantine(sender=stranger) if m.subject == "second"]
+        assert second == []  # decided deliver: never in the quarantine
+        next_hop.wait_for(2, timeout=20)
+
+
+def test_exempt_mail_held_from_a_sender_is_released_when_it_is_authorized(tmp_path: Path) -> None:
+    stranger = "news@remote.test"
+    with filter_with_sinks(tmp_path) as (flt, relay, next_hop):
+        bulk = message(stranger, PROTECTED, subject="digest", headers={"Precedence": "bulk"})
+        flt.send(stranger, [PROTECTED], bulk)
+        wait_until(lambda: flt.app.quarantine(sender=stranger), message="the bulk copy held")
+        assert relay.messages == []
+        flt.app.authorize(stranger)
+        delivered = next_hop.wait_for(1, timeout=20)
+        assert b"Subject: digest" in delivered[0].data
