@@ -201,6 +201,20 @@ def test_a_flood_cannot_lock_a_mailbox_beyond_one_maintenance_pass(tmp_path: Pat
         assert next_hop.messages == []
 
 
+# ----------------------------------------------------------------- 6. what a challenge echoes
+
+
+def test_challenge_echoes_no_link_or_address_from_the_original(tmp_path: Path) -> None:
+    stranger = "victim@remote.test"
+    subject = "Your account https://evil.test/x is locked, write to help@evil.test or www.evil.test"
+    with filter_with_sinks(tmp_path) as (flt, relay, _next_hop):
+        flt.send(stranger, [PROTECTED], message(stranger, PROTECTED, subject=subject))
+        challenge = relay.wait_for(1, timeout=20)[0]
+        text = challenge.data.decode("utf-8", "replace")
+        assert "evil" not in text
+        assert "[link removed]" in text
+
+
 # ----------------------------------------------------------------- 7. verdicts and held mail
 
 
