@@ -74,11 +74,19 @@ _REPORT_TYPES = frozenset(
         "message/disposition-notification",
     }
 )
-_AUTOREPLY_HEADERS = ("x-autoreply", "x-autorespond")
-_CLASSIFY_HEADERS = frozenset(
-    {"from", "auto-submitted", "precedence", "content-type", *_LIST_HEADERS}
+# Headers auto-responders set besides RFC 3834's Auto-Submitted (their mere presence counts).
+_AUTOREPLY_HEADERS = (
+    "x-autoreply",
+    "x-autorespond",
+    "x-autoresponder",
+    "x-autoreply-from",
+    "x-mail-autoreply",
 )
-_AUTOMATED_HEADERS = _CLASSIFY_HEADERS | frozenset(_AUTOREPLY_HEADERS)
+_AUTOREPLY_PRECEDENCES = frozenset({"auto_reply", "auto-reply"})
+_CLASSIFY_HEADERS = frozenset(
+    {"from", "auto-submitted", "precedence", "content-type", *_LIST_HEADERS, *_AUTOREPLY_HEADERS}
+)
+_AUTOMATED_HEADERS = _CLASSIFY_HEADERS
 # Header text is hostile: reasons quote at most this much of it, parsers read at most this.
 _SHOWN_CHARS = 100
 _PARSED_CHARS = 16_384
@@ -210,6 +218,9 @@ def _auto_submitted(message: _Message) -> Classification | None:
 
 
 def _autoreply(message: _Message) -> Classification | None:
+    for value in message.fields.get("precedence", ()):
+        if _first_token(value) in _AUTOREPLY_PRECEDENCES:
+            return Classification(Exemption.AUTO_SUBMITTED, f"Precedence: {_shown(value)}")
     for name in _AUTOREPLY_HEADERS:
         for value in message.fields.get(name, ()):
             return Classification(
@@ -258,6 +269,7 @@ _CLASSIFY_TESTS: tuple[_Test, ...] = (
     _null_sender,
     _mailer_daemon,
     _auto_submitted,
+    _autoreply,
     _mailing_list,
     _bulk,
     _dsn,

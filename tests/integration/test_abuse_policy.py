@@ -5,6 +5,7 @@ Each test names the attack; docs/security.md ("Policy and caps") names the mecha
 
 from __future__ import annotations
 
+import smtplib
 from pathlib import Path
 
 from tests.integration.smtp_harness import filter_with_sinks, message, token_of
@@ -246,3 +247,38 @@ def test_exempt_mail_held_from_a_sender_is_released_when_it_is_authorized(tmp_pa
         flt.app.authorize(stranger)
         delivered = next_hop.wait_for(1, timeout=20)
         assert b"Subject: digest" in delivered[0].data
+
+
+# ----------------------------------------------------------------- 12. automated replies, NFC
+
+
+def test_auto_reply_to_a_challenge_never_confirms(tmp_path: Path) -> None:
+    stranger = "away@remote.test"
+    with filter_with_sinks(tmp_path) as (flt, relay, next_hop):
+        flt.send(stranger, [PROTECTED], message(stranger, PROTECTED))
+        confirm = f"confirm+{token_of(relay.wait_for(1, timeout=20)[0])}@example.test"
+        for header in ({"Precedence": "auto_reply"}, {"X-Autoresponder": "vacation"}):
+            raw = message(stranger, confirm, subject="Out of office", headers=header)
+            flt.send(stranger, [confirm], raw)
+        wait_until(
+            lambda: len(flt.app.quarantine(sender=stranger)) == 3, message="both replies recorded"
+        )
+        reasons = sorted(m.reason for m in flt.app.quarantine(sender=stranger))
+        assert [r.split(" (")[0] for r in reasons[1:]] == [
+            "confirm_refused: automated reply never confirms"
+        ] * 2
+        assert flt.app.sender(stranger).state == "challenged"
+        assert next_hop.messages == []
+
+
+def test_nfd_and_nfc_spellings_of_a_sender_are_one_sender(tmp_path: Path) -> None:
+    nfc, nfd = "j\u00f6rg@remote.test", "jo\u0308rg@remote.test"
+    with filter_with_sinks(tmp_path) as (flt, _relay, next_hop):
+        flt.app.authorize(nfc)
+        with smtplib.SMTP("127.0.0.1", flt.port, timeout=30) as client:
+            client.ehlo()
+            assert client.mail(nfd, ["SMTPUTF8"])[0] == 250
+            assert client.rcpt(PROTECTED)[0] == 250
+            assert client.data(message("x@remote.test", PROTECTED, subject="nfd"))[0] == 250
+        delivered = next_hop.wait_for(1, timeout=20)
+        assert b"Subject: nfd" in delivered[0].data

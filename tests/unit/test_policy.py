@@ -163,6 +163,13 @@ def test_other_precedence_values_are_challengeable(value: str) -> None:
     assert exemption_of(HUMAN, ("Precedence", value)) is None
 
 
+@pytest.mark.parametrize(
+    "header", [("Precedence", "auto_reply"), ("X-Autoresponder", "yes"), ("X-Autoreply", "")]
+)
+def test_auto_replies_are_never_challenged(header: tuple[str, str]) -> None:
+    assert exemption_of(HUMAN, header) is Exemption.AUTO_SUBMITTED
+
+
 def test_x_auto_response_suppress_does_not_exempt() -> None:
     # Exchange puts it on ordinary mail from people; exempting would lose them.
     assert exemption_of(HUMAN, ("X-Auto-Response-Suppress", "All")) is None
@@ -309,6 +316,9 @@ def test_unparseable_envelope_sender_is_still_classified_by_headers(mail_from: s
         (HUMAN, [("Auto-Submitted", "auto-replied")], Exemption.AUTO_SUBMITTED),
         (HUMAN, [("X-Autoreply", "yes")], Exemption.AUTO_SUBMITTED),
         (HUMAN, [("x-autorespond", "")], Exemption.AUTO_SUBMITTED),
+        (HUMAN, [("X-Autoresponder", "vacation")], Exemption.AUTO_SUBMITTED),
+        (HUMAN, [("Precedence", "auto_reply")], Exemption.AUTO_SUBMITTED),
+        (HUMAN, [("Precedence", "Auto_Reply (vacation)")], Exemption.AUTO_SUBMITTED),
         (HUMAN, [("Content-Type", "multipart/report; report-type=x")], Exemption.DSN),
         (HUMAN, [("Precedence", "bulk")], Exemption.BULK),
         (HUMAN, [("Precedence", "list")], Exemption.BULK),
