@@ -36,9 +36,10 @@ def _normalize_address(raw: str) -> str:
     """Return raw as "local@domain", lower-cased, with an IDNA (punycode) ASCII domain.
 
     Accepts "<a@b>" or "a@b" with surrounding whitespace. A non-ASCII (SMTPUTF8) local part
-    is kept but lower-cased. Quoted local parts ('"a b"@x'), address literals ("a@[1.2.3.4]")
-    and source routes are rejected. Lengths are counted in UTF-8 octets. Raises AddressError,
-    whose message says why, for anything that is not a usable address, the null sender included.
+    is kept but lower-cased and normalised to NFC. Quoted local parts ('"a b"@x'), address
+    literals ("a@[1.2.3.4]") and source routes are rejected. Lengths are counted in UTF-8
+    octets. Raises AddressError, whose message says why, for anything that is not a usable
+    address, the null sender included.
     """
     if len(raw) > _MAX_RAW_CHARS:
         raise AddressError("address is too long")
@@ -144,7 +145,12 @@ def _check_characters(text: str) -> None:
 def _normalize_local(local: str) -> str:
     if any(char in _LOCAL_SPECIALS for char in local):
         raise AddressError("local part contains quotes or special characters")
-    local = local.lower()
+    if not local.isascii():
+        # One spelling per address (RFC 6532 §3.1: NFC), before and after case folding:
+        # NFC and NFD forms are one sender. The Kelvin sign is canonically K (a singleton).
+        local = unicodedata.normalize("NFC", unicodedata.normalize("NFC", local).lower())
+    else:
+        local = local.lower()
     if _octets(local) > MAX_LOCAL_OCTETS:
         raise AddressError(f"local part is longer than {MAX_LOCAL_OCTETS} octets")
     return local

@@ -106,6 +106,8 @@ class MaintenanceReport:
     deliveries_deferred: int = 0
     deliveries_failed: int = 0
     conflicts: int = 0
+    challenged_later: int = 0  # senders of mail held over a cap, challenged now
+    evicted: int = 0  # held copies expired to bring a full mailbox back under its quota
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))

@@ -36,7 +36,15 @@ from sourceauth.engine.ports import (
     DeliveryTransport,
     ViewStore,
 )
-from sourceauth.engine.service import dispatch, maintenance, operator, queries, receive, replies
+from sourceauth.engine.service import (
+    caps,
+    dispatch,
+    maintenance,
+    operator,
+    queries,
+    receive,
+    replies,
+)
 from sourceauth.engine.service.context import BATCH_LIMIT, Context
 from sourceauth.engine.service.routing import scope_for
 from sourceauth.engine.settings import EngineSettings
@@ -83,6 +91,7 @@ class SourceAuth(Application[UUID]):
         with self._ctx.lock:
             self._ctx.catch_up()
             self.limiter.seed(self.views.recent_challenges(now - 3600.0))
+            caps.seed(self._ctx)
 
     def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
         """eventsourcing's save, without its per-object runtime Protocol checks (they cost

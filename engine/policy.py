@@ -10,9 +10,11 @@ import math
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
+
+from publicsuffixlist import PublicSuffixList
 
 from sourceauth.engine.addresses import (
     AddressError,
@@ -33,9 +35,12 @@ __all__ = [
     "Headers",
     "Limits",
     "check_auth_gate",
+    "check_authorized_sender",
     "classify",
     "is_automated",
     "is_protected",
+    "registered_domain",
+    "spam_flag",
 ]
 
 Headers = Sequence[tuple[str, str]]
@@ -69,11 +74,19 @@ _REPORT_TYPES = frozenset(
         "message/disposition-notification",
     }
 )
-_AUTOREPLY_HEADERS = ("x-autoreply", "x-autorespond")
-_CLASSIFY_HEADERS = frozenset(
-    {"from", "auto-submitted", "precedence", "content-type", *_LIST_HEADERS}
+# Headers auto-responders set besides RFC 3834's Auto-Submitted (their mere presence counts).
+_AUTOREPLY_HEADERS = (
+    "x-autoreply",
+    "x-autorespond",
+    "x-autoresponder",
+    "x-autoreply-from",
+    "x-mail-autoreply",
 )
-_AUTOMATED_HEADERS = _CLASSIFY_HEADERS | frozenset(_AUTOREPLY_HEADERS)
+_AUTOREPLY_PRECEDENCES = frozenset({"auto_reply", "auto-reply"})
+_CLASSIFY_HEADERS = frozenset(
+    {"from", "auto-submitted", "precedence", "content-type", *_LIST_HEADERS, *_AUTOREPLY_HEADERS}
+)
+_AUTOMATED_HEADERS = _CLASSIFY_HEADERS
 # Header text is hostile: reasons quote at most this much of it, parsers read at most this.
 _SHOWN_CHARS = 100
 _PARSED_CHARS = 16_384
@@ -144,6 +157,14 @@ def classify(
     return _spam(message.fields, spam_headers)
 
 
+def spam_flag(
+    headers: Headers, spam_headers: Sequence[tuple[str, str]] = DEFAULT_SPAM_HEADERS
+) -> Classification | None:
+    """The upstream spam flag alone (see classify), for mail that no exemption applies to."""
+    wanted = frozenset(name.strip().lower() for name, _ in spam_headers)
+    return _spam(_index(headers, wanted), spam_headers)
+
+
 def is_automated(mail_from: str, headers: Headers) -> Classification | None:
     """Return why a reply to a confirm address is automated (and must never confirm), or None.
 
@@ -197,6 +218,9 @@ def _auto_submitted(message: _Message) -> Classification | None:
 
 
 def _autoreply(message: _Message) -> Classification | None:
+    for value in message.fields.get("precedence", ()):
+        if _first_token(value) in _AUTOREPLY_PRECEDENCES:
+            return Classification(Exemption.AUTO_SUBMITTED, f"Precedence: {_shown(value)}")
     for name in _AUTOREPLY_HEADERS:
         for value in message.fields.get(name, ()):
             return Classification(
@@ -245,6 +269,7 @@ _CLASSIFY_TESTS: tuple[_Test, ...] = (
     _null_sender,
     _mailer_daemon,
     _auto_submitted,
+    _autoreply,
     _mailing_list,
     _bulk,
     _dsn,
@@ -268,12 +293,15 @@ class AuthGate:
     """Challenge only senders whose domain passed SPF or aligned DKIM at a trusted server.
 
     The MTA that stamps Authentication-Results with a trusted authserv-id must remove any
-    header carrying that id which arrived with the message (RFC 8601 §5).
+    header carrying that id which arrived with the message (RFC 8601 §5). When enabled, mail
+    from an authorized sender whose domain the trusted results show failing is treated with
+    authorized_fail_action (the whitelist is keyed on an unauthenticated envelope sender).
     """
 
     enabled: bool = False
     trusted_authserv_ids: tuple[str, ...] = ()
     require: Literal["spf_or_dkim", "spf", "dkim"] = "spf_or_dkim"
+    authorized_fail_action: ExemptAction = ExemptAction.HOLD
 
 
 @dataclass(frozen=True)
@@ -283,23 +311,25 @@ class _MethodResult:
     properties: dict[str, str]
 
 
-def check_auth_gate(gate: AuthGate, sender_domain: str, headers: Headers) -> tuple[bool, str]:
-    """Return (passed, reason) for sender_domain under gate; never raises on header content.
+# Results that are evidence against the sender domain (RFC 7208 §2.6, RFC 6376 §3.9, RFC 7489).
+_SPF_FAILURES = frozenset({"fail", "softfail"})
+_DKIM_FAILURES = frozenset({"fail"})
 
-    SPF counts when spf=pass and smtp.mailfrom's domain equals sender_domain; DKIM counts when
-    dkim=pass and header.d (else header.i's domain) equals sender_domain or is its parent or
-    child within the same organisational domain (approximated as the last two labels).
-    """
-    if not gate.enabled:
-        return True, "auth gate disabled"
-    domain = _domain(sender_domain)
-    if domain is None:
-        return False, "no sender domain to authenticate"
+
+@dataclass
+class _GateVerdict:
+    passed: str = ""  # the passing result shown, when one counts
+    from_trusted: bool = False
+    failed: bool = False  # a trusted result shows the domain failing SPF, DKIM or DMARC
+    seen: list[str] = field(default_factory=list)
+
+
+def _gate_verdict(gate: AuthGate, domain: str, headers: Headers) -> _GateVerdict:
+    """Read the trusted Authentication-Results about domain (stops at the first pass)."""
+    verdict = _GateVerdict()
     trusted = {authserv_id.strip().lower() for authserv_id in gate.trusted_authserv_ids}
     want_spf = gate.require in ("spf_or_dkim", "spf")
     want_dkim = gate.require in ("spf_or_dkim", "dkim")
-    seen: list[str] = []
-    from_trusted = False
     for name, value in headers:
         # Longer than any real one; never truncated, since a cut value could name another domain.
         if name.strip().lower() != "authentication-results" or len(value) > _PARSED_CHARS:
@@ -307,13 +337,16 @@ def check_auth_gate(gate: AuthGate, sender_domain: str, headers: Headers) -> tup
         authserv_id, results = _parse_authentication_results(value)
         if authserv_id is None or authserv_id not in trusted:
             continue
-        from_trusted = True
+        verdict.from_trusted = True
         for result in results:
             if result.method == "spf":
                 mailfrom = result.properties.get("smtp.mailfrom", "")
                 shown = f"spf={result.result} smtp.mailfrom={mailfrom}"
-                if want_spf and result.result == "pass" and _domain(mailfrom) == domain:
-                    return True, f"{_shown(shown)} by {_shown(authserv_id)}"
+                if _domain(mailfrom) == domain:
+                    if want_spf and result.result == "pass":
+                        verdict.passed = f"{_shown(shown)} by {_shown(authserv_id)}"
+                        return verdict
+                    verdict.failed |= result.result in _SPF_FAILURES
             elif result.method == "dkim":
                 if "header.d" in result.properties:
                     signer = result.properties["header.d"]
@@ -324,16 +357,66 @@ def check_auth_gate(gate: AuthGate, sender_domain: str, headers: Headers) -> tup
                 signing_domain = _domain(signer)
                 aligned = signing_domain is not None and _dkim_aligned(signing_domain, domain)
                 if want_dkim and result.result == "pass" and aligned:
-                    return True, f"{_shown(shown)} by {_shown(authserv_id)}"
+                    verdict.passed = f"{_shown(shown)} by {_shown(authserv_id)}"
+                    return verdict
+                verdict.failed |= aligned and result.result in _DKIM_FAILURES
+            elif result.method == "dmarc":
+                header_from = _domain(result.properties.get("header.from", ""))
+                verdict.failed |= result.result == "fail" and header_from == domain
+                continue
             else:
                 continue
-            seen.append(_shown(shown))
-    if not from_trusted:
+            verdict.seen.append(_shown(shown))
+    return verdict
+
+
+def check_auth_gate(gate: AuthGate, sender_domain: str, headers: Headers) -> tuple[bool, str]:
+    """Return (passed, reason) for sender_domain under gate; never raises on header content.
+
+    SPF counts when spf=pass and smtp.mailfrom's domain equals sender_domain; DKIM counts when
+    dkim=pass and header.d (else header.i's domain) equals sender_domain or is its parent or
+    child within the same registered domain (Public Suffix List).
+    """
+    if not gate.enabled:
+        return True, "auth gate disabled"
+    domain = _domain(sender_domain)
+    if domain is None:
+        return False, "no sender domain to authenticate"
+    verdict = _gate_verdict(gate, domain, headers)
+    if verdict.passed:
+        return True, verdict.passed
+    if not verdict.from_trusted:
         return False, "no Authentication-Results from a trusted authserv-id"
-    wanted = {"spf_or_dkim": "spf=pass or aligned dkim=pass", "spf": "spf=pass"}.get(
+    return False, f"no {_wanted(gate)} for {domain} (seen: {_seen(verdict)})"
+
+
+def check_authorized_sender(gate: AuthGate, sender_domain: str, headers: Headers) -> str | None:
+    """Why mail claiming an authorized sender looks forged, or None (deliver it as usual).
+
+    Forged means: the gate is enabled, a trusted server reports no counted pass for the
+    domain (see check_auth_gate) and at least one failure for it (spf=fail|softfail, an
+    aligned dkim=fail, or dmarc=fail). No results, or only none/neutral/temperror, is no
+    evidence either way: a domain that publishes nothing cannot be checked.
+    """
+    if not gate.enabled:
+        return None
+    domain = _domain(sender_domain)
+    if domain is None:
+        return None
+    verdict = _gate_verdict(gate, domain, headers)
+    if verdict.passed or not verdict.failed:
+        return None
+    return f"no {_wanted(gate)} for {domain} and a failure (seen: {_seen(verdict)})"
+
+
+def _wanted(gate: AuthGate) -> str:
+    return {"spf_or_dkim": "spf=pass or aligned dkim=pass", "spf": "spf=pass"}.get(
         gate.require, "aligned dkim=pass"
     )
-    return False, f"no {wanted} for {domain} (seen: {'; '.join(seen[:4]) or 'nothing'})"
+
+
+def _seen(verdict: _GateVerdict) -> str:
+    return "; ".join(verdict.seen[:4]) or "nothing"
 
 
 def _dkim_aligned(signing_domain: str, sender_domain: str) -> bool:
@@ -347,7 +430,20 @@ def _dkim_aligned(signing_domain: str, sender_domain: str) -> bool:
 
 
 def _organisational(domain: str) -> str:
-    return ".".join(domain.split(".")[-2:])
+    return registered_domain(domain)
+
+
+# The list bundled with the package (a snapshot, updated by upgrading it): never fetched.
+_PSL = PublicSuffixList()
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def registered_domain(domain: str) -> str:
+    """The registered (organisational) domain by the Public Suffix List: "a.b.example.co.uk"
+    -> "example.co.uk". A public suffix itself, or a name under an unknown top-level domain
+    with one label, is its own registered domain."""
+    key = domain.strip().rstrip(".").lower()
+    return _PSL.privatesuffix(key) or key
 
 
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|=|[^\s="]+')
@@ -398,6 +494,8 @@ class Limits:
     challenges_per_domain_per_hour: int = 100
     challenges_per_hour: int = 1000
     max_resends: int = 2
+    # --- abuse resistance (issue 7)
+    challenged_later_per_pass: int = 100  # senders of mail held over a cap, per maintenance pass
 
 
 _BUCKET_SECONDS = 60
@@ -430,15 +528,22 @@ class ChallengeRateLimiter:
         self._total = 0
         self._seeded: list[tuple[int, str]] = []  # (minute, domain) not yet applied
 
-    def check(self, sender_domain: str, now: float) -> str | None:
-        """Return None if a challenge to sender_domain may be sent at now, else the reason."""
+    def check(
+        self, sender_domain: str, now: float, *, pending_total: int = 0, pending_domain: int = 0
+    ) -> str | None:
+        """Return None if a challenge to sender_domain may be sent at now, else the reason.
+
+        Domains count by registered domain (Public Suffix List): random subdomains of one
+        domain share its cap. pending_* are challenges decided but not yet recorded."""
         self._advance(now)
         limits = self._limits
-        if self._total >= limits.challenges_per_hour:
+        if self._total + pending_total >= limits.challenges_per_hour:
             return f"challenges_per_hour limit {limits.challenges_per_hour} reached"
         domain = _domain_key(sender_domain)
         window = self._domains.get(domain)
-        if (window.total if window else 0) >= limits.challenges_per_domain_per_hour:
+        if (
+            window.total if window else 0
+        ) + pending_domain >= limits.challenges_per_domain_per_hour:
             return (
                 f"challenges_per_domain_per_hour limit {limits.challenges_per_domain_per_hour}"
                 f" reached for {_shown(domain)}"
@@ -518,7 +623,7 @@ def _minute_of(now: float) -> int:
 
 
 def _domain_key(domain: str) -> str:
-    return domain.strip().rstrip(".").lower()
+    return registered_domain(domain)
 
 
 # --- header text -------------------------------------------------------------------------

@@ -126,6 +126,16 @@ class ViewStore(Protocol):
 
     def held_of_authorized_senders(self, limit: int) -> list[str]: ...
 
+    def held_evictable(self, recipient: str, limit: int) -> list[str]:
+        """Held copies for `recipient` whose sender is not authorized: those with no
+        challenge out first, then oldest first."""
+        ...
+
+    def held_awaiting_challenge(self, now: float, limit: int) -> list[str]:
+        """Copies held over a cap (reason with a prefix of caps.DEFERRED_PREFIXES), still
+        within their hold lifetime, whose sender may be challenged; oldest first."""
+        ...
+
     def expired_messages(self, limit: int) -> list[str]: ...
 
     def deliveries_due(self, now: float, limit: int) -> list[DeliveryRow]: ...

@@ -43,3 +43,5 @@ class EngineSettings:
     delivery_give_up_after: float = 5 * DAY
     max_recipients: int = 100
     held_per_recipient: int = 100_000
+    # --- abuse resistance (issue 7): see docs/security.md "Policy and caps"
+    authorized_spam: ExemptAction = ExemptAction.DELIVER  # spam-flagged mail from the whitelist

@@ -191,6 +191,8 @@ class LimitsConfig(Section, frozen=True):
     held_per_recipient: PositiveInt = _ENGINE.held_per_recipient
     max_message_size: Size = Size("25MB")
     max_recipients: PositiveInt = _ENGINE.max_recipients
+    # --- abuse resistance (issue 7)
+    challenged_later_per_pass: Count = _LIMITS.challenged_later_per_pass
 
 
 def _exempt(exemption: Exemption) -> ExemptAction:
@@ -208,6 +210,8 @@ class ExemptionsConfig(Section, frozen=True):
     dsn: ExemptAction = _exempt(Exemption.DSN)
     spam: ExemptAction = _exempt(Exemption.SPAM)
     spam_headers: tuple[SpamHeader, ...] = _ENGINE.spam_headers
+    # --- abuse resistance (issue 7)
+    authorized_spam: ExemptAction = _ENGINE.authorized_spam  # spam-flagged, sender authorized
 
 
 class AuthGateConfig(Section, frozen=True):
@@ -216,6 +220,8 @@ class AuthGateConfig(Section, frozen=True):
     enabled: bool = _GATE.enabled
     trusted_authserv_ids: tuple[AuthservId, ...] = _GATE.trusted_authserv_ids
     require: Literal["spf", "dkim", "spf_or_dkim"] = _GATE.require
+    # --- abuse resistance (issue 7): authorized sender, trusted results show its domain failing
+    authorized_fail_action: ExemptAction = _GATE.authorized_fail_action
 
 
 class LoggingConfig(Section, frozen=True):

@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_SUBJECT_TEMPLATE",
     "ChallengeContent",
     "compose_challenge",
+    "defang",
     "normalize_message_id",
     "verp_address",
 ]
@@ -48,7 +49,10 @@ If you did not send that message, someone may have used your address
 Mail Source Authentication
 """
 
-SUBJECT_MAX = 200  # characters kept from the original subject
+# The challenge goes to an address anyone can forge: attacker text it echoes must be short
+# and carry no working link or address (docs/security.md, "Policy and caps").
+SUBJECT_MAX = 60  # characters kept from the original subject, after defanging
+REMOVED = "[link removed]"
 _FIELD_MAX = 320  # characters kept from the other free-text values (date, recipient)
 _ADDRESS_MAX = 512
 _LINE_MAX = 998  # RFC 5322 hard limit, CRLF excluded
@@ -114,8 +118,9 @@ def compose_challenge(
 
     # Inputs are cut before sanitising too (bounded work on huge values); the cut is generous
     # enough that whitespace collapsing cannot make the visible text shorter than the limit.
-    subject = _single_line(content.original_subject[: SUBJECT_MAX * 8])[:SUBJECT_MAX].strip()
-    date = _single_line(content.original_date[: _FIELD_MAX * 8])[:_FIELD_MAX].strip()
+    subject = defang(_single_line(content.original_subject[: SUBJECT_MAX * 8]))
+    subject = subject[:SUBJECT_MAX].strip()
+    date = defang(_single_line(content.original_date[: _FIELD_MAX * 8]))[:_FIELD_MAX].strip()
     recipient = _single_line(content.protected_recipient[: _FIELD_MAX * 8])[:_FIELD_MAX].strip()
     expires = format_datetime(_as_utc(content.expires_at))
     values = {
@@ -156,6 +161,25 @@ def compose_challenge(
     ]
     lines = [_header_line(field, value) for field, value in headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body_bytes
+
+
+# A token that a mail client could turn into a link or an address: a scheme, an @, or a
+# host name (labels and a final alphabetic label), also with IDNA's other full stops.
+_LINKISH_RE = re.compile(
+    r"(?:[a-z][a-z0-9+.-]*://|\b(?:mailto|tel|sms|data|javascript|file|news|https?|ftp):"
+    r"|@|\bwww\.|[\w-]\.[^\W\d_]{2,}\b)",
+    re.IGNORECASE,
+)
+_FULL_STOPS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
+
+
+def defang(text: str) -> str:
+    """Single-line text with every link-like or address-like word replaced by REMOVED."""
+    words = []
+    for word in text.split(" "):
+        folded = unicodedata.normalize("NFKC", word).translate(_FULL_STOPS)
+        words.append(REMOVED if _LINKISH_RE.search(folded) else word)
+    return " ".join(words)
 
 
 def verp_address(base: str, token: str, delimiter: str = "+") -> str:

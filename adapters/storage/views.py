@@ -19,6 +19,7 @@ from sourceauth.adapters.storage.fold import MemoryTables
 from sourceauth.engine import projections as p
 from sourceauth.engine.api import ChallengeRow, DeliveryRow, HeldMessage, SenderView
 from sourceauth.engine.logs import get_logger
+from sourceauth.engine.service.caps import CHALLENGEABLE, CHALLENGED, DEFERRED_PREFIXES, HELD
 
 log = get_logger(__name__)
 
@@ -509,6 +510,30 @@ class SqlViews:
             f"SELECT q.message_id FROM {p.QUARANTINE} q JOIN {p.WHITELIST} w ON q.sender_id = w.sender_id "
             f"WHERE q.state IN {p.sql_in(p.HELD_STATES)} AND w.state = ? LIMIT ?",
             (p.AUTHORIZED_SENDER, limit),
+        )
+        return [str(r[0]) for r in rows]
+
+    def held_evictable(self, recipient: str, limit: int) -> list[str]:
+        # recipients is newline-joined; LIKE may over-match (_ and %), the check below won't.
+        rows = self._rows(
+            f"SELECT q.message_id, q.recipients FROM {p.QUARANTINE} q LEFT JOIN {p.WHITELIST} w "
+            f"ON q.sender_id = w.sender_id WHERE q.state IN {p.sql_in(p.HELD_STATES)} "
+            f"AND (? || q.recipients || ?) LIKE ? "
+            f"AND (w.state IS NULL OR w.state <> ?) "
+            f"ORDER BY CASE WHEN w.state = ? THEN 1 ELSE 0 END, q.received, q.message_id LIMIT ?",
+            ("\n", "\n", f"%\n{recipient}\n%", p.AUTHORIZED_SENDER, CHALLENGED, limit),
+        )
+        return [str(r[0]) for r in rows if recipient in _split(r[1])]
+
+    def held_awaiting_challenge(self, now: float, limit: int) -> list[str]:
+        reasons = " OR ".join("q.reason LIKE ?" for _ in DEFERRED_PREFIXES)
+        rows = self._rows(
+            f"SELECT q.message_id FROM {p.QUARANTINE} q LEFT JOIN {p.WHITELIST} w "
+            f"ON q.sender_id = w.sender_id WHERE q.state = ? AND q.sender_id <> '' "
+            f"AND q.expires > ? AND ({reasons}) "
+            f"AND (w.state IS NULL OR w.state IN {p.sql_in(CHALLENGEABLE)}) "
+            f"ORDER BY q.received, q.message_id LIMIT ?",
+            (HELD, now, *(f"{prefix}%" for prefix in DEFERRED_PREFIXES), limit),
         )
         return [str(r[0]) for r in rows]
 

@@ -57,6 +57,9 @@ class Unit:
     messages: list[Message | Message.Arrived] = field(default_factory=list)  # in decision order
     absent: set[UUID] = field(default_factory=set)  # senders known not to exist (no read needed)
     logs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    # Challenges this unit queued, counted against the caps once it commits (a retried unit
+    # counts once): (registered domain, sender mailbox, sender id, challenge id).
+    challenges: list[tuple[str, str, UUID, str]] = field(default_factory=list)
 
     def aggregates(self) -> list[Any]:
         return [*self.senders.values(), *self.messages]
@@ -91,6 +94,9 @@ class Context:
         self.clock = clock
         self.lock = threading.RLock()
         self.limiter = ChallengeRateLimiter(settings.limits)
+        # Sender mailbox (extension removed) -> (sender id, challenge id) of the challenge it
+        # was last sent: at most one pending challenge per mailbox, whatever the extension.
+        self.pending_mailboxes: dict[str, tuple[UUID, str]] = {}
         self.full_mailboxes: set[str] = set()
         self.in_flight: set[str] = set()  # challenge and message ids a dispatcher is sending
         self._senders: OrderedDict[UUID, Sender] = OrderedDict()
@@ -144,10 +150,17 @@ class Context:
             now = time.monotonic()
             if now - self._checked.get(sender_id, 0.0) > SENDER_CACHE_TTL:
                 # Another process or node may have moved this sender on: bounded staleness.
-                for event in self.app.events.get(sender_id, gt=cached.version):
-                    event.mutate(cached)  # type: ignore[attr-defined]
-                self._checked[sender_id] = now
+                self.refresh_sender(cached)
         return cached
+
+    def refresh_sender(self, sender: Sender) -> None:
+        """Apply events another process or node recorded since `sender` was read (a sender
+        with changes of this unit not yet saved is left as it is)."""
+        if sender.pending_events:
+            return
+        for event in self.app.events.get(sender.id, gt=sender.version):
+            event.mutate(sender)  # type: ignore[attr-defined]
+        self._checked[sender.id] = time.monotonic()
 
     def load_message(self, message_id: UUID) -> Message | None:
         try:
@@ -210,6 +223,10 @@ class Context:
             raise
         for sender in unit.senders.values():
             self._remember(sender)
+        now = self.clock()
+        for domain, mailbox, sender_id, challenge_id in unit.challenges:
+            self.limiter.record(domain, now)
+            self.pending_mailboxes[mailbox] = (sender_id, challenge_id)
 
     def run(self, what: str, work: Callable[[Unit], T], **save_kwargs: Any) -> T:
         """One unit of work under the lock: decide on fresh state, save everything it touched

@@ -18,13 +18,14 @@ from sourceauth.engine.errors import (
 )
 from sourceauth.engine.logs import get_logger
 from sourceauth.engine.message import HELD_STATES
-from sourceauth.engine.service import dispatch, replies
+from sourceauth.engine.service import caps, dispatch, replies
 from sourceauth.engine.service.context import BATCH_LIMIT, ENGINE, Context, Unit, ts
 from sourceauth.engine.service.routing import AUTHORIZED
 from sourceauth.engine.statemachine import MESSAGE
 
 log = get_logger(__name__)
 T = TypeVar("T")
+QUARANTINE_FULL_EVICTED = "quarantine_full_evicted"
 
 
 def maintain(ctx: Context, *, dispatch_now: bool = True) -> MaintenanceReport:
@@ -50,6 +51,15 @@ def maintain(ctx: Context, *, dispatch_now: bool = True) -> MaintenanceReport:
         report.released += each(functools.partial(_sweep_release, ctx, mid, now))
     for mid in _drain(ctx, lambda: views.expired_messages(BATCH_LIMIT)):
         report.purged += each(functools.partial(_purge, ctx, mid, now))
+    # A full quarantine answers 452: make room, so a flood cannot outlast the MTA's retries.
+    for mid in _evictable(ctx):
+        report.evicted += each(functools.partial(_evict, ctx, mid, now))
+    # Mail held over a cap, oldest first: one page a pass, while the caps allow.
+    with ctx.lock:
+        ctx.catch_up()
+        deferred = views.held_awaiting_challenge(now, ctx.settings.limits.challenged_later_per_pass)
+    for mid in deferred:
+        report.challenged_later += each(functools.partial(caps.challenge_later, ctx, mid, now))
     with ctx.lock:
         ctx.catch_up()
     if dispatch_now:
@@ -118,6 +128,32 @@ def _expire(ctx: Context, mid: str, now: float, unit: Unit) -> bool:
         return False
     unit.messages.append(msg)
     unit.note("message_expired", message_id=mid, reason="hold_lifetime_passed")
+    return True
+
+
+def _evictable(ctx: Context) -> list[str]:
+    """Held copies to expire so that every full mailbox gets back under its quota with a
+    tenth of it free: oldest first among senders with no challenge out, then the others;
+    never mail of an authorized sender."""
+    cap = ctx.settings.held_per_recipient
+    with ctx.lock:
+        ctx.catch_up()
+        full = sorted(ctx.views.recipients_holding(cap))[:BATCH_LIMIT]
+        chosen: dict[str, None] = {}
+        for rcpt in full:
+            excess = ctx.views.held_count(rcpt) - (cap - max(1, cap // 10))
+            if excess > 0:
+                chosen.update(dict.fromkeys(ctx.views.held_evictable(rcpt, excess)))
+    return list(chosen)
+
+
+def _evict(ctx: Context, mid: str, now: float, unit: Unit) -> bool:
+    msg = ctx.load_message(UUID(mid))
+    if msg is None or msg.state not in HELD_STATES:
+        return False
+    msg.expire(timestamp=ts(now), actor=ENGINE, reason=QUARANTINE_FULL_EVICTED)
+    unit.messages.append(msg)
+    unit.note("message_expired", message_id=mid, reason=QUARANTINE_FULL_EVICTED)
     return True
 
 

@@ -8,17 +8,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
-from sourceauth.engine import tokens
 from sourceauth.engine.addresses import AddressError, is_null_sender, normalize_address
 from sourceauth.engine.api import Decision, Headers, Incoming, Receipt, RecipientDecision
 from sourceauth.engine.errors import InvalidInput
 from sourceauth.engine.logs import get_logger
 from sourceauth.engine.message import Message
 from sourceauth.engine.policy import check_auth_gate
-from sourceauth.engine.sender import ChallengeDetails, Sender
-from sourceauth.engine.service import replies
+from sourceauth.engine.service import caps, replies
 from sourceauth.engine.service.context import ENGINE, Context, Unit, ts
 from sourceauth.engine.service.routing import (
+    AUTHORIZED,
     AwaitSender,
     ChallengeReply,
     ChallengeReport,
@@ -41,6 +40,7 @@ class Hold:
     reason: str
     expires_at: float
     new_challenge: str = ""  # the id of a challenge this unit queued
+    resent: bool = False  # the sender's pending challenge goes out again
 
 
 def receive_many(
@@ -113,13 +113,20 @@ def _header(headers: Headers, name: str) -> str:
 def decide(ctx: Context, unit: Unit, incoming: Incoming, p: Plan) -> Receipt:
     now = ctx.clock()
     deliver_now: list[tuple[str, str]] = []
-    settled: dict[tuple[type[Message.Arrived], Decision, str], list[str]] = {}
+    # (kind, decision, reason, linked scope or "") -> recipients
+    settled: dict[tuple[type[Message.Arrived], Decision, str, str], list[str]] = {}
     awaiting: dict[str, list[str]] = {}  # scope -> recipients
     for rcpt, answer in p.answers:
-        settled.setdefault(_answer(ctx, unit, p.sender, incoming, answer, now), []).append(rcpt)
+        settled.setdefault((*_answer(ctx, unit, p.sender, incoming, answer, now), ""), []).append(
+            rcpt
+        )
     states: dict[str, str] = {}
     for scope in p.scopes:
         found = ctx.load_sender(unit, ctx.sender_id(p.sender, scope))
+        if found is not None and found.state != AUTHORIZED:
+            # Mail right after an operator's verdict in another process must see it: only
+            # a sender about to be held pays for the read (authorized is the hot path).
+            ctx.refresh_sender(found)
         states[scope] = SENDER.initial if found is None else found.state
     for rcpt, r in route(p, incoming, ctx.settings, states):
         if isinstance(r, DeliverNow):
@@ -127,9 +134,10 @@ def decide(ctx: Context, unit: Unit, incoming: Incoming, p: Plan) -> Receipt:
         elif isinstance(r, AwaitSender):
             awaiting.setdefault(r.scope, []).append(rcpt)
         elif isinstance(r, HoldSilently):
-            settled.setdefault((Message.Held, Decision.HOLD, r.reason), []).append(rcpt)
+            key = (Message.Held, Decision.HOLD, r.reason, r.scope or "")
+            settled.setdefault(key, []).append(rcpt)
         else:
-            settled.setdefault((Message.Discarded, Decision.DISCARD, r.reason), []).append(rcpt)
+            settled.setdefault((Message.Discarded, Decision.DISCARD, r.reason, ""), []).append(rcpt)
 
     decisions: list[RecipientDecision] = []
     challenges: list[str] = []
@@ -164,19 +172,23 @@ def decide(ctx: Context, unit: Unit, incoming: Incoming, p: Plan) -> Receipt:
         mid = record(Message.Accepted, [r for r, _ in deliver_now], reasons, "", 0.0)
         decisions += [RecipientDecision(r, Decision.DELIVER, why, mid) for r, why in deliver_now]
     # Held copies before dropped ones (stable: each kind in routing order).
-    for (kind, decision, reason), rcpts in (
+    for (kind, decision, reason, scope), rcpts in (
         sorted(settled.items(), key=lambda item: item[0][0] is not Message.Held)
         if len(settled) > 1
         else settled.items()
     ):
         expires = now + ctx.settings.hold_lifetime if kind is Message.Held else 0.0
-        mid = record(kind, rcpts, reason, "", expires)
+        # An exempt copy is linked to its sender: authorizing the sender releases it.
+        linked = ctx.sender_id(p.sender, scope).hex if scope else ""
+        mid = record(kind, rcpts, reason, linked, expires)
         decisions += [RecipientDecision(r, decision, reason, mid) for r in rcpts]
+    may_challenge = True  # one message never causes more than one challenge
     for scope, rcpts in awaiting.items():
         sid = ctx.sender_id(p.sender, scope)
-        hold = _hold_for(ctx, unit, sid, scope, p.sender, rcpts, incoming, now)
+        hold = _hold_for(ctx, unit, sid, scope, p.sender, rcpts, incoming, now, may_challenge)
         if hold.new_challenge:
             challenges.append(hold.new_challenge)
+        may_challenge = may_challenge and not (hold.new_challenge or hold.resent)
         kind = Message.Challenged if hold.challenged else Message.Held
         mid = record(kind, rcpts, hold.reason, sid.hex, hold.expires_at)
         decision = Decision.CHALLENGE if hold.challenged else Decision.HOLD
@@ -212,52 +224,45 @@ def _hold_for(
     rcpts: list[str],
     incoming: Incoming,
     now: float,
+    may_challenge: bool,
 ) -> Hold:
-    """Hold mail from a sender not yet authorized; challenge it at most once."""
+    """Hold mail from a sender not yet authorized; challenge it at most once, and only if
+    this message has not caused a challenge already (`may_challenge`) and no cap stands in
+    the way (engine/service/caps.py); mail held over a cap is challenged later."""
     s = ctx.settings
     current = ctx.load_sender(unit, sid)
     hold_deadline = now + s.hold_lifetime
     if current is not None and current.challenge_pending:
         unit.senders[sid] = current
         deadline = max(current.expires_at, hold_deadline)
-        if current.may_resend(now, s.resend_after, s.limits.max_resends):
+        if may_challenge and current.may_resend(now, s.resend_after, s.limits.max_resends):
             current.resend_challenge(
                 timestamp=ts(now), actor=ENGINE, reason="new_message_after_resend_interval"
             )
-            return Hold(True, "challenge_resent", deadline)
+            return Hold(True, "challenge_resent", deadline, resent=True)
         return Hold(True, "challenge_pending", deadline)
     domain = sender.rsplit("@", 1)[1]
     gate_ok, gate_reason = check_auth_gate(s.auth_gate, domain, incoming.headers)
     if not gate_ok:
         return Hold(False, f"auth_gate: {gate_reason}", hold_deadline)
-    limited = ctx.limiter.check(domain, now)
-    if limited is not None:
-        return Hold(False, f"rate_limited: {limited}", hold_deadline)
-    expires = float(int(now + s.challenge_lifetime) // 60 * 60)
-    details = ChallengeDetails(
-        actor=ENGINE,
-        challenge_id=tokens.new_challenge_id().hex(),
-        kid=ctx.keyring.active_kid,
-        expires_at=expires,
-        subject=_header(incoming.headers, "Subject")[:300],
-        in_reply_to=_header(incoming.headers, "Message-ID")[:300],
+    if not may_challenge:
+        return Hold(False, caps.ONE_PER_MESSAGE, hold_deadline)
+    waits = caps.over_cap(ctx, unit, sender, sid, now)
+    if waits is not None:
+        return Hold(False, waits, hold_deadline)
+    details = caps.queue_challenge(
+        ctx,
+        unit,
+        sender_id=sid,
+        scope=scope,
+        sender=sender,
+        current=current,
+        subject=_header(incoming.headers, "Subject"),
+        in_reply_to=_header(incoming.headers, "Message-ID"),
         recipient=rcpts[0],
+        now=now,
+        reason="",
     )
-    if current is None:
-        current = Sender.first_challenge(
-            sid,
-            address=sender,
-            scope=scope,
-            timestamp=ts(now),
-            reason="first_message_from_unknown_sender",
-            challenge=details,
-        )
-    else:
-        current.challenge(
-            timestamp=ts(now),
-            reason=f"new_message_from_{current.state}_sender",
-            challenge=details,
-        )
-    unit.senders[sid] = current
-    ctx.limiter.record(domain, now)
-    return Hold(True, "challenge_queued", max(expires, hold_deadline), details.challenge_id)
+    return Hold(
+        True, "challenge_queued", max(details.expires_at, hold_deadline), details.challenge_id
+    )

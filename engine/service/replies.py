@@ -14,7 +14,9 @@ from sourceauth.engine.errors import ChallengeNotPending
 from sourceauth.engine.message import EXPIRED, HELD_STATES
 from sourceauth.engine.policy import is_automated
 from sourceauth.engine.sender import Sender
+from sourceauth.engine.service.caps import CHALLENGEABLE, DEFERRED_PREFIXES, HELD
 from sourceauth.engine.service.context import ENGINE, Context, Unit, ts
+from sourceauth.engine.service.routing import scope_for
 from sourceauth.engine.statemachine import SENDER
 
 
@@ -107,6 +109,8 @@ def confirm_in(
         return ConfirmResult(False, str(exc), row.address)
     unit.senders[sender.id] = sender
     released = release_held(ctx, unit, sender, f"sender_confirmed:{row.address}", now)
+    if ctx.settings.scope != "global":
+        released += authorize_waiting_scopes(ctx, unit, sender, now)
     unit.note("sender_confirmed", sender=row.address, scope=row.scope, released=released)
     return ConfirmResult(True, "sender confirmed", row.address, released)
 
@@ -175,3 +179,42 @@ def expire_held(ctx: Context, unit: Unit, sender: Sender, reason: str, now: floa
         msg.expire(timestamp=ts(now), actor=ENGINE, reason=reason)
         count += 1
     return count
+
+
+def authorize_waiting_scopes(ctx: Context, unit: Unit, confirmed: Sender, now: float) -> int:
+    """With one whitelist per mailbox, a message to several mailboxes draws one challenge
+    (engine/service/caps.py); its confirmation authorizes the sender for every mailbox whose
+    copy waits on a cap. Returns how many copies that released."""
+    ctx.catch_up()
+    waiting = {
+        m.sender_id: m.recipients[0]
+        for m in ctx.views.quarantine(sender=confirmed.address, state=HELD)
+        if m.sender_id
+        and m.sender_id != confirmed.id.hex
+        and m.reason.startswith(DEFERRED_PREFIXES)
+    }
+    reason = f"confirmed_in_scope:{confirmed.scope}"
+    released = 0
+    for sid_hex, recipient in waiting.items():
+        scope = scope_for(recipient, ctx.settings)
+        sid = ctx.sender_id(confirmed.address, scope)
+        if sid.hex != sid_hex:
+            continue
+        sender = ctx.load_sender(unit, sid)
+        if sender is None:
+            sender = Sender.first_verdict(
+                sid,
+                trigger="authorize",
+                address=confirmed.address,
+                scope=scope,
+                timestamp=ts(now),
+                actor=confirmed.address,
+                reason=reason,
+            )
+        elif sender.state in CHALLENGEABLE or sender.challenge_pending:
+            sender.authorize(timestamp=ts(now), actor=confirmed.address, reason=reason)
+        else:
+            continue  # authorized already, or blocked: the mailbox's own verdict stands
+        unit.senders[sid] = sender
+        released += release_held(ctx, unit, sender, f"sender_confirmed:{confirmed.address}", now)
+    return released

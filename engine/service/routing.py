@@ -9,9 +9,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from sourceauth.engine.addresses import is_null_sender, normalize_address, split_extension
+from sourceauth.engine.addresses import (
+    domain_of,
+    is_null_sender,
+    normalize_address,
+    split_extension,
+)
 from sourceauth.engine.api import Headers, Incoming
-from sourceauth.engine.policy import ExemptAction, classify, is_protected
+from sourceauth.engine.policy import (
+    ExemptAction,
+    check_authorized_sender,
+    classify,
+    is_protected,
+    spam_flag,
+)
 from sourceauth.engine.settings import EngineSettings
 from sourceauth.engine.statemachine import SENDER
 
@@ -35,9 +46,11 @@ class Discard:
 
 @dataclass(frozen=True, slots=True)
 class HoldSilently:
-    """Held with no sender to wait on (a never-challenge class whose action is hold)."""
+    """Held without a challenge (a never-challenge class whose action is hold). With a scope,
+    the copy is linked to that scope's sender, so authorizing the sender releases it."""
 
     reason: str
+    scope: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +158,7 @@ def route(
     routes: list[tuple[str, Route]] = []
     exempt: Route | None = None
     exemption_checked = False
+    authorized: Route | None = None
     for t in plan.targets:
         if t.answer is not None:
             continue
@@ -157,17 +171,46 @@ def route(
                 routes.append((t.recipient, SENDER_BLOCKED))
                 continue
             if state == AUTHORIZED:
-                routes.append((t.recipient, SENDER_AUTHORIZED))
+                if authorized is None:
+                    authorized = _authorized(plan.sender, incoming.headers, s)
+                routes.append((t.recipient, authorized))
                 continue
         if not exemption_checked:  # only for mail that would otherwise be challenged
             exempt = _exemption(incoming.mail_from, incoming.headers, s)
             exemption_checked = True
+        if isinstance(exempt, HoldSilently) and t.scope is not None:
+            routes.append((t.recipient, HoldSilently(exempt.reason, t.scope)))
+            continue
         if exempt is not None:
             routes.append((t.recipient, exempt))
             continue
         assert t.scope is not None  # only the null sender has no scope, and it is exempt
         routes.append((t.recipient, AwaitSender(t.scope)))
     return routes
+
+
+def _authorized(sender: str, headers: Headers, s: EngineSettings) -> Route:
+    """An authorized sender's mail, re-checked: the whitelist is keyed on the envelope sender,
+    which anyone can forge. Held copies are not linked to the sender (its authorization
+    would release them at once); an operator releases them."""
+    gate = s.auth_gate
+    if gate.enabled:
+        forged = check_authorized_sender(gate, domain_of(sender), headers)
+        if forged is not None:
+            return _act(gate.authorized_fail_action, f"authorized_sender_auth_failed: {forged}")
+    if s.authorized_spam != ExemptAction.DELIVER:
+        flagged = spam_flag(headers, s.spam_headers)
+        if flagged is not None:
+            return _act(s.authorized_spam, f"authorized_sender_spam: {flagged.detail}")
+    return SENDER_AUTHORIZED
+
+
+def _act(action: ExemptAction, reason: str) -> Route:
+    if action == ExemptAction.DELIVER:
+        return DeliverNow(f"sender_authorized; {reason}")
+    if action == ExemptAction.DISCARD:
+        return Discard(reason)
+    return HoldSilently(reason)
 
 
 def _exemption(mail_from: str, headers: Headers, s: EngineSettings) -> Route | None:

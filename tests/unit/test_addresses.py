@@ -31,6 +31,8 @@ from sourceauth.engine.addresses import (
         ("user@Bücher.DE", "user@xn--bcher-kva.de"),
         ("user@xn--bcher-kva.de", "user@xn--bcher-kva.de"),
         ("Jörg@example.test", "jörg@example.test"),
+        ("Jo\u0308rg@example.test", "jörg@example.test"),  # NFD: the same sender as NFC
+        ("\u212aelly@example.test", "kelly@example.test"),  # Kelvin sign: canonically K
         ("用户@例子.测试", "用户@xn--fsqu00a.xn--0zwm56d"),
         ("a@\uff25\uff38\uff21\uff2d\uff30\uff2c\uff25.test", "a@example.test"),  # fullwidth
     ],

@@ -24,8 +24,11 @@ from hypothesis import strategies as st
 from sourceauth.adapters.smtp.challenge import (
     DEFAULT_BODY_TEMPLATE,
     DEFAULT_SUBJECT_TEMPLATE,
+    REMOVED,
+    SUBJECT_MAX,
     ChallengeContent,
     compose_challenge,
+    defang,
     normalize_message_id,
     verp_address,
 )
@@ -210,12 +213,42 @@ def test_ascii_subject_that_looks_encoded_is_encoded_so_it_reads_literally() -> 
     assert decoded(msg["Subject"]) == "Please confirm your message: =?utf-8?q?fake?= word"
 
 
-def test_long_subject_is_truncated_to_200_characters_and_folded() -> None:
-    original = "ä" * 150 + "b" * 150
+def test_long_subject_is_truncated_to_60_characters_and_folded() -> None:
+    original = "ä" * 50 + "b" * 150
     raw = compose(content(original_subject=original))
     assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
     subject = decoded(parse(raw)["Subject"])
-    assert subject == "Please confirm your message: " + "ä" * 150 + "b" * 50
+    assert SUBJECT_MAX == 60
+    assert subject == "Please confirm your message: " + "ä" * 50 + "b" * 10
+
+
+@pytest.mark.parametrize(
+    "word",
+    [
+        "https://evil.test/login",
+        "hxxp://x",
+        "www.evil.test",
+        "evil.test",
+        "EVIL.COM/pay",
+        "victim@bank.test",
+        "mailto:x",
+        "javascript:alert(1)",
+        "evil\uff0etest",
+        "evil\u3002test",
+        "\uff45\uff56\uff49\uff4c\uff0e\uff43\uff4f\uff4d",  # fullwidth evil.com
+        "пример.рф",
+    ],
+)
+def test_links_and_addresses_in_the_subject_are_removed(word: str) -> None:
+    raw = compose(content(original_subject=f"Re: invoice {word} now"), body_template="$subject")
+    msg = parse(raw)
+    assert decoded(msg["Subject"]) == f"Please confirm your message: Re: invoice {REMOVED} now"
+    assert body_text(msg).strip() == f"Re: invoice {REMOVED} now"
+
+
+@pytest.mark.parametrize("text", ["Re: lunch at 12:30?", "v1.2 e.g. U.S.A. notes", "Fwd: 50%"])
+def test_ordinary_subject_words_are_kept(text: str) -> None:
+    assert defang(text) == text
 
 
 def test_empty_subject_reads_no_subject() -> None:
@@ -225,7 +258,7 @@ def test_empty_subject_reads_no_subject() -> None:
 
 def test_control_characters_in_subject_are_removed() -> None:
     msg = parse(compose(content(original_subject="a\r\nBcc: x@y\x00\x1b[31m\tb\u2028c")))
-    assert decoded(msg["Subject"]) == "Please confirm your message: a Bcc: x@y [31m b c"
+    assert decoded(msg["Subject"]) == f"Please confirm your message: a Bcc: {REMOVED} [31m b c"
     assert msg["Bcc"] is None
 
 
@@ -243,7 +276,7 @@ def test_huge_inputs_are_cut_not_choked_on() -> None:
             display_name=huge,
         )
     )
-    assert decoded(msg["Subject"]) == "Please confirm your message: " + " ".join(["x"] * 100)
+    assert decoded(msg["Subject"]) == "Please confirm your message: " + " ".join(["x"] * 30)
     assert msg.keys() == BASE_HEADERS
     with pytest.raises(ValueError, match="to"):
         compose(content(to=huge + "@x.test"))
@@ -475,5 +508,5 @@ def test_any_subject_round_trips_after_sanitising(subject: str) -> None:
         " " if ch.isspace() or unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") else ch
         for ch in subject
     )
-    expected = " ".join(kept.split())[:200].strip()
+    expected = defang(" ".join(kept.split()))[:SUBJECT_MAX].strip()
     assert decoded(msg["Subject"]) == (expected or "(no subject)")

@@ -17,6 +17,7 @@ from sourceauth.engine.policy import (
     Headers,
     Limits,
     check_auth_gate,
+    check_authorized_sender,
     classify,
     is_automated,
     is_protected,
@@ -160,6 +161,13 @@ def test_precedence_junk_is_never_challenged() -> None:
 @pytest.mark.parametrize("value", ["first-class", "normal", "bulky", "special-delivery"])
 def test_other_precedence_values_are_challengeable(value: str) -> None:
     assert exemption_of(HUMAN, ("Precedence", value)) is None
+
+
+@pytest.mark.parametrize(
+    "header", [("Precedence", "auto_reply"), ("X-Autoresponder", "yes"), ("X-Autoreply", "")]
+)
+def test_auto_replies_are_never_challenged(header: tuple[str, str]) -> None:
+    assert exemption_of(HUMAN, header) is Exemption.AUTO_SUBMITTED
 
 
 def test_x_auto_response_suppress_does_not_exempt() -> None:
@@ -308,6 +316,9 @@ def test_unparseable_envelope_sender_is_still_classified_by_headers(mail_from: s
         (HUMAN, [("Auto-Submitted", "auto-replied")], Exemption.AUTO_SUBMITTED),
         (HUMAN, [("X-Autoreply", "yes")], Exemption.AUTO_SUBMITTED),
         (HUMAN, [("x-autorespond", "")], Exemption.AUTO_SUBMITTED),
+        (HUMAN, [("X-Autoresponder", "vacation")], Exemption.AUTO_SUBMITTED),
+        (HUMAN, [("Precedence", "auto_reply")], Exemption.AUTO_SUBMITTED),
+        (HUMAN, [("Precedence", "Auto_Reply (vacation)")], Exemption.AUTO_SUBMITTED),
         (HUMAN, [("Content-Type", "multipart/report; report-type=x")], Exemption.DSN),
         (HUMAN, [("Precedence", "bulk")], Exemption.BULK),
         (HUMAN, [("Precedence", "list")], Exemption.BULK),
@@ -377,6 +388,48 @@ def gate_says(value: str | list[str], domain: str = "example.org", gate: AuthGat
     values = [value] if isinstance(value, str) else value
     passed, _ = check_auth_gate(gate, domain, [("Authentication-Results", v) for v in values])
     return passed
+
+
+def forged(value: str, domain: str = "example.org", gate: AuthGate = GATE) -> str | None:
+    return check_authorized_sender(gate, domain, [("Authentication-Results", value)])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "mx.trusted.test; spf=fail smtp.mailfrom=example.org; dkim=fail header.d=example.org",
+        "mx.trusted.test; spf=softfail smtp.mailfrom=example.org",
+        "mx.trusted.test; dkim=fail header.d=example.org",
+        "mx.trusted.test; dmarc=fail header.from=example.org",
+    ],
+)
+def test_authorized_sender_whose_domain_fails_at_a_trusted_server_looks_forged(
+    value: str,
+) -> None:
+    reason = forged(value)
+    assert reason is not None
+    assert reason.startswith("no spf=pass or aligned dkim=pass for example.org and a failure")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "mx.trusted.test; spf=fail smtp.mailfrom=example.org; dkim=pass header.d=example.org",
+        "mx.trusted.test; spf=pass smtp.mailfrom=example.org; dkim=fail header.d=example.org",
+        "mx.trusted.test; spf=none smtp.mailfrom=example.org; dkim=none",
+        "mx.trusted.test; spf=neutral smtp.mailfrom=example.org",
+        "mx.trusted.test; spf=fail smtp.mailfrom=example.net",
+        "mx.trusted.test; dkim=fail header.d=unrelated.test",
+        "mx.forger.test; spf=fail smtp.mailfrom=example.org",
+    ],
+)
+def test_authorized_sender_without_evidence_of_forgery_is_not_suspect(value: str) -> None:
+    assert forged(value) is None
+
+
+def test_authorized_sender_is_never_suspect_with_the_gate_off() -> None:
+    value = "mx.trusted.test; spf=fail smtp.mailfrom=example.org"
+    assert forged(value, gate=AuthGate(trusted_authserv_ids=("mx.trusted.test",))) is None
 
 
 def test_gate_is_off_by_default_and_then_passes_everything() -> None:
