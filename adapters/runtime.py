@@ -27,6 +27,7 @@ from sourceauth.adapters.config import (
 from sourceauth.adapters.smtp.challenge import DEFAULT_BODY_TEMPLATE, DEFAULT_SUBJECT_TEMPLATE
 from sourceauth.adapters.smtp.inbound import FilterHandler, GroupCommitter, inbound_server_factory
 from sourceauth.adapters.smtp.outbound import ChallengeSender, NextHopDelivery
+from sourceauth.adapters.status import run_maintenance
 from sourceauth.adapters.storage.blobs import FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
 from sourceauth.adapters.storage.wiring import Storage, open_blobs, open_engine
@@ -155,7 +156,9 @@ class Workers:
         self.challenges = Worker("challenges", app.dispatch_challenges, 1.0, min_gap=0.05)
         self.deliveries = Worker("deliveries", app.dispatch_deliveries, 1.0, min_gap=0.05)
         self.maintenance = Worker(
-            "maintenance", lambda: app.maintain(dispatch=False), cfg.maintenance.interval
+            "maintenance",
+            lambda: run_maintenance(app, cfg, dispatch=False),
+            cfg.maintenance.interval,
         )
         self.all = (self.challenges, self.deliveries, self.maintenance)
 
