@@ -219,10 +219,19 @@ class AuthGateConfig(Section, frozen=True):
 
 
 class LoggingConfig(Section, frozen=True):
-    """[logging]: structlog output format and level (every command, not only serve)."""
+    """[logging]: structlog output format and level (every command, not only serve), and the
+    file `serve` writes to (reopened on SIGHUP, for logrotate)."""
 
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    file: Path | None = None  # None: stderr
+
+
+class MetricsConfig(Section, frozen=True):
+    """[metrics]: the Prometheus endpoint of `serve` (/metrics), off unless listen is set."""
+
+    listen: Listen | None = None  # None: no endpoint
+
 
 
 class MaintenanceConfig(Section, frozen=True):
@@ -251,6 +260,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     auth_gate: AuthGateConfig = _section(AuthGateConfig)
     logging: LoggingConfig = _section(LoggingConfig)
     maintenance: MaintenanceConfig = _section(MaintenanceConfig)
+    metrics: MetricsConfig = _section(MetricsConfig)
     file: Path | None = None  # not a file key: the file this was loaded from
 
     def __post_init__(self) -> None:
@@ -288,4 +298,4 @@ SECTIONS: dict[str, type[Section]] = {
     field.name: field.type for field in msgspec.structs.fields(Config) if field.name != "file"
 }
 # Fields an operator cannot set in the file.
-NOT_FILE_KEYS = frozenset({"pg_password", "file"})
+NOT_FILE_KEYS = frozenset({"pg_password"})
