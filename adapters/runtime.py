@@ -26,6 +26,7 @@ from sourceauth.adapters.config import (
     engine_settings,
     load_or_create_keyring,
 )
+from sourceauth.adapters.smtp import xforward
 from sourceauth.adapters.smtp.challenge import DEFAULT_BODY_TEMPLATE, DEFAULT_SUBJECT_TEMPLATE
 from sourceauth.adapters.smtp.inbound import FilterHandler, GroupCommitter, inbound_server_factory
 from sourceauth.adapters.smtp.outbound import ChallengeSender, NextHopDelivery
@@ -272,17 +273,25 @@ def run_worker_process(
 
 
 class ServedHandler(FilterHandler):
-    """The inbound handler as `serve` runs it: each DATA reply timed for [metrics] (from the
-    end of DATA to the reply, which for a 250 includes the wait for its group commit)."""
+    """The inbound handler as `serve` runs it: XFORWARD advertised to trusted MTAs, and each
+    DATA reply timed for [metrics] (from the end of DATA to the reply, which for a 250
+    includes the wait for its group commit)."""
 
     def __init__(
         self,
         *args: Any,
+        trusted: tuple[xforward.Network, ...] = (),
         on_reply: Callable[[float], None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.trusted = trusted
         self.on_reply = on_reply
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        return xforward.ehlo(session, hostname, responses, self.trusted)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if self.on_reply is None:
@@ -339,8 +348,10 @@ class Filter:
             wait_ms=cfg.storage.group_commit_wait_ms,
             on_commit=self._committed,
         )
+        self.trusted = xforward.networks(cfg.xforward.networks)
         self.handler = ServedHandler(
             self.committer,
+            trusted=self.trusted,
             on_reply=self.metrics.replied if self.metrics is not None else None,
             max_recipients=cfg.limits.max_recipients,
             bounce_address=cfg.challenge.bounce_address,
@@ -376,7 +387,7 @@ class Filter:
             max_size=self.cfg.limits.max_message_size,
         )
         self.server = await loop.create_server(
-            smtp,
+            lambda: xforward.enable(smtp(), self.trusted),
             host=self.cfg.server.listen_host,
             port=self.cfg.server.listen_port,
         )

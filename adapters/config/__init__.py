@@ -23,6 +23,7 @@ from sourceauth.adapters.config.schema import (
     PolicyConfig,
     ServerConfig,
     StorageConfig,
+    XForwardConfig,
 )
 from sourceauth.adapters.config.settings import config_key, config_summary, engine_settings
 from sourceauth.adapters.config.values import (
@@ -51,6 +52,7 @@ __all__ = [
     "PolicyConfig",
     "ServerConfig",
     "StorageConfig",
+    "XForwardConfig",
     "build_config",
     "config_key",
     "config_summary",

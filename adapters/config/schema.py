@@ -7,6 +7,7 @@ are shown in docs/configuration.md and sourceauth.example.toml; a test keeps the
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -233,6 +234,27 @@ class MetricsConfig(Section, frozen=True):
     listen: Listen | None = None  # None: no endpoint
 
 
+Network = Annotated[
+    str,
+    _must(
+        'must be an IP network such as "192.0.2.0/24" or "2001:db8::/32"',
+        pattern=r"\A[0-9A-Fa-f.:]+(/[0-9]{1,3})?\Z",
+    ),
+]
+
+
+class XForwardConfig(Section, frozen=True):
+    """[xforward]: which MTAs may tell the filter the original client (Postfix's XFORWARD)."""
+
+    networks: tuple[Network, ...] = ()  # besides loopback, which is always trusted
+
+    def __post_init__(self) -> None:
+        for network in self.networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"networks: {exc}") from None
+
 
 class MaintenanceConfig(Section, frozen=True):
     """[maintenance]: the maintenance timer inside `sourceauth serve`."""
@@ -261,6 +283,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     logging: LoggingConfig = _section(LoggingConfig)
     maintenance: MaintenanceConfig = _section(MaintenanceConfig)
     metrics: MetricsConfig = _section(MetricsConfig)
+    xforward: XForwardConfig = _section(XForwardConfig)
     file: Path | None = None  # not a file key: the file this was loaded from
 
     def __post_init__(self) -> None:
