@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -126,12 +127,96 @@ def serve(cfg: Config) -> None:
 @with_config
 def maintain(cfg: Config, as_json: bool) -> None:
     """Run one maintenance pass: expire, release, purge, collect, retry sends and deliveries."""
+    from sourceauth.adapters.status import run_maintenance
+
     with engine_for(cfg, transports=True) as app:
-        report = app.maintain().as_dict()
+        report = run_maintenance(app, cfg).as_dict()
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(" ".join(f"{k}={v}" for k, v in report.items()))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@with_config
+def status(cfg: Config, as_json: bool) -> None:
+    """Held mail, pending challenges, the delivery queue, recent failures, the last maintenance
+    run, store size and version. Exits 1, creating nothing, where there is no store."""
+    import time
+
+    from sourceauth.adapters.status import render, status_report
+
+    storage = _existing_store(cfg)
+    with engine_for(cfg) as app:
+        report = status_report(cfg, storage, app, time.time())
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo("\n".join(render(report)))
+
+
+def _existing_store(cfg: Config) -> Any:
+    """The configured storage, or exit 1 (creating nothing) when there is no store there."""
+    from sourceauth.adapters.runtime import storage_of
+    from sourceauth.adapters.storage.figures import StoreMissing, require_store
+
+    storage = storage_of(cfg)
+    try:
+        require_store(storage)
+    except StoreMissing as exc:
+        click.echo(f"sourceauth: error: {exc}", err=True)
+        sys.exit(1)
+    secret = cfg.challenge.secret_file
+    if cfg.challenge.secret_env not in os.environ and secret is not None and not secret.exists():
+        click.echo(
+            f"sourceauth: error: the store has no secret file at {secret} (tokens and sender "
+            "ids depend on it): restore it from the backup, or set "
+            f"{cfg.challenge.secret_env}",
+            err=True,
+        )
+        sys.exit(1)
+    return storage
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@with_config
+def backup(cfg: Config, file: Path) -> None:
+    """Write a consistent copy of the SQLite store and its keyring to FILE (a new file), while
+    `serve` runs. FILE is as secret as the keyring. On PostgreSQL use pg_dump."""
+    from sourceauth.adapters.backup import BackupError
+    from sourceauth.adapters.backup import backup as take
+
+    storage = _existing_store(cfg)
+    try:
+        summary = take(cfg, storage, file, os.environ)
+    except BackupError as exc:
+        raise BadInput(str(exc)) from exc
+    click.echo(f"backup written: {summary.line()}")
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--force", is_flag=True, help="Replace an existing store and secret file (kept beside them)."
+)
+@with_config
+def restore(cfg: Config, file: Path, force: bool) -> None:
+    """Put the backup FILE in place of the configured store and secret file (stop `serve` first).
+    An existing store is replaced only with --force."""
+    from sourceauth.adapters.backup import BackupError
+    from sourceauth.adapters.backup import restore as put_back
+    from sourceauth.adapters.runtime import storage_of
+
+    try:
+        summary = put_back(cfg, storage_of(cfg), file, force=force, environ=os.environ)
+    except BackupError as exc:
+        raise BadInput(str(exc)) from exc
+    click.echo(
+        f"restored {summary.events} events into {summary.store} "
+        f"(backup of {_iso(summary.taken_at)}, sourceauth {summary.backup_version})"
+    )
 
 
 # ---------------------------------------------------------------------------- senders

@@ -104,5 +104,25 @@ def write_once(
     return True
 
 
+def replace_file(path: StrPath, data: bytes, *, mode: int = 0o600) -> None:
+    """Write `data` to `path` durably, replacing what is there: a reader sees the old file or
+    the new one, whole (written beside it, fsync'd, renamed over it, directory fsync'd)."""
+    final = Path(path)
+    scratch = scratch_path(final)
+    write_new_file(scratch, data, mode=mode)
+    try:
+        os.replace(scratch, final)
+    except BaseException:
+        unlink_quietly(scratch)
+        raise
+    fsync_dir(final.parent)
+
+
+def scratch_path(final: StrPath) -> Path:
+    """A hidden, unique name beside `final` for a file written before it takes that name."""
+    path = Path(final)
+    return path.with_name(_temp_name(path.name))
+
+
 def _temp_name(name: str) -> str:
     return f".{name}.{os.getpid()}.{secrets.token_hex(8)}.tmp"

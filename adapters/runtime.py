@@ -11,9 +11,11 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import fields
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -24,9 +26,11 @@ from sourceauth.adapters.config import (
     engine_settings,
     load_or_create_keyring,
 )
+from sourceauth.adapters.smtp import xforward
 from sourceauth.adapters.smtp.challenge import DEFAULT_BODY_TEMPLATE, DEFAULT_SUBJECT_TEMPLATE
 from sourceauth.adapters.smtp.inbound import FilterHandler, GroupCommitter, inbound_server_factory
 from sourceauth.adapters.smtp.outbound import ChallengeSender, NextHopDelivery
+from sourceauth.adapters.status import run_maintenance, version
 from sourceauth.adapters.storage.blobs import FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
 from sourceauth.adapters.storage.wiring import Storage, open_blobs, open_engine
@@ -35,17 +39,64 @@ from sourceauth.engine.application import SourceAuth, system_clock
 from sourceauth.engine.logs import get_logger
 from sourceauth.engine.ports import Clock
 
+if TYPE_CHECKING:
+    from sourceauth.adapters.metrics import Metrics, OutboundCounts
+
 log = get_logger(__name__)
 
 
-def configure_logging(fmt: str = "json", level: str = "info", stream: Any = None) -> None:
+class LogFile:
+    """The `[logging] file` of `serve`: appended to, reopened under the same name on SIGHUP
+    (after logrotate moved it away). Takes bytes (JSON) or text (console)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._handle = self._open()
+
+    def _open(self) -> Any:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        return os.fdopen(fd, "ab")
+
+    def write(self, data: bytes | str) -> int:
+        with self._lock:
+            return int(self._handle.write(data.encode() if isinstance(data, str) else data))
+
+    def flush(self) -> None:
+        with self._lock:
+            self._handle.flush()
+
+    def reopen(self) -> None:
+        fresh = self._open()
+        with self._lock:
+            old, self._handle = self._handle, fresh
+        old.close()
+
+
+_log_file: LogFile | None = None
+
+
+def reopen_log() -> None:
+    """SIGHUP: reopen `[logging] file` (a no-op when logging goes to stderr)."""
+    if _log_file is not None:
+        _log_file.reopen()
+        log.info("log_reopened", file=str(_log_file.path))
+
+
+def configure_logging(
+    fmt: str = "json", level: str = "info", stream: Any = None, file: Path | None = None
+) -> None:
     """structlog: JSON lines (orjson, bytes straight to the stream) in production, a console
-    renderer for people; never print."""
+    renderer for people; never print. `file` (serve's [logging] file) wins over `stream`."""
+    global _log_file
     lvl = getattr(logging, level.upper(), logging.INFO)
     processors: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if file is not None:
+        _log_file = stream = LogFile(file)
     out = stream or sys.stderr
     factory: Any
     if fmt == "json":
@@ -151,11 +202,16 @@ class Workers:
     """The outbound side: challenge sender, delivery worker and maintenance timer, as threads
     around one engine. `serve` runs them in their own process (see Filter)."""
 
-    def __init__(self, app: SourceAuth, cfg: Config) -> None:
-        self.challenges = Worker("challenges", app.dispatch_challenges, 1.0, min_gap=0.05)
-        self.deliveries = Worker("deliveries", app.dispatch_deliveries, 1.0, min_gap=0.05)
+    def __init__(self, app: SourceAuth, cfg: Config, counts: OutboundCounts | None = None) -> None:
+        send, deliver = app.dispatch_challenges, app.dispatch_deliveries
+        if counts is not None:  # [metrics]: count each step's outcomes
+            send, deliver = counts.challenges(send), counts.deliveries(deliver)  # type: ignore[assignment]
+        self.challenges = Worker("challenges", send, 1.0, min_gap=0.05)
+        self.deliveries = Worker("deliveries", deliver, 1.0, min_gap=0.05)
         self.maintenance = Worker(
-            "maintenance", lambda: app.maintain(dispatch=False), cfg.maintenance.interval
+            "maintenance",
+            lambda: run_maintenance(app, cfg, dispatch=False),
+            cfg.maintenance.interval,
         )
         self.all = (self.challenges, self.deliveries, self.maintenance)
 
@@ -184,15 +240,19 @@ def _die_with_parent() -> None:
         log.debug("pdeathsig_unavailable")
 
 
-def run_worker_process(cfg: Config, stop: Any, wake: Any) -> None:
+def run_worker_process(
+    cfg: Config, stop: Any, wake: Any, counts: OutboundCounts | None = None
+) -> None:
     """Entry point of the worker process: its own engine on the same storage; the event log
-    is the only thing it shares with the SMTP process."""
+    (and, with [metrics], the outbound counts) is all it shares with the SMTP process."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the SMTP process decides when to stop
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    configure_logging(cfg.logging.format, cfg.logging.level)
+    hangup = threading.Event()  # SIGHUP, forwarded by the SMTP process: reopen the log file
+    signal.signal(signal.SIGHUP, lambda *_: hangup.set())
+    configure_logging(cfg.logging.format, cfg.logging.level, file=cfg.logging.file)
     app = build_engine(cfg)
-    workers = Workers(app, cfg)
+    workers = Workers(app, cfg, counts)
     workers.start()
     parent = multiprocessing.parent_process()
     log.info("workers_started", pid=os.getpid())
@@ -201,12 +261,45 @@ def run_worker_process(cfg: Config, stop: Any, wake: Any) -> None:
             if wake.wait(0.2):
                 wake.clear()
                 workers.wake()
+            if hangup.is_set():  # here, not in the signal handler: no write is cut in half
+                hangup.clear()
+                reopen_log()
             if parent is not None and not parent.is_alive():
                 break
     finally:
         workers.stop()
         app.close()
         log.info("workers_stopped", pid=os.getpid())
+
+
+class ServedHandler(FilterHandler):
+    """The inbound handler as `serve` runs it: XFORWARD advertised to trusted MTAs, and each
+    DATA reply timed for [metrics] (from the end of DATA to the reply, which for a 250
+    includes the wait for its group commit)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        trusted: tuple[xforward.Network, ...] = (),
+        on_reply: Callable[[float], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.trusted = trusted
+        self.on_reply = on_reply
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        return xforward.ehlo(session, hostname, responses, self.trusted)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.on_reply is None:
+            return await super().handle_DATA(server, session, envelope)
+        started = time.perf_counter()
+        reply = await super().handle_DATA(server, session, envelope)
+        self.on_reply(time.perf_counter() - started)
+        return reply
 
 
 class Filter:
@@ -228,15 +321,23 @@ class Filter:
         self.app = app or build_engine(cfg, clock=clock)
         assert isinstance(self.app.blobs, FileBlobStore | DatabaseBlobStore)
         self.mode = workers
-        self.workers: Workers | None = Workers(self.app, cfg) if workers == "thread" else None
+        ctx = multiprocessing.get_context("spawn")
+        self.metrics: Metrics | None = None
+        if cfg.metrics.listen is not None:
+            from sourceauth.adapters.metrics import Metrics, OutboundCounts
+
+            self.metrics = Metrics(storage_of(cfg), OutboundCounts(ctx))
+        counts = self.metrics.outbound if self.metrics is not None else None
+        self.workers: Workers | None = (
+            Workers(self.app, cfg, counts) if workers == "thread" else None
+        )
         self._process: Any = None
         if workers == "process":
-            ctx = multiprocessing.get_context("spawn")
             self._stop = ctx.Event()
             self._wake = ctx.Event()
             self._process = ctx.Process(
                 target=run_worker_process,
-                args=(cfg, self._stop, self._wake),
+                args=(cfg, self._stop, self._wake, counts),
                 name="sourceauth-workers",
                 daemon=True,
             )
@@ -247,8 +348,11 @@ class Filter:
             wait_ms=cfg.storage.group_commit_wait_ms,
             on_commit=self._committed,
         )
-        self.handler = FilterHandler(
+        self.trusted = xforward.networks(cfg.xforward.networks)
+        self.handler = ServedHandler(
             self.committer,
+            trusted=self.trusted,
+            on_reply=self.metrics.replied if self.metrics is not None else None,
             max_recipients=cfg.limits.max_recipients,
             bounce_address=cfg.challenge.bounce_address,
             delimiter=cfg.policy.recipient_delimiter,
@@ -257,6 +361,8 @@ class Filter:
         self.server: asyncio.AbstractServer | None = None
 
     def _committed(self, receipts: list[Receipt]) -> None:
+        if self.metrics is not None:
+            self.metrics.committed(receipts)
         # A challenge leaves as soon as its hold is committed, not at the next timer tick.
         if any(r.challenges for r in receipts) or any(
             d.decision.value in ("deliver", "confirm") for r in receipts for d in r.decisions
@@ -275,21 +381,35 @@ class Filter:
         else:
             self._process.start()
         loop = asyncio.get_running_loop()
+        smtp = inbound_server_factory(
+            self.handler,
+            hostname=self.cfg.server.hostname,
+            max_size=self.cfg.limits.max_message_size,
+        )
         self.server = await loop.create_server(
-            inbound_server_factory(
-                self.handler,
-                hostname=self.cfg.server.hostname,
-                max_size=self.cfg.limits.max_message_size,
-            ),
+            lambda: xforward.enable(smtp(), self.trusted),
             host=self.cfg.server.listen_host,
             port=self.cfg.server.listen_port,
         )
+        if self.metrics is not None:
+            listen = self.cfg.metrics.listen
+            assert listen is not None
+            self.metrics_port = self.metrics.serve(listen.host, listen.port)
+        cfg = self.cfg
         log.info(
             "filter_started",
-            listen=self.cfg.server.listen,
-            hostname=self.cfg.server.hostname,
+            listen=cfg.server.listen,
+            hostname=cfg.server.hostname,
             workers=self.mode,
-            config=config_summary(self.cfg),
+            version=version(),
+            config_file=str(cfg.file) if cfg.file else None,
+            store=str(cfg.storage.url),
+            protected=list(cfg.policy.protected),
+            relay=str(cfg.challenge.relay),
+            next_hop=str(cfg.delivery.next_hop),
+            metrics=str(cfg.metrics.listen) if cfg.metrics.listen else None,
+            log_file=str(cfg.logging.file) if cfg.logging.file else None,
+            config=config_summary(cfg),
         )
 
     @property
@@ -312,12 +432,23 @@ class Filter:
             await loop.run_in_executor(None, self._process.join, 60)
             if self._process.is_alive():
                 self._process.terminate()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.app.close()
         log.info("filter_stopped")
+
+    def reopen_logs(self) -> None:
+        """SIGHUP: reopen [logging] file here and in the worker process."""
+        reopen_log()
+        if self._process is not None and self._process.pid is not None:
+            os.kill(self._process.pid, signal.SIGHUP)
 
 
 def serve(cfg: Config) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
+
+    if cfg.logging.file is not None:
+        configure_logging(cfg.logging.format, cfg.logging.level, file=cfg.logging.file)
 
     async def main() -> None:
         flt = Filter(cfg, workers="process")
@@ -326,6 +457,7 @@ def serve(cfg: Config) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, flt.reopen_logs)
         await stop.wait()
         log.info("filter_stopping")
         await flt.stop()

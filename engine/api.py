@@ -40,6 +40,8 @@ class Incoming:
     blob: Blob
     headers: Headers = ()
     bounce: BounceInfo | None = None
+    client_address: str = ""  # the original SMTP client (XFORWARD ADDR, else the peer)
+    client_helo: str = ""  # its HELO/EHLO name (XFORWARD HELO, else the peer's)
 
 
 class Decision(StrEnum):

@@ -54,6 +54,9 @@ class Message(Aggregate):
         actor: str
         reason: str
         expires_at: float
+        # Where the message came from (absent from events recorded before they existed).
+        client_address: str = ""
+        client_helo: str = ""
 
         def mutate(self, aggregate: Any) -> Any:
             # The generic version inspects __init__'s signature on every call; this class's

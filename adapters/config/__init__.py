@@ -19,9 +19,11 @@ from sourceauth.adapters.config.schema import (
     LimitsConfig,
     LoggingConfig,
     MaintenanceConfig,
+    MetricsConfig,
     PolicyConfig,
     ServerConfig,
     StorageConfig,
+    XForwardConfig,
 )
 from sourceauth.adapters.config.settings import config_key, config_summary, engine_settings
 from sourceauth.adapters.config.values import (
@@ -46,9 +48,11 @@ __all__ = [
     "LimitsConfig",
     "LoggingConfig",
     "MaintenanceConfig",
+    "MetricsConfig",
     "PolicyConfig",
     "ServerConfig",
     "StorageConfig",
+    "XForwardConfig",
     "build_config",
     "config_key",
     "config_summary",

@@ -7,6 +7,7 @@ are shown in docs/configuration.md and sourceauth.example.toml; a test keeps the
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -225,10 +226,40 @@ class AuthGateConfig(Section, frozen=True):
 
 
 class LoggingConfig(Section, frozen=True):
-    """[logging]: structlog output format and level (every command, not only serve)."""
+    """[logging]: structlog output format and level (every command, not only serve), and the
+    file `serve` writes to (reopened on SIGHUP, for logrotate)."""
 
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    file: Path | None = None  # None: stderr
+
+
+class MetricsConfig(Section, frozen=True):
+    """[metrics]: the Prometheus endpoint of `serve` (/metrics), off unless listen is set."""
+
+    listen: Listen | None = None  # None: no endpoint
+
+
+Network = Annotated[
+    str,
+    _must(
+        'must be an IP network such as "192.0.2.0/24" or "2001:db8::/32"',
+        pattern=r"\A[0-9A-Fa-f.:]+(/[0-9]{1,3})?\Z",
+    ),
+]
+
+
+class XForwardConfig(Section, frozen=True):
+    """[xforward]: which MTAs may tell the filter the original client (Postfix's XFORWARD)."""
+
+    networks: tuple[Network, ...] = ()  # besides loopback, which is always trusted
+
+    def __post_init__(self) -> None:
+        for network in self.networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"networks: {exc}") from None
 
 
 class MaintenanceConfig(Section, frozen=True):
@@ -257,6 +288,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     auth_gate: AuthGateConfig = _section(AuthGateConfig)
     logging: LoggingConfig = _section(LoggingConfig)
     maintenance: MaintenanceConfig = _section(MaintenanceConfig)
+    metrics: MetricsConfig = _section(MetricsConfig)
+    xforward: XForwardConfig = _section(XForwardConfig)
     file: Path | None = None  # not a file key: the file this was loaded from
 
     def __post_init__(self) -> None:
@@ -294,4 +327,4 @@ SECTIONS: dict[str, type[Section]] = {
     field.name: field.type for field in msgspec.structs.fields(Config) if field.name != "file"
 }
 # Fields an operator cannot set in the file.
-NOT_FILE_KEYS = frozenset({"pg_password", "file"})
+NOT_FILE_KEYS = frozenset({"pg_password"})

@@ -18,6 +18,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from sourceauth.adapters.smtp import xforward
 from sourceauth.adapters.smtp.dsn import parse_bounce
 from sourceauth.engine.addresses import (
     AddressError,
@@ -71,6 +72,8 @@ class _Pending:
     bounce_address: str
     delimiter: str
     queued: float = field(default_factory=time.monotonic)
+    client_address: str = ""
+    client_helo: str = ""
 
 
 class GroupCommitter:
@@ -154,6 +157,8 @@ class GroupCommitter:
                 blob=blob,
                 headers=parse_headers(item.raw),
                 bounce=_bounce_info(item),
+                client_address=item.client_address,
+                client_helo=item.client_helo,
             )
             for item, blob in zip(batch, staged.blobs, strict=True)
         ]
@@ -282,6 +287,8 @@ class FilterHandler:
             return "503 5.5.1 No valid recipients"
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Receipt] = loop.create_future()
+        client_address, client_helo = xforward.client_of(session)
+        xforward.forget(session)
         self.committer.submit(
             _Pending(
                 mail_from=envelope.mail_from or "",
@@ -291,6 +298,8 @@ class FilterHandler:
                 loop=loop,
                 bounce_address=self.bounce_address,
                 delimiter=self.delimiter,
+                client_address=client_address,
+                client_helo=client_helo,
             )
         )
         try:

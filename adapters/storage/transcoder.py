@@ -57,6 +57,8 @@ FIELDS: Final[tuple[str, ...]] = (
     "rejected",
     "next_hop",
     "blob_deleted",
+    "client_address",
+    "client_helo",
 )
 _FIELD_INDEX: Final[dict[str, int]] = {name: i for i, name in enumerate(FIELDS)}
 

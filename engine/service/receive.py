@@ -163,6 +163,8 @@ def decide(ctx: Context, unit: Unit, incoming: Incoming, p: Plan) -> Receipt:
                 actor=ENGINE,
                 reason=reason,
                 expires_at=expires,
+                client_address=incoming.client_address,
+                client_helo=incoming.client_helo,
             )
         )
         return mid

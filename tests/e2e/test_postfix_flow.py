@@ -173,6 +173,12 @@ def test_refused_challenge_bounces_back_to_the_filter_and_maintain_deletes_the_o
     history = _cli(sourceauth, "audit", "history", sender, "--json")
     events = [e["event"] for e in json.loads(history.stdout)]
     assert "Sender.ChallengeFailed" in events and "Message.Purged" in events
+    # Postfix passed the original client on with XFORWARD (without it: Postfix's own name).
+    created = next(
+        e for e in json.loads(history.stdout) if e["aggregate"] == "message" and e["version"] == 1
+    )
+    assert created["fields"]["client_helo"] == "e2e-client.test"
+    assert created["fields"]["client_address"] == "127.0.0.1"
 
     # No bounce and no held mail reached any user; the DSN reached no mailbox either.
     _settled(postfix, sourceauth)

@@ -66,14 +66,14 @@ level = "warning"
 class RunningFilter:
     """`Filter` on its own event loop thread; stop() is graceful."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, workers: str = "thread") -> None:
         self.cfg = cfg
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(
             target=self.loop.run_forever, name="test-filter", daemon=True
         )
         self.thread.start()
-        self.filter = Filter(cfg)
+        self.filter = Filter(cfg, workers=workers)
         asyncio.run_coroutine_threadsafe(self.filter.start(), self.loop).result(timeout=30)
 
     @property
