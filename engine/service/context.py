@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -60,6 +60,15 @@ class Unit:
     # Challenges this unit queued, counted against the caps once it commits (a retried unit
     # counts once): (registered domain, sender mailbox, sender id, challenge id).
     challenges: list[tuple[str, str, UUID, str]] = field(default_factory=list)
+    challenged_domains: Counter[str] = field(default_factory=Counter)  # of `challenges`
+    challenged_mailboxes: set[str] = field(default_factory=set)  # of `challenges`
+
+    def count_challenge(
+        self, domain: str, mailbox: str, sender_id: UUID, challenge_id: str
+    ) -> None:
+        self.challenges.append((domain, mailbox, sender_id, challenge_id))
+        self.challenged_domains[domain] += 1
+        self.challenged_mailboxes.add(mailbox)
 
     def aggregates(self) -> list[Any]:
         return [*self.senders.values(), *self.messages]
