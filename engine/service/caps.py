@@ -103,7 +103,9 @@ def queue_challenge(
         )
     unit.senders[sender_id] = current
     domain = registered_domain(sender.rpartition("@")[2])
-    unit.count_challenge(domain, mailbox_of(ctx, sender), sender_id, details.challenge_id)
+    unit.count_challenge(
+        domain, mailbox_of(ctx, sender), sender_id, details.challenge_id, details.expires_at
+    )
     return details
 
 
@@ -143,4 +145,5 @@ def seed(ctx: Context) -> None:
         ctx.pending_mailboxes[mailbox_of(ctx, row.address)] = (
             UUID(row.sender_id),
             row.challenge_id,
+            row.expires,
         )
