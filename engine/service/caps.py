@@ -40,17 +40,16 @@ def over_cap(ctx: Context, unit: Unit, sender: str, sender_id: UUID, now: float)
 
     Counts what this unit already queued (not yet in the limiter: it counts at commit)."""
     domain = registered_domain(sender.rpartition("@")[2])
-    queued = unit.challenges
     limited = ctx.limiter.check(
         domain,
         now,
-        pending_total=len(queued),
-        pending_domain=sum(1 for d, *_ in queued if d == domain),
+        pending_total=len(unit.challenges),
+        pending_domain=unit.challenged_domains[domain],
     )
     if limited is not None:
         return RATE_LIMITED + limited
     mailbox = mailbox_of(ctx, sender)
-    if any(m == mailbox for _, m, *_ in queued):
+    if mailbox in unit.challenged_mailboxes:
         return MAILBOX_PENDING
     found = ctx.pending_mailboxes.get(mailbox)
     if found is None or found[0] == sender_id:
@@ -104,7 +103,9 @@ def queue_challenge(
         )
     unit.senders[sender_id] = current
     domain = registered_domain(sender.rpartition("@")[2])
-    unit.challenges.append((domain, mailbox_of(ctx, sender), sender_id, details.challenge_id))
+    unit.count_challenge(
+        domain, mailbox_of(ctx, sender), sender_id, details.challenge_id, details.expires_at
+    )
     return details
 
 
@@ -144,4 +145,5 @@ def seed(ctx: Context) -> None:
         ctx.pending_mailboxes[mailbox_of(ctx, row.address)] = (
             UUID(row.sender_id),
             row.challenge_id,
+            row.expires,
         )

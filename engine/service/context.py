@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,6 +42,7 @@ MAX_CONFLICT_RETRIES = 8
 SENDER_CACHE_SIZE = 20_000
 SENDER_CACHE_TTL = 2.0  # seconds a cached sender is trusted before a check for newer events
 BATCH_LIMIT = 500
+MAILBOXES_PRUNE_MIN = 10_000  # pending-challenge mailboxes kept before lapsed ones are dropped
 
 
 def ts(seconds: float) -> datetime:
@@ -58,8 +59,17 @@ class Unit:
     absent: set[UUID] = field(default_factory=set)  # senders known not to exist (no read needed)
     logs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     # Challenges this unit queued, counted against the caps once it commits (a retried unit
-    # counts once): (registered domain, sender mailbox, sender id, challenge id).
-    challenges: list[tuple[str, str, UUID, str]] = field(default_factory=list)
+    # counts once): (registered domain, sender mailbox, sender id, challenge id, expires).
+    challenges: list[tuple[str, str, UUID, str, float]] = field(default_factory=list)
+    challenged_domains: Counter[str] = field(default_factory=Counter)  # of `challenges`
+    challenged_mailboxes: set[str] = field(default_factory=set)  # of `challenges`
+
+    def count_challenge(
+        self, domain: str, mailbox: str, sender_id: UUID, challenge_id: str, expires: float
+    ) -> None:
+        self.challenges.append((domain, mailbox, sender_id, challenge_id, expires))
+        self.challenged_domains[domain] += 1
+        self.challenged_mailboxes.add(mailbox)
 
     def aggregates(self) -> list[Any]:
         return [*self.senders.values(), *self.messages]
@@ -96,7 +106,8 @@ class Context:
         self.limiter = ChallengeRateLimiter(settings.limits)
         # Sender mailbox (extension removed) -> (sender id, challenge id) of the challenge it
         # was last sent: at most one pending challenge per mailbox, whatever the extension.
-        self.pending_mailboxes: dict[str, tuple[UUID, str]] = {}
+        self.pending_mailboxes: dict[str, tuple[UUID, str, float]] = {}  # + challenge expiry
+        self._prune_mailboxes_at = MAILBOXES_PRUNE_MIN
         self.full_mailboxes: set[str] = set()
         self.in_flight: set[str] = set()  # challenge and message ids a dispatcher is sending
         self._senders: OrderedDict[UUID, Sender] = OrderedDict()
@@ -224,9 +235,13 @@ class Context:
         for sender in unit.senders.values():
             self._remember(sender)
         now = self.clock()
-        for domain, mailbox, sender_id, challenge_id in unit.challenges:
+        for domain, mailbox, sender_id, challenge_id, expires in unit.challenges:
             self.limiter.record(domain, now)
-            self.pending_mailboxes[mailbox] = (sender_id, challenge_id)
+            self.pending_mailboxes[mailbox] = (sender_id, challenge_id, expires)
+        if len(self.pending_mailboxes) > self._prune_mailboxes_at:
+            # Memory bounded by the challenges still within their lifetime (amortised O(1)).
+            self.pending_mailboxes = {m: v for m, v in self.pending_mailboxes.items() if v[2] > now}
+            self._prune_mailboxes_at = max(MAILBOXES_PRUNE_MIN, 2 * len(self.pending_mailboxes))
 
     def run(self, what: str, work: Callable[[Unit], T], **save_kwargs: Any) -> T:
         """One unit of work under the lock: decide on fresh state, save everything it touched

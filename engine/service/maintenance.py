@@ -114,6 +114,7 @@ def _lapse(ctx: Context, row: ChallengeRow, now: float, unit: Unit) -> bool:
         return False
     unit.senders[sender.id] = sender
     replies.expire_held(ctx, unit, sender, "challenge_expired", now)
+    replies.expire_waiting_scopes(ctx, unit, sender, "challenge_expired", now)
     unit.note("challenge_expired", sender=sender.address, challenge_id=row.challenge_id)
     return True
 

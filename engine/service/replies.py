@@ -9,7 +9,14 @@ from uuid import UUID
 
 from sourceauth.engine import tokens
 from sourceauth.engine.addresses import AddressError, normalize_address
-from sourceauth.engine.api import ChallengeRow, ConfirmResult, FailureResult, Headers, Incoming
+from sourceauth.engine.api import (
+    ChallengeRow,
+    ConfirmResult,
+    FailureResult,
+    Headers,
+    HeldMessage,
+    Incoming,
+)
 from sourceauth.engine.errors import ChallengeNotPending
 from sourceauth.engine.message import EXPIRED, HELD_STATES
 from sourceauth.engine.policy import is_automated
@@ -153,6 +160,7 @@ def fail_sender(
     expired = 0
     if ctx.settings.failed_action == "purge":
         expired = expire_held(ctx, unit, sender, "challenge_failed", now)
+        expired += expire_waiting_scopes(ctx, unit, sender, "challenge_failed", now)
     unit.note(
         "challenge_failed",
         sender=sender.address,
@@ -181,25 +189,33 @@ def expire_held(ctx: Context, unit: Unit, sender: Sender, reason: str, now: floa
     return count
 
 
-def authorize_waiting_scopes(ctx: Context, unit: Unit, confirmed: Sender, now: float) -> int:
-    """With one whitelist per mailbox, a message to several mailboxes draws one challenge
-    (engine/service/caps.py); its confirmation authorizes the sender for every mailbox whose
-    copy waits on a cap. Returns how many copies that released."""
+def _waiting_in_other_scopes(ctx: Context, sender: Sender) -> list[HeldMessage]:
+    """Copies from this sender's address held over a cap for other mailboxes (scope
+    "recipient"): a message to several mailboxes draws one challenge (engine/service/caps.py),
+    and its outcome is theirs too."""
+    if ctx.settings.scope == "global":
+        return []
     ctx.catch_up()
-    waiting = {
-        m.sender_id: m.recipients[0]
-        for m in ctx.views.quarantine(sender=confirmed.address, state=HELD)
+    return [
+        m
+        for m in ctx.views.quarantine(sender=sender.address, state=HELD)
         if m.sender_id
-        and m.sender_id != confirmed.id.hex
+        and m.sender_id != sender.id.hex
         and m.reason.startswith(DEFERRED_PREFIXES)
-    }
+        and ctx.sender_id(sender.address, scope_for(m.recipients[0], ctx.settings)).hex
+        == m.sender_id
+    ]
+
+
+def authorize_waiting_scopes(ctx: Context, unit: Unit, confirmed: Sender, now: float) -> int:
+    """The confirmation authorizes the sender for every mailbox whose copy waited on its
+    challenge. Returns how many copies that released."""
+    waiting = {m.sender_id: m.recipients[0] for m in _waiting_in_other_scopes(ctx, confirmed)}
     reason = f"confirmed_in_scope:{confirmed.scope}"
     released = 0
     for sid_hex, recipient in waiting.items():
         scope = scope_for(recipient, ctx.settings)
-        sid = ctx.sender_id(confirmed.address, scope)
-        if sid.hex != sid_hex:
-            continue
+        sid = UUID(sid_hex)
         sender = ctx.load_sender(unit, sid)
         if sender is None:
             sender = Sender.first_verdict(
@@ -218,3 +234,17 @@ def authorize_waiting_scopes(ctx: Context, unit: Unit, confirmed: Sender, now: f
         unit.senders[sid] = sender
         released += release_held(ctx, unit, sender, f"sender_confirmed:{confirmed.address}", now)
     return released
+
+
+def expire_waiting_scopes(ctx: Context, unit: Unit, failed: Sender, reason: str, now: float) -> int:
+    """The challenge failed or lapsed: the copies that waited on it in other mailboxes expire
+    with it (else maintenance would challenge an address that just failed, once per mailbox)."""
+    expired = 0
+    for row in _waiting_in_other_scopes(ctx, failed):
+        msg = ctx.load_message(UUID(row.id))
+        if msg is None or msg.state != HELD:
+            continue
+        msg.expire(timestamp=ts(now), actor=ENGINE, reason=f"{reason}_in_scope:{failed.scope}")
+        unit.messages.append(msg)
+        expired += 1
+    return expired

@@ -76,6 +76,7 @@ class MessageModel:
     sender: Key | None  # whose confirmation releases it; None if nobody's
     quarantined: bool  # listed by quarantine() (every copy but those delivered at once)
     expires: float = 0.0
+    deferred: bool = False  # held over a cap: its sender is challenged later (issue 7)
 
 
 def _refuse_all(job: DeliveryJob) -> DeliveryResult:
@@ -131,6 +132,38 @@ class EngineAgainstModel(RuleBasedStateMachine):
         for m in list(self._linked(key, states)):
             m.state = to
 
+    def _pending_elsewhere(self, key: Key) -> bool:
+        """Another scope of the same address has a challenge out: one per mailbox."""
+        return any(
+            k[0] == key[0] and k != key and s.state == "challenged" for k, s in self.senders.items()
+        )
+
+    def _waiting_elsewhere(self, key: Key) -> Iterator[MessageModel]:
+        """Copies from the same address held over a cap for other mailboxes: a message to
+        several mailboxes drew one challenge, whose outcome is theirs too."""
+        return (
+            m
+            for m in self.messages.values()
+            if m.deferred
+            and m.state == "held"
+            and m.sender is not None
+            and m.sender[0] == key[0]
+            and m.sender != key
+        )
+
+    def _fail(self, key: Key, outcome: str) -> None:
+        """A challenge failed or lapsed: its mail expires, and what waited on it elsewhere."""
+        model = self.senders[key]
+        model.state, model.outcome = "expired", outcome
+        self._move_linked(key, HELD, "expired")
+        for m in list(self._waiting_elsewhere(key)):
+            m.state = "expired"
+
+    def _new_challenge(self, model: SenderModel, now: float) -> None:
+        model.state, model.exists, model.challenged = "challenged", True, True
+        model.expires = float(int(now + LIFETIME) // 60 * 60)
+        model.outcome, model.resends = "queued", 0
+
     def _supersede(self, model: SenderModel) -> None:
         if model.outcome in ("queued", "sent"):
             model.outcome = "superseded"
@@ -156,7 +189,8 @@ class EngineAgainstModel(RuleBasedStateMachine):
         deliver = MessageModel("authorized", None, quarantined=False)
         hold = MessageModel("held", None, quarantined=True, expires=now + LIFETIME)
         discard = MessageModel("discarded", None, quarantined=True)
-        held: dict[Key, MessageModel] = {}  # one held copy per sender aggregate
+        held: dict[Key, list[str]] = {}  # recipients per sender aggregate, in envelope order
+        exempt: dict[Key, MessageModel] = {}  # never-challenge copies, linked to their sender
         expected: dict[str, tuple[Decision, MessageModel]] = {}
         for rcpt in recipients:
             key = (sender, self.scope_of(rcpt))
@@ -165,25 +199,39 @@ class EngineAgainstModel(RuleBasedStateMachine):
                 expected[rcpt] = (Decision.DELIVER, deliver)
             elif state == "blocked":
                 expected[rcpt] = (Decision.DISCARD, discard)
-            elif sender == NULL or bulk:
-                expected[rcpt] = (Decision.HOLD, hold)  # never challenged
-            else:
-                copy = held.setdefault(
-                    key, MessageModel("challenged", key, quarantined=True, expires=now + LIFETIME)
+            elif sender == NULL:
+                expected[rcpt] = (Decision.HOLD, hold)  # never challenged, nobody's
+            elif bulk:
+                copy = exempt.setdefault(
+                    key, MessageModel("held", key, quarantined=True, expires=now + LIFETIME)
                 )
-                expected[rcpt] = (Decision.CHALLENGE, copy)
-        for key in held:
+                expected[rcpt] = (Decision.HOLD, copy)  # never challenged
+            else:
+                held.setdefault(key, []).append(rcpt)
+        may_challenge = True  # one message never causes more than one challenge
+        for key, rcpts in held.items():
             model = self.senders[key]
-            if model.state != "challenged":  # one pending challenge per sender
-                model.state, model.exists, model.challenged = "challenged", True, True
-                model.expires = float(int(now + LIFETIME) // 60 * 60)
-                model.outcome, model.resends = "queued", 0
-            elif (
-                model.outcome == "sent"
-                and now - model.sent_at >= DAY
-                and model.resends < MAX_RESENDS
-            ):
-                model.outcome, model.resends = "queued", model.resends + 1  # same token again
+            copy = MessageModel("challenged", key, quarantined=True, expires=now + LIFETIME)
+            decision = Decision.CHALLENGE
+            if model.state == "challenged":  # one pending challenge per sender
+                if (
+                    may_challenge
+                    and model.outcome == "sent"
+                    and now - model.sent_at >= DAY
+                    and model.resends < MAX_RESENDS
+                ):
+                    model.outcome, model.resends = "queued", model.resends + 1  # same token
+                    may_challenge = False
+            elif may_challenge and not self._pending_elsewhere(key):
+                self._new_challenge(model, now)
+                may_challenge = False
+            else:  # held over a cap, linked: challenged later
+                copy = MessageModel(
+                    "held", key, quarantined=True, expires=now + LIFETIME, deferred=True
+                )
+                decision = Decision.HOLD
+            for rcpt in rcpts:
+                expected[rcpt] = (decision, copy)
         headers = [("Precedence", "bulk")] if bulk else []
         receipt = self.app.receive(incoming(self.app, sender, recipients, headers=headers))
         self._record(receipt, expected)
@@ -197,7 +245,9 @@ class EngineAgainstModel(RuleBasedStateMachine):
         if not from_the_challenged_sender:
             replier = data.draw(st.sampled_from([a for a in PEOPLE if a != target]))
         model = self.senders[key]
-        confirms = replier == target and model.state == "challenged" and self.clock() < model.expires
+        confirms = (
+            replier == target and model.state == "challenged" and self.clock() < model.expires
+        )
         token = token_of(self.app, target, scope)
         receipt = self.app.receive(reply_to_challenge(self.app, replier, token=token))
         [decision] = receipt.decisions
@@ -209,6 +259,12 @@ class EngineAgainstModel(RuleBasedStateMachine):
         if confirms:
             model.state, model.outcome = "authorized", "confirmed"
             self._move_linked(key, HELD | {"expired"}, "authorized")
+            for other in {m.sender for m in self._waiting_elsewhere(key) if m.sender}:
+                waiting = self.senders[other]
+                if waiting.state in ("unknown", "expired", "challenged"):
+                    waiting.state, waiting.exists = "authorized", True
+                    self._supersede(waiting)
+                    self._move_linked(other, HELD | {"expired"}, "authorized")
 
     @precondition(lambda self: bool(self.challenged_ever()))
     @rule(data=st.data())
@@ -219,8 +275,7 @@ class EngineAgainstModel(RuleBasedStateMachine):
         result = self.app.challenge_failed(token, "550 5.1.1 user unknown")
         assert result.recorded == (model.state == "challenged"), result
         if result.recorded:
-            model.state, model.outcome = "expired", "failed"
-            self._move_linked(key, HELD, "expired")
+            self._fail(key, "failed")
 
     @rule(seconds=st.sampled_from([60.0, 3600.0, DAY, 8 * DAY]))
     def advance_clock(self, seconds: float) -> None:
@@ -231,26 +286,45 @@ class EngineAgainstModel(RuleBasedStateMachine):
         now = self.clock()
         for key, model in self.senders.items():  # challenges past their lifetime lapse
             if model.state == "challenged" and model.expires <= now:
-                model.state, model.outcome = "expired", "expired"
-                self._move_linked(key, HELD, "expired")
+                self._fail(key, "expired")
         for m in self.messages.values():  # held mail past its hold lifetime expires
             if m.state in HELD and 0 < m.expires <= now:
                 m.state = "expired"
         for m in self.messages.values():  # expired originals are deleted
             if m.state == "expired":
                 m.state = "purged"
+        # Senders of mail held over a cap are challenged now, one per address (the engine
+        # takes the oldest copy first; copies of one second have no order, so the test reads
+        # which scope it chose and checks there was exactly one choice to make).
+        candidates: dict[str, set[Key]] = {}
+        for m in self.messages.values():
+            if m.deferred and m.state == "held" and m.sender is not None:
+                if self.senders[m.sender].state in ("unknown", "expired"):
+                    candidates.setdefault(m.sender[0], set()).add(m.sender)
+        known = {c.challenge_id for c in self.relay.sent}
+        sent_before = len(self.relay.sent)
+        queued = {k for k, model in self.senders.items() if model.state == "challenged"}
+        self.app.maintain()
+        fresh = [c for c in self.relay.sent[sent_before:] if c.challenge_id not in known]
+        chosen = {(c.to, c.scope) for c in fresh} - queued
+        for address, keys in candidates.items():
+            picked = chosen & keys
+            if any(self._pending_elsewhere(k) for k in keys):
+                assert not picked, (address, picked)
+                continue
+            assert len(picked) == 1, (address, keys, chosen)
+            self._new_challenge(self.senders[picked.pop()], now)
+        assert chosen <= {k for keys in candidates.values() for k in keys}, chosen
         for key, model in self.senders.items():  # queued challenges leave
             if model.state == "challenged" and model.outcome == "queued":
                 if self.relay.outcome == SendOutcome.SENT:
                     model.outcome, model.sent_at = "sent", now
                 else:  # a 5xx from the relay: the challenge failed, its mail expires
-                    model.state, model.outcome = "expired", "failed"
-                    self._move_linked(key, HELD, "expired")
+                    self._fail(key, "failed")
         for m in self.messages.values():  # the next hop takes (or refuses) every queued copy
             if m.state == "authorized":
                 m.state = "delivered" if self.hop.answer is None else "failed"
                 m.quarantined = m.quarantined or m.state == "failed"
-        self.app.maintain()
 
     @rule(outcome=st.sampled_from([SendOutcome.SENT, SendOutcome.SENT, SendOutcome.PERMANENT]))
     def relay_answers(self, outcome: SendOutcome) -> None:

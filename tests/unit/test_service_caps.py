@@ -74,3 +74,19 @@ def test_a_unit_redone_after_a_conflict_counts_its_challenge_once(
     assert second.reason == "challenge_queued"  # counted once: the cap of 2 is not reached
     third = service.receive("c@remote.test", BOB).decision_for(BOB)
     assert third.reason.startswith("rate_limited: ")
+
+
+def test_a_failed_challenge_expires_the_copies_that_waited_on_it_in_other_mailboxes(
+    make_service: ServiceFactory,
+) -> None:
+    service = make_service(scope="recipient")
+    mailboxes = ["bob@example.test", "carol@example.test", "dave@example.test"]
+    receipt = service.receive("ghost@remote.test", mailboxes)
+    assert len(receipt.challenges) == 1
+    challenge = service.challenge_to("ghost@remote.test")
+    service.dsn(challenge)
+    service.app.maintain()
+    service.clock.advance(2 * HOUR)
+    service.app.maintain()
+    assert len(service.relay.sent) == 1  # never a second challenge to an address that failed
+    assert service.held_states("ghost@remote.test") == ["purged"] * 3
