@@ -135,3 +135,9 @@ def test_status_on_postgresql_and_backup_points_to_pg_dump(tmp_path: Path, pg: P
     assert status["store"]["events"] == 1
     refused = run("backup", str(tmp_path / "b.sqlite"), "--config", str(config))
     assert refused.returncode == 2 and "pg_dump" in refused.stderr
+
+
+@pytest.mark.parametrize("command", ["status", "backup", "restore"])
+def test_operations_commands_have_help(command: str) -> None:
+    out = run(command, "--help")
+    assert out.returncode == 0 and "--config" in out.stdout and "Usage:" in out.stdout
