@@ -168,6 +168,22 @@ def _copy_files(storage: Storage, dest: sqlite3.Connection) -> tuple[int, int]:
     return copied, missing
 
 
+def _refuse_if_in_use(store: Path) -> None:
+    """BackupError when another process has the store open (a running `serve`): in WAL mode
+    an exclusive lock is granted only to a connection that is alone on the file."""
+    conn = sqlite3.connect(store, isolation_level=None, timeout=1.0)
+    try:
+        conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("ROLLBACK")
+    except sqlite3.OperationalError:
+        raise BackupError(
+            f"the store at {store} is in use (is `sourceauth serve` running?): stop it first"
+        ) from None
+    finally:
+        conn.close()
+
+
 def _read_meta(source: Path) -> dict[str, str]:
     if not source.is_file():
         raise BackupError(f"no backup file {source}")
@@ -221,6 +237,8 @@ def restore(
                 f"another secret file is at {secret}: restore --force replaces it "
                 "(the old one is kept beside it)"
             )
+    if target.exists():
+        _refuse_if_in_use(target)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     scratch = scratch_path(target)

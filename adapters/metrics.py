@@ -53,7 +53,7 @@ class OutboundCounts:
 
     def snapshot(self) -> tuple[dict[str, int], dict[str, int]]:
         with self.values.get_lock():
-            values = list(self.values)
+            values = [int(v) for v in self.values]  # type: ignore[union-attr]
         n = len(CHALLENGE_OUTCOMES)
         return dict(zip(CHALLENGE_OUTCOMES, values[:n], strict=True)), dict(
             zip(DELIVERY_OUTCOMES, values[n:], strict=True)

@@ -19,7 +19,7 @@ from eventsourcing.utils import get_topic
 from sourceauth.adapters.storage.views import TRACKING
 from sourceauth.adapters.storage.wiring import Storage
 from sourceauth.engine import projections as p
-from sourceauth.engine.message import Message
+from sourceauth.engine.message import HELD_STATES, Message
 from sourceauth.engine.sender import Sender
 
 # The log events that are failures an operator alerts on.
@@ -98,7 +98,7 @@ def _in(states: frozenset[str] | set[str]) -> str:
 
 
 QUEUE_SQL = (
-    f"SELECT (SELECT COUNT(*) FROM {p.QUARANTINE} WHERE state IN {_in(p.HELD_STATES)}), "
+    f"SELECT (SELECT COUNT(*) FROM {p.QUARANTINE} WHERE state IN {_in(HELD_STATES)}), "
     f"(SELECT COUNT(*) FROM {p.CHALLENGES} WHERE outcome IN {_in(p.PENDING_OUTCOMES)}), "
     f"(SELECT COUNT(*) FROM {p.DELIVERY}), (SELECT MIN(queued_at) FROM {p.DELIVERY})"
 )
@@ -142,10 +142,15 @@ def store_size(storage: Storage, conn: Any) -> int:
     return size
 
 
+def _at(mapper: Mapper[UUID], notification: Any) -> float:
+    """When the event of this notification happened (unix seconds)."""
+    return float(getattr(mapper.to_domain_event(notification), "timestamp").timestamp())  # noqa: B009
+
+
 def _timestamp(recorder: ApplicationRecorder, mapper: Mapper[UUID], at: int) -> tuple[int, float]:
     found = recorder.select_notifications(start=at, limit=1)
     n = found[0]
-    return n.id, float(mapper.to_domain_event(n).timestamp.timestamp())
+    return n.id, _at(mapper, n)
 
 
 def first_position_since(
@@ -190,6 +195,6 @@ def failures_since(
     if start is None:
         return counts
     for n in _pages(recorder, start, tuple(FAILURE_TOPICS)):
-        if mapper.to_domain_event(n).timestamp.timestamp() >= since:
+        if _at(mapper, n) >= since:
             counts[FAILURE_TOPICS[n.topic]] += 1
     return counts

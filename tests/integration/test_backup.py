@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import smtplib
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -99,6 +100,13 @@ def test_restore_refuses_an_existing_store_without_force_and_keeps_it_with_force
     assert refused.returncode == 2 and "--force" in refused.stderr
     assert {a for a, _, _ in _senders(config)} == {"a@b.example", "c@d.example"}
 
+    in_use = sqlite3.connect(tmp_path / "one" / "var" / "sourceauth.db")  # as `serve` has it
+    try:
+        assert in_use.execute("SELECT COUNT(*) FROM sa_whitelist").fetchone() == (2,)
+        busy = run("restore", str(backup_file), "--force", "--config", str(config))
+        assert busy.returncode == 2 and "in use" in busy.stderr
+    finally:
+        in_use.close()
     forced = run("restore", str(backup_file), "--force", "--config", str(config))
     assert forced.returncode == 0, forced.stderr
     assert {a for a, _, _ in _senders(config)} == {"a@b.example"}

@@ -4,11 +4,15 @@ a relay and a next hop that refuse some recipients, a real SQLite file, the real
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
+import pytest
+
 from sourceauth.adapters.config import load_config
 from sourceauth.engine import projections as p
+from tests.integration.pg import PgSchema, pg_schema_fixture, postgres
 from tests.integration.smtp_harness import RunningFilter, message, write_config
 from tests.integration.test_cli import run
 from tests.support.smtp_sink import Sink
@@ -104,3 +108,36 @@ def test_status_refuses_a_store_whose_secret_file_is_missing(tmp_path: Path) -> 
     out = run("status", "--config", str(config))
     assert out.returncode == 1 and "secret file" in out.stderr
     assert not (tmp_path / "var" / "secret").exists()
+
+
+@pytest.fixture
+def pg() -> Iterator[PgSchema]:
+    yield from pg_schema_fixture()
+
+
+@postgres
+def test_status_on_postgresql_and_backup_points_to_pg_dump(tmp_path: Path, pg: PgSchema) -> None:
+    config = write_config(
+        tmp_path,
+        relay="smtp://127.0.0.1:9",
+        next_hop="smtp://127.0.0.1:9",
+        extra=f'[storage]\nurl = "{pg.url}"\n',
+    )
+    missing = run("status", "--config", str(config))
+    assert missing.returncode == 1 and "no sourceauth store" in missing.stderr
+    assert run("senders", "allow", "a@b.example", "--config", str(config)).returncode == 0
+    out = run("status", "--json", "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["held"] == 0 and status["pending_challenges"] == 0
+    assert status["delivery_queue"] == {"depth": 0, "oldest": None, "oldest_age_seconds": None}
+    assert status["store"]["url"] == pg.url and status["store"]["size_bytes"] > 0
+    assert status["store"]["events"] == 1
+    refused = run("backup", str(tmp_path / "b.sqlite"), "--config", str(config))
+    assert refused.returncode == 2 and "pg_dump" in refused.stderr
+
+
+@pytest.mark.parametrize("command", ["status", "backup", "restore"])
+def test_operations_commands_have_help(command: str) -> None:
+    out = run(command, "--help")
+    assert out.returncode == 0 and "--config" in out.stdout and "Usage:" in out.stdout
