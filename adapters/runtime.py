@@ -24,12 +24,14 @@ from sourceauth.adapters.config import (
     engine_settings,
     load_or_create_keyring,
 )
+from sourceauth.adapters.config.values import Listen
 from sourceauth.adapters.smtp.challenge import DEFAULT_BODY_TEMPLATE, DEFAULT_SUBJECT_TEMPLATE
 from sourceauth.adapters.smtp.inbound import FilterHandler, GroupCommitter, inbound_server_factory
 from sourceauth.adapters.smtp.outbound import ChallengeSender, NextHopDelivery
 from sourceauth.adapters.storage.blobs import FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
 from sourceauth.adapters.storage.wiring import Storage, open_blobs, open_engine
+from sourceauth.adapters.web.server import WebServer
 from sourceauth.engine.api import Receipt
 from sourceauth.engine.application import SourceAuth, system_clock
 from sourceauth.engine.logs import get_logger
@@ -94,6 +96,7 @@ def build_engine(
             subject_template=cfg.challenge.subject_template or DEFAULT_SUBJECT_TEMPLATE,
             body_template=cfg.challenge.body_template or DEFAULT_BODY_TEMPLATE,
             display_name=cfg.challenge.display_name,
+            link_base=f"{cfg.web.url}/confirm/" if cfg.web.url else "",
         )
         deliveries = NextHopDelivery(
             next_hop=cfg.delivery.next_hop_endpoint,
@@ -209,6 +212,38 @@ def run_worker_process(cfg: Config, stop: Any, wake: Any) -> None:
         log.info("workers_stopped", pid=os.getpid())
 
 
+def web_server(cfg: Config, app: SourceAuth) -> WebServer:
+    assert cfg.web.listen is not None
+    return WebServer(
+        app,
+        host=Listen(cfg.web.listen).host,
+        port=Listen(cfg.web.listen).port,
+        base_url=cfg.web.url,
+        requests_per_minute=cfg.web.requests_per_minute,
+    )
+
+
+def run_web_process(cfg: Config, stop: Any) -> None:
+    """Entry point of the web process: its own engine on the same storage, so a page never
+    holds the SMTP process's interpreter lock; confirmations and releases reach the workers
+    through the event log."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    configure_logging(cfg.logging.format, cfg.logging.level)
+    app = build_engine(cfg, transports=False)
+    web = web_server(cfg, app)
+    parent = multiprocessing.parent_process()
+    try:
+        web.start()
+        while not stop.wait(0.2):
+            if parent is not None and not parent.is_alive():
+                break
+    finally:
+        web.stop()
+        app.close()
+
+
 class Filter:
     """Everything `sourceauth serve` runs, startable from tests on any loop.
 
@@ -230,6 +265,10 @@ class Filter:
         self.mode = workers
         self.workers: Workers | None = Workers(self.app, cfg) if workers == "thread" else None
         self._process: Any = None
+        self._web_process: Any = None
+        self.web: WebServer | None = None
+        if cfg.web.listen is not None and workers == "thread":
+            self.web = web_server(cfg, self.app)
         if workers == "process":
             ctx = multiprocessing.get_context("spawn")
             self._stop = ctx.Event()
@@ -240,6 +279,13 @@ class Filter:
                 name="sourceauth-workers",
                 daemon=True,
             )
+            if cfg.web.listen is not None:
+                self._web_process = ctx.Process(
+                    target=run_web_process,
+                    args=(cfg, self._stop),
+                    name="sourceauth-web",
+                    daemon=True,
+                )
         self.committer = GroupCommitter(
             self.app,
             self.app.blobs,
@@ -274,6 +320,10 @@ class Filter:
             self.workers.start()
         else:
             self._process.start()
+        if self.web is not None:
+            self.web.start()
+        elif self._web_process is not None:
+            self._web_process.start()
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
             inbound_server_factory(
@@ -305,13 +355,17 @@ class Filter:
             await self.server.wait_closed()
         await loop.run_in_executor(None, self.committer.stop)
         await loop.run_in_executor(None, self.limits.stop)
+        if self.web is not None:
+            await loop.run_in_executor(None, self.web.stop)
         if self.workers is not None:
             await loop.run_in_executor(None, self.workers.stop)
-        elif self._process is not None and self._process.is_alive():
+        elif self._process is not None:
             self._stop.set()
-            await loop.run_in_executor(None, self._process.join, 60)
-            if self._process.is_alive():
-                self._process.terminate()
+            for process in (self._process, self._web_process):
+                if process is not None and process.is_alive():
+                    await loop.run_in_executor(None, process.join, 60)
+                    if process.is_alive():
+                        process.terminate()
         self.app.close()
         log.info("filter_stopped")
 
