@@ -192,8 +192,8 @@ class WebPages:
     # ------------------------------------------------------------------ engine inputs
 
     def held_for(self, recipient: str) -> list[HeldMessage]:
-        held = self.engine.quarantine()
-        return [m for m in held if m.state in HELD_STATES and recipient in m.recipients]
+        held = [m for state in sorted(HELD_STATES) for m in self.engine.quarantine(state=state)]
+        return sorted((m for m in held if recipient in m.recipients), key=lambda m: m.received)
 
     def act(self, recipient: str, form: dict[str, str]) -> str | None:
         """One review action on a message held for `recipient`, recorded as `web:RECIPIENT`;
