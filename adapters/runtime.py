@@ -20,6 +20,7 @@ import structlog
 
 from sourceauth.adapters.config import (
     Config,
+    ConfigError,
     config_summary,
     engine_settings,
     load_or_create_keyring,
@@ -212,6 +213,17 @@ def run_worker_process(cfg: Config, stop: Any, wake: Any) -> None:
         log.info("workers_stopped", pid=os.getpid())
 
 
+def operator_login(cfg: Config) -> tuple[str, str] | None:
+    """The operator view's (user, password), or None when it is off; ConfigError if the
+    password's environment variable is empty."""
+    if cfg.web.operator_user is None:
+        return None
+    password = os.environ.get(cfg.web.operator_password_env, "")
+    if not password:
+        raise ConfigError(f"web.operator_user is set but ${cfg.web.operator_password_env} is empty")
+    return (cfg.web.operator_user, password)
+
+
 def web_server(cfg: Config, app: SourceAuth) -> WebServer:
     assert cfg.web.listen is not None
     return WebServer(
@@ -220,6 +232,7 @@ def web_server(cfg: Config, app: SourceAuth) -> WebServer:
         port=Listen(cfg.web.listen).port,
         base_url=cfg.web.url,
         requests_per_minute=cfg.web.requests_per_minute,
+        operator=operator_login(cfg),
     )
 
 
@@ -260,6 +273,7 @@ class Filter:
         workers: str = "thread",
     ) -> None:
         self.cfg = cfg
+        operator_login(cfg)  # refuse to start here, not in the web process
         self.app = app or build_engine(cfg, clock=clock)
         assert isinstance(self.app.blobs, FileBlobStore | DatabaseBlobStore)
         self.mode = workers

@@ -243,6 +243,8 @@ class WebConfig(Section, frozen=True):
     base_url: WebUrl | None = None  # None: http://<listen>; set it behind a reverse proxy
     review_ttl: Duration = Duration("7d")
     requests_per_minute: PositiveInt = 30  # per client address, on the link pages
+    operator_user: Line | None = None  # None: no operator view
+    operator_password_env: EnvName = "SOURCEAUTH_WEB_PASSWORD"
 
     derived = ("url",)
 

@@ -7,6 +7,7 @@ autoescaped and show no message body; every response carries a strict Content-Se
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import re
@@ -74,6 +75,7 @@ REFUSALS: dict[str, tuple[int, str, str]] = {
         "This form has expired",
         "Nothing was done. Open the link again and press the button once more.",
     ),
+    "login": (401, "Sign in", "The operator view needs the operator's name and password."),
     "busy": (429, "Too many requests", "Nothing was done. Try again in a minute."),
     "form": (400, "Bad request", "Nothing was done."),
 }
@@ -116,8 +118,20 @@ class SecurityHeaders:
 class WebPages:
     """The routes, around one engine (its calls block: they run in Starlette's thread pool)."""
 
-    def __init__(self, engine: SourceAuth, *, base_url: str, requests_per_minute: int) -> None:
+    def __init__(
+        self,
+        engine: SourceAuth,
+        *,
+        base_url: str,
+        requests_per_minute: int,
+        operator: tuple[str, str] | None = None,
+    ) -> None:
         self.engine = engine
+        # The operator's (user, password), kept only as a digest compared in constant time.
+        self.login: tuple[str, bytes] | None = None
+        if operator is not None:
+            digest = hashlib.sha256(f"{operator[0]}\0{operator[1]}".encode()).digest()
+            self.login = (operator[0], digest)
         self.limiter = RateLimiter(requests_per_minute)
         url = urlsplit(base_url)
         self.origin = f"{url.scheme}://{url.netloc}"
@@ -135,6 +149,7 @@ class WebPages:
             Route("/style.css", self.stylesheet),
             Route("/confirm/{token}", self.confirm, methods=["GET", "POST"]),
             Route("/review/{link}", self.review, methods=["GET", "POST"]),
+            Route("/operator", self.operator, methods=["GET", "POST"]),
         ]
 
     # ------------------------------------------------------------------ pages
@@ -169,12 +184,29 @@ class WebPages:
             recipient = tokens.verify_review_link(self.engine.keyring, link, now=now)
         except tokens.TokenError:
             return self.refused(request, "review")
+        return await self.held_page(request, link, recipient, f"web:{recipient}")
+
+    async def operator(self, request: Request) -> Response:
+        """Every recipient's held mail, behind HTTP Basic credentials from the configuration."""
+        if not self.limiter.allow(_client(request)):
+            return self.refused(request, "busy")
+        user = self.operator_user(request)
+        if user is None:
+            response = self.refused(request, "login")
+            response.headers["www-authenticate"] = 'Basic realm="sourceauth", charset="UTF-8"'
+            return response
+        return await self.held_page(request, "operator", None, f"web-operator:{user}")
+
+    async def held_page(
+        self, request: Request, bound_to: str, recipient: str | None, actor: str
+    ) -> Response:
+        """The held-mail table (one recipient's, or everybody's for None) and its actions."""
         notice = ""
         if request.method == "POST":
-            form = await self.form(request, link)
+            form = await self.form(request, bound_to)
             if isinstance(form, str):
                 return self.refused(request, form)
-            done = await run_in_threadpool(self.act, recipient, form)
+            done = await run_in_threadpool(self.act, recipient, actor, form)
             if done is None:
                 return self.refused(request, "message")
             notice = done
@@ -183,31 +215,46 @@ class WebPages:
             request,
             "review.html",
             200,
-            form=link,
+            form=bound_to,
             recipient=recipient,
             held=[_row(m) for m in held],
             notice=notice,
         )
 
+    def operator_user(self, request: Request) -> str | None:
+        """The operator's name when the request carries the configured credentials."""
+        if self.login is None:
+            return None
+        scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+        try:
+            user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        given = hashlib.sha256(f"{user}\0{password}".encode()).digest()
+        if scheme.lower() != "basic" or not hmac.compare_digest(given, self.login[1]):
+            return None
+        return user
+
     # ------------------------------------------------------------------ engine inputs
 
-    def held_for(self, recipient: str) -> list[HeldMessage]:
+    def held_for(self, recipient: str | None) -> list[HeldMessage]:
         held = [m for state in sorted(HELD_STATES) for m in self.engine.quarantine(state=state)]
-        return sorted((m for m in held if recipient in m.recipients), key=lambda m: m.received)
+        mine = (m for m in held if recipient is None or recipient in m.recipients)
+        return sorted(mine, key=lambda m: m.received)
 
-    def act(self, recipient: str, form: dict[str, str]) -> str | None:
-        """One review action on a message held for `recipient`, recorded as `web:RECIPIENT`;
+    def act(self, recipient: str | None, actor: str, form: dict[str, str]) -> str | None:
+        """One action on a message held for `recipient` (any, for None), recorded with `actor`;
         None when the message is not held for that recipient (or the action is unknown)."""
-        action, actor = form.get("action", ""), f"web:{recipient}"
+        action = form.get("action", "")
         try:
             held = self.engine.held_message(form.get("message", ""))
         except SourceAuthError:
             return None
         if action not in REVIEW_ACTIONS or held.state not in HELD_STATES:
             return None
-        if recipient not in held.recipients:
+        if recipient is not None and recipient not in held.recipients:
             return None
-        reason = f"{action} by recipient"
+        reason = f"{action} by {actor.partition(':')[0]}"
         try:
             if action == "release":
                 self.engine.release(held.id, actor=actor, reason=reason)
@@ -215,7 +262,7 @@ class WebPages:
                 self.engine.discard(held.id, actor=actor, reason=reason)
             else:
                 verb = self.engine.authorize if action == "allow" else self.engine.block
-                scope = self.engine.scope_for(recipient)
+                scope = self.engine.scope_for(recipient or held.recipients[0])
                 verb(held.sender, scope=scope, actor=actor, reason=reason)
         except SourceAuthError:
             return None
@@ -282,9 +329,17 @@ class WebPages:
         return response
 
 
-def web_app(engine: SourceAuth, *, base_url: str, requests_per_minute: int) -> ASGIApp:
+def web_app(
+    engine: SourceAuth,
+    *,
+    base_url: str,
+    requests_per_minute: int,
+    operator: tuple[str, str] | None = None,
+) -> ASGIApp:
     """The ASGI application `sourceauth serve` runs for `[web]`."""
-    pages = WebPages(engine, base_url=base_url, requests_per_minute=requests_per_minute)
+    pages = WebPages(
+        engine, base_url=base_url, requests_per_minute=requests_per_minute, operator=operator
+    )
     return SecurityHeaders(Starlette(routes=pages.routes()))
 
 
@@ -296,6 +351,7 @@ def _row(m: HeldMessage) -> dict[str, str]:
     return {
         "id": m.id,
         "sender": m.sender,
+        "recipients": ", ".join(m.recipients),
         "subject": m.subject or "(no subject)",
         "date": datetime.fromtimestamp(m.received, UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "size": _size(m.size),

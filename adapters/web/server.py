@@ -18,10 +18,20 @@ class WebServer:
     """The web pages for one engine on host:port."""
 
     def __init__(
-        self, engine: SourceAuth, *, host: str, port: int, base_url: str, requests_per_minute: int
+        self,
+        engine: SourceAuth,
+        *,
+        host: str,
+        port: int,
+        base_url: str,
+        requests_per_minute: int,
+        operator: tuple[str, str] | None = None,
     ) -> None:
+        app = web_app(
+            engine, base_url=base_url, requests_per_minute=requests_per_minute, operator=operator
+        )
         config = uvicorn.Config(
-            web_app(engine, base_url=base_url, requests_per_minute=requests_per_minute),
+            app,
             host=host,
             port=port,
             lifespan="off",

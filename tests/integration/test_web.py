@@ -4,6 +4,7 @@ sinks): every route, and every refusal, with what each one records (or does not)
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -345,3 +346,58 @@ def test_quarantine_link_refuses_bad_input_with_exit_2(web: Web, tmp_path: Path)
         text=True,
     )
     assert done.returncode == 2 and "[web] listen" in done.stderr
+
+
+# ---------------------------------------------------------------- the operator view
+
+
+def _basic(user: str, password: str) -> dict[str, str]:
+    import base64
+
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_the_operator_view_needs_the_configured_credentials_and_sees_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SOURCEAUTH_WEB_PASSWORD", "correct horse")
+    with running_web(tmp_path, 'operator_user = "postmaster"') as web:
+        web.send(SENDER, RCPT, subject="for bob")
+        web.send("dave@sender.test", "erin@example.test", subject="for erin")
+        wait_until(lambda: len(web.app.quarantine()) == 2)
+        url, browser = f"{web.base}/operator", Browser()
+        for headers in ({}, _basic("postmaster", "wrong"), _basic("root", "correct horse")):
+            page = browser.get(url, headers=headers)
+            assert page.status == 401 and "for bob" not in page.text
+            assert page.headers["www-authenticate"].startswith("Basic ")
+        page = browser.get(url, headers=_basic("postmaster", "correct horse"))
+        assert page.status == 200 and "for bob" in page.text and "for erin" in page.text
+        erins = next(m.id for m in web.app.quarantine() if m.sender == "dave@sender.test")
+        form = {"message": erins, "action": "release"}
+        no_csrf = browser.post(url, form, headers=_basic("postmaster", "correct horse"))
+        assert no_csrf.status == 403
+        done = browser.post(
+            url, {**form, "csrf": page.csrf()}, headers=_basic("postmaster", "correct horse")
+        )
+        assert done.status == 200 and "Released" in done.text
+        actors = {h.fields.get("actor") for h in web.app.history(erins)}
+        assert "web-operator:postmaster" in actors
+
+
+def test_without_operator_user_there_is_no_operator_view(web: Web) -> None:
+    page = Browser().get(f"{web.base}/operator", headers=_basic("postmaster", ""))
+    assert page.status == 401
+
+
+def test_serve_refuses_to_start_an_operator_view_without_its_password(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        relay="maildir:./outbox",
+        next_hop="maildir:./mail",
+        extra=f'\n[web]\nlisten = "127.0.0.1:{free_port()}"\noperator_user = "postmaster"\n',
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SOURCEAUTH_WEB_PASSWORD"}
+    done = subprocess.run(
+        [SOURCEAUTH, "serve", "--config", str(path)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 2 and "SOURCEAUTH_WEB_PASSWORD is empty" in done.stderr
