@@ -32,6 +32,7 @@ from sourceauth.adapters.smtp.outbound import ChallengeSender, NextHopDelivery
 from sourceauth.adapters.storage.blobs import FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
 from sourceauth.adapters.storage.wiring import Storage, open_blobs, open_engine
+from sourceauth.adapters.web.digest import Digest
 from sourceauth.adapters.web.server import WebServer
 from sourceauth.engine.api import Receipt
 from sourceauth.engine.application import SourceAuth, system_clock
@@ -161,7 +162,18 @@ class Workers:
         self.maintenance = Worker(
             "maintenance", lambda: app.maintain(dispatch=False), cfg.maintenance.interval
         )
-        self.all = (self.challenges, self.deliveries, self.maintenance)
+        self.all: tuple[Worker, ...] = (self.challenges, self.deliveries, self.maintenance)
+        self.digest: Digest | None = None
+        if cfg.web.digest and cfg.web.url:
+            self.digest = Digest(
+                app,
+                next_hop=cfg.delivery.next_hop_endpoint,
+                base_url=cfg.web.url,
+                review_ttl=cfg.web.review_ttl,
+                sender=cfg.challenge.confirm_address,
+                hostname=cfg.server.hostname,
+            )
+            self.all += (Worker("digest", self.digest.send_all, cfg.web.digest_interval),)
 
     def start(self) -> None:
         for worker in self.all:

@@ -245,6 +245,8 @@ class WebConfig(Section, frozen=True):
     requests_per_minute: PositiveInt = 30  # per client address, on the link pages
     operator_user: Line | None = None  # None: no operator view
     operator_password_env: EnvName = "SOURCEAUTH_WEB_PASSWORD"
+    digest: bool = False  # a digest mail to each protected recipient with held mail
+    digest_interval: Duration = Duration("1d")
 
     derived = ("url",)
 

@@ -401,3 +401,33 @@ def test_serve_refuses_to_start_an_operator_view_without_its_password(tmp_path: 
         [SOURCEAUTH, "serve", "--config", str(path)], capture_output=True, text=True, env=env
     )
     assert done.returncode == 2 and "SOURCEAUTH_WEB_PASSWORD is empty" in done.stderr
+
+
+# ---------------------------------------------------------------- the digest
+
+
+def test_the_digest_lists_each_recipients_held_mail_with_a_working_review_link(
+    tmp_path: Path,
+) -> None:
+    with running_web(tmp_path, "digest = true") as web:
+        web.send(SENDER, RCPT, subject="first\tfor bob")
+        web.send("carol@sender.test", RCPT, subject="second for bob")
+        web.send("dave@sender.test", "erin@example.test", subject="for erin")
+        wait_until(lambda: len(web.app.quarantine()) == 3)
+        assert web.flt.workers is not None and web.flt.workers.digest is not None
+        assert web.flt.workers.digest.send_all() == 2
+        digests = {m.rcpt_tos[0]: parsed(m) for m in web.next_hop.wait_for(2)}
+        assert set(digests) == {RCPT, "erin@example.test"}
+        bobs = digests[RCPT]
+        assert bobs["Subject"] == "2 messages held for you"
+        assert bobs["Auto-Submitted"] == "auto-generated"
+        text = bobs.get_payload(decode=True).decode()
+        assert "first for bob" in text and "second for bob" in text and "for erin" not in text
+        link = re.search(r"(http://\S+/review/\S+)", text)
+        assert link
+        page = Browser().get(link.group(1))
+        assert page.status == 200 and "second for bob" in page.text and "for erin" not in page.text
+
+
+def test_without_digest_on_the_workers_send_none(web: Web) -> None:
+    assert web.flt.workers is not None and web.flt.workers.digest is None
