@@ -365,6 +365,28 @@ _message_command(
 )
 
 
+@quarantine.command("link")
+@click.argument("recipient")
+@click.option("--ttl", default=None, help="How long the link works (default: [web] review_ttl).")
+@with_config
+def quarantine_link(cfg: Config, recipient: str, ttl: str | None) -> None:
+    """Print a signed, expiring URL that shows RECIPIENT's held mail (and only theirs)."""
+    from sourceauth.adapters.config.values import parse_duration
+    from sourceauth.engine.addresses import AddressError, normalize_address
+    from sourceauth.engine.tokens import sign_review_link
+
+    if not cfg.web.url:
+        raise BadInput("the web pages are off: set [web] listen (and base_url) first")
+    try:
+        address = normalize_address(recipient)
+        seconds = cfg.web.review_ttl if ttl is None else parse_duration(ttl, "--ttl")
+    except (AddressError, ValueError) as exc:
+        raise BadInput(str(exc)) from exc
+    with engine_for(cfg) as app:
+        link = sign_review_link(app.keyring, address, int(app.clock() + seconds))
+    click.echo(f"{cfg.web.url}/review/{link}")
+
+
 # ---------------------------------------------------------------------------- audit
 
 

@@ -22,10 +22,12 @@ import structlog
 
 from sourceauth.adapters.config import (
     Config,
+    ConfigError,
     config_summary,
     engine_settings,
     load_or_create_keyring,
 )
+from sourceauth.adapters.config.values import Listen
 from sourceauth.adapters.smtp import xforward
 from sourceauth.adapters.smtp.challenge import DEFAULT_BODY_TEMPLATE, DEFAULT_SUBJECT_TEMPLATE
 from sourceauth.adapters.smtp.inbound import FilterHandler, GroupCommitter, inbound_server_factory
@@ -34,6 +36,8 @@ from sourceauth.adapters.status import run_maintenance, version
 from sourceauth.adapters.storage.blobs import FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
 from sourceauth.adapters.storage.wiring import Storage, open_blobs, open_engine
+from sourceauth.adapters.web.digest import Digest
+from sourceauth.adapters.web.server import WebServer
 from sourceauth.engine.api import Receipt
 from sourceauth.engine.application import SourceAuth, system_clock
 from sourceauth.engine.logs import get_logger
@@ -145,6 +149,7 @@ def build_engine(
             subject_template=cfg.challenge.subject_template or DEFAULT_SUBJECT_TEMPLATE,
             body_template=cfg.challenge.body_template or DEFAULT_BODY_TEMPLATE,
             display_name=cfg.challenge.display_name,
+            link_base=f"{cfg.web.url}/confirm/" if cfg.web.url else "",
         )
         deliveries = NextHopDelivery(
             next_hop=cfg.delivery.next_hop_endpoint,
@@ -213,7 +218,18 @@ class Workers:
             lambda: run_maintenance(app, cfg, dispatch=False),
             cfg.maintenance.interval,
         )
-        self.all = (self.challenges, self.deliveries, self.maintenance)
+        self.all: tuple[Worker, ...] = (self.challenges, self.deliveries, self.maintenance)
+        self.digest: Digest | None = None
+        if cfg.web.digest and cfg.web.url:
+            self.digest = Digest(
+                app,
+                next_hop=cfg.delivery.next_hop_endpoint,
+                base_url=cfg.web.url,
+                review_ttl=cfg.web.review_ttl,
+                sender=cfg.challenge.confirm_address,
+                hostname=cfg.server.hostname,
+            )
+            self.all += (Worker("digest", self.digest.send_all, cfg.web.digest_interval),)
 
     def start(self) -> None:
         for worker in self.all:
@@ -300,6 +316,48 @@ class ServedHandler(FilterHandler):
         reply = await super().handle_DATA(server, session, envelope)
         self.on_reply(time.perf_counter() - started)
         return reply
+def operator_login(cfg: Config) -> tuple[str, str] | None:
+    """The operator view's (user, password), or None when it is off; ConfigError if the
+    password's environment variable is empty."""
+    if cfg.web.operator_user is None:
+        return None
+    password = os.environ.get(cfg.web.operator_password_env, "")
+    if not password:
+        raise ConfigError(f"web.operator_user is set but ${cfg.web.operator_password_env} is empty")
+    return (cfg.web.operator_user, password)
+
+
+def web_server(cfg: Config, app: SourceAuth) -> WebServer:
+    assert cfg.web.listen is not None
+    return WebServer(
+        app,
+        host=Listen(cfg.web.listen).host,
+        port=Listen(cfg.web.listen).port,
+        base_url=cfg.web.url,
+        requests_per_minute=cfg.web.requests_per_minute,
+        operator=operator_login(cfg),
+    )
+
+
+def run_web_process(cfg: Config, stop: Any) -> None:
+    """Entry point of the web process: its own engine on the same storage, so a page never
+    holds the SMTP process's interpreter lock; confirmations and releases reach the workers
+    through the event log."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    configure_logging(cfg.logging.format, cfg.logging.level)
+    app = build_engine(cfg, transports=False)
+    web = web_server(cfg, app)
+    parent = multiprocessing.parent_process()
+    try:
+        web.start()
+        while not stop.wait(0.2):
+            if parent is not None and not parent.is_alive():
+                break
+    finally:
+        web.stop()
+        app.close()
 
 
 class Filter:
@@ -318,6 +376,7 @@ class Filter:
         workers: str = "thread",
     ) -> None:
         self.cfg = cfg
+        operator_login(cfg)  # refuse to start here, not in the web process
         self.app = app or build_engine(cfg, clock=clock)
         assert isinstance(self.app.blobs, FileBlobStore | DatabaseBlobStore)
         self.mode = workers
@@ -332,6 +391,10 @@ class Filter:
             Workers(self.app, cfg, counts) if workers == "thread" else None
         )
         self._process: Any = None
+        self._web_process: Any = None
+        self.web: WebServer | None = None
+        if cfg.web.listen is not None and workers == "thread":
+            self.web = web_server(cfg, self.app)
         if workers == "process":
             self._stop = ctx.Event()
             self._wake = ctx.Event()
@@ -341,6 +404,13 @@ class Filter:
                 name="sourceauth-workers",
                 daemon=True,
             )
+            if cfg.web.listen is not None:
+                self._web_process = ctx.Process(
+                    target=run_web_process,
+                    args=(cfg, self._stop),
+                    name="sourceauth-web",
+                    daemon=True,
+                )
         self.committer = GroupCommitter(
             self.app,
             self.app.blobs,
@@ -380,6 +450,10 @@ class Filter:
             self.workers.start()
         else:
             self._process.start()
+        if self.web is not None:
+            self.web.start()
+        elif self._web_process is not None:
+            self._web_process.start()
         loop = asyncio.get_running_loop()
         smtp = inbound_server_factory(
             self.handler,
@@ -425,13 +499,17 @@ class Filter:
             await self.server.wait_closed()
         await loop.run_in_executor(None, self.committer.stop)
         await loop.run_in_executor(None, self.limits.stop)
+        if self.web is not None:
+            await loop.run_in_executor(None, self.web.stop)
         if self.workers is not None:
             await loop.run_in_executor(None, self.workers.stop)
-        elif self._process is not None and self._process.is_alive():
+        elif self._process is not None:
             self._stop.set()
-            await loop.run_in_executor(None, self._process.join, 60)
-            if self._process.is_alive():
-                self._process.terminate()
+            for process in (self._process, self._web_process):
+                if process is not None and process.is_alive():
+                    await loop.run_in_executor(None, process.join, 60)
+                    if process.is_alive():
+                        process.terminate()
         if self.metrics is not None:
             self.metrics.stop()
         self.app.close()

@@ -84,6 +84,15 @@ class ConfirmResult:
     released: int = 0
 
 
+class LinkState(StrEnum):
+    """What a challenge link does when its button is pressed now."""
+
+    PENDING = "pending"  # confirms
+    EXPIRED = "expired"  # the token or the challenge's lifetime has passed
+    CLOSED = "closed"  # already confirmed, failed or superseded
+    INVALID = "invalid"  # not a token of ours: malformed, forged or unknown
+
+
 @dataclass(frozen=True)
 class FailureResult:
     recorded: bool

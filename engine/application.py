@@ -23,6 +23,7 @@ from sourceauth.engine.api import (
     HeldMessage,
     HistoryEntry,
     Incoming,
+    LinkState,
     MaintenanceReport,
     Receipt,
     SenderView,
@@ -183,6 +184,14 @@ class SourceAuth(Application[UUID]):
     def confirm(self, token: str, claimants: Iterable[str]) -> ConfirmResult:
         """A reply carrying `token` from one of `claimants` (envelope sender, From)."""
         return replies.confirm(self._ctx, token, claimants)
+
+    def confirm_by_link(self, token: str, *, actor: str = "web") -> ConfirmResult:
+        """The challenge link's button was pressed: confirm the token's own challenged sender."""
+        return replies.confirm_by_link(self._ctx, token, actor)
+
+    def link_state(self, token: str) -> LinkState:
+        """What pressing the challenge link's button would do now (records nothing)."""
+        return replies.link_state(self._ctx, token)
 
     def challenge_failed(self, token: str, diagnostic: str, source: str = "dsn") -> FailureResult:
         """The challenge carrying `token` could not be delivered (a DSN, or a relay 5xx)."""

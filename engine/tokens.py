@@ -1,6 +1,7 @@
 """Challenge tokens: mint and verify the HMAC token carried in a confirm address extension.
 
-Also derives keyed aggregate ids and reads and writes the secret keyring text format.
+Also derives keyed aggregate ids and purpose keys, signs review links, and reads and writes
+the secret keyring text format.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ TOKEN_LENGTH = _RAW_BYTES * 8 // 5
 _BASE32_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz234567ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _MAX_MINUTES = 2**32 - 1
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+_REVIEW_MAX = 2048  # characters of a review link token
 
 
 class TokenError(Exception):
@@ -124,6 +126,48 @@ def verify(keyring: Keyring, token: str, *, sender: str, scope: str, now: int) -
     if now >= claims.expires_at:
         raise TokenExpired("token has expired")
     return claims
+
+
+def derived_key(keyring: Keyring, purpose: str, kid: int | None = None) -> bytes:
+    """A key for one purpose (e.g. "review link"), derived from a token key (default: the
+    active one), so no web secret needs a file of its own and rotation follows the keyring."""
+    key = keyring.token_keys[keyring.active_kid if kid is None else kid]
+    return hmac.new(key, b"sourceauth derived key\0" + purpose.encode(), hashlib.sha256).digest()
+
+
+def sign_review_link(keyring: Keyring, recipient: str, expires_at: int) -> str:
+    """A URL-safe token that opens `recipient`'s quarantine until expires_at (unix seconds)."""
+    body = f"{keyring.active_kid}.{expires_at}.{_b64(recipient.encode('utf-8'))}"
+    return f"{body}.{_b64(_review_mac(keyring, keyring.active_kid, body))}"
+
+
+def verify_review_link(keyring: Keyring, link: str, *, now: int) -> str:
+    """The recipient a genuine, unexpired review link names; raises TokenMalformed,
+    TokenUnknownKey, TokenForged or TokenExpired (MAC checked before the expiry)."""
+    parts = link.split(".") if isinstance(link, str) and len(link) <= _REVIEW_MAX else []
+    if len(parts) != 4 or not all(p.isascii() and p.isdigit() for p in parts[:2]):
+        raise TokenMalformed("not a review link")
+    kid, expires_at = int(parts[0]), int(parts[1])
+    if kid not in keyring.token_keys:
+        raise TokenUnknownKey("link key is unknown or retired")
+    expected = _b64(_review_mac(keyring, kid, ".".join(parts[:3])))
+    if not hmac.compare_digest(parts[3].encode("ascii", "replace"), expected.encode("ascii")):
+        raise TokenForged("link signature does not match")
+    if now >= expires_at:
+        raise TokenExpired("link has expired")
+    try:
+        return base64.urlsafe_b64decode(parts[2] + "=" * (-len(parts[2]) % 4)).decode("utf-8")
+    except ValueError:
+        raise TokenMalformed("not a review link") from None
+
+
+def _review_mac(keyring: Keyring, kid: int, body: str) -> bytes:
+    key = derived_key(keyring, "review link", kid)
+    return hmac.new(key, body.encode("ascii"), hashlib.sha256).digest()[:16]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def aggregate_id(keyring: Keyring, kind: str, *parts: str) -> uuid.UUID:

@@ -268,6 +268,33 @@ class MaintenanceConfig(Section, frozen=True):
     interval: Duration = Duration("5m")
 
 
+WebUrl = Annotated[
+    str, _must("must be an http:// or https:// URL", pattern=r"\Ahttps?://[^\s?#\x00-\x1f]+\Z")
+]
+
+
+class WebConfig(Section, frozen=True):
+    """[web]: the confirmation and quarantine review pages; off unless listen is set."""
+
+    listen: Listen | None = None  # None: no web pages, and no link in the challenge
+    base_url: WebUrl | None = None  # None: http://<listen>; set it behind a reverse proxy
+    review_ttl: Duration = Duration("7d")
+    requests_per_minute: PositiveInt = 30  # per client address, on the link pages
+    operator_user: Line | None = None  # None: no operator view
+    operator_password_env: EnvName = "SOURCEAUTH_WEB_PASSWORD"
+    digest: bool = False  # a digest mail to each protected recipient with held mail
+    digest_interval: Duration = Duration("1d")
+
+    derived = ("url",)
+
+    @property
+    def url(self) -> str:
+        """The links' base URL without a trailing slash ("" when the web is off)."""
+        if self.listen is None:
+            return ""
+        return (self.base_url or f"http://{self.listen}").rstrip("/")
+
+
 def _section(kind: type[Section]) -> Any:
     return msgspec.field(default_factory=kind)
 
@@ -290,6 +317,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     maintenance: MaintenanceConfig = _section(MaintenanceConfig)
     metrics: MetricsConfig = _section(MetricsConfig)
     xforward: XForwardConfig = _section(XForwardConfig)
+    web: WebConfig = _section(WebConfig)
     file: Path | None = None  # not a file key: the file this was loaded from
 
     def __post_init__(self) -> None:

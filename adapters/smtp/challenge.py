@@ -38,7 +38,7 @@ is being held until you confirm that you are a real sender.
 To confirm, simply reply to this message. Keep the Reply-To address
 ($reply_address) as it is: it identifies your message. You need not
 write anything in the reply.
-
+$link
 This request lapses at $expires. Once it has lapsed, the held
 message will not be delivered.
 
@@ -85,6 +85,7 @@ class ChallengeContent:
     hostname: str
     expires_at: datetime
     challenge_id: str
+    confirm_url: str = ""  # with the web on: the confirmation page ($link)
 
 
 def compose_challenge(
@@ -97,7 +98,7 @@ def compose_challenge(
 ) -> bytes:
     """The challenge as RFC 5322 bytes with CRLF line endings.
 
-    Template placeholders: $subject $date $recipient $expires $sender $reply_address $token
+    Template placeholders: $subject $date $recipient $expires $sender $reply_address $token $link
     (string.Template.safe_substitute: unknown ones stay as written).  Raises ValueError only for
     values a caller bug produces: an empty or over-long From/To/Reply-To address, a Reply-To that
     does not contain the token, a challenge_id not 1-128 of [0-9A-Za-z_-], an invalid hostname.
@@ -131,6 +132,9 @@ def compose_challenge(
         "sender": to_address,
         "reply_address": reply_address,
         "token": token,
+        "link": f"\nOr open this page and press its button:\n{content.confirm_url}\n"
+        if content.confirm_url
+        else "",
     }
     rendered_subject = _single_line(string.Template(subject_template).safe_substitute(values))
     body = string.Template(body_template).safe_substitute(values)

@@ -41,6 +41,7 @@ class ChallengeSender:
     body_template: str = DEFAULT_BODY_TEMPLATE
     display_name: str = "Mail Source Authentication"
     timeout: float = 30.0
+    link_base: str = ""  # "<base_url>/confirm/" when the web is on
 
     def compose(self, challenge: OutgoingChallenge) -> bytes:
         content = ChallengeContent(
@@ -55,6 +56,7 @@ class ChallengeSender:
             hostname=self.hostname,
             expires_at=datetime.fromtimestamp(challenge.expires_at, tz=UTC),
             challenge_id=challenge.challenge_id,
+            confirm_url=f"{self.link_base}{challenge.token}" if self.link_base else "",
         )
         return compose_challenge(
             content,

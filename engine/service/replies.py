@@ -16,6 +16,7 @@ from sourceauth.engine.api import (
     Headers,
     HeldMessage,
     Incoming,
+    LinkState,
 )
 from sourceauth.engine.errors import ChallengeNotPending
 from sourceauth.engine.message import EXPIRED, HELD_STATES
@@ -24,7 +25,7 @@ from sourceauth.engine.sender import Sender
 from sourceauth.engine.service.caps import CHALLENGEABLE, DEFERRED_PREFIXES, HELD
 from sourceauth.engine.service.context import ENGINE, Context, Unit, ts
 from sourceauth.engine.service.routing import scope_for
-from sourceauth.engine.statemachine import SENDER
+from sourceauth.engine.statemachine import CHALLENGE, SENDER
 
 
 def confirm(ctx: Context, token: str, claimants: Iterable[str]) -> ConfirmResult:
@@ -36,6 +37,33 @@ def confirm(ctx: Context, token: str, claimants: Iterable[str]) -> ConfirmResult
         except AddressError:
             continue
     return ctx.run("confirm", lambda unit: confirm_in(ctx, unit, token, names, ctx.clock()))
+
+
+def confirm_by_link(ctx: Context, token: str, actor: str) -> ConfirmResult:
+    """A press on the challenge link's button: the token is bound to its sender, so the claimant
+    is the token's own challenged address; `actor` (e.g. "web") is recorded."""
+    return ctx.run(
+        "confirm", lambda unit: confirm_in(ctx, unit, token, None, ctx.clock(), actor=actor)
+    )
+
+
+def link_state(ctx: Context, token: str) -> LinkState:
+    """What a challenge link would do now, without recording anything (a GET shows it)."""
+    with ctx.lock:
+        ctx.catch_up()
+    found = challenge_for_token(ctx, token)
+    if isinstance(found, str):
+        return LinkState.INVALID
+    _, row = found
+    try:
+        tokens.verify(ctx.keyring, token, sender=row.address, scope=row.scope, now=int(ctx.clock()))
+    except tokens.TokenExpired:
+        return LinkState.EXPIRED
+    except tokens.TokenError:
+        return LinkState.INVALID
+    if row.outcome in CHALLENGE.sources("confirm"):
+        return LinkState.PENDING
+    return LinkState.EXPIRED if row.outcome == CHALLENGE.dest("expire") else LinkState.CLOSED
 
 
 def challenge_failed(ctx: Context, token: str, diagnostic: str, source: str) -> FailureResult:
@@ -91,14 +119,19 @@ def challenge_for_token(ctx: Context, token: str) -> tuple[tokens.TokenClaims, C
 
 
 def confirm_in(
-    ctx: Context, unit: Unit, token: str, claimants: set[str], now: float
+    ctx: Context,
+    unit: Unit,
+    token: str,
+    claimants: set[str] | None,
+    now: float,
+    actor: str | None = None,
 ) -> ConfirmResult:
     found = challenge_for_token(ctx, token)
     if isinstance(found, str):
         unit.note("confirm_refused", reason=found)
         return ConfirmResult(False, found)
     _, row = found
-    if row.address not in claimants:
+    if claimants is not None and row.address not in claimants:
         unit.note("confirm_refused", reason="not from the challenged sender", sender=row.address)
         return ConfirmResult(False, "reply is not from the challenged sender", row.address)
     try:
@@ -110,7 +143,7 @@ def confirm_in(
     try:
         if sender is None:
             raise ChallengeNotPending(SENDER.initial)
-        sender.confirm(row.challenge_id, timestamp=ts(now), actor=row.address)
+        sender.confirm(row.challenge_id, timestamp=ts(now), actor=actor or row.address)
     except ChallengeNotPending as exc:
         unit.note("confirm_refused", reason=str(exc), sender=row.address)
         return ConfirmResult(False, str(exc), row.address)

@@ -72,6 +72,8 @@ def test_wheel_installs_one_namespace_and_carries_the_specs_and_license(wheel: P
     for spec in ("sender.toml", "message.toml"):
         assert f"sourceauth/specs/{spec}" in names
     assert any(n.endswith("licenses/LICENSE") for n in names)
+    for page in ("confirm.html", "review.html", "style.css"):  # the web pages' templates
+        assert f"sourceauth/adapters/web/templates/{page}" in names
     assert not [n for n in names if "smtp_sink" in n or n.startswith(FORBIDDEN_TOP_LEVEL)]
 
 

@@ -510,3 +510,11 @@ def test_any_subject_round_trips_after_sanitising(subject: str) -> None:
     )
     expected = defang(" ".join(kept.split()))[:SUBJECT_MAX].strip()
     assert decoded(msg["Subject"]) == (expected or "(no subject)")
+
+
+def test_with_the_web_on_the_body_carries_the_confirmation_link_else_reads_as_before() -> None:
+    url = "https://mx.example.test/sourceauth/confirm/TOK123"
+    with_link = body_text(parse(compose(content(confirm_url=url)))).replace("\r\n", "\n")
+    without = body_text(parse(compose())).replace("\r\n", "\n")
+    assert f"\n{url}\n" in with_link and "press its button" in with_link
+    assert "http" not in without and "write anything in the reply.\n\nThis request" in without
