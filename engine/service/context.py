@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ MAX_CONFLICT_RETRIES = 8
 SENDER_CACHE_SIZE = 20_000
 SENDER_CACHE_TTL = 2.0  # seconds a cached sender is trusted before a check for newer events
 BATCH_LIMIT = 500
+WORK_LEASE = 300.0  # seconds a claimed send or delivery stays with its worker (after a crash)
 
 
 def ts(seconds: float) -> datetime:
@@ -93,6 +95,7 @@ class Context:
         self.limiter = ChallengeRateLimiter(settings.limits)
         self.full_mailboxes: set[str] = set()
         self.in_flight: set[str] = set()  # challenge and message ids a dispatcher is sending
+        self.holder = uuid.uuid4().hex  # this engine, as the holder of outbound work leases
         self._senders: OrderedDict[UUID, Sender] = OrderedDict()
         self._sender_ids: dict[tuple[str, str], UUID] = {}
         self._checked: dict[UUID, float] = {}  # when each cached sender was last read

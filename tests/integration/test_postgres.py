@@ -23,6 +23,7 @@ from sourceauth.adapters.storage.wiring import open_engine
 from sourceauth.engine import tokens
 from sourceauth.engine.api import BounceInfo, Decision, MaintenanceReport, Receipt
 from sourceauth.engine.application import SourceAuth
+from sourceauth.engine.service.context import WORK_LEASE
 from tests.conftest import (
     FakeChallenges,
     FakeClock,
@@ -394,9 +395,9 @@ def test_maintain_on_two_nodes_at_once_is_idempotent(node: Node, clock: FakeCloc
     collected = sum(r.blobs_collected for r in reports + again)
     assert collected == 2 * len(confirmed) + len(confirmed) + len(failed)  # each exactly once
     assert names(all_events(a)) == names(events)  # the second round recorded nothing
-    # at-least-once to the next hop: a copy may be handed over by both nodes, never lost
+    # each copy leased to one node: handed to a next hop exactly once
     handed = Counter(j.message_id for j in hop_a.jobs + hop_b.jobs)
-    assert len(handed) == 2 * len(confirmed)
+    assert len(handed) == 2 * len(confirmed) and set(handed.values()) == {1}
     states = Counter(m.state for m in b.quarantine())
     assert states == {
         "delivered": 2 * len(confirmed),
@@ -504,3 +505,114 @@ def test_two_smtp_nodes_on_one_database_send_one_challenge_and_release_across_no
             for flt in nodes:
                 flt.stop()
     assert pg.query("SELECT count(*) FROM sa_challenges")[0][0] == 1
+
+
+# ------------------------------------------------------------------------------ §8 claimed work
+
+
+def test_two_nodes_dispatching_at_once_send_each_challenge_and_each_delivery_exactly_once(
+    node: Node,
+) -> None:
+    """Outbound work is leased in the database: four dispatchers (two per node) racing over
+    the same due rows hand each challenge to a relay once and each copy to a next hop once."""
+    relays, hops = [FakeChallenges(), FakeChallenges()], [FakeDeliveries(), FakeDeliveries()]
+    a, b = (node(challenges=r, deliveries=h) for r, h in zip(relays, hops, strict=True))
+    senders = [f"racer{i}@remote{i % 5}.test" for i in range(48)]
+    run_together(
+        lambda: [a.receive(incoming(a, s, BOB, subject="via a")) for s in senders],
+        lambda: [b.receive(incoming(b, s, BOB, subject="via b")) for s in senders],
+    )
+
+    run_together(
+        a.dispatch_challenges, b.dispatch_challenges, a.dispatch_challenges, b.dispatch_challenges
+    )
+    wait_outbound_idle(a, b)
+    sent = Counter(c.challenge_id for r in relays for c in r.sent)
+    assert len(sent) == len(senders) and set(sent.values()) == {1}, sent.most_common(3)
+    assert all(relays), "both nodes took a share of the work"  # the race really happened
+
+    for i, s in enumerate(senders):
+        via = (a, b)[i % 2]
+        token = next(c.token for r in relays for c in r.to(s))
+        via.receive(reply_to_challenge(via, s, token=token))
+    run_together(
+        a.dispatch_deliveries, b.dispatch_deliveries, a.dispatch_deliveries, b.dispatch_deliveries
+    )
+    wait_outbound_idle(a, b)
+    handed = Counter(j.message_id for h in hops for j in h.jobs)
+    assert len(handed) == 2 * len(senders) and set(handed.values()) == {1}, handed.most_common(3)
+    events = all_events(a)
+    assert set(per_aggregate(events, "Message.Delivered").values()) == {1}
+    assert set(per_aggregate(events, "Sender.ChallengeSent").values()) == {1}
+    assert not a.views.claimed_work()  # type: ignore[attr-defined]  # every lease ended
+
+
+class Stuck:
+    """Never answers until released: its worker holds its leases like a node that died in
+    the middle of a send."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def hold(self) -> None:
+        self.entered.set()
+        assert self.release.wait(60)
+
+
+class StuckRelay(FakeChallenges, Stuck):
+    def __init__(self) -> None:
+        FakeChallenges.__init__(self)
+        Stuck.__init__(self)
+
+    def send(self, challenge: Any) -> Any:
+        self.hold()
+        return super().send(challenge)
+
+
+class StuckHop(FakeDeliveries, Stuck):
+    def __init__(self) -> None:
+        FakeDeliveries.__init__(self)
+        Stuck.__init__(self)
+
+    def deliver(self, job: Any) -> Any:
+        self.hold()
+        return super().deliver(job)
+
+
+def test_a_dead_workers_leases_lapse_and_another_node_sends_with_the_same_token_and_id(
+    node: Node, clock: FakeClock
+) -> None:
+    stuck_relay, stuck_hop = StuckRelay(), StuckHop()
+    relay, hop = FakeChallenges(), FakeDeliveries()
+    dead = node(challenges=stuck_relay, deliveries=stuck_hop)
+    alive = node(challenges=relay, deliveries=hop)
+    dead.receive(incoming(dead, ALICE, BOB, subject="held"))
+    stuck = threading.Thread(target=dead.dispatch_challenges, daemon=True)
+    delivering = threading.Thread(target=dead.dispatch_deliveries, daemon=True)
+    stuck.start()
+    try:
+        assert stuck_relay.entered.wait(30)
+        assert alive.dispatch_challenges() == (0, 0, 0)  # leased to the dead worker
+        clock.advance(WORK_LEASE + 1)
+        assert alive.dispatch_challenges() == (1, 0, 0)  # taken over once the lease lapsed
+        token = relay.sent[0].token
+        assert token == alive.token_for(relay.sent[0].challenge_id)
+
+        alive.receive(reply_to_challenge(alive, ALICE, token=token))
+        delivering.start()
+        assert stuck_hop.entered.wait(30)
+        assert alive.dispatch_deliveries() == (0, 0, 0)
+        clock.advance(WORK_LEASE + 1)
+        assert alive.dispatch_deliveries() == (1, 0, 0)
+        assert [j.recipients for j in hop.jobs] == [(BOB,)]
+    finally:
+        stuck_relay.release.set()
+        stuck_hop.release.set()
+        stuck.join(30)
+        if delivering.ident is not None:
+            delivering.join(30)
+    # the dead worker's late answers: at least once, with the same token and the same id
+    assert stuck_relay.sent[0].token == token
+    assert stuck_hop.jobs[0].message_id == hop.jobs[0].message_id
+    assert alive.quarantine(sender=ALICE)[0].state == "delivered"
