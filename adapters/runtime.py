@@ -29,6 +29,7 @@ from sourceauth.adapters.smtp.inbound import FilterHandler, GroupCommitter, inbo
 from sourceauth.adapters.smtp.outbound import ChallengeSender, NextHopDelivery
 from sourceauth.adapters.storage.blobs import FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
+from sourceauth.adapters.storage.postgres import PostgresBlobStore
 from sourceauth.adapters.storage.wiring import Storage, open_blobs, open_engine
 from sourceauth.engine.api import Receipt
 from sourceauth.engine.application import SourceAuth, system_clock
@@ -226,7 +227,7 @@ class Filter:
     ) -> None:
         self.cfg = cfg
         self.app = app or build_engine(cfg, clock=clock)
-        assert isinstance(self.app.blobs, FileBlobStore | DatabaseBlobStore)
+        assert isinstance(self.app.blobs, FileBlobStore | DatabaseBlobStore | PostgresBlobStore)
         self.mode = workers
         self.workers: Workers | None = Workers(self.app, cfg) if workers == "thread" else None
         self._process: Any = None

@@ -14,6 +14,7 @@ from eventsourcing.persistence import ApplicationRecorder, Mapper
 
 from sourceauth.adapters.storage.blobs import FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
+from sourceauth.adapters.storage.postgres import PostgresBlobStore
 from sourceauth.adapters.storage.views import (
     Dialect,
     PostgresDialect,
@@ -27,6 +28,7 @@ from sourceauth.engine.ports import BlobStore, ChallengeTransport, Clock, Delive
 from sourceauth.engine.settings import EngineSettings
 
 TRANSCODER = "sourceauth.adapters.storage.transcoder:MsgpackTranscoder"
+CONNECT_TIMEOUT = 5  # seconds to reach PostgreSQL before an error names the reason
 
 
 @dataclass(frozen=True)
@@ -44,13 +46,11 @@ class Storage:
     blob_dir: Path = Path("./var/blobs")
     sqlite_synchronous: str = "FULL"
     blob_fsync: bool = True
-    blobs: str = (
-        ""  # "database" (SQLite: originals in the event transaction) or "files"; "" = per kind
-    )
+    blobs: str = ""  # "database" (originals in the event transaction; the default) or "files"
 
     @property
     def blob_location(self) -> str:
-        return self.blobs or ("database" if self.kind == "sqlite" else "files")
+        return self.blobs or "database"
 
     def conninfo(self) -> str:
         parts = [
@@ -77,7 +77,8 @@ def eventsourcing_env(storage: Storage) -> dict[str, str]:
         )
     elif storage.kind == "postgresql":
         env.update(
-            PERSISTENCE_MODULE="eventsourcing.postgres",
+            PERSISTENCE_MODULE="sourceauth.adapters.storage.postgres:BlobPostgresFactory",
+            POSTGRES_CONNECT_TIMEOUT=str(CONNECT_TIMEOUT),
             POSTGRES_DBNAME=storage.pg_dbname,
             POSTGRES_HOST=storage.pg_host,
             POSTGRES_PORT=str(storage.pg_port),
@@ -106,11 +107,11 @@ def views_factory(storage: Storage) -> Callable[[ApplicationRecorder, Mapper[UUI
     return build
 
 
-def open_blobs(storage: Storage) -> FileBlobStore | DatabaseBlobStore:
+def open_blobs(storage: Storage) -> FileBlobStore | DatabaseBlobStore | PostgresBlobStore:
     """The blob store this storage uses for message originals."""
     if storage.blob_location == "database":
-        if storage.kind != "sqlite":
-            raise ValueError('blobs in the database need SQLite; use blobs="files"')
+        if storage.kind == "postgresql":
+            return PostgresBlobStore(storage.conninfo(), storage.pg_schema)
         assert storage.sqlite_path is not None
         storage.sqlite_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         return DatabaseBlobStore(storage.sqlite_path, synchronous=storage.sqlite_synchronous)

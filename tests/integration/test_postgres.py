@@ -7,6 +7,7 @@ fakes, except in the SMTP tests, where they are real sinks on loopback.
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -203,13 +204,13 @@ def test_core_flow_hold_challenge_once_confirm_releases_all_dsn_expires_maintain
     assert app.sender(MALLORY).state == "expired"
     expired = [m for m in app.quarantine(sender=MALLORY)]
     assert [m.state for m in expired] == ["expired", "expired"]
-    blobs = [app.blobs.path_of(m.receipt_id) for m in expired]  # type: ignore[union-attr]
-    assert all(b.exists() for b in blobs)
+    originals = [m.receipt_id for m in expired]
+    assert all(app.blobs.exists(r) for r in originals)  # type: ignore[union-attr]
 
     report = app.maintain()
     assert report.purged == 2 and report.conflicts == 0
     assert [m.state for m in app.quarantine(sender=MALLORY)] == ["purged", "purged"]
-    assert not any(b.exists() for b in blobs)
+    assert not any(app.blobs.exists(r) for r in originals)  # type: ignore[union-attr]
     assert app.maintain().purged == 0
     assert len(relay.sent) == 2 and len(next_hop.jobs) == 4
     fault, summary = verify(app)
@@ -443,8 +444,10 @@ def test_smtp_flow_on_postgresql(tmp_path: Path, pg: PgSchema) -> None:
             assert len(relay.messages) == 1 and len(next_hop.messages) == 2
         finally:
             flt.stop()
-    # everything is in the schema, nothing in a SQLite file
+    # everything is in the schema (the originals too), nothing in a SQLite file or a blob file
     assert not list((tmp_path / "var").glob("*.db"))
+    assert not list((tmp_path / "var").glob("blobs/**/*[0-9a-f]"))
+    assert pg.query("SELECT count(*) FROM sa_blob_data")[0][0] == 3  # two held, one reply
     assert pg.query("SELECT count(*) FROM sourceauth_events")[0][0] >= 10
     app = build_engine(cfg, transports=False)  # views catch up on the next query
     try:
@@ -458,14 +461,17 @@ def test_smtp_flow_on_postgresql(tmp_path: Path, pg: PgSchema) -> None:
 def test_two_smtp_nodes_on_one_database_send_one_challenge_and_release_across_nodes(
     tmp_path: Path, pg: PgSchema
 ) -> None:
-    """Two filters (each behind its own MTA) share the database and the blob volume."""
+    """Two filters (each behind its own MTA, each with its own data directory) share only the
+    database: the originals live in it, so a confirmation at one node releases mail the other
+    accepted, and each copy is delivered once."""
     stranger, protected = "carol@remote.test", "bob@example.test"
-    shared = tmp_path / "shared"
+    a_var, b_var = tmp_path / "a" / "var", tmp_path / "b" / "var"
     with Sink() as relay, Sink() as next_hop:
-        nodes = [
-            RunningFilter(pg_config(tmp_path / n, pg, relay, next_hop, data_dir=shared))
-            for n in ("a", "b")
-        ]
+        nodes = [RunningFilter(pg_config(tmp_path / "a", pg, relay, next_hop, data_dir=a_var))]
+        # The operator copies the first node's keyring to every other node.
+        b_var.mkdir(parents=True, mode=0o700)
+        shutil.copy2(a_var / "secret", b_var / "secret")
+        nodes.append(RunningFilter(pg_config(tmp_path / "b", pg, relay, next_hop, data_dir=b_var)))
         try:
             codes = run_together(
                 *(
@@ -495,8 +501,9 @@ def test_two_smtp_nodes_on_one_database_send_one_challenge_and_release_across_no
             )
             wait_outbound_idle(*(n.app for n in nodes))
             ids = Counter(parsed(m)["X-SourceAuth-Id"] for m in next_hop.messages)
-            assert sorted(parsed(m)["Subject"] for m in next_hop.messages)[:1] == ["n0"]
-            assert len(ids) == 2
+            assert sorted(parsed(m)["Subject"] for m in next_hop.messages) == ["n0", "n1"]
+            assert len(ids) == 2 and set(ids.values()) == {1}, ids
+            assert len(relay.messages) == 1
             print(
                 f"two nodes: challenges sent {len(relay.messages)} (distinct tokens 1), "
                 f"deliveries {sum(ids.values())} for 2 copies"
