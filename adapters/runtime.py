@@ -20,6 +20,7 @@ import structlog
 
 from sourceauth.adapters.config import (
     Config,
+    ConfigError,
     config_summary,
     engine_settings,
     load_or_create_keyring,
@@ -30,13 +31,15 @@ from sourceauth.adapters.smtp.outbound import ChallengeSender, NextHopDelivery
 from sourceauth.adapters.storage.blobs import FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
 from sourceauth.adapters.storage.postgres import PostgresBlobStore
-from sourceauth.adapters.storage.wiring import Storage, open_blobs, open_engine
+from sourceauth.adapters.storage.wiring import KeyringMismatch, Storage, open_blobs, open_engine
 from sourceauth.engine.api import Receipt
 from sourceauth.engine.application import SourceAuth, system_clock
 from sourceauth.engine.logs import get_logger
 from sourceauth.engine.ports import Clock
 
 log = get_logger(__name__)
+
+DATABASE_REPLY_WITHIN = 4.5  # seconds: an SMTP client gets 4xx within 5 s if PostgreSQL is down
 
 
 def configure_logging(fmt: str = "json", level: str = "info", stream: Any = None) -> None:
@@ -101,15 +104,24 @@ def build_engine(
             blobs=blobs,
             hostname=cfg.server.hostname,
         )
-    return open_engine(
-        settings=engine_settings(cfg),
-        keyring=keyring,
-        storage=storage,
-        clock=clock,
-        challenges=challenges,
-        deliveries=deliveries,
-        blobs=blobs,
-    )
+    try:
+        return open_engine(
+            settings=engine_settings(cfg),
+            keyring=keyring,
+            storage=storage,
+            clock=clock,
+            challenges=challenges,
+            deliveries=deliveries,
+            blobs=blobs,
+        )
+    except KeyringMismatch as exc:
+        env = os.environ if environ is None else environ
+        fix = (
+            f"set {cfg.challenge.secret_env} to the keyring of a running node"
+            if cfg.challenge.secret_env in env
+            else f"copy the keyring file of a running node to {cfg.challenge.secret_file} (0600)"
+        )
+        raise ConfigError(f"{exc}: {fix}") from None
 
 
 class Worker:
@@ -253,6 +265,7 @@ class Filter:
             max_recipients=cfg.limits.max_recipients,
             bounce_address=cfg.challenge.bounce_address,
             delimiter=cfg.policy.recipient_delimiter,
+            reply_within=DATABASE_REPLY_WITHIN if cfg.storage.kind == "postgresql" else None,
         )
         self.limits = Worker("quarantine-limits", self.app.refresh_full_mailboxes, 0.5)
         self.server: asyncio.AbstractServer | None = None

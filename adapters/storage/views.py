@@ -24,6 +24,7 @@ log = get_logger(__name__)
 
 TRACKING = "sa_tracking"
 BLOB_GC = "sa_blob_gc"
+KEYRING = "sa_keyring"  # fingerprints of the keyring every node on this store must share
 LEASES = "sa_leases"  # outbound work claimed by one worker of one node until `until`
 TRACKING_NAME = "views"
 PAGE = 2000
@@ -596,6 +597,24 @@ class SqlViews:
                     f"DELETE FROM {LEASES} WHERE holder = ? AND work IN ({marks})",
                     (holder, *chunk),
                 )
+
+    def record_keyring(self, fingerprints: dict[str, str]) -> dict[str, str]:
+        """Record each keyring fingerprint this store has none for yet (the first start, or a
+        new key id); returns every fingerprint the store holds, to compare with ours."""
+        with self._tx(write=True) as cur:
+            self._x(
+                cur,
+                f"CREATE TABLE IF NOT EXISTS {KEYRING} (name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL)",
+            )
+            for name, mark in sorted(fingerprints.items()):
+                self._x(
+                    cur,
+                    f"INSERT INTO {KEYRING} (name, fingerprint) VALUES (?, ?) "
+                    f"ON CONFLICT (name) DO NOTHING",
+                    (name, mark),
+                )
+            rows = self._x(cur, f"SELECT name, fingerprint FROM {KEYRING}").fetchall()
+        return {str(r[0]): str(r[1]) for r in rows}
 
     def claimed_work(self) -> list[tuple[str, str, float]]:
         """Every lease (work, holder, until): what an operator looks at after a crash."""
