@@ -197,7 +197,9 @@ class EngineAgainstModel(RuleBasedStateMachine):
         if not from_the_challenged_sender:
             replier = data.draw(st.sampled_from([a for a in PEOPLE if a != target]))
         model = self.senders[key]
-        confirms = replier == target and model.state == "challenged" and self.clock() < model.expires
+        confirms = (
+            replier == target and model.state == "challenged" and self.clock() < model.expires
+        )
         token = token_of(self.app, target, scope)
         receipt = self.app.receive(reply_to_challenge(self.app, replier, token=token))
         [decision] = receipt.decisions

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from sourceauth.adapters.config import load_config
 from sourceauth.engine import tokens
 from tests.integration.pg import PgSchema, pg_schema_fixture, postgres
-from tests.integration.smtp_harness import free_port
+from tests.integration.smtp_harness import RunningFilter, free_port, message, write_config
+from tests.support.smtp_sink import Sink
+from tests.support.tcp_proxy import FreezableProxy
 
 pytestmark = [postgres, pytest.mark.timeout(180)]
 
@@ -117,3 +120,32 @@ def test_an_unreachable_or_missing_database_is_one_line_naming_host_database_and
             assert "database 'test'" in lines[0] or "database 'sa_no_such_db_" in lines[0]
             assert reason in lines[0], lines[0]
             assert elapsed - startup < 5.0, (command, elapsed, startup)
+
+
+def test_smtp_clients_get_4xx_within_5_s_when_the_database_stops_answering(
+    tmp_path: Path, pg: PgSchema
+) -> None:
+    stranger, protected = "alice@remote.test", "bob@example.test"
+    with FreezableProxy((pg.host, pg.port)) as proxy, Sink() as relay, Sink() as next_hop:
+        path = write_config(tmp_path, relay=relay.url, next_hop=next_hop.url)
+        url = f"postgresql://{pg.user}@127.0.0.1:{proxy.port}/{pg.dbname}?schema={pg.schema}"
+        path.write_text(path.read_text() + f'\n[storage]\nurl = "{url}"\n', encoding="utf-8")
+        flt = RunningFilter(load_config(path))
+        try:
+            code, _ = flt.sendmail_reply(stranger, [protected], message(stranger, protected))
+            assert code == 250
+            proxy.freeze()
+            started = time.monotonic()
+            code, text = flt.sendmail_reply(
+                stranger, [protected], message(stranger, protected, subject="while frozen")
+            )
+            elapsed = time.monotonic() - started
+            assert code == 451 and b"4.3.0" in text, (code, text)
+            assert elapsed < 5.0, elapsed
+        finally:
+            proxy.close()  # the database gone for good: what hung now fails, and stops
+            flt.stop()
+    # nothing accepted was lost: the first message is held; the second, if its commit landed
+    # after the 451, is held too (the client's retry would be a second copy, not a loss)
+    assert pg.query("SELECT count(*) FROM sa_blob_data")[0][0] >= 1
+    assert pg.query("SELECT count(*) FROM sourceauth_events")[0][0] >= 2
