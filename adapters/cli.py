@@ -32,6 +32,15 @@ class BadInput(click.ClickException):
         click.echo(f"sourceauth: error: {self.format_message()}", err=True)
 
 
+class Unavailable(click.ClickException):
+    """The store cannot be reached: one line, exit 1 (not the operator's input)."""
+
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"sourceauth: error: {self.format_message()}", err=True)
+
+
 def _iso(seconds: float) -> str | None:
     if not seconds:
         return None
@@ -66,11 +75,14 @@ def with_config(func: F) -> F:
 @contextmanager
 def engine_for(cfg: Config, *, transports: bool = False) -> Iterator[Any]:
     from sourceauth.adapters.runtime import build_engine
+    from sourceauth.adapters.storage.wiring import StorageUnreachable
 
     try:
         app = build_engine(cfg, transports=transports)
     except ConfigError as exc:
         raise BadInput(str(exc)) from exc
+    except StorageUnreachable as exc:
+        raise Unavailable(str(exc)) from exc
     try:
         yield app
     except (InvalidInput, NotFound, IllegalTransition) as exc:
@@ -112,11 +124,14 @@ def cli() -> None:
 def serve(cfg: Config) -> None:
     """Run the filter: inbound SMTP, challenge sender, delivery worker, maintenance timer."""
     from sourceauth.adapters.runtime import serve as run
+    from sourceauth.adapters.storage.wiring import StorageUnreachable
 
     try:
         code = run(cfg)
     except ConfigError as exc:
         raise BadInput(str(exc)) from exc
+    except StorageUnreachable as exc:
+        raise Unavailable(str(exc)) from exc
     except OSError as exc:
         raise click.ClickException(f"cannot serve on {cfg.server.listen}: {exc}") from exc
     sys.exit(code)

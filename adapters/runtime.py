@@ -35,7 +35,8 @@ from sourceauth.adapters.smtp.outbound import ChallengeSender, NextHopDelivery
 from sourceauth.adapters.status import run_maintenance, version
 from sourceauth.adapters.storage.blobs import FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
-from sourceauth.adapters.storage.wiring import Storage, open_blobs, open_engine
+from sourceauth.adapters.storage.postgres import PostgresBlobStore
+from sourceauth.adapters.storage.wiring import KeyringMismatch, Storage, open_blobs, open_engine
 from sourceauth.adapters.web.digest import Digest
 from sourceauth.adapters.web.server import WebServer
 from sourceauth.engine.api import Receipt
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from sourceauth.adapters.metrics import Metrics, OutboundCounts
 
 log = get_logger(__name__)
+
+DATABASE_REPLY_WITHIN = 4.5  # seconds: an SMTP client gets 4xx within 5 s if PostgreSQL is down
 
 
 class LogFile:
@@ -156,15 +159,24 @@ def build_engine(
             blobs=blobs,
             hostname=cfg.server.hostname,
         )
-    return open_engine(
-        settings=engine_settings(cfg),
-        keyring=keyring,
-        storage=storage,
-        clock=clock,
-        challenges=challenges,
-        deliveries=deliveries,
-        blobs=blobs,
-    )
+    try:
+        return open_engine(
+            settings=engine_settings(cfg),
+            keyring=keyring,
+            storage=storage,
+            clock=clock,
+            challenges=challenges,
+            deliveries=deliveries,
+            blobs=blobs,
+        )
+    except KeyringMismatch as exc:
+        env = os.environ if environ is None else environ
+        fix = (
+            f"set {cfg.challenge.secret_env} to the keyring of a running node"
+            if cfg.challenge.secret_env in env
+            else f"copy the keyring file of a running node to {cfg.challenge.secret_file} (0600)"
+        )
+        raise ConfigError(f"{exc}: {fix}") from None
 
 
 class Worker:
@@ -316,6 +328,8 @@ class ServedHandler(FilterHandler):
         reply = await super().handle_DATA(server, session, envelope)
         self.on_reply(time.perf_counter() - started)
         return reply
+
+
 def operator_login(cfg: Config) -> tuple[str, str] | None:
     """The operator view's (user, password), or None when it is off; ConfigError if the
     password's environment variable is empty."""
@@ -378,7 +392,7 @@ class Filter:
         self.cfg = cfg
         operator_login(cfg)  # refuse to start here, not in the web process
         self.app = app or build_engine(cfg, clock=clock)
-        assert isinstance(self.app.blobs, FileBlobStore | DatabaseBlobStore)
+        assert isinstance(self.app.blobs, FileBlobStore | DatabaseBlobStore | PostgresBlobStore)
         self.mode = workers
         ctx = multiprocessing.get_context("spawn")
         self.metrics: Metrics | None = None
@@ -426,6 +440,7 @@ class Filter:
             max_recipients=cfg.limits.max_recipients,
             bounce_address=cfg.challenge.bounce_address,
             delimiter=cfg.policy.recipient_delimiter,
+            reply_within=DATABASE_REPLY_WITHIN if cfg.storage.kind == "postgresql" else None,
         )
         self.limits = Worker("quarantine-limits", self.app.refresh_full_mailboxes, 0.5)
         self.server: asyncio.AbstractServer | None = None

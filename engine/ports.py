@@ -146,6 +146,16 @@ class ViewStore(Protocol):
 
     def live_copies(self, receipt_id: str) -> int: ...
 
+    def claim_work(self, work: Sequence[str], holder: str, now: float, until: float) -> set[str]:
+        """Lease outbound work (challenge sends, deliveries) to one worker across processes
+        and nodes: returns the keys now held by `holder` until `until`; a key leased to
+        anyone else and not lapsed by `now` is left out."""
+        ...
+
+    def release_work(self, work: Sequence[str], holder: str) -> None:
+        """End `holder`'s leases on these keys."""
+        ...
+
     def senders(
         self, *, state: str | None = None, address: str | None = None, limit: int | None = None
     ) -> list[SenderView]: ...

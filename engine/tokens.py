@@ -186,6 +186,22 @@ def aggregate_id(keyring: Keyring, kind: str, *parts: str) -> uuid.UUID:
     return uuid.UUID(bytes=digest[:16], version=4)
 
 
+FINGERPRINT_LABEL = b"sourceauth keyring fingerprint v1"
+
+
+def fingerprints(keyring: Keyring) -> dict[str, str]:
+    """What identifies this keyring without revealing it: an HMAC of a fixed label under the
+    id key, and under each token key by key id. Nodes that share a store must agree on every
+    name they both have; a new key id (rotation) adds a name."""
+
+    def mark(key: bytes) -> str:
+        return hmac.new(key, FINGERPRINT_LABEL, hashlib.sha256).hexdigest()[:32]
+
+    found = {"id key": mark(keyring.id_key)}
+    found.update({f"token key {kid}": mark(key) for kid, key in sorted(keyring.token_keys.items())})
+    return found
+
+
 def parse_keyring(text: str) -> Keyring:
     """Read the keyring secret-file format; ValueError names the line, never key material.
 

@@ -293,9 +293,7 @@ def _resolved(cfg: Config, base: Path, env: Mapping[str, str], file: Path | None
 
 def _check(cfg: Config) -> None:
     """The rules that tie one key to another."""
-    storage, challenge = cfg.storage, cfg.challenge
-    if storage.blobs == "database" and storage.kind != "sqlite":
-        raise ConfigError('storage.blobs: "database" is only available with SQLite; use "files"')
+    challenge = cfg.challenge
     delimiter = cfg.policy.recipient_delimiter
     for name in ("confirm_address", "bounce_address"):
         address = getattr(challenge, name)

@@ -104,8 +104,8 @@ class StorageConfig(Section, frozen=True):
     sqlite_synchronous: Literal["NORMAL", "FULL"] = "FULL"
     group_commit_max: PositiveInt = 256
     group_commit_wait_ms: Annotated[float, _must("must be zero or more", ge=0)] = 2.0
-    # "database" (SQLite only: in the same file and transaction as the events) or "files".
-    blobs: Literal["database", "files"] | None = None  # None: "database" on SQLite, else "files"
+    # "database" (the same transaction as the events) or "files" (PostgreSQL nodes: shared fs).
+    blobs: Literal["database", "files"] = "database"
     pg_password: Secret | None = None  # not a file key: from the URL or SOURCEAUTH_DB_PASSWORD
 
     derived = ("kind", "sqlite_path", "pg_host", "pg_port", "pg_user", "pg_dbname", "pg_schema")
@@ -126,8 +126,6 @@ class StorageConfig(Section, frozen=True):
             force_setattr(self, "pg_password", None)
         elif self.pg_password is None and url.password is not None:
             force_setattr(self, "pg_password", url.password)
-        if self.blobs is None:
-            force_setattr(self, "blobs", "database" if url.kind == "sqlite" else "files")
 
 
 class PolicyConfig(Section, frozen=True):

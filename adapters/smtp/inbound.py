@@ -229,9 +229,14 @@ class FilterHandler:
         max_recipients: int,
         bounce_address: str,
         delimiter: str = "+",
+        reply_within: float | None = None,
     ) -> None:
         self.committer = committer
         self.max_recipients = max_recipients
+        # A store that does not answer (a database server down or unreachable) gets the
+        # client a 451 after this many seconds; the commit may still land: then the client's
+        # retry is a second copy, never a lost one. None waits for the commit however long.
+        self.reply_within = reply_within
         self.bounce_address = normalize_address(bounce_address)
         self.delimiter = delimiter
 
@@ -303,7 +308,10 @@ class FilterHandler:
             )
         )
         try:
-            receipt = await future
+            receipt = await asyncio.wait_for(asyncio.shield(future), self.reply_within)
+        except TimeoutError:
+            log.warning("data_deferred", error=f"no commit within {self.reply_within} s")
+            return "451 4.3.0 Temporary failure, please try again later"
         except InvalidInput as exc:
             # Refused before anything was recorded: nothing accepted, nothing lost.
             return f"550 5.6.0 Message refused: {exc}"

@@ -105,11 +105,11 @@ class NextHopDelivery:
                 next_hop=str(self.next_hop),
             )
         except (BlobNotFound, BlobCorrupt) as exc:
-            # The original is gone or damaged: retrying will not help, but the copy stays
-            # visible as failed for the operator (nothing silently dropped).
+            # Never a permanent failure: the original may be on another node's disk or come
+            # back from a restore. The copy stays queued and retried; the operator is told.
             log.error("delivery_blob_unreadable", message_id=job.message_id, error=str(exc))
             return DeliveryResult(
-                rejected=job.recipients,
+                temporary=job.recipients,
                 diagnostic=f"original unreadable: {exc}",
                 next_hop=str(self.next_hop),
             )

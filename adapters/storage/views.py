@@ -25,6 +25,8 @@ log = get_logger(__name__)
 
 TRACKING = "sa_tracking"
 BLOB_GC = "sa_blob_gc"
+KEYRING = "sa_keyring"  # fingerprints of the keyring every node on this store must share
+LEASES = "sa_leases"  # outbound work claimed by one worker of one node until `until`
 TRACKING_NAME = "views"
 PAGE = 2000
 REBUILD_PAGE = 10000
@@ -189,6 +191,11 @@ class SqlViews:
             self._x(
                 cur,
                 f"CREATE TABLE IF NOT EXISTS {BLOB_GC} (receipt_id TEXT PRIMARY KEY, collected_at {self.dialect.types['real']})",
+            )
+            self._x(
+                cur,
+                f"CREATE TABLE IF NOT EXISTS {LEASES} (work TEXT PRIMARY KEY, holder TEXT NOT NULL, "
+                f"until {self.dialect.types['real']} NOT NULL)",
             )
 
     def _create_indexes(self, cur: Any) -> None:
@@ -580,6 +587,64 @@ class SqlViews:
                 ),
                 [(r, now) for r in receipt_ids],
             )
+
+    def claim_work(self, work: Sequence[str], holder: str, now: float, until: float) -> set[str]:
+        """Lease each unleased (or lapsed) piece of outbound work to `holder` until `until`;
+        returns what this call leased. One atomic statement: of workers racing for one key,
+        on any node, exactly one gets it (PostgreSQL's ON CONFLICT DO UPDATE locks the row;
+        SQLite runs it in a write transaction)."""
+        keys = sorted(set(work))  # one lock order for every worker: no deadlock between nodes
+        claimed: set[str] = set()
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            marks = ", ".join(["(?, ?, ?)"] * len(chunk))
+            params: list[Any] = [v for key in chunk for v in (key, holder, until)]
+            with self._tx(write=True) as cur:
+                rows = self._x(
+                    cur,
+                    f"INSERT INTO {LEASES} (work, holder, until) VALUES {marks} "
+                    f"ON CONFLICT (work) DO UPDATE SET holder = excluded.holder, until = excluded.until "
+                    f"WHERE {LEASES}.until <= ? RETURNING work",
+                    (*params, now),
+                ).fetchall()
+            claimed.update(str(r[0]) for r in rows)
+        return claimed
+
+    def release_work(self, work: Sequence[str], holder: str) -> None:
+        """End `holder`'s leases on this work (its outcome is recorded, or it was not sent)."""
+        keys = sorted(set(work))
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            marks = ", ".join("?" * len(chunk))
+            with self._tx(write=True) as cur:
+                self._x(
+                    cur,
+                    f"DELETE FROM {LEASES} WHERE holder = ? AND work IN ({marks})",
+                    (holder, *chunk),
+                )
+
+    def record_keyring(self, fingerprints: dict[str, str]) -> dict[str, str]:
+        """Record each keyring fingerprint this store has none for yet (the first start, or a
+        new key id); returns every fingerprint the store holds, to compare with ours."""
+        with self._tx(write=True) as cur:
+            self._x(
+                cur,
+                f"CREATE TABLE IF NOT EXISTS {KEYRING} (name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL)",
+            )
+            for name, mark in sorted(fingerprints.items()):
+                self._x(
+                    cur,
+                    f"INSERT INTO {KEYRING} (name, fingerprint) VALUES (?, ?) "
+                    f"ON CONFLICT (name) DO NOTHING",
+                    (name, mark),
+                )
+            rows = self._x(cur, f"SELECT name, fingerprint FROM {KEYRING}").fetchall()
+        return {str(r[0]): str(r[1]) for r in rows}
+
+    def claimed_work(self) -> list[tuple[str, str, float]]:
+        """Every lease (work, holder, until): what an operator looks at after a crash."""
+        rows = self._rows(f"SELECT work, holder, until FROM {LEASES} ORDER BY work")
+        return [(str(r[0]), str(r[1]), float(r[2])) for r in rows]
 
     def live_copies(self, receipt_id: str) -> int:
         rows = self._rows(f"SELECT live FROM {p.BLOBS} WHERE receipt_id = ?", (receipt_id,))

@@ -14,6 +14,7 @@ from eventsourcing.persistence import ApplicationRecorder, Mapper
 
 from sourceauth.adapters.storage.blobs import FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
+from sourceauth.adapters.storage.postgres import PostgresBlobStore
 from sourceauth.adapters.storage.views import (
     Dialect,
     PostgresDialect,
@@ -27,6 +28,7 @@ from sourceauth.engine.ports import BlobStore, ChallengeTransport, Clock, Delive
 from sourceauth.engine.settings import EngineSettings
 
 TRANSCODER = "sourceauth.adapters.storage.transcoder:MsgpackTranscoder"
+CONNECT_TIMEOUT = 5  # seconds to reach PostgreSQL before an error names the reason
 
 
 @dataclass(frozen=True)
@@ -44,13 +46,11 @@ class Storage:
     blob_dir: Path = Path("./var/blobs")
     sqlite_synchronous: str = "FULL"
     blob_fsync: bool = True
-    blobs: str = (
-        ""  # "database" (SQLite: originals in the event transaction) or "files"; "" = per kind
-    )
+    blobs: str = ""  # "database" (originals in the event transaction; the default) or "files"
 
     @property
     def blob_location(self) -> str:
-        return self.blobs or ("database" if self.kind == "sqlite" else "files")
+        return self.blobs or "database"
 
     def conninfo(self) -> str:
         parts = [
@@ -77,7 +77,8 @@ def eventsourcing_env(storage: Storage) -> dict[str, str]:
         )
     elif storage.kind == "postgresql":
         env.update(
-            PERSISTENCE_MODULE="eventsourcing.postgres",
+            PERSISTENCE_MODULE="sourceauth.adapters.storage.postgres:BlobPostgresFactory",
+            POSTGRES_CONNECT_TIMEOUT=str(CONNECT_TIMEOUT),
             POSTGRES_DBNAME=storage.pg_dbname,
             POSTGRES_HOST=storage.pg_host,
             POSTGRES_PORT=str(storage.pg_port),
@@ -106,15 +107,55 @@ def views_factory(storage: Storage) -> Callable[[ApplicationRecorder, Mapper[UUI
     return build
 
 
-def open_blobs(storage: Storage) -> FileBlobStore | DatabaseBlobStore:
+def open_blobs(storage: Storage) -> FileBlobStore | DatabaseBlobStore | PostgresBlobStore:
     """The blob store this storage uses for message originals."""
     if storage.blob_location == "database":
-        if storage.kind != "sqlite":
-            raise ValueError('blobs in the database need SQLite; use blobs="files"')
+        if storage.kind == "postgresql":
+            return PostgresBlobStore(storage.conninfo(), storage.pg_schema)
         assert storage.sqlite_path is not None
         storage.sqlite_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         return DatabaseBlobStore(storage.sqlite_path, synchronous=storage.sqlite_synchronous)
     return FileBlobStore(storage.blob_dir, fsync=storage.blob_fsync)
+
+
+class StorageUnreachable(OSError):
+    """The database cannot be reached or refuses this node: the message names the host, the
+    database and the server's reason, in one line."""
+
+
+def probe_postgres(storage: Storage) -> None:
+    """Connect once, within CONNECT_TIMEOUT seconds, so a bad URL, a server down or a missing
+    database is one clear error at start instead of a pool's retries and a traceback."""
+    import psycopg
+
+    try:
+        psycopg.connect(storage.conninfo(), connect_timeout=CONNECT_TIMEOUT).close()
+    except psycopg.Error as exc:
+        reason = " ".join(str(exc).split())
+        raise StorageUnreachable(
+            f"cannot use PostgreSQL at {storage.pg_host}:{storage.pg_port}, database "
+            f"{storage.pg_dbname!r}, user {storage.pg_user!r}: {reason}"
+        ) from None
+
+
+class KeyringMismatch(ValueError):
+    """This node's keyring is not the one the store was first started with: it would derive
+    other sender ids and mint tokens the other nodes cannot verify."""
+
+
+def check_keyring(app: SourceAuth, keyring: tokens.Keyring) -> None:
+    """Record this keyring's fingerprints at the first start; refuse a keyring that differs
+    from the recorded one in its id key or in a key id both have (a new key id is fine)."""
+    if not isinstance(app.views, SqlViews):
+        return
+    ours = tokens.fingerprints(keyring)
+    stored = app.views.record_keyring(ours)
+    differ = sorted(name for name, mark in ours.items() if stored.get(name, mark) != mark)
+    if differ:
+        raise KeyringMismatch(
+            f"keyring differs from the one this store was first started with "
+            f"(differing: {', '.join(differ)}); every node must use the same keyring"
+        )
 
 
 def open_engine(
@@ -130,12 +171,14 @@ def open_engine(
     """One engine over this storage (blobs: its own store unless given); the caller closes it."""
     if blobs is None:
         blobs = open_blobs(storage)
-    if storage.kind == "postgresql" and storage.pg_schema:
-        # eventsourcing creates its tables but not the schema they live in.
-        postgres_connector(storage.conninfo(), storage.pg_schema)().close()
+    if storage.kind == "postgresql":
+        probe_postgres(storage)
+        if storage.pg_schema:
+            # eventsourcing creates its tables but not the schema they live in.
+            postgres_connector(storage.conninfo(), storage.pg_schema)().close()
     # eventsourcing merges os.environ first; these explicit settings win over stray variables.
     env = eventsourcing_env(storage)
-    return SourceAuth(
+    app = SourceAuth(
         settings=settings,
         keyring=keyring,
         views_factory=views_factory(storage),
@@ -145,3 +188,9 @@ def open_engine(
         clock=clock,
         env=env,
     )
+    try:
+        check_keyring(app, keyring)
+    except BaseException:
+        app.close()
+        raise
+    return app

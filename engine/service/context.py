@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ SENDER_CACHE_SIZE = 20_000
 SENDER_CACHE_TTL = 2.0  # seconds a cached sender is trusted before a check for newer events
 BATCH_LIMIT = 500
 MAILBOXES_PRUNE_MIN = 10_000  # pending-challenge mailboxes kept before lapsed ones are dropped
+WORK_LEASE = 300.0  # seconds a claimed send or delivery stays with its worker (after a crash)
 
 
 def ts(seconds: float) -> datetime:
@@ -110,6 +112,7 @@ class Context:
         self._prune_mailboxes_at = MAILBOXES_PRUNE_MIN
         self.full_mailboxes: set[str] = set()
         self.in_flight: set[str] = set()  # challenge and message ids a dispatcher is sending
+        self.holder = uuid.uuid4().hex  # this engine, as the holder of outbound work leases
         self._senders: OrderedDict[UUID, Sender] = OrderedDict()
         self._sender_ids: dict[tuple[str, str], UUID] = {}
         self._checked: dict[UUID, float] = {}  # when each cached sender was last read

@@ -21,7 +21,7 @@ from sourceauth.engine.api import (
 from sourceauth.engine.errors import ChallengeNotPending, NotAwaitingDelivery, TemporaryFailure
 from sourceauth.engine.message import QUEUED, Message
 from sourceauth.engine.service import replies
-from sourceauth.engine.service.context import BATCH_LIMIT, Context, Unit, ts
+from sourceauth.engine.service.context import BATCH_LIMIT, WORK_LEASE, Context, Unit, ts
 from sourceauth.engine.settings import EngineSettings
 
 
@@ -53,17 +53,33 @@ R = TypeVar("R")
 
 @contextmanager
 def _claimed(
-    ctx: Context, fetch: Callable[[], list[R]], key: Callable[[R], str]
+    ctx: Context, kind: str, fetch: Callable[[], list[R]], key: Callable[[R], str]
 ) -> Iterator[list[R]]:
-    """Due rows no other dispatcher thread of this process is sending, claimed until the
-    outcomes are recorded."""
+    """Due rows leased to this engine until their outcomes are recorded: no other thread,
+    process or node sends them meanwhile. A crashed holder's lease lapses after WORK_LEASE
+    seconds; whoever takes the work over then sends it again (same token, same id)."""
     with ctx.lock:
         ctx.catch_up()
         due = [r for r in fetch() if key(r) not in ctx.in_flight]
         ctx.in_flight.update(key(r) for r in due)
+    leased: set[str] = set()
     try:
-        yield due
+        mine: list[R] = []
+        if due:
+            now = ctx.clock()
+            work = {f"{kind}:{key(r)}": r for r in due}
+            leased = ctx.views.claim_work(list(work), ctx.holder, now, now + WORK_LEASE)
+            if leased:
+                # Another worker may have finished some of these between our read and our
+                # lease (and released it): read the queue again, now that we hold them.
+                with ctx.lock:
+                    ctx.catch_up()
+                    still = {key(r) for r in fetch()}
+                mine = [r for k, r in work.items() if k in leased and key(r) in still]
+        yield mine
     finally:
+        if leased:
+            ctx.views.release_work(sorted(leased), ctx.holder)
         with ctx.lock:
             ctx.in_flight.difference_update(key(r) for r in due)
 
@@ -84,7 +100,11 @@ def dispatch_challenges(ctx: Context, limit: int = BATCH_LIMIT) -> tuple[int, in
     transport = ctx.challenge_transport
     if transport is None:
         return (0, 0, 0)
-    with _claimed(ctx, lambda: ctx.views.challenges_due(ctx.clock(), limit), _challenge_key) as due:
+
+    def due_now() -> list[ChallengeRow]:
+        return ctx.views.challenges_due(ctx.clock(), limit)
+
+    with _claimed(ctx, "challenge", due_now, _challenge_key) as due:
         results: list[tuple[ChallengeRow, SendResult]] = []
         for row in due:  # network I/O, outside the lock
             challenge = OutgoingChallenge(
@@ -174,7 +194,11 @@ def dispatch_deliveries(ctx: Context, limit: int = BATCH_LIMIT) -> tuple[int, in
     transport = ctx.delivery_transport
     if transport is None:
         return (0, 0, 0)
-    with _claimed(ctx, lambda: ctx.views.deliveries_due(ctx.clock(), limit), _copy_key) as due:
+
+    def due_now() -> list[DeliveryRow]:
+        return ctx.views.deliveries_due(ctx.clock(), limit)
+
+    with _claimed(ctx, "delivery", due_now, _copy_key) as due:
         with ctx.lock:
             copies = [ctx.load_message(UUID(r.message_id)) for r in due]
         results: list[tuple[UUID, DeliveryResult]] = []

@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 
 from sourceauth.adapters.storage.blobs import BlobConflict, FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
+from sourceauth.adapters.storage.postgres import PostgresBlobStore
+from sourceauth.adapters.storage.wiring import open_engine
 from sourceauth.engine.api import Blob
 from sourceauth.engine.ports import (
     BlobCorrupt,
@@ -30,6 +32,9 @@ from sourceauth.engine.ports import (
     BlobStore,
     BlobStoreUnavailable,
 )
+from sourceauth.engine.tokens import generate_keyring
+from tests.conftest import settings_for
+from tests.integration.pg import fresh_schema
 
 
 def key() -> str:
@@ -353,10 +358,20 @@ def test_property_round_trip_of_arbitrary_bytes(store: FileBlobStore, data: byte
 # The BlobStore port, on both stores
 
 
-@pytest.fixture(params=["files", "database"])
+@pytest.fixture(params=["files", "database", "postgresql"])
 def port_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
     if request.param == "files":
         yield FileBlobStore(tmp_path / "blobs")
+        return
+    if request.param == "postgresql":
+        with fresh_schema() as pg:
+            app = open_engine(  # creates the schema's tables, the originals' one among them
+                settings=settings_for(), keyring=generate_keyring(), storage=pg.storage(tmp_path)
+            )
+            assert isinstance(app.blobs, PostgresBlobStore)
+            yield app.blobs
+            app.close()
+            app.blobs.close()
         return
     db = DatabaseBlobStore(tmp_path / "sourceauth.db")
     yield db
@@ -425,9 +440,19 @@ def test_storage_trouble_is_blob_store_unavailable(tmp_path: Path) -> None:
             call(key())
 
 
+def test_an_unreachable_postgresql_is_blob_store_unavailable_within_seconds() -> None:
+    store = PostgresBlobStore("host=127.0.0.1 port=1 dbname=test user=postgres connect_timeout=5")
+    started = time.monotonic()
+    for call in (store.exists, store.get, store.delete):
+        with pytest.raises(BlobStoreUnavailable) as down:
+            call(key())
+        assert "127.0.0.1" in str(down.value)
+    assert time.monotonic() - started < 15  # three tries, each well inside its 5 s bound
+
+
 def _put(store: BlobStore, k: str, data: bytes) -> None:
     """Store an original as the group commit would: staged, then written with the events."""
     staged = store.stage([(k, data)])
     if staged.with_events:
-        assert isinstance(store, DatabaseBlobStore)
+        assert isinstance(store, DatabaseBlobStore | PostgresBlobStore)
         store.put_many(list(staged.with_events))  # what the event recorder does in its transaction

@@ -472,7 +472,11 @@ def test_kill_9_under_load_loses_no_accepted_mail_and_never_duplicates_a_challen
     addresses: dict[str, str] = {}
     for e in events:
         f = e["fields"]
-        if e["event"] in ("Sender.FirstChallenged", "Sender.FirstAuthorized", "Sender.FirstBlocked"):
+        if e["event"] in (
+            "Sender.FirstChallenged",
+            "Sender.FirstAuthorized",
+            "Sender.FirstBlocked",
+        ):
             addresses[e["aggregate_id"]] = f["address"]
         if e["event"] in ("Sender.FirstChallenged", "Sender.Challenged"):
             challenged_in_log[addresses[e["aggregate_id"]]] += 1

@@ -828,14 +828,16 @@ def test_next_hop_delivery_reads_the_original_and_delivers_it(tmp_path: Path) ->
     assert new.read_bytes().endswith(RAW)
 
 
-def test_next_hop_delivery_rejects_a_missing_or_corrupt_original(tmp_path: Path) -> None:
+def test_next_hop_delivery_keeps_a_copy_whose_original_is_missing_or_corrupt_for_a_retry(
+    tmp_path: Path,
+) -> None:
     blobs = FileBlobStore(tmp_path / "blobs")
     ref = blobs.put(uuid.uuid4().hex, RAW)
     transport = NextHopDelivery(parse_next_hop(f"maildir:{tmp_path / 'mail'}"), blobs, "mx.test")
     corrupt = transport.deliver(_job(ref.key, hashlib.sha256(b"other").hexdigest()))
     missing = transport.deliver(_job(uuid.uuid4().hex, ref.sha256))
     for result in (corrupt, missing):
-        assert result.rejected == ("bob@example.test",) and not result.temporary
+        assert result.temporary == ("bob@example.test",) and not result.rejected
         assert result.diagnostic.startswith("original unreadable")
     assert not (tmp_path / "mail").exists()
 

@@ -7,6 +7,7 @@ fakes, except in the SMTP tests, where they are real sinks on loopback.
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from sourceauth.adapters.storage.wiring import open_engine
 from sourceauth.engine import tokens
 from sourceauth.engine.api import BounceInfo, Decision, MaintenanceReport, Receipt
 from sourceauth.engine.application import SourceAuth
+from sourceauth.engine.service.context import WORK_LEASE
 from tests.conftest import (
     FakeChallenges,
     FakeClock,
@@ -202,13 +204,13 @@ def test_core_flow_hold_challenge_once_confirm_releases_all_dsn_expires_maintain
     assert app.sender(MALLORY).state == "expired"
     expired = [m for m in app.quarantine(sender=MALLORY)]
     assert [m.state for m in expired] == ["expired", "expired"]
-    blobs = [app.blobs.path_of(m.receipt_id) for m in expired]  # type: ignore[union-attr]
-    assert all(b.exists() for b in blobs)
+    originals = [m.receipt_id for m in expired]
+    assert all(app.blobs.exists(r) for r in originals)  # type: ignore[union-attr]
 
     report = app.maintain()
     assert report.purged == 2 and report.conflicts == 0
     assert [m.state for m in app.quarantine(sender=MALLORY)] == ["purged", "purged"]
-    assert not any(b.exists() for b in blobs)
+    assert not any(app.blobs.exists(r) for r in originals)  # type: ignore[union-attr]
     assert app.maintain().purged == 0
     assert len(relay.sent) == 2 and len(next_hop.jobs) == 4
     fault, summary = verify(app)
@@ -394,9 +396,9 @@ def test_maintain_on_two_nodes_at_once_is_idempotent(node: Node, clock: FakeCloc
     collected = sum(r.blobs_collected for r in reports + again)
     assert collected == 2 * len(confirmed) + len(confirmed) + len(failed)  # each exactly once
     assert names(all_events(a)) == names(events)  # the second round recorded nothing
-    # at-least-once to the next hop: a copy may be handed over by both nodes, never lost
+    # each copy leased to one node: handed to a next hop exactly once
     handed = Counter(j.message_id for j in hop_a.jobs + hop_b.jobs)
-    assert len(handed) == 2 * len(confirmed)
+    assert len(handed) == 2 * len(confirmed) and set(handed.values()) == {1}
     states = Counter(m.state for m in b.quarantine())
     assert states == {
         "delivered": 2 * len(confirmed),
@@ -442,8 +444,10 @@ def test_smtp_flow_on_postgresql(tmp_path: Path, pg: PgSchema) -> None:
             assert len(relay.messages) == 1 and len(next_hop.messages) == 2
         finally:
             flt.stop()
-    # everything is in the schema, nothing in a SQLite file
+    # everything is in the schema (the originals too), nothing in a SQLite file or a blob file
     assert not list((tmp_path / "var").glob("*.db"))
+    assert not list((tmp_path / "var").glob("blobs/**/*[0-9a-f]"))
+    assert pg.query("SELECT count(*) FROM sa_blob_data")[0][0] == 3  # two held, one reply
     assert pg.query("SELECT count(*) FROM sourceauth_events")[0][0] >= 10
     app = build_engine(cfg, transports=False)  # views catch up on the next query
     try:
@@ -457,14 +461,17 @@ def test_smtp_flow_on_postgresql(tmp_path: Path, pg: PgSchema) -> None:
 def test_two_smtp_nodes_on_one_database_send_one_challenge_and_release_across_nodes(
     tmp_path: Path, pg: PgSchema
 ) -> None:
-    """Two filters (each behind its own MTA) share the database and the blob volume."""
+    """Two filters (each behind its own MTA, each with its own data directory) share only the
+    database: the originals live in it, so a confirmation at one node releases mail the other
+    accepted, and each copy is delivered once."""
     stranger, protected = "carol@remote.test", "bob@example.test"
-    shared = tmp_path / "shared"
+    a_var, b_var = tmp_path / "a" / "var", tmp_path / "b" / "var"
     with Sink() as relay, Sink() as next_hop:
-        nodes = [
-            RunningFilter(pg_config(tmp_path / n, pg, relay, next_hop, data_dir=shared))
-            for n in ("a", "b")
-        ]
+        nodes = [RunningFilter(pg_config(tmp_path / "a", pg, relay, next_hop, data_dir=a_var))]
+        # The operator copies the first node's keyring to every other node.
+        b_var.mkdir(parents=True, mode=0o700)
+        shutil.copy2(a_var / "secret", b_var / "secret")
+        nodes.append(RunningFilter(pg_config(tmp_path / "b", pg, relay, next_hop, data_dir=b_var)))
         try:
             codes = run_together(
                 *(
@@ -494,8 +501,9 @@ def test_two_smtp_nodes_on_one_database_send_one_challenge_and_release_across_no
             )
             wait_outbound_idle(*(n.app for n in nodes))
             ids = Counter(parsed(m)["X-SourceAuth-Id"] for m in next_hop.messages)
-            assert sorted(parsed(m)["Subject"] for m in next_hop.messages)[:1] == ["n0"]
-            assert len(ids) == 2
+            assert sorted(parsed(m)["Subject"] for m in next_hop.messages) == ["n0", "n1"]
+            assert len(ids) == 2 and set(ids.values()) == {1}, ids
+            assert len(relay.messages) == 1
             print(
                 f"two nodes: challenges sent {len(relay.messages)} (distinct tokens 1), "
                 f"deliveries {sum(ids.values())} for 2 copies"
@@ -504,3 +512,114 @@ def test_two_smtp_nodes_on_one_database_send_one_challenge_and_release_across_no
             for flt in nodes:
                 flt.stop()
     assert pg.query("SELECT count(*) FROM sa_challenges")[0][0] == 1
+
+
+# ------------------------------------------------------------------------------ §8 claimed work
+
+
+def test_two_nodes_dispatching_at_once_send_each_challenge_and_each_delivery_exactly_once(
+    node: Node,
+) -> None:
+    """Outbound work is leased in the database: four dispatchers (two per node) racing over
+    the same due rows hand each challenge to a relay once and each copy to a next hop once."""
+    relays, hops = [FakeChallenges(), FakeChallenges()], [FakeDeliveries(), FakeDeliveries()]
+    a, b = (node(challenges=r, deliveries=h) for r, h in zip(relays, hops, strict=True))
+    senders = [f"racer{i}@remote{i % 5}.test" for i in range(48)]
+    run_together(
+        lambda: [a.receive(incoming(a, s, BOB, subject="via a")) for s in senders],
+        lambda: [b.receive(incoming(b, s, BOB, subject="via b")) for s in senders],
+    )
+
+    run_together(
+        a.dispatch_challenges, b.dispatch_challenges, a.dispatch_challenges, b.dispatch_challenges
+    )
+    wait_outbound_idle(a, b)
+    sent = Counter(c.challenge_id for r in relays for c in r.sent)
+    assert len(sent) == len(senders) and set(sent.values()) == {1}, sent.most_common(3)
+    assert all(relays), "both nodes took a share of the work"  # the race really happened
+
+    for i, s in enumerate(senders):
+        via = (a, b)[i % 2]
+        token = next(c.token for r in relays for c in r.to(s))
+        via.receive(reply_to_challenge(via, s, token=token))
+    run_together(
+        a.dispatch_deliveries, b.dispatch_deliveries, a.dispatch_deliveries, b.dispatch_deliveries
+    )
+    wait_outbound_idle(a, b)
+    handed = Counter(j.message_id for h in hops for j in h.jobs)
+    assert len(handed) == 2 * len(senders) and set(handed.values()) == {1}, handed.most_common(3)
+    events = all_events(a)
+    assert set(per_aggregate(events, "Message.Delivered").values()) == {1}
+    assert set(per_aggregate(events, "Sender.ChallengeSent").values()) == {1}
+    assert not a.views.claimed_work()  # type: ignore[attr-defined]  # every lease ended
+
+
+class Stuck:
+    """Never answers until released: its worker holds its leases like a node that died in
+    the middle of a send."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def hold(self) -> None:
+        self.entered.set()
+        assert self.release.wait(60)
+
+
+class StuckRelay(FakeChallenges, Stuck):
+    def __init__(self) -> None:
+        FakeChallenges.__init__(self)
+        Stuck.__init__(self)
+
+    def send(self, challenge: Any) -> Any:
+        self.hold()
+        return super().send(challenge)
+
+
+class StuckHop(FakeDeliveries, Stuck):
+    def __init__(self) -> None:
+        FakeDeliveries.__init__(self)
+        Stuck.__init__(self)
+
+    def deliver(self, job: Any) -> Any:
+        self.hold()
+        return super().deliver(job)
+
+
+def test_a_dead_workers_leases_lapse_and_another_node_sends_with_the_same_token_and_id(
+    node: Node, clock: FakeClock
+) -> None:
+    stuck_relay, stuck_hop = StuckRelay(), StuckHop()
+    relay, hop = FakeChallenges(), FakeDeliveries()
+    dead = node(challenges=stuck_relay, deliveries=stuck_hop)
+    alive = node(challenges=relay, deliveries=hop)
+    dead.receive(incoming(dead, ALICE, BOB, subject="held"))
+    stuck = threading.Thread(target=dead.dispatch_challenges, daemon=True)
+    delivering = threading.Thread(target=dead.dispatch_deliveries, daemon=True)
+    stuck.start()
+    try:
+        assert stuck_relay.entered.wait(30)
+        assert alive.dispatch_challenges() == (0, 0, 0)  # leased to the dead worker
+        clock.advance(WORK_LEASE + 1)
+        assert alive.dispatch_challenges() == (1, 0, 0)  # taken over once the lease lapsed
+        token = relay.sent[0].token
+        assert token == alive.token_for(relay.sent[0].challenge_id)
+
+        alive.receive(reply_to_challenge(alive, ALICE, token=token))
+        delivering.start()
+        assert stuck_hop.entered.wait(30)
+        assert alive.dispatch_deliveries() == (0, 0, 0)
+        clock.advance(WORK_LEASE + 1)
+        assert alive.dispatch_deliveries() == (1, 0, 0)
+        assert [j.recipients for j in hop.jobs] == [(BOB,)]
+    finally:
+        stuck_relay.release.set()
+        stuck_hop.release.set()
+        stuck.join(30)
+        if delivering.ident is not None:
+            delivering.join(30)
+    # the dead worker's late answers: at least once, with the same token and the same id
+    assert stuck_relay.sent[0].token == token
+    assert stuck_hop.jobs[0].message_id == hop.jobs[0].message_id
+    assert alive.quarantine(sender=ALICE)[0].state == "delivered"

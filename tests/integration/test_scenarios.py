@@ -64,7 +64,18 @@ from tests.conftest import (
 SCENARIOS = Path(__file__).resolve().parents[2] / "specs" / "scenarios"
 FILES = sorted(SCENARIOS.glob("*.toml"))
 INPUTS = frozenset(
-    {"receive", "reply", "dsn", "confirm", "fail", "authorize", "block", "forget", "advance", "maintain"}
+    {
+        "receive",
+        "reply",
+        "dsn",
+        "confirm",
+        "fail",
+        "authorize",
+        "block",
+        "forget",
+        "advance",
+        "maintain",
+    }
 )
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -102,12 +113,16 @@ def run_step(app: SourceAuth, clock: FakeClock, step: dict[str, Any]) -> None:
     if verb == "receive":
         headers = list(arg.get("headers", {}).items())
         app.receive(
-            incoming(app, arg["from"], arg["to"], subject=arg.get("subject", "hello"), headers=headers)
+            incoming(
+                app, arg["from"], arg["to"], subject=arg.get("subject", "hello"), headers=headers
+            )
         )
     elif verb == "reply":
         target = arg.get("token_of", arg["from"])
         headers = list(arg.get("headers", {}).items())
-        app.receive(reply_to_challenge(app, arg["from"], token=token_of(app, target), headers=headers))
+        app.receive(
+            reply_to_challenge(app, arg["from"], token=token_of(app, target), headers=headers)
+        )
     elif verb == "dsn":
         local, domain = BOUNCES.split("@")
         diagnostic = arg.get("diagnostic", "5.1.1 user unknown")
@@ -123,7 +138,9 @@ def run_step(app: SourceAuth, clock: FakeClock, step: dict[str, Any]) -> None:
     elif verb == "confirm":
         app.confirm(token_of(app, arg["sender"]), [arg.get("from", arg["sender"])])
     elif verb == "fail":
-        app.challenge_failed(token_of(app, arg["sender"]), arg.get("diagnostic", "550 5.1.1 unknown"))
+        app.challenge_failed(
+            token_of(app, arg["sender"]), arg.get("diagnostic", "550 5.1.1 unknown")
+        )
     elif verb in ("authorize", "block", "forget"):
         getattr(app, verb)(arg)
     elif verb == "advance":
@@ -149,7 +166,9 @@ def matches(event: Any, expected: dict[str, Any]) -> list[str]:
             continue
         actual = getattr(event, field)
         if (prefix and not str(actual).startswith(value)) or (not prefix and actual != value):
-            problems.append(f"{field} = {actual!r}, expected {'prefix ' if prefix else ''}{value!r}")
+            problems.append(
+                f"{field} = {actual!r}, expected {'prefix ' if prefix else ''}{value!r}"
+            )
     return problems
 
 
@@ -167,7 +186,10 @@ def test_scenario(path: Path, make_engine: Any, clock: FakeClock) -> None:
 
     then = scenario["then"]
     expected = then.get("events", [])
-    shown = [f"{event_name(e)}({getattr(e, 'trigger', '')}: {getattr(e, 'reason', '')})" for e in recorded]
+    shown = [
+        f"{event_name(e)}({getattr(e, 'trigger', '')}: {getattr(e, 'reason', '')})"
+        for e in recorded
+    ]
     assert len(recorded) == len(expected), f"{scenario['name']}: recorded {shown}"
     for index, (event, want) in enumerate(zip(recorded, expected, strict=True)):
         problems = matches(event, want)
@@ -203,7 +225,12 @@ def test_the_runner_notices_a_wrong_expectation() -> None:
 
     Fake.__qualname__ = "Message.Challenged"
     event = Fake()
-    assert matches(event, {"aggregate": "message", "event": "Message.Challenged", "trigger": "challenge"}) == []
+    assert (
+        matches(
+            event, {"aggregate": "message", "event": "Message.Challenged", "trigger": "challenge"}
+        )
+        == []
+    )
     assert matches(event, {"reason_prefix": "challenge_"}) == []
     assert matches(event, {"aggregate": "sender"}) != []
     assert matches(event, {"event": "Message.Released"}) != []

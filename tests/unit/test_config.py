@@ -702,7 +702,7 @@ def test_sections_built_directly_derive_what_the_loader_derives() -> None:
 def test_storage_wiring_takes_every_postgresql_part_from_the_url(tmp_path: Path) -> None:
     storage = storage_of(load_text(tmp_path, PG_URL))
     assert pg_parts(storage) == PG_PARTS
-    assert (storage.kind, storage.blob_location) == ("postgresql", "files")
+    assert (storage.kind, storage.blob_location) == ("postgresql", "database")
     assert "p:ss" not in repr(storage)
 
 
