@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -68,8 +69,7 @@ class _Pending:
     raw: bytes
     future: asyncio.Future[Receipt]
     loop: asyncio.AbstractEventLoop
-    bounce_address: str
-    delimiter: str
+    bounce: BounceInfo | None
     queued: float = field(default_factory=time.monotonic)
 
 
@@ -153,7 +153,7 @@ class GroupCommitter:
                 recipients=item.recipients,
                 blob=blob,
                 headers=parse_headers(item.raw),
-                bounce=_bounce_info(item),
+                bounce=item.bounce,
             )
             for item, blob in zip(batch, staged.blobs, strict=True)
         ]
@@ -187,17 +187,10 @@ class GroupCommitter:
             self.on_commit([receipt])
 
 
-def _bounce_info(item: _Pending) -> BounceInfo | None:
-    for rcpt in item.recipients:
-        try:
-            base, _ = split_extension(normalize_address(rcpt), item.delimiter)
-        except AddressError:
-            continue
-        if base == item.bounce_address:
-            report = parse_bounce(item.raw)
-            detail = " ".join(x for x in (report.status, report.diagnostic) if x)
-            return BounceInfo(failed=report.failed, diagnostic=detail or report.action)
-    return None
+def _bounce_info(raw: bytes) -> BounceInfo:
+    report = parse_bounce(raw)
+    detail = " ".join(x for x in (report.status, report.diagnostic) if x)
+    return BounceInfo(failed=report.failed, diagnostic=detail or report.action)
 
 
 def _resolve(
@@ -229,6 +222,19 @@ class FilterHandler:
         self.max_recipients = max_recipients
         self.bounce_address = normalize_address(bounce_address)
         self.delimiter = delimiter
+        # Bounces are parsed here, one at a time, never on the commit thread: a hostile one
+        # (huge, thousands of parts) delays only itself. parse_bounce bounds its own work.
+        self._bounce_reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sa-bounce")
+
+    def _to_bounce_address(self, recipients: list[str]) -> bool:
+        for rcpt in recipients:
+            try:
+                base, _ = split_extension(normalize_address(rcpt), self.delimiter)
+            except AddressError:
+                continue
+            if base == self.bounce_address:
+                return True
+        return False
 
     async def handle_MAIL(
         self,
@@ -281,6 +287,9 @@ class FilterHandler:
         if not envelope.rcpt_tos:
             return "503 5.5.1 No valid recipients"
         loop = asyncio.get_running_loop()
+        bounce = None
+        if self._to_bounce_address(envelope.rcpt_tos):
+            bounce = await loop.run_in_executor(self._bounce_reader, _bounce_info, raw)
         future: asyncio.Future[Receipt] = loop.create_future()
         self.committer.submit(
             _Pending(
@@ -289,8 +298,7 @@ class FilterHandler:
                 raw=raw,
                 future=future,
                 loop=loop,
-                bounce_address=self.bounce_address,
-                delimiter=self.delimiter,
+                bounce=bounce,
             )
         )
         try:
