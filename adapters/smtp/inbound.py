@@ -248,7 +248,9 @@ class FilterHandler:
             try:
                 normalize_address(address)
             except AddressError as exc:
-                return f"553 5.1.7 Bad sender address syntax: {exc}"
+                # Only text outside RFC 5321/6531's grammar gets here (every valid Path is
+                # taken): a syntax error, 501, never 553 (a policy refusal).
+                return f"501 5.1.7 Bad sender address syntax: {exc}"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -266,7 +268,7 @@ class FilterHandler:
         try:
             normalize_address(address)
         except AddressError as exc:
-            return f"553 5.1.3 Bad recipient address syntax: {exc}"
+            return f"501 5.1.3 Bad recipient address syntax: {exc}"
         app = self.committer.app
         full = False
         if app.mailbox_may_be_full(address):  # memory only; the exact check reads the store
@@ -312,11 +314,22 @@ class FilterHandler:
         return f"250 2.0.0 OK queued as {receipt.receipt_id}"
 
 
+class FilterSMTP(SMTP):
+    """aiosmtpd's SMTP with the filter's own answers where aiosmtpd's would mislead."""
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd answers 553 to what its RFC 5322 parser cannot read; that is a syntax error
+        # (501: "" makes aiosmtpd send its syntax reply), never a policy refusal. Behind
+        # Postfix either becomes a bounce, but only to text outside RFC 5321's grammar.
+        address, rest = super()._getaddr(arg)
+        return ("", rest) if address is None else (address, rest)
+
+
 def inbound_server_factory(
     handler: FilterHandler, *, hostname: str, max_size: int
 ) -> Callable[[], Any]:
     def factory() -> SMTP:
-        return SMTP(
+        return FilterSMTP(
             handler,
             hostname=hostname,
             enable_SMTPUTF8=True,

@@ -64,6 +64,62 @@ def test_a_mime_bomb_to_the_bounce_address_does_not_stall_other_sessions(
             f"{max(waits) * 1000:.0f} ms, median {sorted(waits)[len(waits) // 2] * 1000:.0f} ms"
         )
         assert bomb_codes == [250]  # the bomb is taken too (a report that names no challenge)
-        assert max(waits) < 1.0  # before: ~6 s, the commit thread parsing all 300,000 parts
+        # Before: 9.5 s (the commit thread parsing every part); after, unloaded, under 0.7 s
+        # (docs/security.md). The bound is loose for a loaded 2-core machine.
+        assert max(waits) < 3.0
         wait_outbound_idle(flt.app)
         assert len(relay.messages) == 1  # the stranger's challenge; the bomb challenges no one
+
+
+@pytest.mark.parametrize(
+    ("sender", "normalized"),
+    [
+        ('"System Administrator"@example.com', '"system administrator"@example.com'),
+        ("a@[127.0.0.1]", "a@[127.0.0.1]"),
+        ("a@foo_bar.test", "a@foo_bar.test"),
+        ("bounce-md_30850198.5f8d6f80.v1-" + "b" * 40 + "@mandrillapp.com", None),
+    ],
+)
+def test_every_rfc5321_sender_postfix_passes_is_taken_and_challenged(
+    tmp_path: Path, sender: str, normalized: str | None
+) -> None:
+    with filter_with_sinks(tmp_path) as (flt, relay, next_hop):
+        with smtplib.SMTP("127.0.0.1", flt.port, timeout=30) as client:
+            client.ehlo()
+            code, text = client.docmd("MAIL", f"FROM:<{sender}>")  # as Postfix sends it
+            assert code == 250, text
+            assert client.docmd("RCPT", f"TO:<{PROTECTED}>")[0] == 250
+            assert client.data(message("someone@remote.test", PROTECTED))[0] == 250
+        challenge = relay.wait_for(1, timeout=15)[0]
+        assert challenge.rcpt_tos == [normalized or sender]
+        assert [h.sender for h in flt.app.quarantine()] == [normalized or sender]
+
+
+@pytest.mark.parametrize(
+    "recipient", ['"Team Lead"@example.test', "postmaster@[127.0.0.1]", "a@foo_bar.test"]
+)
+def test_every_rfc5321_recipient_is_taken(tmp_path: Path, recipient: str) -> None:
+    with filter_with_sinks(tmp_path) as (flt, relay, next_hop):
+        with smtplib.SMTP("127.0.0.1", flt.port, timeout=30) as client:
+            client.ehlo()
+            assert client.docmd("MAIL", f"FROM:<{STRANGER}>")[0] == 250
+            code, text = client.docmd("RCPT", f"TO:<{recipient}>")
+            assert code == 250, text
+            assert client.data(message(STRANGER, recipient))[0] == 250
+        if recipient.endswith("@example.test"):  # protected: held, the stranger challenged
+            assert relay.wait_for(1, timeout=15)[0].rcpt_tos == [STRANGER]
+            assert flt.app.quarantine()[0].recipients == ('"team lead"@example.test',)
+        else:
+            assert next_hop.wait_for(1, timeout=15)[0].rcpt_tos == [recipient.lower()]
+
+
+def test_a_sender_outside_the_grammar_gets_a_syntax_reply_never_553(tmp_path: Path) -> None:
+    with filter_with_sinks(tmp_path) as (flt, relay, next_hop):
+        with smtplib.SMTP("127.0.0.1", flt.port, timeout=30) as client:
+            client.ehlo()
+            code, text = client.docmd("MAIL", 'FROM:<"unterminated@example.test>')
+            assert code == 501 and b"5.1.7" in text
+            code, text = client.docmd("MAIL", "FROM:<a@@example.test>")  # aiosmtpd's parser
+            assert code == 501, text
+            client.rset()
+            assert client.docmd("MAIL", "FROM:<a@remote.test>")[0] == 250
