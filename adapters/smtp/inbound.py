@@ -10,6 +10,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from sourceauth.engine.addresses import (
 from sourceauth.engine.api import BounceInfo, Headers, Incoming, Receipt
 from sourceauth.engine.application import SourceAuth
 from sourceauth.engine.errors import InvalidInput, SourceAuthError
-from sourceauth.engine.logs import get_logger
+from sourceauth.engine.logs import LogThrottle, get_logger
 from sourceauth.engine.ports import BlobError, BlobStore, StagedBlobs
 
 log = get_logger(__name__)
@@ -314,8 +315,69 @@ class FilterHandler:
         return f"250 2.0.0 OK queued as {receipt.receipt_id}"
 
 
+class SessionLimits:
+    """Concurrent SMTP sessions, in all and per client address (event loop thread only)."""
+
+    def __init__(self, max_sessions: int, per_client: int) -> None:
+        self.max_sessions = max_sessions
+        self.per_client = per_client
+        self.total = 0
+        self.clients: Counter[str] = Counter()
+        self.throttle = LogThrottle()
+
+    def admit(self, client: str) -> str | None:
+        """None when the session may start (and is counted), else the reply refusing it."""
+        if self.total >= self.max_sessions:
+            return "421 4.7.0 Too many sessions, try again later"
+        if self.clients[client] >= self.per_client:
+            return "421 4.7.0 Too many sessions from your address, try again later"
+        self.total += 1
+        self.clients[client] += 1
+        return None
+
+    def release(self, client: str) -> None:
+        self.total -= 1
+        self.clients[client] -= 1
+        if self.clients[client] <= 0:
+            del self.clients[client]
+
+
 class FilterSMTP(SMTP):
-    """aiosmtpd's SMTP with the filter's own answers where aiosmtpd's would mislead."""
+    """aiosmtpd's SMTP with the filter's own answers where aiosmtpd's would mislead, and a
+    session over the limits told 421 and closed before its greeting: a flood of connections
+    costs a descriptor each for a moment, never a session."""
+
+    def __init__(self, *args: Any, limits: SessionLimits, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self.client: str | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        refusal = self.limits.admit(client)
+        if refusal is None:
+            self.client = client
+            return
+        self._handler_coroutine.cancel()  # the greeting is never sent
+        transport.write(refusal.encode("ascii") + b"\r\n")
+        transport.close()
+        suppressed = self.limits.throttle.passes("session_refused")
+        if suppressed is not None:
+            log.warning(
+                "session_refused",
+                client=client,
+                reply=refusal,
+                sessions=self.limits.total,
+                suppressed=suppressed,
+            )
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.client is not None:
+            self.limits.release(self.client)
+            self.client = None
+        super().connection_lost(error)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd answers 553 to what its RFC 5322 parser cannot read; that is a syntax error
@@ -326,7 +388,7 @@ class FilterSMTP(SMTP):
 
 
 def inbound_server_factory(
-    handler: FilterHandler, *, hostname: str, max_size: int
+    handler: FilterHandler, *, hostname: str, max_size: int, limits: SessionLimits
 ) -> Callable[[], Any]:
     def factory() -> SMTP:
         return FilterSMTP(
@@ -336,6 +398,7 @@ def inbound_server_factory(
             decode_data=False,
             data_size_limit=max_size,
             ident="sourceauth",
+            limits=limits,
         )
 
     return factory

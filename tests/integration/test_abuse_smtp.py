@@ -4,15 +4,22 @@ a MIME bomb to the bounce address, RFC 5321 addresses refused, session floods, h
 
 from __future__ import annotations
 
+import contextlib
+import resource
+import signal
 import smtplib
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.smtp_harness import filter_with_sinks, message
-from tests.support.waiting import wait_outbound_idle
+from tests.integration.smtp_harness import filter_with_sinks, free_port, message, write_config
+from tests.support.smtp_sink import Sink
+from tests.support.waiting import wait_outbound_idle, wait_until
 
 PROTECTED = "bob@example.test"
 STRANGER = "alice@remote.test"
@@ -123,3 +130,124 @@ def test_a_sender_outside_the_grammar_gets_a_syntax_reply_never_553(tmp_path: Pa
             assert code == 501, text
             client.rset()
             assert client.docmd("MAIL", "FROM:<a@remote.test>")[0] == 250
+
+
+def greeting(source: str, port: int) -> tuple[socket.socket, bytes]:
+    """A raw connection from `source` (any 127/8 address is loopback) and its first reply."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    reply = b""
+    while not reply.endswith(b"\r\n"):
+        chunk = sock.recv(512)
+        if not chunk:
+            break
+        reply += chunk
+    return sock, reply
+
+
+def admitted(port: int) -> socket.socket | None:
+    sock, reply = greeting("127.0.0.1", port)
+    if reply.startswith(b"220 "):
+        return sock
+    sock.close()
+    return None
+
+
+def test_sessions_over_the_limits_are_told_421_and_the_mta_can_retry(tmp_path: Path) -> None:
+    limits = "max_sessions = 3\nmax_sessions_per_client = 2\n"
+    with filter_with_sinks(tmp_path, server=limits) as (flt, relay, next_hop):
+        open_ = []
+        for source in ("127.0.0.1", "127.0.0.1"):
+            sock, reply = greeting(source, flt.port)
+            open_.append(sock)
+            assert reply.startswith(b"220 ")
+        sock, reply = greeting("127.0.0.1", flt.port)
+        assert reply.startswith(b"421 4.7.0") and b"your address" in reply
+        assert sock.recv(64) == b""  # and closed
+        sock.close()
+        sock, reply = greeting("127.0.0.2", flt.port)  # another client still gets in
+        assert reply.startswith(b"220 ")
+        open_.append(sock)
+        sock, reply = greeting("127.0.0.3", flt.port)
+        assert reply.startswith(b"421 4.7.0 Too many sessions")
+        sock.close()
+        open_.pop(0).close()  # one session ends: a retry gets in
+        open_.append(wait_until(lambda: admitted(flt.port), message="a free session slot"))
+        for sock in open_:
+            sock.close()
+        # The limits count sessions, not messages: mail still flows once the flood is gone.
+        flt.send(STRANGER, [PROTECTED], message(STRANGER, PROTECTED))
+        relay.wait_for(1, timeout=15)
+
+
+def serve_config(tmp_path: Path, relay: Sink, next_hop: Sink, server: str = "") -> tuple[Path, int]:
+    port = free_port()
+    path = write_config(tmp_path, relay=relay.url, next_hop=next_hop.url, port=port, server=server)
+    text = path.read_text().replace('format = "console"', 'format = "json"')
+    path.write_text(text.replace('level = "warning"', 'level = "info"'))
+    return path, port
+
+
+@pytest.mark.timeout(180)
+def test_descriptor_exhaustion_logs_a_few_lines_and_the_filter_recovers(tmp_path: Path) -> None:
+    with Sink() as relay, Sink() as next_hop:
+        config, port = serve_config(
+            tmp_path,
+            relay,
+            next_hop,
+            server="max_sessions = 5000\nmax_sessions_per_client = 5000\n",
+        )
+        log_path = tmp_path / "serve.log"
+        with log_path.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sourceauth.adapters.cli", "serve", "--config", str(config)],
+                stdout=out,
+                stderr=out,
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128)),
+            )
+        held: list[socket.socket] = []
+        try:
+            wait_until(lambda: admitted_quietly(port, held), message="serve to greet")
+            # Hold sessions until the server has no descriptor left, then keep knocking.
+            for _ in range(400):
+                try:
+                    held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+                except OSError:
+                    break
+            knocks = 0
+            for _ in range(40):  # about 8 s of connection attempts while starved
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                        sock.settimeout(0.2)
+                        with contextlib.suppress(OSError):
+                            sock.recv(64)
+                except OSError:
+                    pass
+                knocks += 1
+            starved = log_path.stat().st_size
+            for sock in held:
+                sock.close()
+            held.clear()
+            recovered = wait_until(lambda: admitted_quietly(port, held), message="recovery")
+            assert recovered
+        finally:
+            for sock in held:
+                sock.close()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=60)
+        text = log_path.read_text(errors="replace")
+        print(f"log after {knocks} knocks on a starved server: {starved} bytes")
+        assert code == 0, text[-3000:]
+        assert '"descriptor_limit_low"' in text
+        assert '"loop_error"' in text  # the accept() failures were seen...
+        assert starved < 20_000, text[-3000:]  # ...and told in a few lines, not one per failure
+
+
+def admitted_quietly(port: int, keep: list[socket.socket]) -> bool:
+    try:
+        sock = admitted(port)
+    except OSError:
+        return False
+    if sock is None:
+        return False
+    keep.append(sock)
+    return True
