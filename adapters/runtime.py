@@ -37,7 +37,7 @@ from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
 from sourceauth.adapters.storage.wiring import Storage, open_blobs, open_engine
 from sourceauth.engine.api import Receipt
 from sourceauth.engine.application import SourceAuth, system_clock
-from sourceauth.engine.logs import LogThrottle, get_logger
+from sourceauth.engine.logs import LogThrottle, get_logger, redact_tokens
 from sourceauth.engine.ports import Clock
 
 log = get_logger(__name__)
@@ -48,6 +48,7 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: Any = None
     renderer for people; never print."""
     lvl = getattr(logging, level.upper(), logging.INFO)
     processors: list[Any] = [
+        redact_tokens,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

@@ -5,6 +5,7 @@ a MIME bomb to the bounce address, RFC 5321 addresses refused, session floods, h
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
 import signal
 import smtplib
@@ -17,7 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.smtp_harness import filter_with_sinks, free_port, message, write_config
+from tests.integration.smtp_harness import (
+    filter_with_sinks,
+    free_port,
+    message,
+    token_of,
+    write_config,
+)
+from tests.integration.test_crash_safety import Server
 from tests.support.smtp_sink import Sink
 from tests.support.waiting import wait_outbound_idle, wait_until
 
@@ -185,6 +193,32 @@ def serve_config(tmp_path: Path, relay: Sink, next_hop: Sink, server: str = "") 
     text = path.read_text().replace('format = "console"', 'format = "json"')
     path.write_text(text.replace('level = "warning"', 'level = "info"'))
     return path, port
+
+
+def test_confirm_and_bounce_tokens_never_reach_the_log(tmp_path: Path) -> None:
+    with Sink() as relay, Sink() as next_hop:
+        config, port = serve_config(tmp_path, relay, next_hop)
+        server = Server(config, port, tmp_path / "serve.log")
+        server.start()
+        try:
+            send = smtplib.SMTP("127.0.0.1", port, timeout=30)
+            send.sendmail(STRANGER, [PROTECTED], message(STRANGER, PROTECTED))
+            token = token_of(relay.wait_for(1, timeout=30)[0])
+            reply = message(STRANGER, f"confirm+{token}@example.test", subject="Re: confirm")
+            send.sendmail(STRANGER, [f"confirm+{token}@example.test"], reply)
+            dsn = message("MAILER-DAEMON@remote.test", f"bounces+{token}@example.test")
+            send.sendmail("", [f"bounces+{token}@example.test"], dsn)
+            send.quit()
+            next_hop.wait_for(1, timeout=30)  # the confirmation released the held message
+        finally:
+            assert server.stop() == 0, server.tail()
+    text = (tmp_path / "serve.log").read_text()
+    decided = [json.loads(line) for line in text.splitlines() if '"message_decided"' in line]
+    assert {d["recipient"] for d in decided} >= {
+        "confirm+[token]@example.test",
+        "bounces+[token]@example.test",
+    }
+    assert token not in text and token.upper() not in text
 
 
 @pytest.mark.timeout(180)
