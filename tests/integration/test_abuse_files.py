@@ -10,6 +10,7 @@ import os
 import re
 import smtplib
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,41 @@ def test_store_files_are_private_whatever_the_directory_and_umask(tmp_path: Path
     assert {p.name for p in files} >= {"sourceauth.db", "secret"}
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
     assert set(modes.values()) == {0o600}, modes
+
+
+def run_with_secret(tmp_path: Path, secret: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "sourceauth.toml"
+    config.write_text(
+        f'[server]\ndata_dir = "{tmp_path / "var"}"\n[challenge]\nsecret_file = "{secret}"\n',
+        encoding="utf-8",
+    )
+    return cli(config, "senders", "list")
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "symlink", "unreadable"])
+def test_a_secret_file_that_is_not_a_readable_file_is_one_line_and_exit_2(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SOURCEAUTH_SECRET", raising=False)  # the file must be read
+    secret = tmp_path / "secret"
+    if kind == "directory":
+        secret.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(secret, 0o600)
+    elif kind == "symlink":
+        (tmp_path / "real").write_text("x")
+        secret.symlink_to(tmp_path / "real")
+    else:
+        secret = Path("/proc/self/mem")  # a regular 0600 file whose read fails (EIO), even as root
+    done = run_with_secret(tmp_path, str(secret))  # a FIFO used to hang here: timeout=60
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sourceauth: error: challenge.secret_file")
+    expected = {
+        "directory": "is a directory",
+        "fifo": "is a FIFO",
+        "symlink": "is a symlink",
+        "unreadable": "cannot read",
+    }[kind]
+    assert expected in lines[0]
