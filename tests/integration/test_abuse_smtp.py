@@ -187,6 +187,29 @@ def test_sessions_over_the_limits_are_told_421_and_the_mta_can_retry(tmp_path: P
         relay.wait_for(1, timeout=15)
 
 
+def test_bare_cr_and_bare_lf_never_reach_the_next_hop(tmp_path: Path) -> None:
+    with filter_with_sinks(tmp_path) as (flt, relay, next_hop):
+        raw = (
+            b"From: alice@remote.test\r\nTo: dave@other.test\r\nSubject: smuggle\r\n\r\n"
+            b"one\rtwo\r.\rMAIL FROM:<x@evil.test>\rRCPT TO:<victim@other.test>\r"
+            b"three\nfour\n.\nfive\r\n"
+        )
+        with smtplib.SMTP("127.0.0.1", flt.port, timeout=30) as client:
+            client.ehlo()
+            client.mail(STRANGER)
+            client.rcpt("dave@other.test")
+            client.send(b"DATA\r\n")
+            assert client.getreply()[0] == 354
+            client.send(raw + b".\r\n")
+            assert client.getreply()[0] == 250
+        delivered = next_hop.wait_for(1, timeout=15)
+        wait_outbound_idle(flt.app)
+        assert len(next_hop.messages) == 1  # nothing smuggled through as a second message
+        data = delivered[0].data
+        assert data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n")
+        assert b"one\r\ntwo\r\n" in data and b"three\r\nfour\r\n" in data
+
+
 def serve_config(tmp_path: Path, relay: Sink, next_hop: Sink, server: str = "") -> tuple[Path, int]:
     port = free_port()
     path = write_config(tmp_path, relay=relay.url, next_hop=next_hop.url, port=port, server=server)
