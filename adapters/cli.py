@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,7 +30,28 @@ class BadInput(click.ClickException):
     exit_code = 2
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"sourceauth: error: {self.format_message()}", err=True)
+        click.echo(_printable(f"sourceauth: error: {self.format_message()}"), err=True)
+
+
+# What a terminal may act on: C0/C1 controls (escape sequences, CR, LF), DEL, line and
+# paragraph separators, and the bidi controls that reorder what is shown.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(value: object, *, rendered_json: bool = False) -> str:
+    """Text safe to print: every character a terminal could act on becomes a \\uXXXX escape.
+
+    Mail supplies subjects, addresses and reasons, so an escape sequence or an encoded CRLF in a
+    Subject must never retitle the terminal or forge a table row. `rendered_json`: the text is
+    json.dumps output, whose own line breaks are layout and whose strings escape C0 already.
+    """
+    pattern = _UNSAFE_IN_JSON if rendered_json else _UNSAFE
+    return pattern.sub(lambda m: f"\\u{ord(m.group()):04x}", str(value))
+
+
+def _json(value: Any, **options: Any) -> str:
+    return _printable(json.dumps(value, ensure_ascii=False, **options), rendered_json=True)
 
 
 class Unavailable(click.ClickException):
@@ -95,19 +117,16 @@ def engine_for(cfg: Config, *, transports: bool = False) -> Iterator[Any]:
 
 def _emit(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
     if as_json:
-        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        click.echo(_json(rows, indent=2))
         return
     if not rows:
         click.echo("(none)")
         return
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    cells = [{c: _printable("" if r.get(c) is None else r[c]) for c in columns} for r in rows]
+    widths = {c: max(len(c), *(len(r[c]) for r in cells)) for c in columns}
     click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns))
-    for r in rows:
-        click.echo(
-            "  ".join(
-                str(r.get(c, "") if r.get(c) is not None else "").ljust(widths[c]) for c in columns
-            )
-        )
+    for r in cells:
+        click.echo("  ".join(r[c].ljust(widths[c]) for c in columns))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -281,7 +300,9 @@ def _sender_command(verb: str, doc: str) -> None:
             view = getattr(app, method)(address, scope=scope, actor="operator", reason=reason)
         row = _sender_dict(view)
         click.echo(
-            json.dumps(row) if as_json else f"{row['address']} ({row['scope']}): {row['state']}"
+            _json(row)
+            if as_json
+            else _printable(f"{row['address']} ({row['scope']}): {row['state']}")
         )
 
 
@@ -342,7 +363,7 @@ def quarantine_show(cfg: Config, message_id: str, as_json: bool) -> None:
         row = _held_dict(app.held_message(message_id))
         row["history"] = [asdict(h) for h in app.history(row["id"])]
     if as_json:
-        click.echo(json.dumps(row, indent=2, ensure_ascii=False, default=str))
+        click.echo(_json(row, indent=2, default=str))
         return
     for key in (
         "id",
@@ -355,9 +376,9 @@ def quarantine_show(cfg: Config, message_id: str, as_json: bool) -> None:
         "state",
         "reason",
     ):
-        click.echo(f"{key:>10}: {row[key]}")
+        click.echo(f"{key:>10}: {_printable(row[key])}")
     for h in row["history"]:
-        click.echo(f"  {h['timestamp']}  {h['event']}  {h['fields'].get('reason', '')}")
+        click.echo(_printable(f"  {h['timestamp']}  {h['event']}  {h['fields'].get('reason', '')}"))
 
 
 def _message_command(verb: str, doc: str) -> None:
@@ -371,7 +392,7 @@ def _message_command(verb: str, doc: str) -> None:
             if verb == "release":
                 app.dispatch_deliveries()
                 view = app.held_message(view.id)
-        click.echo(f"{view.id}: {view.state}")
+        click.echo(_printable(f"{view.id}: {view.state}"))
 
 
 _message_command("release", "Release a held message to its recipients now.")
@@ -419,7 +440,7 @@ def audit_history(cfg: Config, subject: str, as_json: bool) -> None:
     with engine_for(cfg) as app:
         entries = [asdict(h) for h in app.history(subject)]
     if as_json:
-        click.echo(json.dumps(entries, indent=2, ensure_ascii=False, default=str))
+        click.echo(_json(entries, indent=2, default=str))
         return
     if not entries:
         click.echo("(no events)")
@@ -427,8 +448,11 @@ def audit_history(cfg: Config, subject: str, as_json: bool) -> None:
         f = e["fields"]
         what = f.get("trigger") or ""
         click.echo(
-            f"{e['timestamp']}  {e['aggregate']:<7} {e['aggregate_id'][:12]} v{e['version']:<3} "
-            f"{e['event']:<24} {what:<10} actor={f.get('actor', '')} reason={f.get('reason', '')}"
+            _printable(
+                f"{e['timestamp']}  {e['aggregate']:<7} {e['aggregate_id'][:12]} "
+                f"v{e['version']:<3} {e['event']:<24} {what:<10} actor={f.get('actor', '')} "
+                f"reason={f.get('reason', '')}"
+            )
         )
 
 
@@ -441,7 +465,7 @@ def audit_verify(cfg: Config) -> None:
     with engine_for(cfg) as app:
         fault, summary = verify(app)
     if fault is not None:
-        click.echo(f"FAULT: {fault}", err=True)
+        click.echo(_printable(f"FAULT: {fault}"), err=True)
         sys.exit(1)
     click.echo(f"log sound: {summary}")
 

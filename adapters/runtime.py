@@ -30,7 +30,12 @@ from sourceauth.adapters.config import (
 from sourceauth.adapters.config.values import Listen
 from sourceauth.adapters.smtp import xforward
 from sourceauth.adapters.smtp.challenge import DEFAULT_BODY_TEMPLATE, DEFAULT_SUBJECT_TEMPLATE
-from sourceauth.adapters.smtp.inbound import FilterHandler, GroupCommitter, inbound_server_factory
+from sourceauth.adapters.smtp.inbound import (
+    FilterHandler,
+    GroupCommitter,
+    SessionLimits,
+    inbound_server_factory,
+)
 from sourceauth.adapters.smtp.outbound import ChallengeSender, NextHopDelivery
 from sourceauth.adapters.status import run_maintenance, version
 from sourceauth.adapters.storage.blobs import FileBlobStore
@@ -41,7 +46,7 @@ from sourceauth.adapters.web.digest import Digest
 from sourceauth.adapters.web.server import WebServer
 from sourceauth.engine.api import Receipt
 from sourceauth.engine.application import SourceAuth, system_clock
-from sourceauth.engine.logs import get_logger
+from sourceauth.engine.logs import LogThrottle, get_logger, redact_tokens
 from sourceauth.engine.ports import Clock
 
 if TYPE_CHECKING:
@@ -99,6 +104,7 @@ def configure_logging(
     global _log_file
     lvl = getattr(logging, level.upper(), logging.INFO)
     processors: list[Any] = [
+        redact_tokens,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -443,6 +449,8 @@ class Filter:
             reply_within=DATABASE_REPLY_WITHIN if cfg.storage.kind == "postgresql" else None,
         )
         self.limits = Worker("quarantine-limits", self.app.refresh_full_mailboxes, 0.5)
+        self.sessions = SessionLimits(cfg.server.max_sessions, cfg.server.max_sessions_per_client)
+        _quiet_aiosmtpd()
         self.server: asyncio.AbstractServer | None = None
 
     def _committed(self, receipts: list[Receipt]) -> None:
@@ -470,10 +478,12 @@ class Filter:
         elif self._web_process is not None:
             self._web_process.start()
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(loop_error_handler(LogThrottle()))
         smtp = inbound_server_factory(
             self.handler,
             hostname=self.cfg.server.hostname,
             max_size=self.cfg.limits.max_message_size,
+            limits=self.sessions,
         )
         self.server = await loop.create_server(
             lambda: xforward.enable(smtp(), self.trusted),
@@ -537,8 +547,74 @@ class Filter:
             os.kill(self._process.pid, signal.SIGHUP)
 
 
+def loop_error_handler(throttle: LogThrottle) -> Callable[[Any, dict[str, Any]], None]:
+    """The event loop's exception handler: what asyncio would print (an accept() failing for
+    want of descriptors, a callback raising) as `loop_error`, each kind at most once per
+    throttle interval. asyncio's own handler logs every occurrence with a traceback: under
+    descriptor exhaustion that was a gigabyte in seconds."""
+
+    def handle(loop: Any, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        message = str(context.get("message") or "event loop error")
+        kind = type(error).__name__ if error is not None else message[:60]
+        suppressed = throttle.passes(kind)
+        if suppressed is not None:
+            log.error(
+                "loop_error",
+                what=message[:200],
+                error=str(error)[:200] if error is not None else None,
+                suppressed=suppressed,
+            )
+
+    return handle
+
+
+class _Throttled(logging.Filter):
+    """A stdlib filter letting each kind of record (its message template) through at most once
+    per throttle interval."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.throttle = LogThrottle()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.throttle.passes(str(record.msg)[:60]) is not None
+
+
+def _quiet_aiosmtpd() -> None:
+    """aiosmtpd logs every sender and recipient (confirm+TOKEN@ too) at info, and a traceback
+    per failed session: keep warnings and errors, each kind at most once per interval."""
+    logger = logging.getLogger("mail.log")
+    logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _Throttled) for f in logger.filters):
+        logger.addFilter(_Throttled())
+
+
+_DESCRIPTOR_RESERVE = 256  # the store, blobs, outbound connections, the worker's pipes
+
+
+def fit_descriptor_limit(max_sessions: int) -> None:
+    """Raise the soft open-file limit so every allowed session gets a descriptor with room to
+    spare; log `descriptor_limit_low` when the hard limit forbids it."""
+    import resource
+
+    wanted = max_sessions + _DESCRIPTOR_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        soft = raised
+    except (ValueError, OSError):
+        pass
+    if soft < wanted:
+        log.warning("descriptor_limit_low", limit=soft, max_sessions=max_sessions, wanted=wanted)
+
+
 def serve(cfg: Config) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
+    fit_descriptor_limit(cfg.server.max_sessions)
 
     if cfg.logging.file is not None:
         configure_logging(cfg.logging.format, cfg.logging.level, file=cfg.logging.file)

@@ -8,19 +8,65 @@ which has only a NullHandler: nothing reaches stdout or stderr unless a handler 
 from __future__ import annotations
 
 import logging
+import re
+import time
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
 
-__all__ = ["LibraryLogger", "get_logger"]
+from sourceauth.engine.tokens import TOKEN_LENGTH
+
+__all__ = ["LibraryLogger", "LogThrottle", "get_logger", "redact_tokens"]
 
 # The library's convention (logging HOWTO, "Configuring Logging for a Library"): without it,
 # Python's last-resort handler would print warnings to stderr.
 logging.getLogger("sourceauth").addHandler(logging.NullHandler())
 
+# A challenge token (40 base32 characters) standing alone or as an address extension.
+_TOKEN = re.compile(rf"(?<![A-Za-z0-9])[A-Za-z2-7]{{{TOKEN_LENGTH}}}(?![A-Za-z0-9])")
+
+
+def redact_tokens(
+    logger: Any, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: a token in any text field (confirm+TOKEN@ as a recipient, a relay's
+    reply quoting MAIL FROM:<bounces+TOKEN@>) becomes "[token]": logs never hold a live one."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and len(value) >= TOKEN_LENGTH:
+            event_dict[key] = _TOKEN.sub("[token]", value)
+    return event_dict
+
+
 _STDLIB_PROCESSORS: list[Any] = [
+    redact_tokens,
     structlog.stdlib.render_to_log_kwargs,  # event name as the message, fields as `extra`
 ]
+
+
+class LogThrottle:
+    """At most one line per key every `interval` seconds, for errors that can repeat in a flood
+    (a refused session, an accept() failing for want of descriptors): `passes(key)` is None for
+    a line to drop, else how many were dropped since the last one (log it as `suppressed`)."""
+
+    MAX_KEYS = 1024  # keys are kinds of error, not values; this only bounds a surprise
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.interval = interval
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._dropped: dict[str, int] = {}
+
+    def passes(self, key: str) -> int | None:
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._dropped[key] = self._dropped.get(key, 0) + 1
+            return None
+        if len(self._last) >= self.MAX_KEYS:
+            self._last.clear()
+        self._last[key] = now
+        return self._dropped.pop(key, 0)
 
 
 def get_logger(name: str) -> LibraryLogger:

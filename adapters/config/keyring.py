@@ -17,6 +17,7 @@ from sourceauth.adapters.durable import write_once
 from sourceauth.engine.tokens import Keyring, generate_keyring, parse_keyring, render_keyring
 
 _KEY = "challenge.secret_file"
+_SECRET_MAX = 1 << 20  # a keyring is a few hundred bytes; anything this large is a mistake
 
 
 def load_or_create_keyring(cfg: ChallengeConfig, environ: Mapping[str, str]) -> Keyring:
@@ -50,28 +51,59 @@ def _parse_secret(text: str, where: str) -> Keyring:
 
 def _read_secret_file(path: Path) -> Keyring:
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; no effect on a regular file.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise ConfigError(f"{_KEY}: {path} is a symlink; name the file itself") from None
         raise ConfigError(f"{_KEY}: cannot open {path} ({error.strerror})") from None
-    with os.fdopen(descriptor, "rb") as handle:
-        status = os.fstat(handle.fileno())
+    try:
+        status = os.fstat(descriptor)
         if not stat.S_ISREG(status.st_mode):
-            raise ConfigError(f"{_KEY}: {path} is not a regular file")
+            raise ConfigError(f"{_KEY}: {path} is {_kind(status.st_mode)}, not a regular file")
         if status.st_mode & 0o077:
             raise ConfigError(
                 f"{_KEY}: {path} is readable or writable by group or others "
                 f"(mode {status.st_mode & 0o777:04o}); run: chmod 600 {path}"
             )
-        data = handle.read()
+        if status.st_size > _SECRET_MAX:
+            raise ConfigError(f"{_KEY}: {path} is too large for a keyring ({status.st_size} bytes)")
+        data = _read_all(descriptor)
+    except OSError as error:
+        raise ConfigError(f"{_KEY}: cannot read {path} ({error.strerror})") from None
+    finally:
+        os.close(descriptor)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{_KEY}: {path} is not a valid keyring (not UTF-8 text)") from None
     return _parse_secret(text, f"{_KEY}: {path}")
+
+
+def _read_all(descriptor: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := os.read(descriptor, 65536):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > _SECRET_MAX:
+            raise ConfigError(f"{_KEY}: the file is too large for a keyring")
+    return b"".join(chunks)
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def _create_secret_file(path: Path) -> Keyring:

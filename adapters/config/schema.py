@@ -77,6 +77,11 @@ class ServerConfig(Section, frozen=True):
     listen: Listen = Listen("127.0.0.1:2525")
     hostname: Domain = unset(Domain)  # "": this host's FQDN, else "localhost"
     data_dir: Path = Path("var")
+    # Abuse limits (issue 7): a session over either gets "421 4.7.0" and is closed, so the
+    # MTA retries later; keep max_sessions_per_client at or above the MTA's process limit
+    # for the filter transport (Postfix: default_process_limit, 100).
+    max_sessions: PositiveInt = 200
+    max_sessions_per_client: PositiveInt = 100
 
     derived = ("listen_host", "listen_port")
 

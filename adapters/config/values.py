@@ -198,9 +198,13 @@ class Address(str):
     def __new__(cls, value: object) -> Address:
         text = _text(value)
         try:
-            return super().__new__(cls, normalize_address(text))
+            address = normalize_address(text)
         except AddressError as error:
             raise ValueError(f"{describe(text)} is not a valid address ({error})") from None
+        if address.startswith('"'):
+            # Tokens ride as extensions (confirm+TOKEN@); a quoted local part has none.
+            raise ValueError(f"{describe(text)} is not a valid address (quoted local part)")
+        return super().__new__(cls, address)
 
 
 class Protected(str):

@@ -44,6 +44,7 @@ _HEADER_NAME_LOWER = HEADER_NAME.lower()
 _ID_RE = re.compile(r"[A-Za-z0-9_+=@-]{1,200}")
 _FIELD_RE = re.compile(rb"[!-9;-~]+[ \t]*:")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f<>]")
+_LINE_END_RE = re.compile(rb"\r\n|\r|\n")
 _HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
@@ -276,6 +277,18 @@ def _default_helo() -> str:
 # SMTP / LMTP
 
 
+def _crlf_lines(data: bytes) -> bytes:
+    """data with every bare CR and bare LF turned into CRLF, as SMTP requires (RFC 5321 2.3.8).
+
+    A next hop that reads a bare CR or LF as a line end would otherwise see a line break where
+    we saw none: "\\r.\\r\\n" ends DATA early there (SMTP smuggling), and smtplib dot-stuffs
+    only after LF."""
+    crlf = data.count(b"\r\n")
+    if crlf == data.count(b"\r") == data.count(b"\n"):
+        return data
+    return _LINE_END_RE.sub(b"\r\n", data)
+
+
 class _Session:
     """One SMTP/LMTP transaction for several recipients; fills in one result per recipient."""
 
@@ -290,7 +303,7 @@ class _Session:
     ) -> None:
         self.hop = hop
         self.recipients = list(recipients)
-        self.data = data
+        self.data = _crlf_lines(data)
         self.timeout = timeout
         self.helo = helo or _default_helo()
         self.stage = "connect"

@@ -33,6 +33,11 @@ _MAX_PARTS = 256  # MIME parts visited
 _MAX_DEPTH = 16  # multipart nesting followed
 _MAX_BLOCKS = 256  # header blocks read from a delivery-status part
 _FLUFL_MAX = 128 * 1024  # bytes of a message given to flufl.bounce
+# What the MIME parser is given of a message (see _bounded): its cost grows with bytes and parts.
+_PARSE_MAX = 512 * 1024  # bytes in all
+_SEGMENT_MAX = 64 * 1024  # bytes between two boundary-like lines
+_LINE_MAX = 4096  # bytes of one line
+_MAX_MARKS = 2 * _MAX_PARTS  # boundary-like lines (each part has one, each multipart one more)
 
 _DS_TYPES = frozenset({"message/delivery-status", "message/global-delivery-status"})
 _MDN_TYPES = frozenset(
@@ -83,7 +88,7 @@ _NONE = BounceReport(
 def parse_bounce(raw: bytes) -> BounceReport:
     """Read a bounce; worst case (garbage, not a bounce) is a non-failed report of format "none"."""
     try:
-        data = bytes(raw)
+        data = _bounded(bytes(raw))
         msg = email.message_from_bytes(data, policy=email.policy.compat32)
         parts = list(_walk(msg))
     except Exception:
@@ -253,6 +258,45 @@ def _mdn_report(parts: list[Message]) -> BounceReport:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+_LONG_LINE_RE = re.compile(rb"(?m)^[^\n]{%d}" % (_LINE_MAX + 1))
+
+
+def _bounded(raw: bytes) -> bytes:
+    """The part of a message worth parsing, whatever its size or part count: at most
+    _MAX_MARKS boundary-like lines ("--..."), _SEGMENT_MAX bytes after each, lines cut at
+    _LINE_MAX bytes, _PARSE_MAX bytes in all. A report states its failure in its first parts
+    and near their top; what is dropped is bulk (a returned message, attachments, padding)."""
+    out: list[bytes] = []
+    size = 0
+    pos = 0
+    marks = 0
+    while pos < len(raw) and size < _PARSE_MAX:
+        if raw.startswith(b"--", pos):
+            marks += 1
+            if marks > _MAX_MARKS:
+                break
+        found = raw.find(b"\n--", pos)
+        stop = len(raw) if found < 0 else found + 1
+        kept = 0
+        while pos < stop and kept < _SEGMENT_MAX and size + kept < _PARSE_MAX:
+            chunk = raw[pos : min(stop, pos + _SEGMENT_MAX - kept)]
+            long_line = _LONG_LINE_RE.search(chunk)
+            if long_line is None:
+                out.append(chunk)
+                kept += len(chunk)
+                pos += len(chunk)
+                continue
+            cut = long_line.start() + _LINE_MAX
+            out.append(chunk[:cut] + b"\n")
+            kept += cut + 1
+            newline = raw.find(b"\n", pos + cut, stop)
+            pos = stop if newline < 0 else newline + 1
+        if out and not out[-1].endswith(b"\n"):
+            out.append(b"\n")  # a boundary that follows stays at the start of a line
+        size += kept
+        pos = stop
+    return b"".join(out)
 
 
 def _walk(msg: Message) -> Iterator[Message]:

@@ -10,7 +10,9 @@ import queue
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -29,12 +31,15 @@ from sourceauth.engine.addresses import (
 from sourceauth.engine.api import BounceInfo, Headers, Incoming, Receipt
 from sourceauth.engine.application import SourceAuth
 from sourceauth.engine.errors import InvalidInput, SourceAuthError
-from sourceauth.engine.logs import get_logger
+from sourceauth.engine.logs import LogThrottle, get_logger
 from sourceauth.engine.ports import BlobError, BlobStore, StagedBlobs
 
 log = get_logger(__name__)
 
 HEADER_SCAN_LIMIT = 256 * 1024  # never parse more than this many bytes as headers
+# nor more than this many lines: parsing costs about 10 us a field, on the commit thread, and
+# 256 KiB of tiny fields took half a second. The MTA prepends what the engine trusts.
+HEADER_LINE_LIMIT = 2000
 
 
 def parse_headers(raw: bytes) -> Headers:
@@ -45,6 +50,13 @@ def parse_headers(raw: bytes) -> Headers:
         end = head.find(b"\n\n")
     if end >= 0:
         head = head[: end + 2]
+    newline = -1
+    for _ in range(HEADER_LINE_LIMIT):
+        newline = head.find(b"\n", newline + 1)
+        if newline < 0:
+            break
+    else:
+        head = head[: newline + 1]
     try:
         msg = BytesHeaderParser(policy=compat32).parsebytes(head)
         items = msg.items()
@@ -69,8 +81,7 @@ class _Pending:
     raw: bytes
     future: asyncio.Future[Receipt]
     loop: asyncio.AbstractEventLoop
-    bounce_address: str
-    delimiter: str
+    bounce: BounceInfo | None
     queued: float = field(default_factory=time.monotonic)
     client_address: str = ""
     client_helo: str = ""
@@ -156,7 +167,7 @@ class GroupCommitter:
                 recipients=item.recipients,
                 blob=blob,
                 headers=parse_headers(item.raw),
-                bounce=_bounce_info(item),
+                bounce=item.bounce,
                 client_address=item.client_address,
                 client_helo=item.client_helo,
             )
@@ -192,17 +203,10 @@ class GroupCommitter:
             self.on_commit([receipt])
 
 
-def _bounce_info(item: _Pending) -> BounceInfo | None:
-    for rcpt in item.recipients:
-        try:
-            base, _ = split_extension(normalize_address(rcpt), item.delimiter)
-        except AddressError:
-            continue
-        if base == item.bounce_address:
-            report = parse_bounce(item.raw)
-            detail = " ".join(x for x in (report.status, report.diagnostic) if x)
-            return BounceInfo(failed=report.failed, diagnostic=detail or report.action)
-    return None
+def _bounce_info(raw: bytes) -> BounceInfo:
+    report = parse_bounce(raw)
+    detail = " ".join(x for x in (report.status, report.diagnostic) if x)
+    return BounceInfo(failed=report.failed, diagnostic=detail or report.action)
 
 
 def _resolve(
@@ -239,6 +243,19 @@ class FilterHandler:
         self.reply_within = reply_within
         self.bounce_address = normalize_address(bounce_address)
         self.delimiter = delimiter
+        # Bounces are parsed here, one at a time, never on the commit thread: a hostile one
+        # (huge, thousands of parts) delays only itself. parse_bounce bounds its own work.
+        self._bounce_reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sa-bounce")
+
+    def _to_bounce_address(self, recipients: list[str]) -> bool:
+        for rcpt in recipients:
+            try:
+                base, _ = split_extension(normalize_address(rcpt), self.delimiter)
+            except AddressError:
+                continue
+            if base == self.bounce_address:
+                return True
+        return False
 
     async def handle_MAIL(
         self,
@@ -252,7 +269,9 @@ class FilterHandler:
             try:
                 normalize_address(address)
             except AddressError as exc:
-                return f"553 5.1.7 Bad sender address syntax: {exc}"
+                # Only text outside RFC 5321/6531's grammar gets here (every valid Path is
+                # taken): a syntax error, 501, never 553 (a policy refusal).
+                return f"501 5.1.7 Bad sender address syntax: {exc}"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -270,7 +289,7 @@ class FilterHandler:
         try:
             normalize_address(address)
         except AddressError as exc:
-            return f"553 5.1.3 Bad recipient address syntax: {exc}"
+            return f"501 5.1.3 Bad recipient address syntax: {exc}"
         app = self.committer.app
         full = False
         if app.mailbox_may_be_full(address):  # memory only; the exact check reads the store
@@ -291,6 +310,9 @@ class FilterHandler:
         if not envelope.rcpt_tos:
             return "503 5.5.1 No valid recipients"
         loop = asyncio.get_running_loop()
+        bounce = None
+        if self._to_bounce_address(envelope.rcpt_tos):
+            bounce = await loop.run_in_executor(self._bounce_reader, _bounce_info, raw)
         future: asyncio.Future[Receipt] = loop.create_future()
         client_address, client_helo = xforward.client_of(session)
         xforward.forget(session)
@@ -301,8 +323,7 @@ class FilterHandler:
                 raw=raw,
                 future=future,
                 loop=loop,
-                bounce_address=self.bounce_address,
-                delimiter=self.delimiter,
+                bounce=bounce,
                 client_address=client_address,
                 client_helo=client_helo,
             )
@@ -321,17 +342,90 @@ class FilterHandler:
         return f"250 2.0.0 OK queued as {receipt.receipt_id}"
 
 
+class SessionLimits:
+    """Concurrent SMTP sessions, in all and per client address (event loop thread only)."""
+
+    def __init__(self, max_sessions: int, per_client: int) -> None:
+        self.max_sessions = max_sessions
+        self.per_client = per_client
+        self.total = 0
+        self.clients: Counter[str] = Counter()
+        self.throttle = LogThrottle()
+
+    def admit(self, client: str) -> str | None:
+        """None when the session may start (and is counted), else the reply refusing it."""
+        if self.total >= self.max_sessions:
+            return "421 4.7.0 Too many sessions, try again later"
+        if self.clients[client] >= self.per_client:
+            return "421 4.7.0 Too many sessions from your address, try again later"
+        self.total += 1
+        self.clients[client] += 1
+        return None
+
+    def release(self, client: str) -> None:
+        self.total -= 1
+        self.clients[client] -= 1
+        if self.clients[client] <= 0:
+            del self.clients[client]
+
+
+class FilterSMTP(SMTP):
+    """aiosmtpd's SMTP with the filter's own answers where aiosmtpd's would mislead, and a
+    session over the limits told 421 and closed before its greeting: a flood of connections
+    costs a descriptor each for a moment, never a session."""
+
+    def __init__(self, *args: Any, limits: SessionLimits, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self.client: str | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        refusal = self.limits.admit(client)
+        if refusal is None:
+            self.client = client
+            return
+        self._handler_coroutine.cancel()  # the greeting is never sent
+        transport.write(refusal.encode("ascii") + b"\r\n")
+        transport.close()
+        suppressed = self.limits.throttle.passes("session_refused")
+        if suppressed is not None:
+            log.warning(
+                "session_refused",
+                client=client,
+                reply=refusal,
+                sessions=self.limits.total,
+                suppressed=suppressed,
+            )
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.client is not None:
+            self.limits.release(self.client)
+            self.client = None
+        super().connection_lost(error)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd answers 553 to what its RFC 5322 parser cannot read; that is a syntax error
+        # (501: "" makes aiosmtpd send its syntax reply), never a policy refusal. Behind
+        # Postfix either becomes a bounce, but only to text outside RFC 5321's grammar.
+        address, rest = super()._getaddr(arg)
+        return ("", rest) if address is None else (address, rest)
+
+
 def inbound_server_factory(
-    handler: FilterHandler, *, hostname: str, max_size: int
+    handler: FilterHandler, *, hostname: str, max_size: int, limits: SessionLimits
 ) -> Callable[[], Any]:
     def factory() -> SMTP:
-        return SMTP(
+        return FilterSMTP(
             handler,
             hostname=hostname,
             enable_SMTPUTF8=True,
             decode_data=False,
             data_size_limit=max_size,
             ident="sourceauth",
+            limits=limits,
         )
 
     return factory

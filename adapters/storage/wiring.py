@@ -4,6 +4,7 @@ on the embedded SQLite file (default) or a PostgreSQL database.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,12 +65,23 @@ class Storage:
         return " ".join(parts)
 
 
+def create_sqlite_file(path: Path) -> None:
+    """Create the SQLite file 0600 (its -wal and -shm files take its mode) before SQLite does:
+    left to itself SQLite creates 0644 less the umask, readable by every local user when the
+    data directory already existed with mode 0755. An existing file is left as it is."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
+
+
 def eventsourcing_env(storage: Storage) -> dict[str, str]:
     """The eventsourcing settings for this storage (the application name is the prefix)."""
     env = {"TRANSCODER_TOPIC": TRANSCODER, "AGGREGATE_CACHE_MAXSIZE": ""}
     if storage.kind == "sqlite":
         assert storage.sqlite_path is not None
-        storage.sqlite_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        create_sqlite_file(storage.sqlite_path)
         env.update(
             PERSISTENCE_MODULE="sourceauth.adapters.storage.sqlite:TunedSQLiteFactory",
             SQLITE_DBNAME=str(storage.sqlite_path),
@@ -113,7 +125,7 @@ def open_blobs(storage: Storage) -> FileBlobStore | DatabaseBlobStore | Postgres
         if storage.kind == "postgresql":
             return PostgresBlobStore(storage.conninfo(), storage.pg_schema)
         assert storage.sqlite_path is not None
-        storage.sqlite_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        create_sqlite_file(storage.sqlite_path)
         return DatabaseBlobStore(storage.sqlite_path, synchronous=storage.sqlite_synchronous)
     return FileBlobStore(storage.blob_dir, fsync=storage.blob_fsync)
 

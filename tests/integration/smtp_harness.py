@@ -28,7 +28,13 @@ def free_port() -> int:
 
 
 def write_config(
-    tmp: Path, *, relay: str, next_hop: str, extra: str = "", port: int | None = None
+    tmp: Path,
+    *,
+    relay: str,
+    next_hop: str,
+    extra: str = "",
+    port: int | None = None,
+    server: str = "",
 ) -> Path:
     path = tmp / "sourceauth.toml"
     path.write_text(
@@ -37,7 +43,7 @@ def write_config(
 listen = "127.0.0.1:{port or free_port()}"
 hostname = "mx.example.test"
 data_dir = "{tmp / "var"}"
-
+{server}
 [policy]
 protected = ["example.test"]
 {extra}
@@ -143,6 +149,7 @@ def filter_with_sinks(
     *,
     relay_reply: Callable[[str], str] | None = None,
     extra: str = "",
+    server: str = "",
 ) -> Iterator[tuple[RunningFilter, Sink, Sink]]:
     with Sink(rcpt_reply=relay_reply) as relay, Sink() as next_hop:
         cfg = load_config(
@@ -151,6 +158,7 @@ def filter_with_sinks(
                 relay=f"smtp://127.0.0.1:{relay.port}",
                 next_hop=f"smtp://127.0.0.1:{next_hop.port}",
                 extra=extra,
+                server=server,
             )
         )
         running = RunningFilter(cfg)

@@ -35,12 +35,34 @@ from sourceauth.engine.addresses import (
         ("\u212aelly@example.test", "kelly@example.test"),  # Kelvin sign: canonically K
         ("用户@例子.测试", "用户@xn--fsqu00a.xn--0zwm56d"),
         ("a@\uff25\uff38\uff21\uff2d\uff30\uff2c\uff25.test", "a@example.test"),  # fullwidth
+        # Everything RFC 5321/6531 (and Postfix) accepts, in one canonical spelling.
+        ('"System Administrator"@example.com', '"system administrator"@example.com'),
+        ('<"System Administrator"@example.com>', '"system administrator"@example.com'),
+        ('"ab"@example.test', "ab@example.test"),
+        ('"A.b+c"@example.test', "a.b+c@example.test"),
+        ('"a\\ b"@example.test', '"a b"@example.test'),
+        ('"a\\"b"@example.test', '"a\\"b"@example.test'),
+        ('"a\\\\b"@example.test', '"a\\\\b"@example.test'),
+        ('"a@b"@example.test', '"a@b"@example.test'),
+        ('"a<b>"@example.test', '"a<b>"@example.test'),
+        ('""@example.test', '""@example.test'),
+        ('"jörg m"@example.test', '"jörg m"@example.test'),
+        ("a@[127.0.0.1]", "a@[127.0.0.1]"),
+        ("<a@[192.0.2.1]>", "a@[192.0.2.1]"),
+        ("a@[IPv6:2001:DB8:0:0::1]", "a@[ipv6:2001:db8::1]"),
+        ("a@[x-tag:some-thing]", "a@[x-tag:some-thing]"),
+        ("a@foo_bar.test", "a@foo_bar.test"),
+        ("a@_dmarc.Example.test", "a@_dmarc.example.test"),
+        ("<@relay.test:a@example.test>", "a@example.test"),
+        ("<@r1.test,@r2.test:Bob@example.test>", "bob@example.test"),
+        ("a" * 65 + "@example.test", "a" * 65 + "@example.test"),
+        ("bounce-md_30850198.5f8d6f80.v1-" + "b" * 40 + "@mandrillapp.com", None),
     ],
 )
 def test_normalize_address_returns_lower_case_local_at_ascii_domain(
-    raw: str, expected: str
+    raw: str, expected: str | None
 ) -> None:
-    assert normalize_address(raw) == expected
+    assert normalize_address(raw) == (raw if expected is None else expected)
 
 
 @pytest.mark.parametrize(
@@ -61,8 +83,6 @@ def test_normalize_address_returns_lower_case_local_at_ascii_domain(
         pytest.param("ali\x00ce@example.test", id="nul"),
         pytest.param("ali\x7fce@example.test", id="del"),
         pytest.param("ali\x85ce@example.test", id="c1-control"),
-        pytest.param("a" * 65 + "@example.test", id="local-over-64"),
-        pytest.param("é" * 33 + "@example.test", id="local-over-64-octets"),
         pytest.param("a@" + ".".join(["b" * 60] * 5), id="over-254"),
         pytest.param("a@" + "b" * 64 + ".test", id="label-over-63"),
         pytest.param("a@example..test", id="empty-label"),
@@ -70,17 +90,29 @@ def test_normalize_address_returns_lower_case_local_at_ascii_domain(
         pytest.param("a@example.test.", id="trailing-dot"),
         pytest.param("a@-example.test", id="leading-hyphen"),
         pytest.param("a@example-.test", id="trailing-hyphen"),
-        pytest.param("a@exam_ple.test", id="underscore-in-domain"),
         pytest.param("<a@example.test", id="unclosed-bracket"),
         pytest.param("a@example.test>", id="unopened-bracket"),
         pytest.param("<<a@example.test>>", id="double-brackets"),
         pytest.param("Alice <a@example.test>", id="display-name"),
-        pytest.param('"a b"@example.test', id="quoted-local-with-space"),
-        pytest.param('"ab"@example.test', id="quoted-local"),
         pytest.param("a@b@example.test", id="two-ats"),
-        pytest.param("<@relay.test:a@example.test>", id="source-route"),
-        pytest.param("a@[192.0.2.1]", id="address-literal"),
         pytest.param("a@" + "x" * 2000, id="huge"),
+        pytest.param("a" * 250 + "@example.test", id="local-makes-it-over-254"),
+        pytest.param('"a b@example.test', id="unterminated-quote"),
+        pytest.param('"a"b@example.test', id="text-after-quoted-local"),
+        pytest.param('"a"', id="quoted-without-domain"),
+        pytest.param('"a\x00b"@example.test', id="nul-in-quotes"),
+        pytest.param('"a\tb"@example.test', id="tab-in-quotes"),
+        pytest.param('"a\r\nb"@example.test', id="crlf-in-quotes"),
+        pytest.param('"a\\"@example.test', id="quote-escaped-away"),
+        pytest.param("a@[300.1.1.1]", id="literal-not-ipv4"),
+        pytest.param("a@[192.0.2.1", id="literal-unterminated"),
+        pytest.param("a@[IPv6:zz::1]", id="literal-not-ipv6"),
+        pytest.param("a@[]", id="literal-empty"),
+        pytest.param("a@[tag:]", id="literal-tag-without-content"),
+        pytest.param("a@[1.2.3.4]x", id="text-after-literal"),
+        pytest.param("<@relay.test a@example.test>", id="source-route-without-colon"),
+        pytest.param("<@:a@example.test>", id="source-route-empty-hop"),
+        pytest.param("a@exa mple_.test", id="space-with-underscore"),
     ],
 )
 def test_unusable_address_is_rejected_with_address_error(raw: str) -> None:
@@ -118,6 +150,7 @@ def test_non_null_senders_are_not_null(raw: str) -> None:
         ("a+b+c@x", ("a@x", "b+c")),
         ("a+@x", ("a@x", "")),
         ("+a@x", ("+a@x", None)),
+        ('"a+b c"@x', ('"a+b c"@x', None)),
     ],
 )
 def test_split_extension_splits_at_first_delimiter(

@@ -10,7 +10,7 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
-from sourceauth.engine.logs import get_logger
+from sourceauth.engine.logs import LogThrottle, get_logger
 
 NAME = "sourceauth.tests.logs"
 
@@ -67,3 +67,14 @@ def test_a_logger_made_before_structlog_is_configured_follows_the_configuration(
         {"event": "message_held", "sender": "a@remote.test", "log_level": "info"},
         {"event": "challenge_failed", "challenge_id": "c1", "attempt": 3, "log_level": "error"},
     ]
+
+
+def test_log_throttle_lets_one_line_per_kind_per_interval_and_counts_the_rest() -> None:
+    now = [0.0]
+    throttle = LogThrottle(10.0, clock=lambda: now[0])
+    assert throttle.passes("accept") == 0
+    assert [throttle.passes("accept") for _ in range(3)] == [None, None, None]
+    assert throttle.passes("refused") == 0  # another kind has its own budget
+    now[0] = 10.0
+    assert throttle.passes("accept") == 3  # the next line says how many were dropped
+    assert throttle.passes("accept") is None
