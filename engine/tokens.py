@@ -1,6 +1,7 @@
 """Challenge tokens: mint and verify the HMAC token carried in a confirm address extension.
 
-Also derives keyed aggregate ids and reads and writes the secret keyring text format.
+Also derives keyed aggregate ids and the audit chain key, and reads and writes the secret
+keyring text format.
 """
 
 from __future__ import annotations
@@ -124,6 +125,12 @@ def verify(keyring: Keyring, token: str, *, sender: str, scope: str, now: int) -
     if now >= claims.expires_at:
         raise TokenExpired("token has expired")
     return claims
+
+
+def audit_chain_key(keyring: Keyring) -> bytes:
+    """The key of the log's hash chain, derived from the id key: stable across token key
+    rotation and shared by every node of one keyring, never stored in the database."""
+    return hmac.new(keyring.id_key, b"sourceauth audit chain v1", hashlib.sha256).digest()
 
 
 def aggregate_id(keyring: Keyring, kind: str, *parts: str) -> uuid.UUID:

@@ -77,7 +77,7 @@ def eventsourcing_env(storage: Storage) -> dict[str, str]:
         )
     elif storage.kind == "postgresql":
         env.update(
-            PERSISTENCE_MODULE="eventsourcing.postgres",
+            PERSISTENCE_MODULE="sourceauth.adapters.storage.postgres:ChainedPostgresFactory",
             POSTGRES_DBNAME=storage.pg_dbname,
             POSTGRES_HOST=storage.pg_host,
             POSTGRES_PORT=str(storage.pg_port),
@@ -135,7 +135,7 @@ def open_engine(
         postgres_connector(storage.conninfo(), storage.pg_schema)().close()
     # eventsourcing merges os.environ first; these explicit settings win over stray variables.
     env = eventsourcing_env(storage)
-    return SourceAuth(
+    app = SourceAuth(
         settings=settings,
         keyring=keyring,
         views_factory=views_factory(storage),
@@ -145,3 +145,11 @@ def open_engine(
         clock=clock,
         env=env,
     )
+    # The audit chain's key comes from the keyring, never from the database: chain every
+    # event from here on (and any this store holds from before the chain existed).
+    try:
+        app.recorder.attach_chain(tokens.audit_chain_key(keyring))  # type: ignore[attr-defined]
+    except BaseException:
+        app.close()
+        raise
+    return app
