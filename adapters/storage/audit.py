@@ -15,13 +15,14 @@ from uuid import UUID
 
 from eventsourcing.persistence import Notification
 
-from sourceauth.adapters.storage.chain import GENESIS, Seal, link
+from sourceauth.adapters.storage.chain import GENESIS, Seal, keyed, link, unpack
 from sourceauth.adapters.storage.views import Dialect, SqlViews, log_pages
 from sourceauth.engine.application import SourceAuth
 from sourceauth.engine.audit import Fault, LogSummary, check_events
 from sourceauth.engine.errors import InvalidInput, NotFound
 
 PAGE = 5000
+CHAIN_PAGE = 200  # chain rows read at once (one per transaction, up to thousands of links each)
 MIN_PREFIX = 4  # hex digits an id prefix needs
 _HEX = frozenset("0123456789abcdef")
 
@@ -39,6 +40,7 @@ class ChainCheck:
     def __init__(self, app: SourceAuth) -> None:
         self.recorder: Any = app.recorder
         self.key: bytes | None = getattr(self.recorder, "chain_key", None)
+        self.mac = keyed(self.key) if self.key is not None else None
         self._links = self._all_links()
         self._next = next(self._links, None)
         self.previous = GENESIS
@@ -52,9 +54,10 @@ class ChainCheck:
             return
         after = 0
         while True:
-            page = self.recorder.chain_page(after, PAGE)
-            yield from page
-            if len(page) < PAGE:
+            page = self.recorder.chain_page(after, CHAIN_PAGE)
+            for _, packed in page:
+                yield from unpack(packed)
+            if len(page) < CHAIN_PAGE:
                 return
             after = page[-1][0]
 
@@ -75,7 +78,7 @@ class ChainCheck:
                 "an event was inserted: no link of the chain covers it",
             )
         expected = link(
-            self.key, self.previous, n.id, n.originator_id, n.originator_version, n.topic, n.state
+            self.mac, self.previous, n.id, n.originator_id, n.originator_version, n.topic, n.state
         )
         if not hmac.compare_digest(expected, found[1]):
             return Fault(

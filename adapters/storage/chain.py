@@ -1,5 +1,7 @@
 """The log's hash chain: one keyed digest per stored event, in commit order, each covering
-the one before it. Written by the recorders in the events' own transaction; read by verify.
+the one before it. Written by the recorders in the events' own transaction (one row per
+transaction: `position` is its last event's, `links` packs each event's position and digest);
+read by verify.
 
 digest(n) = HMAC-SHA256(key, digest(n-1) | position | version | len(topic) | id | topic | state)
 with digest(0) = 32 zero bytes, the key from `tokens.audit_chain_key` (never in the database).
@@ -7,7 +9,7 @@ with digest(0) = 32 zero bytes, the key from `tokens.audit_chain_key` (never in 
 
 from __future__ import annotations
 
-import hmac
+import hashlib
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from eventsourcing.persistence import PersistenceError, StoredEvent
 CHAIN_TABLE = "sa_audit_chain"
 GENESIS = bytes(32)
 _HEAD = struct.Struct(">QQI")
+_LINK = struct.Struct(">Q32s")
 
 
 class ChainBroken(PersistenceError):
@@ -36,8 +39,31 @@ class Seal:
         return {"position": self.position, "digest": self.digest}
 
 
+class Mac:
+    """HMAC-SHA256 (RFC 2104) under one key, with the padded key hashed once: each digest
+    copies the two keyed SHA-256 states (the hmac module's copy() costs more than hashing)."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > 64:
+            key = hashlib.sha256(key).digest()
+        block = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+
+    def digest(self, message: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
+def keyed(key: bytes) -> Mac:
+    return Mac(key)
+
+
 def link(
-    key: bytes,
+    mac: Mac,
     previous: bytes,
     position: int,
     originator_id: UUID | str,
@@ -48,16 +74,18 @@ def link(
     """The digest of one stored event at `position`, chained to `previous`."""
     oid = originator_id if isinstance(originator_id, UUID) else UUID(originator_id)
     head = _HEAD.pack(position, version, len(topic))
-    return hmac.digest(key, previous + head + oid.bytes + topic.encode() + bytes(state), "sha256")
+    return mac.digest(b"".join((previous, head, oid.bytes, topic.encode(), state)))
 
 
-def chain_rows(
-    key: bytes, previous: bytes, events: Sequence[StoredEvent], positions: Sequence[int]
-) -> Iterator[tuple[int, bytes]]:
-    """(position, digest) for events just inserted at these positions, after `previous`."""
+def links(
+    mac: Mac, previous: bytes, events: Sequence[StoredEvent], positions: Sequence[int]
+) -> tuple[bytes, bytes]:
+    """The links of events just inserted at these positions, after `previous`, packed as one
+    value (position and digest per event: one row per transaction), and the last digest."""
+    pairs = []
     for event, position in zip(events, positions, strict=True):
         previous = link(
-            key,
+            mac,
             previous,
             position,
             event.originator_id,
@@ -65,7 +93,21 @@ def chain_rows(
             event.topic,
             event.state,
         )
-        yield position, previous
+        pairs.append((position, previous))
+    return pack(pairs), previous
+
+
+def unpack(packed: bytes) -> Iterator[tuple[int, bytes]]:
+    """(position, digest) of each event a chain row covers, in order."""
+    yield from _LINK.iter_unpack(packed)
+
+
+def pack(pairs: Sequence[tuple[int, bytes]]) -> bytes:
+    return b"".join(_LINK.pack(position, digest) for position, digest in pairs)
+
+
+def last_digest(packed: bytes) -> bytes:
+    return bytes(packed[-32:])
 
 
 def check_extends(head_position: int, positions: Sequence[int]) -> None:

@@ -16,7 +16,14 @@ from psycopg import Cursor
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 
-from sourceauth.adapters.storage.chain import CHAIN_TABLE, GENESIS, chain_rows, check_extends
+from sourceauth.adapters.storage.chain import (
+    CHAIN_TABLE,
+    GENESIS,
+    check_extends,
+    keyed,
+    last_digest,
+    links,
+)
 
 BACKLOG_PAGE = 5000
 
@@ -27,6 +34,7 @@ class ChainedPostgresRecorder(PostgresApplicationRecorder):
     so links follow commit order even with several nodes writing)."""
 
     chain_key: bytes | None = None
+    _mac: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -35,18 +43,17 @@ class ChainedPostgresRecorder(PostgresApplicationRecorder):
         events = SQL("{0}.{1}").format(schema, Identifier(self.events_table_name))
         self.sql_create_statements.append(
             SQL(
-                "CREATE TABLE IF NOT EXISTS {0} "
-                "(position bigint PRIMARY KEY, digest bytea NOT NULL)"
+                "CREATE TABLE IF NOT EXISTS {0} (position bigint PRIMARY KEY, links bytea NOT NULL)"
             ).format(chain)
         )
         self._head_sql = SQL(
-            "SELECT position, digest FROM {0} ORDER BY position DESC LIMIT 1"
+            "SELECT position, links FROM {0} ORDER BY position DESC LIMIT 1"
         ).format(chain)
-        self._insert_link_sql = SQL("INSERT INTO {0} (position, digest) VALUES (%s, %s)").format(
+        self._insert_link_sql = SQL("INSERT INTO {0} (position, links) VALUES (%s, %s)").format(
             chain
         )
         self._page_sql = SQL(
-            "SELECT position, digest FROM {0} WHERE position > %s ORDER BY position LIMIT %s"
+            "SELECT position, links FROM {0} WHERE position > %s ORDER BY position LIMIT %s"
         ).format(chain)
         self._backlog_sql = SQL(
             "SELECT notification_id, originator_id, originator_version, topic, state FROM {0} "
@@ -62,26 +69,23 @@ class ChainedPostgresRecorder(PostgresApplicationRecorder):
     ) -> Sequence[int] | None:
         positions = super()._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
         if self.chain_key is not None and positions:
-            self._chain(curs, self.chain_key, stored_events, positions)
+            self._chain(curs, stored_events, positions)
         return positions
 
     def _chain(
-        self,
-        curs: Cursor[DictRow],
-        key: bytes,
-        events: Sequence[StoredEvent],
-        positions: Sequence[int],
+        self, curs: Cursor[DictRow], events: Sequence[StoredEvent], positions: Sequence[int]
     ) -> None:
         curs.execute(self._head_sql, prepare=True)
         row = curs.fetchone()
         check_extends(row["position"] if row else 0, positions)
-        previous = bytes(row["digest"]) if row else GENESIS
-        curs.executemany(self._insert_link_sql, list(chain_rows(key, previous, events, positions)))
+        previous = last_digest(row["links"]) if row else GENESIS
+        packed, _ = links(self._mac, previous, events, positions)
+        curs.execute(self._insert_link_sql, (positions[-1], packed), prepare=True)
 
     def attach_chain(self, key: bytes) -> None:
         """Chain every event written from now on; first chain any written before the chain
         existed (a store from an older version), oldest first."""
-        self.chain_key = key
+        self.chain_key, self._mac = key, keyed(key)
         while True:
             with self.datastore.transaction(commit=True) as curs:
                 self._lock_table(curs)
@@ -100,19 +104,20 @@ class ChainedPostgresRecorder(PostgresApplicationRecorder):
                     )
                     for r in rows
                 ]
-                self._chain(curs, key, events, [r["notification_id"] for r in rows])
+                self._chain(curs, events, [r["notification_id"] for r in rows])
 
     def chain_page(self, after: int, limit: int) -> list[tuple[int, bytes]]:
-        """(position, digest) of the chain after `after`, oldest first."""
+        """Rows of the chain (last position, packed links) after `after`, oldest first."""
         with self.datastore.transaction(commit=False) as curs:
             curs.execute(self._page_sql, (after, limit))
-            return [(r["position"], bytes(r["digest"])) for r in curs.fetchall()]
+            return [(r["position"], bytes(r["links"])) for r in curs.fetchall()]
 
     def chain_head(self) -> tuple[int, bytes] | None:
+        """The last chained position and its digest."""
         with self.datastore.transaction(commit=False) as curs:
             curs.execute(self._head_sql)
             row = curs.fetchone()
-        return (row["position"], bytes(row["digest"])) if row else None
+        return (row["position"], last_digest(row["links"])) if row else None
 
     def ids_between(self, low: str, high: str, limit: int) -> list[str]:
         """Aggregate ids (32 hex digits) from `low` to `high`: a prefix's candidates."""

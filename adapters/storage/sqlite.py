@@ -23,8 +23,10 @@ from eventsourcing.utils import Environment
 from sourceauth.adapters.storage.chain import (
     CHAIN_TABLE,
     GENESIS,
-    chain_rows,
     check_extends,
+    keyed,
+    last_digest,
+    links,
 )
 
 SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
@@ -61,7 +63,7 @@ CREATE_BLOB_TABLE = (
 
 
 CREATE_CHAIN_TABLE = (
-    f"CREATE TABLE IF NOT EXISTS {CHAIN_TABLE} (position INTEGER PRIMARY KEY, digest BLOB NOT NULL)"
+    f"CREATE TABLE IF NOT EXISTS {CHAIN_TABLE} (position INTEGER PRIMARY KEY, links BLOB NOT NULL)"
 )
 BACKLOG_PAGE = 5000
 
@@ -72,6 +74,7 @@ class BlobRecordingSQLiteRecorder(SQLiteApplicationRecorder):
     With a chain key attached, every event's link of the audit chain is written there too."""
 
     chain_key: bytes | None = None
+    _mac: Any = None
 
     def construct_create_table_statements(self) -> list[str]:
         return [
@@ -98,25 +101,24 @@ class BlobRecordingSQLiteRecorder(SQLiteApplicationRecorder):
         if self.chain_key is not None and positions:
             # After the insert: this transaction holds SQLite's write lock, so the head it
             # reads is the last one committed and no other writer can chain in between.
-            self._chain(c, self.chain_key, stored_events, positions)
+            self._chain(c, stored_events, positions)
         return positions
 
     def _chain(
-        self, c: SQLiteCursor, key: bytes, events: Sequence[StoredEvent], positions: Sequence[int]
+        self, c: SQLiteCursor, events: Sequence[StoredEvent], positions: Sequence[int]
     ) -> None:
-        c.execute(f"SELECT position, digest FROM {CHAIN_TABLE} ORDER BY position DESC LIMIT 1")
+        c.execute(f"SELECT position, links FROM {CHAIN_TABLE} ORDER BY position DESC LIMIT 1")
         row = c.fetchone()
         check_extends(row[0] if row else 0, positions)
-        previous = bytes(row[1]) if row else GENESIS
-        c.executemany(
-            f"INSERT INTO {CHAIN_TABLE} (position, digest) VALUES (?, ?)",
-            list(chain_rows(key, previous, events, positions)),
+        packed, _ = links(self._mac, last_digest(row[1]) if row else GENESIS, events, positions)
+        c.execute(
+            f"INSERT INTO {CHAIN_TABLE} (position, links) VALUES (?, ?)", (positions[-1], packed)
         )
 
     def attach_chain(self, key: bytes) -> None:
         """Chain every event written from now on; first chain any written before the chain
         existed (a store from an older version), oldest first."""
-        self.chain_key = key
+        self.chain_key, self._mac = key, keyed(key)
         while True:
             with self.datastore.transaction(commit=True) as c:
                 c.execute(f"DELETE FROM {CHAIN_TABLE} WHERE position < 0")  # take the write lock
@@ -139,23 +141,24 @@ class BlobRecordingSQLiteRecorder(SQLiteApplicationRecorder):
                     )
                     for r in rows
                 ]
-                self._chain(c, key, events, [r[0] for r in rows])
+                self._chain(c, events, [r[0] for r in rows])
 
     def chain_page(self, after: int, limit: int) -> list[tuple[int, bytes]]:
-        """(position, digest) of the chain after `after`, oldest first."""
+        """Rows of the chain (last position, packed links) after `after`, oldest first."""
         with self.datastore.transaction(commit=False) as c:
             c.execute(
-                f"SELECT position, digest FROM {CHAIN_TABLE} WHERE position > ? "
+                f"SELECT position, links FROM {CHAIN_TABLE} WHERE position > ? "
                 "ORDER BY position LIMIT ?",
                 (after, limit),
             )
             return [(r[0], bytes(r[1])) for r in c.fetchall()]
 
     def chain_head(self) -> tuple[int, bytes] | None:
+        """The last chained position and its digest."""
         with self.datastore.transaction(commit=False) as c:
-            c.execute(f"SELECT position, digest FROM {CHAIN_TABLE} ORDER BY position DESC LIMIT 1")
+            c.execute(f"SELECT position, links FROM {CHAIN_TABLE} ORDER BY position DESC LIMIT 1")
             row = c.fetchone()
-        return (row[0], bytes(row[1])) if row else None
+        return (row[0], last_digest(row[1])) if row else None
 
     def ids_between(self, low: str, high: str, limit: int) -> list[str]:
         """Aggregate ids (32 hex digits) from `low` to `high`: a prefix's candidates."""

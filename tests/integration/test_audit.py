@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from sourceauth.adapters.storage.audit import resolve_id, seal, verify
-from sourceauth.adapters.storage.chain import ChainBroken, Seal
+from sourceauth.adapters.storage.chain import ChainBroken, Seal, pack, unpack
 from sourceauth.engine import tokens
 from sourceauth.engine.application import SourceAuth
 from sourceauth.engine.errors import InvalidInput, NotFound
@@ -187,8 +187,25 @@ class Tamper:
 
     def delete(self, position: int, *, with_link: bool = False) -> None:
         self.execute(f"DELETE FROM {self.table} WHERE {self.pos} = %s", (position,))
-        if with_link:
-            self.execute("DELETE FROM sa_audit_chain WHERE position = %s", (position,))
+        if with_link:  # rewrite the chain row that holds its link, without it
+            last, packed = self.execute(
+                "SELECT position, links FROM sa_audit_chain WHERE position >= %s "
+                "ORDER BY position LIMIT 1",
+                (position,),
+            )[0]
+            kept = [(p, d) for p, d in unpack(bytes(packed)) if p != position]
+            self.execute("DELETE FROM sa_audit_chain WHERE position = %s", (last,))
+            if kept:
+                self.execute(
+                    "INSERT INTO sa_audit_chain (position, links) VALUES (%s, %s)",
+                    (kept[-1][0], pack(kept)),
+                )
+
+    def forge_link(self, position: int, digest: bytes) -> None:
+        self.execute(
+            "INSERT INTO sa_audit_chain (position, links) VALUES (%s, %s)",
+            (position, pack([(position, digest)])),
+        )
 
     def swap(self, first: int, second: int) -> None:
         for source, dest in ((first, -1), (second, first), (-1, second)):
@@ -205,10 +222,7 @@ class Tamper:
         )
         position = int(self.execute(f"SELECT MAX({self.pos}) FROM {self.table}", ())[0][0])
         if forged_link:
-            self.execute(
-                "INSERT INTO sa_audit_chain (position, digest) VALUES (%s, %s)",
-                (position, bytes(32)),
-            )
+            self.forge_link(position, bytes(32))
         return position
 
 
@@ -302,9 +316,7 @@ def test_sqlite_inserted_event_is_named_with_or_without_a_forged_link(
     app, tamper = tampered
     position = tamper.insert(forged_authorization(app, "carol@remote.test"), forged_link=False)
     assert_fault_at(app, position, "inserted", rebuild=True)
-    tamper.execute(
-        "INSERT INTO sa_audit_chain (position, digest) VALUES (?, ?)", (position, b"x" * 32)
-    )
+    tamper.forge_link(position, b"x" * 32)
     assert_fault_at(app, position, "altered or moved")
 
 
