@@ -14,6 +14,8 @@ from sourceauth.engine.message import QUEUED, Message
 from sourceauth.engine.sender import SUPERSEDE, Sender
 from sourceauth.engine.statemachine import CHALLENGE, MESSAGE, SENDER, StateMachineSpec
 
+DELIVERED = MESSAGE.dest("deliver")
+
 
 @dataclass(frozen=True)
 class Fault:
@@ -172,8 +174,11 @@ class Replay:
     def __init__(self, *, keep_delivered_at_once: bool = True) -> None:
         self.senders: dict[UUID, dict[str, Any]] = {}
         self.messages: dict[UUID, dict[str, Any]] = {}
-        # False over the whole log: copies never held are most of it and no auditor's question.
+        # False over the whole log: copies delivered at once are most of it and no auditor's
+        # question; one is kept only while in flight, and listed if its delivery fails (as
+        # the quarantine lists it).
         self.keep_delivered_at_once = keep_delivered_at_once
+        self._in_flight: dict[UUID, dict[str, Any]] = {}
 
     def apply(self, event: Any) -> None:
         found = _machine_of(event)
@@ -182,18 +187,23 @@ class Replay:
         spec, created = found
         aid: UUID = event.originator_id
         rows = self.senders if spec is SENDER else self.messages
-        row = rows.get(aid)
         if created:
             row = _first_row(spec, event)
-            if row.get("held") is False and not self.keep_delivered_at_once:
-                return
-            rows[aid] = row
-        elif row is None:
-            return  # an event for an aggregate never created: `audit verify` names it
+            held = row.get("held") is not False or self.keep_delivered_at_once
+            (rows if held else self._in_flight)[aid] = row
+        else:
+            known = rows.get(aid) or self._in_flight.get(aid)
+            if known is None:
+                return  # an event for an aggregate never created: `audit verify` names it
+            row = known
         row["state"] = spec.table.get((row["state"], str(event.trigger)), "?")
         row["since"] = event.timestamp.isoformat()
         row["actor"] = actor_of(event)
         row["reason"] = reason_of(event)
+        if aid in self._in_flight and row["state"] != QUEUED:
+            del self._in_flight[aid]
+            if row["state"] != DELIVERED:
+                self.messages[aid] = row
 
 
 def _first_row(spec: StateMachineSpec, event: Any) -> dict[str, Any]:
