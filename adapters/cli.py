@@ -360,7 +360,7 @@ def quarantine_list(
 def quarantine_show(cfg: Config, message_id: str, as_json: bool) -> None:
     """Show one held message and its history."""
     with engine_for(cfg) as app:
-        row = _held_dict(app.held_message(message_id))
+        row = _held_dict(app.held_message(_resolve(app, message_id)))
         row["history"] = [asdict(h) for h in app.history(row["id"])]
     if as_json:
         click.echo(_json(row, indent=2, default=str))
@@ -388,7 +388,7 @@ def _message_command(verb: str, doc: str) -> None:
     @with_config
     def command(cfg: Config, message_id: str, reason: str) -> None:
         with engine_for(cfg, transports=verb == "release") as app:
-            view = getattr(app, verb)(message_id, actor="operator", reason=reason)
+            view = getattr(app, verb)(_resolve(app, message_id), actor="operator", reason=reason)
             if verb == "release":
                 app.dispatch_deliveries()
                 view = app.held_message(view.id)
@@ -428,42 +428,132 @@ def quarantine_link(cfg: Config, recipient: str, ttl: str | None) -> None:
 
 @cli.group()
 def audit() -> None:
-    """Read the event log: history of a sender or message, verify, export."""
+    """Read the event log: history, explain, state at a moment, seal, verify, export."""
+
+
+def _resolve(app: Any, text: str) -> str:
+    """An id argument as 32 hex digits (a unique prefix of 4+ digits is enough)."""
+    from sourceauth.adapters.storage.audit import resolve_id
+
+    return resolve_id(app, text)
+
+
+def _short_time(iso: str | None) -> str:
+    return (iso or "")[:19].replace("T", " ")
+
+
+def _progress(label: str) -> Callable[[int], None] | None:
+    """A running count on a terminal's stderr; nothing when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int) -> None:
+        click.echo(f"\r{label}: {done} events", err=True, nl=False)
+
+    return show
+
+
+def _end_progress(progress: Callable[[int], None] | None) -> None:
+    if progress is not None:
+        click.echo(err=True)
+
+
+def _moment(text: str) -> datetime:
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise BadInput(f"--at/--since/--until: not an ISO 8601 time: {text!r}") from exc
+    return at if at.tzinfo else at.replace(tzinfo=UTC)  # a time without zone is UTC
 
 
 @audit.command("history")
-@click.argument("subject")
+@click.argument("subject", metavar="ADDRESS|ID")
 @click.option("--json", "as_json", is_flag=True)
 @with_config
 def audit_history(cfg: Config, subject: str, as_json: bool) -> None:
-    """Every recorded event about an ADDRESS (its senders and their held mail) or a message id."""
+    """Every event about an ADDRESS (its senders and their held mail) or an ID (a unique
+    prefix is enough): time, transition from → to, actor and reason."""
     with engine_for(cfg) as app:
-        entries = [asdict(h) for h in app.history(subject)]
+        entries = [asdict(h) for h in app.history(_resolve(app, subject))]
     if as_json:
         click.echo(_json(entries, indent=2, default=str))
         return
-    if not entries:
-        click.echo("(no events)")
-    for e in entries:
-        f = e["fields"]
-        what = f.get("trigger") or ""
-        click.echo(
-            _printable(
-                f"{e['timestamp']}  {e['aggregate']:<7} {e['aggregate_id'][:12]} "
-                f"v{e['version']:<3} {e['event']:<24} {what:<10} actor={f.get('actor', '')} "
-                f"reason={f.get('reason', '')}"
-            )
-        )
+    rows = [
+        {
+            "time": _short_time(e["timestamp"]),
+            "kind": e["aggregate"],
+            "id": e["aggregate_id"],
+            "event": e["event"],
+            "transition": f"{e['from_state']} → {e['to_state']}",
+            "actor": e["actor"],
+            "reason": e["reason"],
+        }
+        for e in entries
+    ]
+    _emit(rows, False, ["time", "kind", "id", "event", "transition", "actor", "reason"])
+
+
+@audit.command("explain")
+@click.argument("message_id", metavar="ID")
+@with_config
+def audit_explain(cfg: Config, message_id: str) -> None:
+    """One paragraph on a message: received, held, challenged, answered, and how it ended."""
+    with engine_for(cfg) as app:
+        text = app.explain(_resolve(app, message_id))
+    click.echo(_printable(text))
+
+
+@audit.command("state")
+@click.option("--at", "at", required=True, help="ISO 8601 time (UTC when it names no zone).")
+@click.argument("subject", metavar="[ADDRESS|ID]", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@with_config
+def audit_state(cfg: Config, at: str, subject: str | None, as_json: bool) -> None:
+    """Senders and held messages as they stood at a moment, replayed from the log."""
+    moment = _moment(at)
+    with engine_for(cfg) as app:
+        found = app.state_at(moment, _resolve(app, subject) if subject else None)
+    if as_json:
+        click.echo(_json(asdict(found), indent=2))
+        return
+    click.echo(f"as of {found.at}")
+    click.echo("senders:")
+    senders = [{**r, "since": _short_time(r.get("since"))} for r in found.senders]
+    _emit(senders, False, ["address", "scope", "state", "since", "actor", "reason"])
+    click.echo("messages:")
+    messages = [{**r, "since": _short_time(r.get("since"))} for r in found.messages]
+    _emit(messages, False, ["id", "sender", "state", "since", "reason"])
+
+
+@audit.command("seal")
+@with_config
+def audit_seal(cfg: Config) -> None:
+    """Print the hash chain's head (position and digest) to keep outside this machine."""
+    from sourceauth.adapters.storage.audit import seal
+
+    with engine_for(cfg) as app:
+        head = seal(app)
+    click.echo(json.dumps(head.as_dict()))
 
 
 @audit.command("verify")
+@click.option(
+    "--seal",
+    "seal_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A seal printed earlier by 'audit seal': the log must still contain that head.",
+)
 @with_config
-def audit_verify(cfg: Config) -> None:
-    """Replay the log: only legal transitions, views equal a fresh rebuild. Exit 1 on a fault."""
-    from sourceauth.adapters.storage.audit import verify
+def audit_verify(cfg: Config, seal_file: Path | None) -> None:
+    """Check the hash chain, every transition and the views. Exit 1 naming the first fault."""
+    from sourceauth.adapters.storage.audit import read_seal, verify
 
+    sealed = read_seal(seal_file.read_text(encoding="utf-8")) if seal_file else None
+    progress = _progress("verified")
     with engine_for(cfg) as app:
-        fault, summary = verify(app)
+        fault, summary = verify(app, sealed, progress)
+    _end_progress(progress)
     if fault is not None:
         click.echo(_printable(f"FAULT: {fault}"), err=True)
         sys.exit(1)
@@ -472,17 +562,23 @@ def audit_verify(cfg: Config) -> None:
 
 @audit.command("export")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--since", default=None, help="Only events recorded at or after this ISO 8601 time.")
+@click.option("--until", default=None, help="Only events recorded before this ISO 8601 time.")
 @with_config
-def audit_export(cfg: Config, output: Path | None) -> None:
-    """Write every event as one JSON object per line (to stdout or --output)."""
+def audit_export(cfg: Config, output: Path | None, since: str | None, until: str | None) -> None:
+    """Write events as JSON Lines, one object per event (to stdout or --output), streaming."""
     from sourceauth.adapters.storage.audit import export_events
 
+    start = _moment(since) if since else None
+    end = _moment(until) if until else None
+    progress = _progress("exported") if output is not None else None
     with engine_for(cfg) as app:
         if output is None:
-            n = export_events(app, sys.stdout)
+            n = export_events(app, sys.stdout, since=start, until=end)
         else:
             with output.open("w", encoding="utf-8") as fh:
-                n = export_events(app, fh)
+                n = export_events(app, fh, since=start, until=end, progress=progress)
+    _end_progress(progress)
     click.echo(f"exported {n} events", err=True)
 
 

@@ -274,6 +274,51 @@ def unknown(n: int, synchronous: str) -> BenchResult:
     )
 
 
+def chain_cost(n: int, rounds: int = 2) -> BenchResult:
+    """The audit hash chain's cost on the engine bars: first mail from strangers (2 events per
+    message) and authorized mail, FULL, on fresh engines with the chain attached and detached
+    (chain_key None), interleaved; best of `rounds` each."""
+    best = {True: 0.0, False: 0.0}
+    cpu_best = {True: 1e9, False: 1e9}
+    with tempfile.TemporaryDirectory(prefix="sa-bench-chain-") as tmp:
+        for r in range(rounds):
+            for chained in (True, False):
+                app = open_bench_engine(Path(tmp) / f"{r}-{chained}")
+                try:
+                    if not chained:
+                        app.recorder.chain_key = None  # type: ignore[attr-defined]
+                    app.authorize(FRIEND, actor="benchmark", reason="pre-authorized")
+                    app.receive_many([make_incoming(FRIEND, i) for i in range(BATCH)])
+                    load = [
+                        make_incoming(FRIEND if i % 2 else f"s{r}x{i}@d{i % 500}.example.org", i)
+                        for i in range(n)
+                    ]
+                    wall, cpu = _timed(lambda: [app.receive_many(b) for b in batches(load)])  # noqa: B023
+                finally:
+                    app.close()
+                best[chained] = max(best[chained], n / wall)
+                cpu_best[chained] = min(cpu_best[chained], cpu / n * 1e6)
+    ratio = best[True] / best[False]
+    return BenchResult(
+        name="engine.hash_chain[FULL]",
+        value=best[True],
+        unit="msgs/s",
+        baseline_name="same load, chain detached (half authorized, half first mail)",
+        baseline_value=best[False],
+        ratio=ratio,
+        target="≥ 0.9x (≤ 10 % cost)",
+        passed=ratio >= 0.9,
+        details={
+            "messages": n,
+            "rounds": rounds,
+            "batch": BATCH,
+            "cpu_us_per_msg_chained": round(cpu_best[True], 1),
+            "cpu_us_per_msg_detached": round(cpu_best[False], 1),
+            "cpu_ratio": round(cpu_best[False] / cpu_best[True], 3),
+        },
+    )
+
+
 def run(scale: float = 1.0) -> list[BenchResult]:
     quiet_production_logging()
     quick = scale < 1
@@ -283,4 +328,5 @@ def run(scale: float = 1.0) -> list[BenchResult]:
     for synchronous in ("FULL", "NORMAL"):
         results.append(authorized(n_auth, synchronous))
         results.append(unknown(n_unknown, synchronous))
+    results.append(chain_cost(n_unknown))
     return results

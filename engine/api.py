@@ -189,6 +189,19 @@ class HistoryEntry:
     timestamp: str
     event: str
     fields: dict[str, Any] = field(default_factory=dict)
+    from_state: str = ""  # the transition of specs/ the event took
+    to_state: str = ""
+    actor: str = ""  # who decided: "engine", "operator", "relay", "next_hop", a sender…
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class StateAt:
+    """Senders and message copies as the log had them at one moment (`audit state --at`)."""
+
+    at: str
+    senders: list[dict[str, Any]]
+    messages: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -27,6 +28,7 @@ from sourceauth.engine.api import (
     MaintenanceReport,
     Receipt,
     SenderView,
+    StateAt,
 )
 from sourceauth.engine.errors import NotFound
 from sourceauth.engine.policy import ChallengeRateLimiter
@@ -300,6 +302,14 @@ class SourceAuth(Application[UUID]):
     def history(self, subject: str) -> list[HistoryEntry]:
         """Every recorded event about an address (its senders, their held mail) or a message id."""
         return queries.history(self._ctx, subject)
+
+    def state_at(self, at: datetime, subject: str | None = None) -> StateAt:
+        """Senders and message copies as they stood at `at` (aware), replayed from the log."""
+        return queries.state_at(self._ctx, at, subject)
+
+    def explain(self, message_id: str) -> str:
+        """One readable paragraph on a message copy, from the log."""
+        return queries.explain(self._ctx, message_id)
 
     def close(self) -> None:
         self.views.close()

@@ -29,6 +29,10 @@ class Message(Aggregate):
 
     class Event(Aggregate.Event):
         trigger: ClassVar[str] = ""  # of specs/message.toml
+        # Who took the decision and why, for events that record no actor or reason field
+        # (bookkeeping of the next hop's answer): what `audit history` shows for them.
+        implied_actor: ClassVar[str] = ""
+        implied_reason: ClassVar[str] = ""
 
         def apply(self, aggregate: Any) -> None:
             message: Message = aggregate
@@ -130,6 +134,8 @@ class Message(Aggregate):
 
     class DeliveryDeferred(Event):
         trigger: ClassVar[str] = "defer"
+        implied_actor: ClassVar[str] = "next_hop"
+        implied_reason: ClassVar[str] = "next_hop_deferred"
         delivered: list[str]
         rejected: list[str]
         diagnostic: str
@@ -145,6 +151,8 @@ class Message(Aggregate):
 
     class Delivered(Event):
         trigger: ClassVar[str] = "deliver"
+        implied_actor: ClassVar[str] = "next_hop"
+        implied_reason: ClassVar[str] = "next_hop_accepted"
         delivered: list[str]
         rejected: list[str]
         next_hop: str

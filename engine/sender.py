@@ -27,6 +27,10 @@ class Sender(Aggregate):
     class Event(Aggregate.Event):
         trigger: ClassVar[str] = ""  # of specs/sender.toml
         challenge_trigger: ClassVar[str] = ""  # of specs/challenge.toml, for the current challenge
+        # Who took the decision and why, for events that record no actor or reason field
+        # (bookkeeping of the relay's answer): what `audit history` shows for them.
+        implied_actor: ClassVar[str] = ""
+        implied_reason: ClassVar[str] = ""
 
         def apply(self, aggregate: Any) -> None:
             sender: Sender = aggregate
@@ -125,6 +129,8 @@ class Sender(Aggregate):
         class_version: ClassVar[int] = 2
         trigger: ClassVar[str] = "sent"
         challenge_trigger: ClassVar[str] = "sent"
+        implied_actor: ClassVar[str] = "relay"
+        implied_reason: ClassVar[str] = "relay_accepted_challenge"
         challenge_id: str
         relay: str
         attempt: int
@@ -140,6 +146,8 @@ class Sender(Aggregate):
     class ChallengeDeferred(Event):
         trigger: ClassVar[str] = "defer"
         challenge_trigger: ClassVar[str] = "defer"
+        implied_actor: ClassVar[str] = "relay"
+        implied_reason: ClassVar[str] = "relay_deferred_challenge"
         diagnostic: str
         attempt: int
         next_attempt_at: float

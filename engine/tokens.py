@@ -1,7 +1,7 @@
 """Challenge tokens: mint and verify the HMAC token carried in a confirm address extension.
 
-Also derives keyed aggregate ids and purpose keys, signs review links, and reads and writes
-the secret keyring text format.
+Also derives keyed aggregate ids, purpose keys and the audit chain key, signs review
+links, and reads and writes the secret keyring text format.
 """
 
 from __future__ import annotations
@@ -168,6 +168,12 @@ def _review_mac(keyring: Keyring, kid: int, body: str) -> bytes:
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def audit_chain_key(keyring: Keyring) -> bytes:
+    """The key of the log's hash chain, derived from the id key: stable across token key
+    rotation and shared by every node of one keyring, never stored in the database."""
+    return hmac.new(keyring.id_key, b"sourceauth audit chain v1", hashlib.sha256).digest()
 
 
 def aggregate_id(keyring: Keyring, kind: str, *parts: str) -> uuid.UUID:

@@ -20,6 +20,15 @@ from eventsourcing.sqlite import (
 )
 from eventsourcing.utils import Environment
 
+from sourceauth.adapters.storage.chain import (
+    CHAIN_TABLE,
+    GENESIS,
+    check_extends,
+    keyed,
+    last_digest,
+    links,
+)
+
 SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
 DEFAULT_LOCK_TIMEOUT = 30
 
@@ -53,14 +62,25 @@ CREATE_BLOB_TABLE = (
 )
 
 
+CREATE_CHAIN_TABLE = (
+    f"CREATE TABLE IF NOT EXISTS {CHAIN_TABLE} (position INTEGER PRIMARY KEY, links BLOB NOT NULL)"
+)
+BACKLOG_PAGE = 5000
+
+
 class BlobRecordingSQLiteRecorder(SQLiteApplicationRecorder):
     """The application recorder, plus message originals written in the same transaction as
-    their events (`save(..., blobs=[(key, bytes), ...])`): one fsync makes both durable."""
+    their events (`save(..., blobs=[(key, bytes), ...])`): one fsync makes both durable.
+    With a chain key attached, every event's link of the audit chain is written there too."""
+
+    chain_key: bytes | None = None
+    _mac: Any = None
 
     def construct_create_table_statements(self) -> list[str]:
         return [
             *super().construct_create_table_statements(),
             CREATE_BLOB_TABLE,
+            CREATE_CHAIN_TABLE,
         ]
 
     def _insert_events(
@@ -77,7 +97,79 @@ class BlobRecordingSQLiteRecorder(SQLiteApplicationRecorder):
                 "ON CONFLICT (receipt_id) DO NOTHING",
                 blobs,
             )
-        return super()._insert_events(c, stored_events, **kwargs)
+        positions = super()._insert_events(c, stored_events, **kwargs)
+        if self.chain_key is not None and positions:
+            # After the insert: this transaction holds SQLite's write lock, so the head it
+            # reads is the last one committed and no other writer can chain in between.
+            self._chain(c, stored_events, positions)
+        return positions
+
+    def _chain(
+        self, c: SQLiteCursor, events: Sequence[StoredEvent], positions: Sequence[int]
+    ) -> None:
+        c.execute(f"SELECT position, links FROM {CHAIN_TABLE} ORDER BY position DESC LIMIT 1")
+        row = c.fetchone()
+        check_extends(row[0] if row else 0, positions)
+        packed, _ = links(self._mac, last_digest(row[1]) if row else GENESIS, events, positions)
+        c.execute(
+            f"INSERT INTO {CHAIN_TABLE} (position, links) VALUES (?, ?)", (positions[-1], packed)
+        )
+
+    def attach_chain(self, key: bytes) -> None:
+        """Chain every event written from now on; first chain any written before the chain
+        existed (a store from an older version), oldest first."""
+        self.chain_key, self._mac = key, keyed(key)
+        while True:
+            with self.datastore.transaction(commit=True) as c:
+                c.execute(f"DELETE FROM {CHAIN_TABLE} WHERE position < 0")  # take the write lock
+                c.execute(f"SELECT MAX(position) FROM {CHAIN_TABLE}")
+                head = c.fetchone()[0] or 0
+                c.execute(
+                    f"SELECT rowid, originator_id, originator_version, topic, state "
+                    f"FROM {self.events_table_name} WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                    (head, BACKLOG_PAGE),
+                )
+                rows = c.fetchall()
+                if not rows:
+                    return
+                events = [
+                    StoredEvent(
+                        originator_id=self.convert_originator_id(r[1]),
+                        originator_version=r[2],
+                        topic=r[3],
+                        state=r[4],
+                    )
+                    for r in rows
+                ]
+                self._chain(c, events, [r[0] for r in rows])
+
+    def chain_page(self, after: int, limit: int) -> list[tuple[int, bytes]]:
+        """Rows of the chain (last position, packed links) after `after`, oldest first."""
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(
+                f"SELECT position, links FROM {CHAIN_TABLE} WHERE position > ? "
+                "ORDER BY position LIMIT ?",
+                (after, limit),
+            )
+            return [(r[0], bytes(r[1])) for r in c.fetchall()]
+
+    def chain_head(self) -> tuple[int, bytes] | None:
+        """The last chained position and its digest."""
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(f"SELECT position, links FROM {CHAIN_TABLE} ORDER BY position DESC LIMIT 1")
+            row = c.fetchone()
+        return (row[0], last_digest(row[1])) if row else None
+
+    def ids_between(self, low: str, high: str, limit: int) -> list[str]:
+        """Aggregate ids (32 hex digits) from `low` to `high`: a prefix's candidates."""
+        with self.datastore.transaction(commit=False) as c:
+            c.execute(
+                f"SELECT originator_id FROM {self.events_table_name} "
+                "WHERE originator_id BETWEEN ? AND ? AND originator_version = 1 "
+                "ORDER BY originator_id LIMIT ?",
+                (low, high, limit),
+            )
+            return [str(r[0]) for r in c.fetchall()]
 
 
 class TunedSQLiteFactory(SQLiteFactory):

@@ -89,7 +89,7 @@ def eventsourcing_env(storage: Storage) -> dict[str, str]:
         )
     elif storage.kind == "postgresql":
         env.update(
-            PERSISTENCE_MODULE="sourceauth.adapters.storage.postgres:BlobPostgresFactory",
+            PERSISTENCE_MODULE="sourceauth.adapters.storage.postgres:ChainedPostgresFactory",
             POSTGRES_CONNECT_TIMEOUT=str(CONNECT_TIMEOUT),
             POSTGRES_DBNAME=storage.pg_dbname,
             POSTGRES_HOST=storage.pg_host,
@@ -200,8 +200,11 @@ def open_engine(
         clock=clock,
         env=env,
     )
+    # The audit chain's key comes from the keyring, never from the database: chain every
+    # event from here on (and any this store holds from before the chain existed).
     try:
         check_keyring(app, keyring)
+        app.recorder.attach_chain(tokens.audit_chain_key(keyring))  # type: ignore[attr-defined]
     except BaseException:
         app.close()
         raise

@@ -3,10 +3,14 @@ recipient's quarantine is full. They read the views (caught up first) or the log
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
 from uuid import UUID
 
+from sourceauth.engine import audit
 from sourceauth.engine.addresses import AddressError, is_null_sender, normalize_address
-from sourceauth.engine.api import HeldMessage, HistoryEntry, SenderView
+from sourceauth.engine.api import HeldMessage, HistoryEntry, SenderView, StateAt
 from sourceauth.engine.errors import InvalidInput, NotFound
 from sourceauth.engine.policy import is_protected
 from sourceauth.engine.sender import Sender
@@ -14,6 +18,7 @@ from sourceauth.engine.service.context import Context, Unit
 from sourceauth.engine.service.routing import AUTHORIZED, scope_for
 from sourceauth.engine.statemachine import SENDER
 
+PAGE = 5000  # events read per query while replaying the whole log
 _COMMON = ("originator_id", "originator_version", "timestamp", "originator_topic")
 
 
@@ -97,40 +102,95 @@ def quarantine_full(ctx: Context, mail_from: str, recipient: str) -> bool:
     return True
 
 
-def history(ctx: Context, subject: str) -> list[HistoryEntry]:
-    """Every recorded event about an address (its senders, their held mail) or a message id."""
-    ids: list[tuple[str, UUID]] = []
+def aggregate_ids(ctx: Context, subject: str) -> list[UUID]:
+    """The aggregates a subject names: one id (32 hex digits; dashes allowed), or an address:
+    its sender in every scope and every copy held from it."""
     try:
-        ids.append(("message", UUID(subject)))
+        return [UUID(subject)]
     except ValueError:
-        try:
-            addr = normalize_address(subject)
-        except AddressError as exc:
-            raise InvalidInput(f"not an address or message id: {subject!r}") from exc
-        with ctx.lock:
-            ctx.catch_up()
-            rows = ctx.views.senders(address=addr)
-            scopes = {r.scope for r in rows} | {"global"}
-            for scope in sorted(scopes):
-                ids.append(("sender", ctx.sender_id(addr, scope)))
-            for held in ctx.views.quarantine(sender=addr):
-                ids.append(("message", UUID(held.id)))
+        pass
+    try:
+        addr = normalize_address(subject)
+    except AddressError as exc:
+        raise InvalidInput(f"not an address or an id: {subject!r}") from exc
+    ids: list[UUID] = []
+    with ctx.lock:
+        ctx.catch_up()
+        rows = ctx.views.senders(address=addr)
+        for scope in sorted({r.scope for r in rows} | {"global"}):
+            ids.append(ctx.sender_id(addr, scope))
+        for held in ctx.views.quarantine(sender=addr):
+            ids.append(UUID(held.id))
+    return ids
+
+
+def history(ctx: Context, subject: str) -> list[HistoryEntry]:
+    """Every recorded event about an address (its senders, their held mail) or an id, each
+    with the transition of specs/ it took, its actor and its reason."""
     entries: list[HistoryEntry] = []
-    for kind, aid in ids:
-        for event in ctx.app.events.get(aid):
+    for aid in aggregate_ids(ctx, subject):
+        for step in audit.steps(ctx.app.events.get(aid)):
+            event = step.event
             fields = {k: v for k, v in vars(event).items() if k not in _COMMON}
             trigger = getattr(type(event), "trigger", "")
             if trigger:
                 fields["trigger"] = trigger  # the spec trigger the event took
             entries.append(
                 HistoryEntry(
-                    aggregate=kind,
+                    aggregate=audit.kind_of(event),
                     aggregate_id=aid.hex,
                     version=event.originator_version,
                     timestamp=getattr(event, "timestamp").isoformat(),  # noqa: B009
                     event=type(event).__qualname__,
                     fields=fields,
+                    from_state=step.source,
+                    to_state=step.dest,
+                    actor=audit.actor_of(event),
+                    reason=audit.reason_of(event),
                 )
             )
     entries.sort(key=lambda e: (e.timestamp, e.aggregate_id, e.version))
     return entries
+
+
+def _whole_log(ctx: Context) -> Iterator[Any]:
+    """Every event of the log in commit order, a page at a time (constant memory)."""
+    start = 1
+    while True:
+        page = ctx.app.recorder.select_notifications(start, PAGE)
+        if not page:
+            return
+        for notification in page:
+            yield ctx.app.mapper.to_domain_event(notification)
+        start = page[-1].id + 1
+
+
+def state_at(ctx: Context, at: datetime, subject: str | None) -> StateAt:
+    """Senders and message copies as they stood at `at`, by replaying the log up to it: every
+    sender and every copy that was ever held, or only what `subject` names."""
+    replay = audit.Replay(keep_delivered_at_once=bool(subject))
+    events: Iterator[Any] = (
+        (e for aid in aggregate_ids(ctx, subject) for e in ctx.app.events.get(aid))
+        if subject
+        else _whole_log(ctx)
+    )
+    for event in events:
+        if event.timestamp <= at:
+            replay.apply(event)
+    senders = sorted(replay.senders.values(), key=lambda r: (r["address"], r["scope"]))
+    messages = sorted(replay.messages.values(), key=lambda r: (r["received"], r["id"]))
+    return StateAt(at=at.isoformat(), senders=senders, messages=messages)
+
+
+def explain(ctx: Context, message_id: str) -> str:
+    """One paragraph on a message copy, from its events and its sender's."""
+    try:
+        mid = UUID(message_id)
+    except ValueError as exc:
+        raise InvalidInput(f"bad message id {message_id!r}") from exc
+    events: list[Any] = list(ctx.app.events.get(mid))
+    if not events or audit.kind_of(events[0]) != "message":
+        raise NotFound(f"no message {mid.hex}")
+    sid = events[0].sender_id
+    sender_events: Any = ctx.app.events.get(UUID(sid)) if sid else []
+    return audit.explain(events, sender_events)

@@ -62,7 +62,7 @@ def receive_many(
             log.info(
                 "message_decided",
                 receipt_id=receipt.receipt_id,
-                message_id=str(d.message_id) if d.message_id else None,
+                message_id=d.message_id.hex if d.message_id else None,
                 recipient=d.recipient,
                 decision=d.decision.value,
                 reason=d.reason,

@@ -123,6 +123,9 @@ def test_every_command_has_help() -> None:
         ["audit", "history"],
         ["audit", "verify"],
         ["audit", "export"],
+        ["audit", "seal"],
+        ["audit", "state"],
+        ["audit", "explain"],
         ["projections"],
         ["projections", "rebuild"],
         ["diagram"],
@@ -145,3 +148,56 @@ def test_maintain_verify_export_and_rebuild_on_a_fresh_install(config: Path) -> 
     assert rebuild.returncode == 0 and "1 events" in rebuild.stdout
     listed = json.loads(run("senders", "list", "--json", "--config", str(config)).stdout)
     assert listed[0]["state"] == "authorized"
+
+
+def test_audit_history_prints_headed_columns_with_transitions_and_ids_take_prefixes(
+    config: Path,
+) -> None:
+    run("senders", "block", "x@y.example", "--config", str(config))
+    run("senders", "allow", "x@y.example", "--reason", "paper form", "--config", str(config))
+    table = run("audit", "history", "x@y.example", "--config", str(config))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["TIME", "KIND", "ID", "EVENT", "TRANSITION", "ACTOR", "REASON"]
+    assert "unknown → blocked" in lines[1] and "blocked → authorized" in lines[2]
+    assert "operator" in lines[2] and "paper form" in lines[2]
+    sender_id = json.loads(run("senders", "list", "--json", "--config", str(config)).stdout)[0][
+        "id"
+    ]
+    assert len(sender_id) == 32 and sender_id in lines[1]
+    by_prefix = run("audit", "history", sender_id[:8], "--json", "--config", str(config))
+    assert by_prefix.returncode == 0, by_prefix.stderr
+    assert [h["to_state"] for h in json.loads(by_prefix.stdout)] == ["blocked", "authorized"]
+    short = run("audit", "history", sender_id[:3], "--config", str(config))
+    assert short.returncode == 2 and "at least 4" in short.stderr
+
+
+def test_audit_seal_verify_state_and_export_through_the_command(config: Path) -> None:
+    run("senders", "allow", "a@b.example", "--config", str(config))
+    sealed = run("audit", "seal", "--config", str(config))
+    assert sealed.returncode == 0, sealed.stderr
+    head = json.loads(sealed.stdout)
+    assert head["position"] == 1 and len(head["digest"]) == 64
+    seal_file = config.parent / "seal.json"
+    seal_file.write_text(sealed.stdout, encoding="utf-8")
+    run("senders", "block", "a@b.example", "--config", str(config))
+    verify = run("audit", "verify", "--seal", str(seal_file), "--config", str(config))
+    assert verify.returncode == 0 and "hash chain intact to position 2" in verify.stdout
+    seal_file.write_text(json.dumps({"position": 1, "digest": "00" * 32}), encoding="utf-8")
+    forged = run("audit", "verify", "--seal", str(seal_file), "--config", str(config))
+    assert forged.returncode == 1 and "event #1" in forged.stderr and "seal" in forged.stderr
+
+    state = run("audit", "state", "--at", "2999-01-01T00:00:00Z", "--json", "--config", str(config))
+    assert state.returncode == 0, state.stderr
+    found = json.loads(state.stdout)
+    assert set(found) == {"at", "senders", "messages"}
+    assert [(s["address"], s["state"]) for s in found["senders"]] == [("a@b.example", "blocked")]
+    early = run("audit", "state", "--at", "2000-01-01", "--json", "--config", str(config))
+    assert json.loads(early.stdout)["senders"] == []
+    bad = run("audit", "state", "--at", "yesterday", "--config", str(config))
+    assert bad.returncode == 2
+
+    none = run("audit", "export", "--until", "2000-01-01", "--config", str(config))
+    assert none.returncode == 0 and none.stdout == ""
+    both = run("audit", "export", "--since", "2000-01-01", "--config", str(config))
+    assert len(both.stdout.splitlines()) == 2

@@ -14,6 +14,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -105,9 +106,18 @@ class EngineAgainstModel(RuleBasedStateMachine):
             (a, s): SenderModel() for a in PEOPLE for s in self.scopes
         }
         self.messages: dict[str, MessageModel] = {}
+        # (moment, sender states, held copies' states) as the model had them before the clock
+        # moved on: `audit state --at` must replay the log to exactly these.
+        self.snapshots: list[tuple[float, dict[Key, str], dict[str, str]]] = []
 
     def teardown(self) -> None:
         try:
+            for moment, senders, messages in self.snapshots[-3:]:  # each replays the whole log
+                found = self.app.state_at(datetime.fromtimestamp(moment, tz=UTC))
+                replayed = {(r["address"], r["scope"]): r["state"] for r in found.senders}
+                assert replayed == senders, (moment, replayed, senders)
+                held = {r["id"]: r["state"] for r in found.messages}
+                assert held == messages, (moment, held, messages)
             # The auditor's full check: every transition legal and every view equal to a
             # rebuild from the log. It rebuilds into a scratch file (~50 ms), so it runs once
             # per run; the legality of the log is checked after every step below.
@@ -279,6 +289,13 @@ class EngineAgainstModel(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([60.0, 3600.0, DAY, 8 * DAY]))
     def advance_clock(self, seconds: float) -> None:
+        self.snapshots.append(
+            (
+                self.clock(),
+                {k: m.state for k, m in self.senders.items() if m.exists},
+                {mid: m.state for mid, m in self.messages.items() if m.quarantined},
+            )
+        )
         self.clock.advance(seconds)
 
     @rule()
