@@ -90,8 +90,8 @@ class RunningFilter:
     def port(self) -> int:
         return self.filter.port
 
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.filter.stop(), self.loop).result(timeout=60)
+    def stop(self, timeout: float = 60) -> None:
+        asyncio.run_coroutine_threadsafe(self.filter.stop(), self.loop).result(timeout=timeout)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
 
