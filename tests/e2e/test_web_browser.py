@@ -116,14 +116,21 @@ def served(tmp_path: Path) -> Iterator[Served]:
 
 def _shown(driver: Any, element_id: str) -> str:
     """The text of the element once the page after a click shows it (or a refusal: fail)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    found = WebDriverWait(driver, 30).until(
-        lambda d: d.find_elements(By.ID, element_id) or d.find_elements(By.ID, "refused")
-    )
-    assert found[0].get_attribute("id") == element_id, driver.page_source
-    return str(found[0].text)
+    def read(d: Any) -> tuple[str, str] | None:
+        # The click's new page may replace the old one between finding and reading an element:
+        # a stale element is read again from the page that replaced it.
+        found = d.find_elements(By.ID, element_id) or d.find_elements(By.ID, "refused")
+        return (found[0].get_attribute("id"), found[0].text) if found else None
+
+    shown_id, text = WebDriverWait(
+        driver, 30, ignored_exceptions=(StaleElementReferenceException,)
+    ).until(read)
+    assert shown_id == element_id, driver.page_source
+    return str(text)
 
 
 def _screenshot(driver: Any, name: str) -> None:
