@@ -39,6 +39,7 @@ from sourceauth.engine.ports import (
     DeliveryTransport,
     ViewStore,
 )
+from sourceauth.engine.rules import GLOBAL, RuleView
 from sourceauth.engine.service import (
     caps,
     dispatch,
@@ -48,6 +49,7 @@ from sourceauth.engine.service import (
     receive,
     replies,
 )
+from sourceauth.engine.service import rules as rulebook
 from sourceauth.engine.service.context import BATCH_LIMIT, Context
 from sourceauth.engine.service.routing import scope_for
 from sourceauth.engine.settings import EngineSettings
@@ -245,6 +247,33 @@ class SourceAuth(Application[UUID]):
     ) -> HeldMessage:
         """Drop one held message (recorded; its original is removed at maintenance)."""
         return operator.discard(self._ctx, message_id, actor, reason)
+
+    # ----------------------------------------------------------------- rules
+
+    def add_rule(
+        self,
+        action: str,
+        pattern: str,
+        *,
+        scope: str = GLOBAL,
+        actor: str = "operator",
+        reason: str = "manual",
+    ) -> RuleView:
+        """Declare a rule (docs/rules.md); an identical active rule records nothing."""
+        found, _ = rulebook.add_many(
+            self._ctx, [rulebook.declared(action, pattern, scope)], actor, reason
+        )
+        return found[0]
+
+    def remove_rule(
+        self, rule_id: str, *, actor: str = "operator", reason: str = "manual"
+    ) -> RuleView:
+        """Remove an active rule (it stays in the log and in `rules(include_removed=True)`)."""
+        return rulebook.remove(self._ctx, rule_id, actor, reason)
+
+    def rules(self, *, include_removed: bool = False) -> list[RuleView]:
+        """The rules, oldest first: the active ones, or every rule ever declared."""
+        return rulebook.list_rules(self._ctx, include_removed=include_removed)
 
     # ----------------------------------------------------------------- outbound and maintenance
 

@@ -11,8 +11,9 @@ from typing import Any
 from uuid import UUID
 
 from sourceauth.engine.message import QUEUED, Message
+from sourceauth.engine.rules import Rule
 from sourceauth.engine.sender import SUPERSEDE, Sender
-from sourceauth.engine.statemachine import CHALLENGE, MESSAGE, SENDER, StateMachineSpec
+from sourceauth.engine.statemachine import CHALLENGE, MESSAGE, RULE, SENDER, StateMachineSpec
 
 DELIVERED = MESSAGE.dest("deliver")
 
@@ -36,6 +37,7 @@ class LogSummary:
     events: int = 0
     senders: int = 0
     messages: int = 0
+    rules: int = 0
 
 
 def actor_of(event: Any) -> str:
@@ -87,6 +89,10 @@ def _machine_of(event: Any) -> tuple[StateMachineSpec, bool] | None:
         return MESSAGE, True
     if isinstance(event, Message.Event):
         return MESSAGE, False
+    if isinstance(event, Rule.Added):
+        return RULE, True
+    if isinstance(event, Rule.Event):
+        return RULE, False
     return None
 
 
@@ -119,6 +125,8 @@ def check_events(
             source = spec.initial
             if spec is SENDER:
                 summary.senders += 1
+            elif spec is RULE:
+                summary.rules += 1
             else:
                 summary.messages += 1
         else:
@@ -185,6 +193,8 @@ class Replay:
         if found is None:
             return
         spec, created = found
+        if spec is RULE:
+            return  # rules are no sender's or message's state (`rules list --all` shows them)
         aid: UUID = event.originator_id
         rows = self.senders if spec is SENDER else self.messages
         if created:

@@ -20,6 +20,7 @@ from sourceauth.engine.api import (
     SenderView,
     SendResult,
 )
+from sourceauth.engine.rules import RuleView
 
 Clock = Callable[[], float]
 """Unix seconds now; injectable so tests can move time."""
@@ -169,5 +170,13 @@ class ViewStore(Protocol):
     ) -> list[HeldMessage]: ...
 
     def held_message(self, message_id: str) -> HeldMessage | None: ...
+
+    def rules(self) -> list[RuleView]:
+        """Every rule the log declared, removed ones included, oldest first."""
+        ...
+
+    def rules_version(self) -> int:
+        """A number that grows with every rule event (to know when to compile again)."""
+        ...
 
     def close(self) -> None: ...

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sourceauth.engine.message import HELD_STATES, QUEUED, Message
+from sourceauth.engine.rules import Rule
 from sourceauth.engine.sender import SUPERSEDE, Sender
-from sourceauth.engine.statemachine import CHALLENGE, MESSAGE, SENDER
+from sourceauth.engine.statemachine import CHALLENGE, MESSAGE, RULE, SENDER
 
 WHITELIST = "sa_whitelist"
 CHALLENGES = "sa_challenges"
@@ -18,6 +19,7 @@ QUARANTINE = "sa_quarantine"
 DELIVERY = "sa_delivery"
 BLOBS = "sa_blobs"
 HELD_COUNTS = "sa_held_counts"
+RULES = "sa_rules"
 
 TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     # name: ((column, kind), ...); the first column is the primary key
@@ -82,6 +84,19 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     HELD_COUNTS: (
         ("recipient", "text"),
         ("held", "int"),
+    ),
+    RULES: (
+        ("rule_id", "text"),
+        ("action", "text"),
+        ("pattern", "text"),
+        ("kind", "text"),
+        ("scope", "text"),
+        ("state", "text"),
+        ("reason", "text"),
+        ("actor", "text"),
+        ("created", "real"),
+        ("updated", "real"),
+        ("version", "int"),
     ),
 }
 
@@ -207,6 +222,8 @@ class Projector:
             yield from self._message_arrived(event)
         elif isinstance(event, Message.Event):
             yield from self._message_event(event)
+        elif isinstance(event, (Rule.Added, Rule.Event)):
+            yield _rule_row(event)
 
     def _remember(self, sender_id: str, challenge_id: str) -> None:
         if len(self._cache) > 50_000:
@@ -335,6 +352,22 @@ class Projector:
         elif isinstance(e, (Message.Purged, Message.DiscardedWhileHeld)):
             yield Update(QUARANTINE, mid, {"state": state, "reason": e.reason, "updated": ts})
             yield _CopyDone(mid)
+
+
+def _rule_row(e: Rule.Added | Rule.Event) -> Op:
+    """Rules are few and read whole: every event rewrites its row (version: a change count)."""
+    ts = e.timestamp.timestamp()
+    values: dict[str, Any] = {
+        "state": RULE.dest(e.trigger),
+        "reason": e.reason,  # type: ignore[union-attr]
+        "actor": e.actor,  # type: ignore[union-attr]
+        "updated": ts,
+        "version": e.originator_version,
+    }
+    if isinstance(e, Rule.Added):
+        values.update(action=e.action, pattern=e.pattern, kind=e.kind, scope=e.scope, created=ts)
+        return Upsert(RULES, e.originator_id.hex, values)
+    return Update(RULES, e.originator_id.hex, values)
 
 
 def _challenge_values(e: Sender.Challenged | Sender.FirstChallenged) -> dict[str, Any]:

@@ -139,8 +139,10 @@ def _load(filename: str) -> StateMachineSpec:
 SENDER = _load("sender.toml")
 MESSAGE = _load("message.toml")
 CHALLENGE = _load("challenge.toml")
+RULE = _load("rule.toml")
 MACHINES: Mapping[str, StateMachineSpec] = {
     SENDER.name: SENDER,
     MESSAGE.name: MESSAGE,
     CHALLENGE.name: CHALLENGE,
+    RULE.name: RULE,
 }

@@ -198,7 +198,8 @@ def verify(
             )
     sealed = f"; the sealed head at {seal.position} matches" if seal else ""
     return None, (
-        f"{summary.events} events, {summary.senders} senders, {summary.messages} messages; "
+        f"{summary.events} events, {summary.senders} senders, {summary.messages} messages, "
+        f"{summary.rules} rules; "
         f"hash chain intact to position {chain.last}{sealed}; every transition legal; "
         "views equal a fresh rebuild"
     )

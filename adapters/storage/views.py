@@ -19,6 +19,7 @@ from sourceauth.adapters.storage.fold import MemoryTables
 from sourceauth.engine import projections as p
 from sourceauth.engine.api import ChallengeRow, DeliveryRow, HeldMessage, SenderView
 from sourceauth.engine.logs import get_logger
+from sourceauth.engine.rules import RuleView
 from sourceauth.engine.service.caps import CHALLENGEABLE, CHALLENGED, DEFERRED_PREFIXES, HELD
 
 log = get_logger(__name__)
@@ -710,6 +711,22 @@ class SqlViews:
             sql += " LIMIT ?"
             params.append(limit)
         return [self._held(r) for r in self._rows(sql, params)]
+
+    _R_COLS = "rule_id, action, pattern, scope, kind, state, reason, actor, created, updated"
+
+    def rules(self) -> list[RuleView]:
+        """Every rule, removed ones included, oldest first."""
+        rows = self._rows(f"SELECT {self._R_COLS} FROM {p.RULES} ORDER BY created, rule_id")
+        return [
+            RuleView(*(str(v or "") for v in r[:8]), created=float(r[8]), updated=float(r[9]))
+            for r in rows
+        ]
+
+    def rules_version(self) -> int:
+        """Grows with every rule event (each raises one row's version by one): whoever
+        compiled the rules at an older value compiles them again."""
+        rows = self._rows(f"SELECT COALESCE(SUM(version), 0) FROM {p.RULES}")
+        return int(rows[0][0]) if rows else 0
 
     def held_message(self, message_id: str) -> HeldMessage | None:
         rows = self._rows(

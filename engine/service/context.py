@@ -29,6 +29,7 @@ from sourceauth.engine.ports import (
     DeliveryTransport,
     ViewStore,
 )
+from sourceauth.engine.rules import Rule, RuleCache
 from sourceauth.engine.sender import Sender
 from sourceauth.engine.settings import EngineSettings
 
@@ -65,6 +66,7 @@ class Unit:
     challenges: list[tuple[str, str, UUID, str, float]] = field(default_factory=list)
     challenged_domains: Counter[str] = field(default_factory=Counter)  # of `challenges`
     challenged_mailboxes: set[str] = field(default_factory=set)  # of `challenges`
+    rules: list[Rule] = field(default_factory=list)  # rules declared or removed (engine/rules.py)
 
     def count_challenge(
         self, domain: str, mailbox: str, sender_id: UUID, challenge_id: str, expires: float
@@ -74,7 +76,7 @@ class Unit:
         self.challenged_mailboxes.add(mailbox)
 
     def aggregates(self) -> list[Any]:
-        return [*self.senders.values(), *self.messages]
+        return [*self.senders.values(), *self.messages, *self.rules]
 
     def note(self, event: str, **fields: Any) -> None:
         """A log line for after the commit (a retried unit logs nothing of its failed try)."""
@@ -116,6 +118,7 @@ class Context:
         self._senders: OrderedDict[UUID, Sender] = OrderedDict()
         self._sender_ids: dict[tuple[str, str], UUID] = {}
         self._checked: dict[UUID, float] = {}  # when each cached sender was last read
+        self.rule_cache = RuleCache()  # the compiled rules routing consults (service/rules.py)
 
     # ----------------------------------------------------------------- ids and views
 

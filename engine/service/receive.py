@@ -14,7 +14,9 @@ from sourceauth.engine.errors import InvalidInput
 from sourceauth.engine.logs import get_logger
 from sourceauth.engine.message import Message
 from sourceauth.engine.policy import check_auth_gate
+from sourceauth.engine.rules import EMPTY_BOOK, RuleBook
 from sourceauth.engine.service import caps, replies
+from sourceauth.engine.service import rules as rulebook
 from sourceauth.engine.service.context import ENGINE, Context, Unit, ts
 from sourceauth.engine.service.routing import (
     AUTHORIZED,
@@ -48,11 +50,12 @@ def receive_many(
 ) -> list[Receipt]:
     for incoming in batch:
         validate(ctx, incoming)
-    plans = [plan(incoming, ctx.settings) for incoming in batch]
+    rules = rulebook.book(ctx)
+    plans = [plan(incoming, ctx.settings, rules) for incoming in batch]
 
     def work(unit: Unit) -> list[Receipt]:
         _prefetch_senders(ctx, unit, plans)
-        return [decide(ctx, unit, i, p) for i, p in zip(batch, plans, strict=True)]
+        return [decide(ctx, unit, i, p, rules) for i, p in zip(batch, plans, strict=True)]
 
     kwargs = {"blobs": list(attachments)} if attachments else {}
     receipts = ctx.run("receive", work, **kwargs)
@@ -110,7 +113,9 @@ def _header(headers: Headers, name: str) -> str:
     return ""
 
 
-def decide(ctx: Context, unit: Unit, incoming: Incoming, p: Plan) -> Receipt:
+def decide(
+    ctx: Context, unit: Unit, incoming: Incoming, p: Plan, rules: RuleBook = EMPTY_BOOK
+) -> Receipt:
     now = ctx.clock()
     deliver_now: list[tuple[str, str]] = []
     # (kind, decision, reason, linked scope or "") -> recipients
@@ -128,7 +133,7 @@ def decide(ctx: Context, unit: Unit, incoming: Incoming, p: Plan) -> Receipt:
             # a sender about to be held pays for the read (authorized is the hot path).
             ctx.refresh_sender(found)
         states[scope] = SENDER.initial if found is None else found.state
-    for rcpt, r in route(p, incoming, ctx.settings, states):
+    for rcpt, r in route(p, incoming, ctx.settings, states, rules):
         if isinstance(r, DeliverNow):
             deliver_now.append((rcpt, r.reason))
         elif isinstance(r, AwaitSender):

@@ -23,6 +23,7 @@ from sourceauth.engine.policy import (
     is_protected,
     spam_flag,
 )
+from sourceauth.engine.rules import EMPTY_BOOK, RuleBook, RuleView
 from sourceauth.engine.settings import EngineSettings
 from sourceauth.engine.statemachine import SENDER
 
@@ -85,6 +86,7 @@ class Target(NamedTuple):
     answer: Answer | None  # set when addressed to the confirm or the bounce address
     scope: str | None  # the whitelist scope when the recipient is protected and has a sender
     protected: bool
+    rule: RuleView | None = None  # the protect or exempt rule that decided `protected`
 
 
 class Plan(NamedTuple):
@@ -115,10 +117,10 @@ def scope_for(recipient: str, settings: EngineSettings) -> str:
     return base
 
 
-def plan(incoming: Incoming, settings: EngineSettings) -> Plan:
+def plan(incoming: Incoming, settings: EngineSettings, rules: RuleBook = EMPTY_BOOK) -> Plan:
     """Normalize the envelope. `answers` are the replies and reports to challenges: settled
     before anything else, so that a "reply all" confirms first and its other recipients see
-    the sender authorized."""
+    the sender authorized. A recipient rule (protect, exempt) overrides `protected`."""
     s = settings
     sender = "" if is_null_sender(incoming.mail_from) else normalize_address(incoming.mail_from)
     # A recipient named twice (in any case) gets one copy.
@@ -136,12 +138,16 @@ def plan(incoming: Incoming, settings: EngineSettings) -> Plan:
         elif base == bounce_base:
             answer = ChallengeReport(token)
             answers.append((rcpt, answer))
-        protected = answer is None and is_protected(rcpt, s.protected, s.recipient_delimiter)
+        rule = rules.recipient_rule(rcpt, s.recipient_delimiter) if answer is None else None
+        if rule is not None:
+            protected = rule.action == "protect"
+        else:
+            protected = answer is None and is_protected(rcpt, s.protected, s.recipient_delimiter)
         scope = None
         if protected and sender:
             scope = "global" if s.scope == "global" else scope_for(rcpt, s)
             scopes[scope] = None
-        targets.append(Target(rcpt, answer, scope, protected))
+        targets.append(Target(rcpt, answer, scope, protected, rule))
     return Plan(sender, recipients, tuple(targets), tuple(scopes), tuple(answers))
 
 
@@ -150,10 +156,13 @@ def route(
     incoming: Incoming,
     settings: EngineSettings,
     sender_states: Mapping[str, str],
+    rules: RuleBook = EMPTY_BOOK,
 ) -> list[tuple[str, Route]]:
     """One route per recipient that is not an answer (see `plan`), in envelope order.
     `sender_states` maps each scope of `plan.scopes` to its sender's state (the initial
-    state for a stranger), read after the answers were settled."""
+    state for a stranger), read after the answers were settled. Precedence: the sender's
+    own state (authorized, blocked), then the sender rules (docs/rules.md), then the
+    never-challenge classes, then a challenge."""
     s = settings
     routes: list[tuple[str, Route]] = []
     exempt: Route | None = None
@@ -163,7 +172,11 @@ def route(
         if t.answer is not None:
             continue
         if not t.protected:
-            routes.append((t.recipient, UNPROTECTED))
+            exempt_rule = t.rule
+            if exempt_rule is None:
+                routes.append((t.recipient, UNPROTECTED))
+            else:
+                routes.append((t.recipient, DeliverNow(f"rule_exempt:{exempt_rule.rule_id}")))
             continue
         if t.scope is not None:
             state = sender_states[t.scope]
@@ -174,6 +187,11 @@ def route(
                 if authorized is None:
                     authorized = _authorized(plan.sender, incoming.headers, s)
                 routes.append((t.recipient, authorized))
+                continue
+        if rules.has_sender_rules and plan.sender:
+            ruled = _ruled(plan.sender, t, incoming.headers, s, rules)
+            if ruled is not None:
+                routes.append((t.recipient, ruled))
                 continue
         if not exemption_checked:  # only for mail that would otherwise be challenged
             exempt = _exemption(incoming.mail_from, incoming.headers, s)
@@ -189,7 +207,26 @@ def route(
     return routes
 
 
-def _authorized(sender: str, headers: Headers, s: EngineSettings) -> Route:
+def _ruled(
+    sender: str, t: Target, headers: Headers, s: EngineSettings, rules: RuleBook
+) -> Route | None:
+    """The route a sender rule gives (the mailbox's own rules before the global ones). Never
+    a refusal: a block holds without a challenge (linked to the sender, so authorizing it
+    releases the copy), a discard drops the copy; both recorded with the rule's id."""
+    mailbox, _ = split_extension(t.recipient, s.recipient_delimiter)
+    rule = rules.sender_rule(sender, mailbox, s.recipient_delimiter)
+    if rule is None:
+        return None
+    if rule.action == "allow":
+        return _authorized(sender, headers, s, DeliverNow(f"rule_allow:{rule.rule_id}"))
+    if rule.action == "block":
+        return HoldSilently(f"rule_block:{rule.rule_id}", t.scope)
+    return Discard(f"rule_discard:{rule.rule_id}")
+
+
+def _authorized(
+    sender: str, headers: Headers, s: EngineSettings, allowed: Route = SENDER_AUTHORIZED
+) -> Route:
     """An authorized sender's mail, re-checked: the whitelist is keyed on the envelope sender,
     which anyone can forge. Held copies are not linked to the sender (its authorization
     would release them at once); an operator releases them."""
@@ -202,7 +239,7 @@ def _authorized(sender: str, headers: Headers, s: EngineSettings) -> Route:
         flagged = spam_flag(headers, s.spam_headers)
         if flagged is not None:
             return _act(s.authorized_spam, f"authorized_sender_spam: {flagged.detail}")
-    return SENDER_AUTHORIZED
+    return allowed
 
 
 def _act(action: ExemptAction, reason: str) -> Route:

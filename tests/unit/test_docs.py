@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_state_machine_page_matches_the_specs() -> None:
     page = (ROOT / "docs" / "state-machines.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```mermaid\n(.*?)\n```", page, flags=re.S)
-    names = ("sender", "message", "challenge")
+    names = ("sender", "message", "challenge", "rule")
     assert blocks == [MACHINES[name].mermaid().rstrip("\n") for name in names], (
         "docs/state-machines.md is stale: regenerate it with `sourceauth diagram` (see its header)"
     )

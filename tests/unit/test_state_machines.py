@@ -20,7 +20,14 @@ import transitions
 from sourceauth.engine.errors import IllegalTransition
 from sourceauth.engine.message import Message
 from sourceauth.engine.sender import Sender
-from sourceauth.engine.statemachine import CHALLENGE, MACHINES, MESSAGE, SENDER, StateMachineSpec
+from sourceauth.engine.statemachine import (
+    CHALLENGE,
+    MACHINES,
+    MESSAGE,
+    RULE,
+    SENDER,
+    StateMachineSpec,
+)
 
 AGGREGATES: dict[str, type[Any]] = {"sender": Sender, "message": Message}
 CREATION_BASE: dict[str, type[Any]] = {"sender": Sender.FirstSeen, "message": Message.Arrived}
@@ -132,7 +139,7 @@ ALL_PAIRS = SENDER_PAIRS + MESSAGE_PAIRS
 # ------------------------------------------------------------------------------ the specs
 
 
-@pytest.mark.parametrize("spec", [SENDER, MESSAGE, CHALLENGE], ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [SENDER, MESSAGE, CHALLENGE, RULE], ids=lambda s: s.name)
 def test_every_state_is_reachable_from_the_initial_state(spec: StateMachineSpec) -> None:
     reachable = set(_paths(spec)) | {spec.initial}
     assert reachable == set(spec.states)
@@ -242,10 +249,10 @@ def test_replay_of_recorded_events_reaches_the_same_state(kind: str) -> None:
 
 
 def test_one_machine_per_kind_and_none_per_aggregate(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert set(MACHINES) == {"sender", "message", "challenge"}
+    assert set(MACHINES) == {"sender", "message", "challenge", "rule"}
     machines = [spec.machine for spec in MACHINES.values()]
     assert all(isinstance(m, transitions.Machine) for m in machines)
-    assert len({id(m) for m in machines}) == 3
+    assert len({id(m) for m in machines}) == 4
     assert all(m.models == [] for m in machines)
 
     built: list[object] = []
@@ -289,7 +296,7 @@ def test_the_table_is_derived_from_the_machine() -> None:
 # ------------------------------------------------------------------------------ the diagram
 
 
-@pytest.mark.parametrize("spec", [SENDER, MESSAGE, CHALLENGE], ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [SENDER, MESSAGE, CHALLENGE, RULE], ids=lambda s: s.name)
 def test_diagram_mentions_every_state_and_every_trigger(spec: StateMachineSpec) -> None:
     diagram = spec.mermaid()
     assert "stateDiagram" in diagram
