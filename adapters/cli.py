@@ -615,6 +615,12 @@ def diagram(cfg: Config, machine: str) -> None:
         click.echo()
 
 
+# `rules` and `senders import|export` live in their own module (it uses the helpers above).
+from sourceauth.adapters.cli_rules import register  # noqa: E402
+
+register(cli, senders)
+
+
 def main() -> None:
     cli(prog_name="sourceauth")
 

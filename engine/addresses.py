@@ -234,6 +234,7 @@ def _normalize_local(local: str) -> str:
     return local
 
 
+@functools.lru_cache(maxsize=1 << 14)  # many senders share few domains (bulk imports too)
 def _normalize_domain(domain: str) -> str:
     if not domain:
         raise AddressError("empty domain")

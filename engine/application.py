@@ -43,6 +43,7 @@ from sourceauth.engine.rules import GLOBAL, RuleView
 from sourceauth.engine.service import (
     caps,
     dispatch,
+    imports,
     maintenance,
     operator,
     queries,
@@ -264,6 +265,43 @@ class SourceAuth(Application[UUID]):
             self._ctx, [rulebook.declared(action, pattern, scope)], actor, reason
         )
         return found[0]
+
+    def add_rules(
+        self,
+        rules: Iterable[tuple[str, str, str]],
+        *,
+        actor: str = "operator",
+        reason: str = "manual",
+    ) -> tuple[list[RuleView], int]:
+        """Declare (action, pattern, scope) rules in one transaction; returns them as they
+        stand and how many were recorded now (an active one records nothing)."""
+        declared = [rulebook.declared(a, p, s) for a, p, s in rules]
+        return rulebook.add_many(self._ctx, declared, actor, reason)
+
+    def import_senders(
+        self,
+        addresses: Sequence[str],
+        rules: Iterable[tuple[str, str, str]] = (),
+        *,
+        state: str = "authorized",
+        scope: str = GLOBAL,
+        actor: str = "import",
+        reason: str = "import",
+        progress: Callable[[int], None] | None = None,
+    ) -> imports.ImportResult:
+        """Authorize or block (`state`) many senders in `scope`, in batches, and declare the
+        (action, pattern, scope) rules; what is already so records nothing."""
+        declared = [rulebook.declared(a, p, s) for a, p, s in rules]
+        return imports.import_senders(
+            self._ctx,
+            addresses,
+            declared,
+            state=state,
+            scope=scope,
+            actor=actor,
+            reason=reason,
+            progress=progress,
+        )
 
     def remove_rule(
         self, rule_id: str, *, actor: str = "operator", reason: str = "manual"

@@ -112,6 +112,8 @@ def _wildcard(text: str) -> str:
     lowered = text.lower()
     if any(ch.isspace() or not ch.isprintable() for ch in lowered):
         raise InvalidInput(f"bad wildcard {text!r}: no spaces or control characters")
+    if lowered.count("[") != lowered.count("]"):
+        raise InvalidInput(f"bad wildcard {text!r}: a [ without its ] (or the other way)")
     if lowered.strip("*?") == "":
         raise InvalidInput(f"wildcard {text!r} would match every address: say so with a regex")
     try:

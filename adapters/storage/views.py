@@ -462,15 +462,19 @@ class SqlViews:
 
     def known_senders(self, sender_ids: Sequence[str]) -> set[str]:
         """Which of these senders the whitelist view has a row for (one query per 500 ids)."""
-        found: set[str] = set()
+        return set(self.sender_states(sender_ids))
+
+    def sender_states(self, sender_ids: Sequence[str]) -> dict[str, str]:
+        """The state of each of these senders the whitelist view has a row for."""
+        found: dict[str, str] = {}
         ids = list(sender_ids)
         for i in range(0, len(ids), 500):
             chunk = ids[i : i + 500]
             marks = ", ".join("?" * len(chunk))
             rows = self._rows(
-                f"SELECT sender_id FROM {p.WHITELIST} WHERE sender_id IN ({marks})", chunk
+                f"SELECT sender_id, state FROM {p.WHITELIST} WHERE sender_id IN ({marks})", chunk
             )
-            found.update(str(r[0]) for r in rows)
+            found.update((str(r[0]), str(r[1])) for r in rows)
         return found
 
     def challenges_due(self, now: float, limit: int) -> list[ChallengeRow]:

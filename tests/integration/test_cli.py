@@ -60,10 +60,10 @@ def test_quarantine_list_is_an_empty_json_array_on_a_fresh_install(config: Path)
     assert out.returncode == 0 and json.loads(out.stdout) == []
 
 
-def test_diagram_prints_all_three_machines_as_mermaid() -> None:
+def test_diagram_prints_all_four_machines_as_mermaid() -> None:
     out = run("diagram")
     assert out.returncode == 0
-    assert out.stdout.count("stateDiagram-v2") == 3
+    assert out.stdout.count("stateDiagram-v2") == 4
     for title in ("sender state machine", "message state machine", "challenge state machine"):
         assert title in out.stdout
     for state in ("unknown", "challenged", "authorized", "expired", "purged", "discarded"):
