@@ -618,7 +618,7 @@ def diagram(cfg: Config, machine: str) -> None:
 # `rules` and `senders import|export` live in their own module (it uses the helpers above).
 from sourceauth.adapters.cli_rules import register  # noqa: E402
 
-register(cli, senders)
+register(sys.modules[__name__])
 
 
 def main() -> None:
