@@ -45,7 +45,9 @@ def events_in_log(config: Path) -> int:
 
 def test_rules_add_list_remove_by_prefix_and_the_log_stays_sound(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    code, out, err = sa(config, "rules", "add", "block", "*@spam.test", "--reason", "spam", "--json")
+    code, out, err = sa(
+        config, "rules", "add", "block", "*@spam.test", "--reason", "spam", "--json"
+    )
     assert code == 0, err
     rule = json.loads(out)
     assert (rule["action"], rule["pattern"], rule["scope"], rule["reason"]) == (
