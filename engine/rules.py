@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -143,7 +144,9 @@ def check_regex(regex: str) -> None:
     if len(regex) > MAX_PATTERN_CHARS:
         raise InvalidInput(f"regex longer than {MAX_PATTERN_CHARS} characters")
     try:
-        parsed = _sre.parse(regex, re.IGNORECASE)
+        with warnings.catch_warnings():  # "possible nested set" and the like: not ours to say
+            warnings.simplefilter("ignore", FutureWarning)
+            parsed = _sre.parse(regex, re.IGNORECASE)
     except re.error as exc:
         raise InvalidInput(f"bad regex {regex!r}: {exc}") from exc
     if parsed.state.groupdict:
@@ -326,7 +329,9 @@ class _Alternation:
         self.regex: re.Pattern[str] | None = None
         if items:
             body = "|".join(f"(?P<r{i}>(?:{source}))" for i, (source, _) in enumerate(items))
-            self.regex = re.compile(body, re.IGNORECASE | re.DOTALL)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                self.regex = re.compile(body, re.IGNORECASE | re.DOTALL)
 
     def first(self, address: str) -> RuleView | None:
         if self.regex is None:

@@ -6,6 +6,8 @@ exempted by rule, and rules as events (history, audit, idempotent declarations).
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sourceauth.adapters.storage.fold import MemoryTables
 from sourceauth.adapters.storage.views import log_pages
@@ -13,7 +15,13 @@ from sourceauth.engine import projections as p
 from sourceauth.engine.api import Decision
 from sourceauth.engine.audit import check_events
 from sourceauth.engine.errors import InvalidInput, NotFound
-from sourceauth.engine.rules import MAX_MATCHED_CHARS, RuleBook, check_regex, parse_pattern
+from sourceauth.engine.rules import (
+    MAX_MATCHED_CHARS,
+    RuleBook,
+    RuleView,
+    check_regex,
+    parse_pattern,
+)
 from tests.support.service import Service
 
 BOB = "bob@example.test"
@@ -245,3 +253,38 @@ def test_unknown_actions_and_bad_scopes_are_refused(service: Service) -> None:
         service.app.add_rule("deliver", "*@x.test")
     with pytest.raises(InvalidInput, match="bad scope"):
         service.app.add_rule("allow", "*@x.test", scope="nobody")
+
+
+# ------------------------------------------------------------------ properties of the parser
+
+
+_REGEX_ALPHABET = st.sampled_from([*"ab.*+?|()[]{}^$\\-@1,", "a{2,}", "(?:", "\\d"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40))
+def test_any_text_is_a_pattern_or_a_clear_refusal(text: str) -> None:
+    try:
+        found = parse_pattern(text)
+    except InvalidInput as exc:
+        assert str(exc)
+        return
+    assert found.kind in ("exact", "domain", "wildcard", "regex")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_REGEX_ALPHABET, min_size=1, max_size=14).map("".join))
+def test_every_accepted_regex_rejects_a_hostile_address_quickly(regex: str) -> None:
+    import time
+
+    try:
+        parse_pattern("re:" + regex)
+    except InvalidInput:
+        return
+    book = RuleBook(
+        [RuleView("0" * 32, "block", "re:" + regex, "global", "regex", "active", "", "", 0.0, 0.0)]
+    )
+    hostile = "a" * 120 + "@" + "a" * 120 + ".b"  # the longest run a regex could chew on
+    started = time.perf_counter()
+    book.sender_rule(hostile, BOB)
+    assert time.perf_counter() - started < 0.5, regex
