@@ -1,6 +1,6 @@
 """Rules as use cases: add, remove and list them; and the compiled RuleBook that routing
-consults, refreshed when the rules view changes (here at once, from other processes within
-RULES_TTL seconds)."""
+consults, refreshed when the rules view changes (at once for a change made here; within
+RULES_TTL seconds of the views catching up for one made by another process or node)."""
 
 from __future__ import annotations
 
@@ -33,19 +33,20 @@ RULES_TTL = 2.0  # seconds a compiled RuleBook is used before the view is asked 
 
 
 def book(ctx: Context) -> RuleBook:
-    """The active rules, compiled; re-read when the view's rules changed (cheap otherwise:
-    one monotonic clock read per call, one small query per RULES_TTL)."""
+    """The active rules, compiled; compiled again when the rules view changed (cheap
+    otherwise: one monotonic clock read per call, one small query per RULES_TTL). The view
+    is read as it stands, never caught up here: the receive path must not replay a large
+    backlog (an import by another process) under the lock; whoever keeps the views current
+    (the dispatchers of `serve`, every command) brings new rules in."""
     cache = ctx.rule_cache
     now = time.monotonic()
     if now - cache.checked < RULES_TTL:
         return cache.book
-    with ctx.lock:
-        ctx.catch_up()
-        version = ctx.views.rules_version()
-        if version != cache.version:
-            cache.book = RuleBook(ctx.views.rules())
-            cache.version = version
-        cache.checked = now
+    version = ctx.views.rules_version()
+    if version != cache.version:
+        cache.book = RuleBook(ctx.views.rules())
+        cache.version = version
+    cache.checked = now
     return cache.book
 
 

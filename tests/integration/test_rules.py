@@ -9,9 +9,12 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+from sourceauth.engine.api import Decision
 from tests.integration.smtp_harness import filter_with_sinks, message
 from tests.integration.test_cli import run
+from tests.support.fakes import FakeBlobs
 from tests.support.waiting import wait_outbound_idle
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
@@ -203,3 +206,25 @@ def test_rules_decide_mail_arriving_over_smtp_and_block_never_refuses(tmp_path: 
         assert history == [] or all("rule_allow" in h.reason for h in history)
         assert allow.rule_id
     shutil.rmtree(tmp_path / "var", ignore_errors=True)
+
+
+def test_a_rule_added_by_another_process_decides_mail_once_the_views_catch_up(
+    make_engine: Any, monkeypatch: Any
+) -> None:
+    from sourceauth.engine.service import rules as rulebook
+    from tests.conftest import describe
+
+    serving, operator = make_engine(), make_engine()
+    blobs = FakeBlobs()
+
+    def mail() -> Decision:
+        return serving.receive(describe(blobs, "x@partner.test", BOB)).decision_for(BOB).decision
+
+    assert mail() is Decision.CHALLENGE  # compiled: no rule
+    operator.add_rule("allow", "*@partner.test")  # another engine on the same store
+    monkeypatch.setattr(rulebook, "RULES_TTL", 0.0)  # instead of waiting 2 s
+    serving.catch_up()  # what the dispatchers of `serve` do every tick
+    assert mail() is Decision.DELIVER
+    operator.remove_rule(operator.rules()[0].rule_id)
+    serving.catch_up()
+    assert mail() is Decision.CHALLENGE
