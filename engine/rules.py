@@ -115,7 +115,7 @@ def _wildcard(text: str) -> str:
         raise InvalidInput(f"bad wildcard {text!r}: no spaces or control characters")
     if lowered.count("[") != lowered.count("]"):
         raise InvalidInput(f"bad wildcard {text!r}: a [ without its ] (or the other way)")
-    if lowered.strip("*?") == "":
+    if lowered.replace("@", "").strip("*?") == "":
         raise InvalidInput(f"wildcard {text!r} would match every address: say so with a regex")
     try:
         re.compile(fnmatch.translate(lowered))

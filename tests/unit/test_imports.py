@@ -111,3 +111,10 @@ def test_the_plain_export_reads_back_to_the_same_entries() -> None:
         PatternLine(3, SENDER, "*@y.example"),
         PatternLine(4, SENDER, "re:b.*@z\\.example"),
     ]
+
+
+def test_tmda_at_equals_covers_the_domain_and_its_subdomains() -> None:
+    assert list(read_list("*@=Partner.example\n", "tmda")) == [
+        PatternLine(1, SENDER, "*@partner.example"),
+        PatternLine(1, SENDER, "*@*.partner.example"),
+    ]

@@ -231,6 +231,7 @@ def test_rule_events_are_legal_and_the_view_equals_a_rebuild(service: Service) -
         ("re:(", "bad regex"),
         ("re:", "needs a regular expression"),
         ("*", "every address"),
+        ("*@*", "every address"),
         ("not an address", "bad"),
         ("*@", "bad domain"),
         ("", "empty"),
