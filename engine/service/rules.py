@@ -12,7 +12,7 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError
 
 from sourceauth.engine import tokens
-from sourceauth.engine.addresses import AddressError, normalize_address
+from sourceauth.engine.addresses import AddressError, normalize_address, split_extension
 from sourceauth.engine.errors import InvalidInput, NotFound
 from sourceauth.engine.rules import (
     ACTIVE,
@@ -55,13 +55,16 @@ def forget_compiled(ctx: Context) -> None:
     ctx.rule_cache.checked = float("-inf")
 
 
-def scope_of(scope: str) -> str:
+def scope_of(scope: str, delimiter: str = "+") -> str:
+    """ "global", or the mailbox a scope names (normalized, its extension removed: rules and
+    routing both name a mailbox by its base address)."""
     if scope == GLOBAL:
         return scope
     try:
-        return normalize_address(scope)
+        base, _ = split_extension(normalize_address(scope), delimiter)
     except AddressError as exc:
         raise InvalidInput(f"bad scope {scope!r}: {exc}") from exc
+    return base
 
 
 def rule_id(ctx: Context, action: str, pattern: Pattern, scope: str) -> UUID:

@@ -118,7 +118,7 @@ def test_a_mailbox_rule_comes_before_the_global_rules_for_that_mailbox_only(
     service: Service,
 ) -> None:
     blocked = service.app.add_rule("block", "*@partner.test")
-    allowed = service.app.add_rule("allow", "re:.*@partner\\.test", scope=BOB)
+    allowed = service.app.add_rule("allow", "re:.*@partner\\.test", scope="Bob+x@example.test")
     assert allowed.scope == BOB
     assert decision(service, "x@partner.test", BOB)[1] == f"rule_allow:{allowed.rule_id}"
     assert decision(service, "x@partner.test", "bob+tag@example.test")[1] == (
