@@ -15,7 +15,7 @@ from sourceauth.engine.service import operator, replies
 from sourceauth.engine.service.caps import CHALLENGEABLE
 from sourceauth.engine.service.context import ENGINE, Context, Unit, ts
 from sourceauth.engine.service.receive import _header, log_decisions, validate
-from sourceauth.engine.service.routing import scope_for
+from sourceauth.engine.service.routing import _answer_bases, scope_for
 
 OUTBOUND = "outbound_submission"  # the reason an outgoing copy is queued with
 
@@ -79,7 +79,9 @@ def learn_correspondent(ctx: Context, unit: Unit, local: str, rcpt: str, now: fl
     """Authorize `rcpt` for `local`'s scope, unless already authorized or blocked (a verdict
     stands); mail held from it for that scope is released."""
     base = split_extension(rcpt, ctx.settings.recipient_delimiter)[0]
-    if base == local or base in _answer_addresses(ctx):
+    if base == local or base in _answer_bases(
+        ctx.settings.confirm_address, ctx.settings.bounce_address
+    ):
         return
     scope = scope_for(local, ctx.settings)
     why = f"correspondent of {local}"
@@ -91,8 +93,3 @@ def learn_correspondent(ctx: Context, unit: Unit, local: str, rcpt: str, now: fl
     unit.senders[sender.id] = sender
     released = replies.release_held(ctx, unit, sender, f"sender_authorized_by:{local}", now)
     unit.note("correspondent_learned", sender=rcpt, scope=scope, actor=local, released=released)
-
-
-def _answer_addresses(ctx: Context) -> tuple[str, str]:
-    s = ctx.settings
-    return normalize_address(s.confirm_address), normalize_address(s.bounce_address)
