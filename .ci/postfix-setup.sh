@@ -8,6 +8,9 @@
 #   10025  public smtpd, content_filter = scan:[127.0.0.1]:10030 (the filter)
 #   10030  sourceauth (NOT started here)
 #   10031  reinjection smtpd, no content_filter (released mail, challenges)
+#   10027  submission stand-in: content_filter = scan:[127.0.0.1]:10033 (sourceauth's
+#          [correspondents] listen, NOT started here); trusts loopback where a real
+#          submission service trusts SASL (docs/postfix.md, "Correspondents")
 #   10040  smtp-sink refusing every RCPT with 550 5.1.1 (domain remote.test)
 #   10041  test-owned capture server (domain ok.test; NOT started here)
 #   example.test: virtual Maildirs under /var/mail/vhosts (uid/gid 5000)
@@ -210,6 +213,16 @@ if ! postconf -M postlog/unix-dgram 2>/dev/null | grep -q .; then
 fi
 postconf -F '*/*/chroot=n'
 
+# Correspondents (docs/postfix.md): mail users send out goes to sourceauth's second listener
+# instead of the inbound filter. A real site puts this content_filter on its SASL submission
+# service; the tests have no SASL server, so loopback (mynetworks) stands in for the login.
+SUBMIT_PORT=10027
+postconf -M "127.0.0.1:$SUBMIT_PORT/inet=127.0.0.1:$SUBMIT_PORT inet n - n - - smtpd"
+postconf -P "127.0.0.1:$SUBMIT_PORT/inet/syslog_name=postfix/submission" \
+            "127.0.0.1:$SUBMIT_PORT/inet/content_filter=scan:[127.0.0.1]:10033" \
+            "127.0.0.1:$SUBMIT_PORT/inet/smtpd_recipient_restrictions=permit_mynetworks,reject" \
+            "127.0.0.1:$SUBMIT_PORT/inet/smtpd_relay_restrictions=permit_mynetworks,reject"
+
 touch "$MAILLOG"
 say "postfix check"
 postfix check || die "postfix check failed (see messages above)"
@@ -227,7 +240,7 @@ fi
 say "postfix start"
 postfix start >/dev/null 2>&1 || { tail -n 20 "$MAILLOG" >&2; die "postfix start failed"; }
 
-for p in 10025 10031; do
+for p in 10025 10031 "$SUBMIT_PORT"; do
     ok=no
     for _ in $(seq 1 100); do
         if port_open "$p"; then ok=yes; break; fi

@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +44,7 @@ from sourceauth.adapters.storage.postgres import PostgresBlobStore
 from sourceauth.adapters.storage.wiring import KeyringMismatch, Storage, open_blobs, open_engine
 from sourceauth.adapters.web.digest import Digest
 from sourceauth.adapters.web.server import WebServer
-from sourceauth.engine.api import Receipt
+from sourceauth.engine.api import Incoming, Receipt
 from sourceauth.engine.application import SourceAuth, system_clock
 from sourceauth.engine.logs import LogThrottle, get_logger, redact_tokens
 from sourceauth.engine.ports import Clock
@@ -448,10 +448,43 @@ class Filter:
             delimiter=cfg.policy.recipient_delimiter,
             reply_within=DATABASE_REPLY_WITHIN if cfg.storage.kind == "postgresql" else None,
         )
+        self.outbound = self._correspondents() if cfg.correspondents.listen is not None else None
         self.limits = Worker("quarantine-limits", self.app.refresh_full_mailboxes, 0.5)
         self.sessions = SessionLimits(cfg.server.max_sessions, cfg.server.max_sessions_per_client)
         _quiet_aiosmtpd()
         self.server: asyncio.AbstractServer | None = None
+        self.outbound_server: asyncio.AbstractServer | None = None
+
+    def _correspondents(self) -> tuple[GroupCommitter, ServedHandler, SessionLimits]:
+        """[correspondents]: mail local users send out, relayed and learned from; its own
+        committer (durable before 250, as inbound) and its own session limits."""
+        cfg = self.cfg
+        learn = cfg.correspondents.learn
+
+        def record(
+            batch: Sequence[Incoming], *, attachments: Sequence[tuple[str, bytes]] = ()
+        ) -> list[Receipt]:
+            return self.app.submit_outbound_many(batch, attachments=attachments, learn=learn)
+
+        committer = GroupCommitter(
+            self.app,
+            self.app.blobs,
+            max_batch=cfg.storage.group_commit_max,
+            wait_ms=cfg.storage.group_commit_wait_ms,
+            on_commit=self._committed,
+            record=record,
+        )
+        handler = ServedHandler(
+            committer,
+            trusted=self.trusted,
+            max_recipients=cfg.limits.max_recipients,
+            bounce_address=cfg.challenge.bounce_address,
+            delimiter=cfg.policy.recipient_delimiter,
+            reply_within=DATABASE_REPLY_WITHIN if cfg.storage.kind == "postgresql" else None,
+            outbound=True,
+        )
+        limits = SessionLimits(cfg.server.max_sessions, cfg.server.max_sessions_per_client)
+        return committer, handler, limits
 
     def _committed(self, receipts: list[Receipt]) -> None:
         if self.metrics is not None:
@@ -490,6 +523,21 @@ class Filter:
             host=self.cfg.server.listen_host,
             port=self.cfg.server.listen_port,
         )
+        if self.outbound is not None:
+            committer, handler, limits = self.outbound
+            committer.start()
+            outbound = inbound_server_factory(
+                handler,
+                hostname=self.cfg.server.hostname,
+                max_size=self.cfg.limits.max_message_size,
+                limits=limits,
+            )
+            where = Listen(self.cfg.correspondents.listen)
+            self.outbound_server = await loop.create_server(
+                lambda: xforward.enable(outbound(), self.trusted),
+                host=where.host,
+                port=where.port,
+            )
         if self.metrics is not None:
             listen = self.cfg.metrics.listen
             assert listen is not None
@@ -507,6 +555,7 @@ class Filter:
             relay=str(cfg.challenge.relay),
             next_hop=str(cfg.delivery.next_hop),
             metrics=str(cfg.metrics.listen) if cfg.metrics.listen else None,
+            correspondents=str(cfg.correspondents.listen) if cfg.correspondents.listen else None,
             log_file=str(cfg.logging.file) if cfg.logging.file else None,
             config=config_summary(cfg),
         )
@@ -516,13 +565,21 @@ class Filter:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
 
+    @property
+    def correspondents_port(self) -> int:
+        assert self.outbound_server is not None
+        return int(self.outbound_server.sockets[0].getsockname()[1])
+
     async def stop(self) -> None:
         """Stop accepting, finish every message already accepted, then stop the workers."""
         loop = asyncio.get_running_loop()
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
+        for server in (self.server, self.outbound_server):
+            if server is not None:
+                server.close()
+                await server.wait_closed()
         await loop.run_in_executor(None, self.committer.stop)
+        if self.outbound is not None:
+            await loop.run_in_executor(None, self.outbound[0].stop)
         await loop.run_in_executor(None, self.limits.stop)
         if self.web is not None:
             await loop.run_in_executor(None, self.web.stop)

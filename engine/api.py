@@ -214,6 +214,7 @@ class OutgoingChallenge:
     subject: str
     in_reply_to: str
     recipient: str
+    thread_id: str = ""  # the Message-ID's local part (tokens.thread_id): replies thread on it
 
 
 class SendOutcome(StrEnum):

@@ -42,6 +42,7 @@ from sourceauth.engine.ports import (
 from sourceauth.engine.rules import GLOBAL, RuleView
 from sourceauth.engine.service import (
     caps,
+    correspondents,
     dispatch,
     imports,
     maintenance,
@@ -183,6 +184,18 @@ class SourceAuth(Application[UUID]):
         `attachments` go to the event recorder with the events (a recorder that stores
         message originals in the same transaction uses them; see adapters/storage)."""
         return receive.receive_many(self._ctx, batch, attachments)
+
+    def submit_outbound_many(
+        self,
+        batch: Sequence[Incoming],
+        *,
+        attachments: Sequence[tuple[str, bytes]] = (),
+        learn: bool = True,
+    ) -> list[Receipt]:
+        """Mail local users sent out on a path the operator trusts as authenticated: queued
+        for the next hop as it is, and with `learn` its recipients authorized in the sending
+        protected user's scope (engine/service/correspondents.py). One transaction."""
+        return correspondents.submit_many(self._ctx, batch, attachments, learn)
 
     # ----------------------------------------------------------------- replies and reports
 

@@ -347,9 +347,12 @@ class Sender(Aggregate):
             next_attempt_at=next_attempt_at,
         )
 
-    def confirm(self, challenge_id: str, *, timestamp: datetime, actor: str) -> None:
+    def confirm(
+        self, challenge_id: str, *, timestamp: datetime, actor: str, reason: str = "valid_reply"
+    ) -> None:
+        """`reason`: "valid_reply" (the token), or "threaded_reply" (the challenge's thread)."""
         self.check_challenge_is_pending(challenge_id)
-        self.trigger_event(self.Confirmed, timestamp=timestamp, actor=actor, reason="valid_reply")
+        self.trigger_event(self.Confirmed, timestamp=timestamp, actor=actor, reason=reason)
 
     def fail_challenge(
         self, challenge_id: str, *, timestamp: datetime, source: str, diagnostic: str

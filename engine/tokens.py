@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 import struct
 import uuid
@@ -29,6 +30,10 @@ _BASE32_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz234567ABCDEFGHIJKLMNOPQRSTU
 _MAX_MINUTES = 2**32 - 1
 _HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 _REVIEW_MAX = 2048  # characters of a review link token
+THREAD_TAG_BYTES = 16  # 128 bits: the challenge's Message-ID is as hard to guess as a key
+_THREAD_RE = re.compile(
+    rf"challenge\.([0-9a-f]{{{CHALLENGE_ID_BYTES * 2}}})\.([0-9]{{1,3}})\.([a-z2-7]{{26}})\Z"
+)
 
 
 class TokenError(Exception):
@@ -126,6 +131,38 @@ def verify(keyring: Keyring, token: str, *, sender: str, scope: str, now: int) -
     if now >= claims.expires_at:
         raise TokenExpired("token has expired")
     return claims
+
+
+def thread_id(keyring: Keyring, *, challenge_id: bytes, sender: str, scope: str, kid: int) -> str:
+    """The local part of the challenge's Message-ID, "challenge.<id hex>.<kid>.<tag>": the tag
+    is 128 bits of HMAC over the challenge, its sender and scope under a key derived from token
+    key `kid` (KeyError when retired), so a reply threaded onto it proves it saw the challenge."""
+    message = challenge_id + _length_prefixed(sender) + _length_prefixed(scope)
+    mac = hmac.new(derived_key(keyring, "challenge message-id", kid), message, hashlib.sha256)
+    tag = base64.b32encode(mac.digest()[:THREAD_TAG_BYTES]).decode("ascii").rstrip("=").lower()
+    return f"challenge.{challenge_id.hex()}.{kid}.{tag}"
+
+
+def parse_thread_id(message_id: str) -> tuple[bytes, int] | None:
+    """(challenge id, kid) named by a Message-ID of the thread_id form ("<local@host>" or
+    "local@host"), before its tag is checked; None for any other Message-ID."""
+    local = message_id.strip().removeprefix("<").removesuffix(">").rpartition("@")[0]
+    found = _THREAD_RE.match(local) if len(local) <= 80 else None
+    if found is None:
+        return None
+    return bytes.fromhex(found.group(1)), int(found.group(2))
+
+
+def verify_thread_id(
+    keyring: Keyring, message_id: str, *, challenge_id: bytes, sender: str, scope: str, kid: int
+) -> None:
+    """Raise TokenUnknownKey or TokenForged unless `message_id` carries this challenge's tag."""
+    if kid not in keyring.token_keys:
+        raise TokenUnknownKey("challenge Message-ID key is unknown or retired")
+    local = message_id.strip().removeprefix("<").removesuffix(">").rpartition("@")[0]
+    expected = thread_id(keyring, challenge_id=challenge_id, sender=sender, scope=scope, kid=kid)
+    if not hmac.compare_digest(local.encode("ascii", "replace"), expected.encode("ascii")):
+        raise TokenForged("challenge Message-ID does not match this challenge")
 
 
 def derived_key(keyring: Keyring, purpose: str, kid: int | None = None) -> bytes:

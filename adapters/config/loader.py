@@ -314,8 +314,27 @@ def _check(cfg: Config) -> None:
                 f"{name}.retry_initial: must not exceed {name}.retry_max "
                 f"({section.retry_initial:g}s > {section.retry_max:g}s)"
             )
+    _check_correspondents(cfg)
     if cfg.auth_gate.enabled and not cfg.auth_gate.trusted_authserv_ids:
         raise ConfigError(
             "auth_gate.trusted_authserv_ids: must name at least one authserv-id "
             "when auth_gate.enabled is true (the gate trusts no other Authentication-Results)"
+        )
+
+
+def _check_correspondents(cfg: Config) -> None:
+    listen = cfg.correspondents.listen
+    if listen is None:
+        return
+    for name, other in (
+        ("server.listen", cfg.server.listen),
+        ("web.listen", cfg.web.listen),
+        ("metrics.listen", cfg.metrics.listen),
+    ):
+        if other is not None and str(other) == str(listen):
+            raise ConfigError(f"correspondents.listen: must differ from {name} ({listen})")
+    if cfg.delivery.next_hop_endpoint.scheme != "smtp":
+        raise ConfigError(
+            "delivery.next_hop: must be an smtp:// URL when correspondents.listen is set "
+            "(mail sent out goes on to the MTA's reinjection port, never to a local Maildir)"
         )

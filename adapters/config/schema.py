@@ -265,6 +265,15 @@ class XForwardConfig(Section, frozen=True):
                 raise ValueError(f"networks: {exc}") from None
 
 
+class CorrespondentsConfig(Section, frozen=True):
+    """[correspondents]: a second SMTP listener for mail local users send out, on a path whose
+    clients authenticated (the MTA's submission service); each message is relayed to
+    [delivery] next_hop and its recipients are whitelisted for the sender. Off unless listen."""
+
+    listen: Listen | None = None  # None: no listener, nothing is learned
+    learn: bool = True  # False: the listener only relays
+
+
 class MaintenanceConfig(Section, frozen=True):
     """[maintenance]: the maintenance timer inside `sourceauth serve`."""
 
@@ -321,6 +330,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metrics: MetricsConfig = _section(MetricsConfig)
     xforward: XForwardConfig = _section(XForwardConfig)
     web: WebConfig = _section(WebConfig)
+    correspondents: CorrespondentsConfig = _section(CorrespondentsConfig)
     file: Path | None = None  # not a file key: the file this was loaded from
 
     def __post_init__(self) -> None:

@@ -58,6 +58,7 @@ _ADDRESS_MAX = 512
 _LINE_MAX = 998  # RFC 5322 hard limit, CRLF excluded
 
 _ID_RE = re.compile(r"[0-9A-Za-z_-]{1,128}\Z")
+_THREAD_ID_RE = re.compile(r"[0-9A-Za-z._-]{1,128}\Z")
 _HOSTNAME_RE = re.compile(r"(?=.{1,253}\Z)[0-9A-Za-z_-]+(?:\.[0-9A-Za-z_-]+)*\.?\Z")
 _ATEXT = r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x7f])"  # RFC 5322 atext, RFC 6532 UTF-8
 _DOT_ATOM_RE = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
@@ -86,6 +87,9 @@ class ChallengeContent:
     expires_at: datetime
     challenge_id: str
     confirm_url: str = ""  # with the web on: the confirmation page ($link)
+    # The Message-ID's local part, unguessable (engine/tokens.py thread_id): a reply to the
+    # bare confirm address that names it in In-Reply-To/References confirms (replies.py).
+    thread_id: str = ""
 
 
 def compose_challenge(
@@ -101,7 +105,8 @@ def compose_challenge(
     Template placeholders: $subject $date $recipient $expires $sender $reply_address $token $link
     (string.Template.safe_substitute: unknown ones stay as written).  Raises ValueError only for
     values a caller bug produces: an empty or over-long From/To/Reply-To address, a Reply-To that
-    does not contain the token, a challenge_id not 1-128 of [0-9A-Za-z_-], an invalid hostname.
+    does not contain the token, a challenge_id not 1-128 of [0-9A-Za-z_-], a thread_id not 1-128
+    of [0-9A-Za-z._-], an invalid hostname.
     Values from the wire (subject, date, Message-ID, recipient) are sanitised, never rejected.
     """
     challenge_id = _single_line(content.challenge_id)
@@ -138,7 +143,10 @@ def compose_challenge(
     }
     rendered_subject = _single_line(string.Template(subject_template).safe_substitute(values))
     body = string.Template(body_template).safe_substitute(values)
-    message_id = f"<challenge.{challenge_id}@{hostname}>"
+    thread_id = _single_line(content.thread_id)
+    if thread_id and not _THREAD_ID_RE.match(thread_id):
+        raise ValueError("thread_id must be 1-128 characters of [0-9A-Za-z._-]")
+    message_id = f"<{thread_id or 'challenge.' + challenge_id}@{hostname}>"
     original_id = normalize_message_id(content.original_message_id)
     if content.original_message_id.strip() and not original_id:
         log.debug("challenge_original_message_id_dropped", challenge_id=challenge_id)

@@ -11,12 +11,12 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from typing import Any
+from typing import Any, Protocol
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -74,6 +74,12 @@ def parse_headers(raw: bytes) -> Headers:
     return tuple(out)
 
 
+class Record(Protocol):
+    def __call__(
+        self, batch: Sequence[Incoming], *, attachments: Sequence[tuple[str, bytes]] = ()
+    ) -> list[Receipt]: ...
+
+
 @dataclass
 class _Pending:
     mail_from: str
@@ -100,8 +106,12 @@ class GroupCommitter:
         max_batch: int = 256,
         wait_ms: float = 2.0,
         on_commit: Callable[[list[Receipt]], None] | None = None,
+        record: Record | None = None,
     ) -> None:
         self.app = app
+        # What a batch is recorded with: the inbound decisions by default; the correspondents
+        # listener passes SourceAuth.submit_outbound_many (adapters/runtime.py).
+        self.record: Record = record or app.receive_many
         self.blobs = blobs
         self.max_batch = max_batch
         self.wait = wait_ms / 1000.0
@@ -174,7 +184,7 @@ class GroupCommitter:
             for item, blob in zip(batch, staged.blobs, strict=True)
         ]
         try:
-            receipts = self.app.receive_many(incomings, attachments=staged.with_events)
+            receipts = self.record(incomings, attachments=staged.with_events)
         except Exception as exc:
             log.error("commit_failed", error=str(exc), batch=len(batch))
             if len(batch) > 1 and isinstance(exc, SourceAuthError):
@@ -194,7 +204,7 @@ class GroupCommitter:
     def _commit_one(self, item: _Pending, incoming: Incoming, staged: StagedBlobs) -> None:
         try:
             attachments = staged.with_events_for(incoming.blob.key)
-            receipt = self.app.receive_many([incoming], attachments=attachments)[0]
+            receipt = self.record([incoming], attachments=attachments)[0]
         except Exception as exc:
             _resolve(item, exc=exc)
             return
@@ -234,8 +244,12 @@ class FilterHandler:
         bounce_address: str,
         delimiter: str = "+",
         reply_within: float | None = None,
+        outbound: bool = False,
     ) -> None:
         self.committer = committer
+        # The correspondents listener: recipients are anywhere, never held here, so no
+        # quarantine quota applies to them.
+        self.outbound = outbound
         self.max_recipients = max_recipients
         # A store that does not answer (a database server down or unreachable) gets the
         # client a 451 after this many seconds; the commit may still land: then the client's
@@ -292,7 +306,8 @@ class FilterHandler:
             return f"501 5.1.3 Bad recipient address syntax: {exc}"
         app = self.committer.app
         full = False
-        if app.mailbox_may_be_full(address):  # memory only; the exact check reads the store
+        # mailbox_may_be_full reads memory only; the exact check reads the store
+        if not self.outbound and app.mailbox_may_be_full(address):
             full = await asyncio.get_running_loop().run_in_executor(
                 None, app.quarantine_full, envelope.mail_from or "", address
             )

@@ -56,6 +56,7 @@ class ChallengeSender:
             hostname=self.hostname,
             expires_at=datetime.fromtimestamp(challenge.expires_at, tz=UTC),
             challenge_id=challenge.challenge_id,
+            thread_id=challenge.thread_id,
             confirm_url=f"{self.link_base}{challenge.token}" if self.link_base else "",
         )
         return compose_challenge(

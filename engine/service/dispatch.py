@@ -116,6 +116,13 @@ def dispatch_challenges(ctx: Context, limit: int = BATCH_LIMIT) -> tuple[int, in
                 subject=row.subject,
                 in_reply_to=row.in_reply_to,
                 recipient=row.recipient,
+                thread_id=tokens.thread_id(
+                    ctx.keyring,
+                    challenge_id=bytes.fromhex(row.challenge_id),
+                    sender=row.address,
+                    scope=row.scope,
+                    kid=row.kid,
+                ),
             )
             results.append((row, transport.send(challenge)))
         outcomes = ctx.run("challenge_send", lambda unit: _record_sends(ctx, unit, results))

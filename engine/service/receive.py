@@ -59,7 +59,12 @@ def receive_many(
 
     kwargs = {"blobs": list(attachments)} if attachments else {}
     receipts = ctx.run("receive", work, **kwargs)
-    # Logged from the committed result: a unit redone after a conflict logs once.
+    log_decisions(receipts)
+    return receipts
+
+
+def log_decisions(receipts: Sequence[Receipt]) -> None:
+    """Logged from the committed result: a unit redone after a conflict logs once."""
     for receipt in receipts:
         for d in receipt.decisions:
             log.info(
@@ -70,7 +75,6 @@ def receive_many(
                 decision=d.decision.value,
                 reason=d.reason,
             )
-    return receipts
 
 
 def validate(ctx: Context, incoming: Incoming) -> None:

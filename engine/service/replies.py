@@ -3,6 +3,7 @@ from it), and a failure report (DSN or relay 5xx) that expires it."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from email.utils import getaddresses
 from uuid import UUID
@@ -79,9 +80,12 @@ def confirm_reply(
     """A message to the confirm address, inside a receive unit: the reason its copy records."""
     automated = is_automated(sender or "<>", headers)
     if automated is not None:
-        return f"confirm_refused: automated reply never confirms ({automated.detail})"
+        reason = f"automated reply never confirms ({automated.detail})"
+        unit.note("confirm_refused", reason=reason, sender=sender)
+        return f"confirm_refused: {reason}"
     if not token:
-        return "confirm_refused: no token in the confirm address"
+        result = confirm_threaded(ctx, unit, sender, headers, now)
+        return f"confirm_{'accepted' if result.confirmed else 'refused'}: {result.reason}"
     claimants = {sender} if sender else set()
     for _, addr in getaddresses([v for k, v in headers if k.lower() == "from"]):
         try:
@@ -90,6 +94,62 @@ def confirm_reply(
             continue
     result = confirm_in(ctx, unit, token, claimants, now)
     return f"confirm_{'accepted' if result.confirmed else 'refused'}: {result.reason}"
+
+
+THREAD_IDS_MAX = 32  # Message-IDs read from In-Reply-To and References, newest first
+_MSGID_RE = re.compile(r"<([^<>\s]{1,300})>")
+
+
+def threaded_ids(headers: Headers) -> list[str]:
+    """The Message-IDs a reply is threaded onto: In-Reply-To's, then References' from the
+    newest (last) back, each once, at most THREAD_IDS_MAX."""
+    found: dict[str, None] = {}
+    for name in ("in-reply-to", "references"):
+        for key, value in headers:
+            if key.lower() == name:
+                ids = _MSGID_RE.findall(value[:20_000])
+                found.update(dict.fromkeys(reversed(ids) if name == "references" else ids))
+    return list(found)[:THREAD_IDS_MAX]
+
+
+def confirm_threaded(
+    ctx: Context, unit: Unit, sender: str, headers: Headers, now: float
+) -> ConfirmResult:
+    """A tokenless reply to the bare confirm address: it confirms when it is threaded onto a
+    live challenge (its unguessable Message-ID, tokens.thread_id) and its envelope sender is
+    the challenged address. From is not consulted: the thread id is the only secret here, so
+    the claimant is the address SPF and the authentication gate can vouch for."""
+    refusal = "no token in the confirm address and no challenge in In-Reply-To/References"
+    for message_id in threaded_ids(headers):
+        named = tokens.parse_thread_id(message_id)
+        if named is None:
+            continue
+        challenge_id, kid = named
+        row = challenge_row(ctx, challenge_id.hex())
+        if row is None:
+            refusal = "thread names an unknown challenge"
+            continue
+        try:
+            tokens.verify_thread_id(
+                ctx.keyring,
+                message_id,
+                challenge_id=challenge_id,
+                sender=row.address,
+                scope=row.scope,
+                kid=kid,
+            )
+        except tokens.TokenError as exc:
+            refusal = f"thread names a forged challenge ({exc})"
+            continue
+        if sender != row.address:
+            unit.note("confirm_refused", reason="not from the challenged sender", sender=sender)
+            return ConfirmResult(False, "threaded reply is not from the challenged sender", sender)
+        if now >= row.expires:
+            unit.note("confirm_refused", reason="challenge has expired", sender=row.address)
+            return ConfirmResult(False, "challenge has expired", row.address)
+        return confirm_row(ctx, unit, row, now, row.address, "threaded_reply")
+    unit.note("confirm_refused", reason=refusal, sender=sender)
+    return ConfirmResult(False, refusal, sender)
 
 
 def bounce_report(
@@ -109,13 +169,19 @@ def challenge_for_token(ctx: Context, token: str) -> tuple[tokens.TokenClaims, C
         claims = tokens.parse(token)
     except tokens.TokenError as exc:
         return f"malformed token ({exc})"
-    row = ctx.views.challenge(claims.challenge_id.hex())
-    if row is None:
-        ctx.catch_up()
-        row = ctx.views.challenge(claims.challenge_id.hex())
+    row = challenge_row(ctx, claims.challenge_id.hex())
     if row is None:
         return "unknown challenge"
     return claims, row
+
+
+def challenge_row(ctx: Context, challenge_id: str) -> ChallengeRow | None:
+    """The challenge's view row, reading the log first if the view has not seen it yet."""
+    row = ctx.views.challenge(challenge_id)
+    if row is None:
+        ctx.catch_up()
+        row = ctx.views.challenge(challenge_id)
+    return row
 
 
 def confirm_in(
@@ -139,11 +205,19 @@ def confirm_in(
     except tokens.TokenError as exc:
         unit.note("confirm_refused", reason=str(exc), sender=row.address)
         return ConfirmResult(False, f"token refused: {exc}", row.address)
+    return confirm_row(ctx, unit, row, now, actor or row.address, "valid_reply")
+
+
+def confirm_row(
+    ctx: Context, unit: Unit, row: ChallengeRow, now: float, actor: str, reason: str
+) -> ConfirmResult:
+    """Confirm the challenge `row` names, if it is still its sender's pending one, and release
+    everything held for the sender."""
     sender = ctx.load_sender(unit, UUID(row.sender_id))
     try:
         if sender is None:
             raise ChallengeNotPending(SENDER.initial)
-        sender.confirm(row.challenge_id, timestamp=ts(now), actor=actor or row.address)
+        sender.confirm(row.challenge_id, timestamp=ts(now), actor=actor, reason=reason)
     except ChallengeNotPending as exc:
         unit.note("confirm_refused", reason=str(exc), sender=row.address)
         return ConfirmResult(False, str(exc), row.address)

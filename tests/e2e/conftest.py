@@ -5,6 +5,8 @@ Postfix is installed and configured by ``sudo bash .ci/postfix-setup.sh``
 
   127.0.0.1:10025  public smtpd -> content_filter scan:[127.0.0.1]:10030 (the filter)
   127.0.0.1:10031  reinjection smtpd (no filter): released mail, challenges
+  127.0.0.1:10027  submission stand-in -> content_filter scan:[127.0.0.1]:10033
+                   (sourceauth's [correspondents] listener): mail users send out
   127.0.0.1:10040  smtp-sink: every RCPT to *@remote.test refused 550 5.1.1
   127.0.0.1:10041  ``capture_server`` fixture: receives mail for *@ok.test
   *@fail.test      Postfix error transport: permanent failure, no network
@@ -45,6 +47,8 @@ HOST = "127.0.0.1"
 PUBLIC_PORT = 10025
 FILTER_PORT = 10030
 REINJECT_PORT = 10031
+SUBMIT_PORT = 10027
+CORRESPONDENTS_PORT = 10033
 SINK_PORT = 10040
 CAPTURE_PORT = 10041
 DOMAIN = "example.test"
@@ -83,6 +87,7 @@ def postfix_problem() -> str | None:
     for port, what in (
         (PUBLIC_PORT, "public smtpd"),
         (REINJECT_PORT, "reinjection smtpd"),
+        (SUBMIT_PORT, "submission stand-in smtpd"),
         (SINK_PORT, "smtp-sink for remote.test"),
     ):
         if not _port_open(port):
@@ -354,6 +359,7 @@ class PostfixHarness:
     public_port = PUBLIC_PORT
     filter_port = FILTER_PORT
     reinject_port = REINJECT_PORT
+    submit_port = SUBMIT_PORT
     capture_port = CAPTURE_PORT
     domain = DOMAIN
     mailboxes = MAILBOXES

@@ -58,6 +58,9 @@ next_hop = "smtp://127.0.0.1:10031"
 retry_initial = "1s"
 retry_max = "2s"
 
+[correspondents]
+listen = "127.0.0.1:10033"
+
 [logging]
 format = "json"
 level = "info"
@@ -245,3 +248,57 @@ def test_unprotected_recipient_gets_its_copy_at_once(
     capture_server.wait_for(lambda r: r.rcpt_tos == [sender], timeout=60)
     assert postfix.maildir_messages("alice@example.test") == []
     assert len(postfix.maildir_messages("carol@example.test")) == 1
+
+
+def test_threaded_reply_to_the_bare_confirm_address_releases_held_mail(
+    postfix: PostfixHarness, sourceauth: Path, capture_server: CaptureHandler
+) -> None:
+    sender = "frank@ok.test"
+    raw = postfix.make_message(sender, "bob@example.test", "held for a threaded reply")
+    assert postfix.send(sender, ["bob@example.test"], raw) == {}
+    challenge = capture_server.wait_for(lambda r: r.rcpt_tos == [sender], timeout=60).message
+    # a client that drops the token: the bare confirm address, threaded on the challenge
+    reply = postfix.make_message(
+        sender,
+        "confirm@example.test",
+        f"Re: {challenge['Subject']}",
+        extra_headers={"In-Reply-To": challenge["Message-ID"]},
+    )
+    assert postfix.send(sender, ["confirm@example.test"], reply) == {}
+    delivered = postfix.wait_until(
+        lambda: postfix.maildir_messages("bob@example.test"),
+        timeout=60,
+        message="the held message in bob's Maildir",
+    )
+    assert [postfix.parse(m)["Subject"] for m in delivered] == ["held for a threaded reply"]
+    assert _senders(sourceauth)[sender] == "authorized"
+    _settled(postfix, sourceauth)
+    assert postfix.maildir_messages("confirm@example.test") == []
+
+
+def test_mail_sent_through_submission_is_relayed_and_its_answer_is_not_challenged(
+    postfix: PostfixHarness, sourceauth: Path, capture_server: CaptureHandler
+) -> None:
+    friend = "erin@ok.test"
+    out = postfix.make_message("alice@example.test", friend, "are you free on Friday?")
+    assert postfix.send("alice@example.test", [friend], out, port=postfix.submit_port) == {}
+    relayed = capture_server.wait_for(lambda r: r.rcpt_tos == [friend], timeout=60)
+    assert relayed.mail_from == "alice@example.test"
+    assert relayed.message["Subject"] == "are you free on Friday?"
+    assert relayed.message["X-SourceAuth-Id"]
+    assert _senders(sourceauth)[friend] == "authorized"
+    answer = postfix.make_message(friend, "alice@example.test", "Re: are you free on Friday?")
+    assert postfix.send(friend, ["alice@example.test"], answer) == {}
+    delivered = postfix.wait_until(
+        lambda: postfix.maildir_messages("alice@example.test"),
+        timeout=60,
+        message="erin's answer in alice's Maildir, unchallenged",
+    )
+    assert [postfix.parse(m)["Subject"] for m in delivered] == ["Re: are you free on Friday?"]
+    _settled(postfix, sourceauth)
+    assert [m.rcpt_tos for m in capture_server.messages] == [[friend]]  # no challenge to erin
+    history = _cli(sourceauth, "audit", "history", friend, "--json")
+    verdicts = [e for e in json.loads(history.stdout) if e["aggregate"] == "sender"]
+    assert [(e["actor"], e["reason"]) for e in verdicts] == [
+        ("alice@example.test", "correspondent of alice@example.test")
+    ]

@@ -72,14 +72,20 @@ level = "warning"
 class RunningFilter:
     """`Filter` on its own event loop thread; stop() is graceful."""
 
-    def __init__(self, cfg: Config, workers: str = "thread") -> None:
+    def __init__(
+        self, cfg: Config, workers: str = "thread", clock: Callable[[], float] | None = None
+    ) -> None:
         self.cfg = cfg
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(
             target=self.loop.run_forever, name="test-filter", daemon=True
         )
         self.thread.start()
-        self.filter = Filter(cfg, workers=workers)
+        self.filter = (
+            Filter(cfg, workers=workers)
+            if clock is None
+            else Filter(cfg, workers=workers, clock=clock)
+        )
         asyncio.run_coroutine_threadsafe(self.filter.start(), self.loop).result(timeout=30)
 
     @property
@@ -150,6 +156,7 @@ def filter_with_sinks(
     relay_reply: Callable[[str], str] | None = None,
     extra: str = "",
     server: str = "",
+    clock: Callable[[], float] | None = None,
 ) -> Iterator[tuple[RunningFilter, Sink, Sink]]:
     with Sink(rcpt_reply=relay_reply) as relay, Sink() as next_hop:
         cfg = load_config(
@@ -161,7 +168,7 @@ def filter_with_sinks(
                 server=server,
             )
         )
-        running = RunningFilter(cfg)
+        running = RunningFilter(cfg, clock=clock)
         try:
             yield running, relay, next_hop
         finally:

@@ -156,6 +156,18 @@ def test_message_id_is_stable_for_the_same_challenge_id() -> None:
     assert other["Message-ID"] == "<challenge.ffee@mx.example.test>"
 
 
+def test_message_id_is_the_engines_thread_id_when_given() -> None:
+    thread = "challenge.0a1b2c3d.1.abcdefghijklmnopqrstuvwxyz"
+    msg = parse(compose(content(thread_id=thread)))
+    assert msg["Message-ID"] == f"<{thread}@mx.example.test>"
+
+
+@pytest.mark.parametrize("thread", ["a b", "x@y", "<z>", "q" * 129])
+def test_thread_id_that_could_break_the_header_is_refused(thread: str) -> None:
+    with pytest.raises(ValueError, match="thread_id"):
+        compose(content(thread_id=thread))
+
+
 def test_same_input_and_time_give_identical_bytes() -> None:
     assert compose() == compose()
 

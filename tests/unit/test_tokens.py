@@ -24,8 +24,11 @@ from sourceauth.engine.tokens import (
     new_challenge_id,
     parse,
     parse_keyring,
+    parse_thread_id,
     render_keyring,
+    thread_id,
     verify,
+    verify_thread_id,
 )
 
 SENDER = "alice@example.test"
@@ -407,3 +410,59 @@ def test_aggregate_id_cannot_be_guessed_with_uuid5() -> None:
 def test_aggregate_id_refuses_ambiguous_input(parts: tuple[str, ...]) -> None:
     with pytest.raises(ValueError):
         aggregate_id(KEYRING, "sender", *parts)
+
+
+# --- the challenge's Message-ID (a tokenless reply threads onto it) ---------------------------
+
+
+def _thread(keyring: Keyring = KEYRING, **changes: object) -> str:
+    args: dict[str, object] = {
+        "challenge_id": CHALLENGE_ID,
+        "sender": SENDER,
+        "scope": SCOPE,
+        "kid": 1,
+    }
+    args.update(changes)
+    return thread_id(keyring, **args)  # type: ignore[arg-type]
+
+
+def test_thread_id_names_its_challenge_and_verifies() -> None:
+    msgid = f"<{_thread()}@mx.example.test>"
+    assert parse_thread_id(msgid) == (CHALLENGE_ID, 1)
+    verify_thread_id(KEYRING, msgid, challenge_id=CHALLENGE_ID, sender=SENDER, scope=SCOPE, kid=1)
+
+
+def test_thread_id_tag_is_128_bits_and_keyed() -> None:
+    tag = _thread().rsplit(".", 1)[1]
+    assert len(tag) == 26 and set(tag) <= set(BASE32_ALPHABET)  # 26 x 5 bits >= 128
+    other = Keyring(token_keys={1: KEY_2}, active_kid=1, id_key=ID_KEY)
+    assert _thread(other) != _thread()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"sender": "mallory@example.test"}, {"scope": "bob@example.test"}],
+)
+def test_thread_id_of_another_sender_or_scope_is_refused_as_forged(
+    changes: dict[str, str],
+) -> None:
+    msgid = _thread(**changes) + "@mx.example.test"
+    with pytest.raises(TokenForged):
+        verify_thread_id(
+            KEYRING, msgid, challenge_id=CHALLENGE_ID, sender=SENDER, scope=SCOPE, kid=1
+        )
+
+
+def test_thread_id_of_a_retired_key_is_refused() -> None:
+    msgid = _thread() + "@mx.example.test"
+    rotated = Keyring(token_keys={2: KEY_2}, active_kid=2, id_key=ID_KEY)
+    with pytest.raises(TokenUnknownKey):
+        verify_thread_id(
+            rotated, msgid, challenge_id=CHALLENGE_ID, sender=SENDER, scope=SCOPE, kid=1
+        )
+
+
+@given(st.text(max_size=200))
+def test_arbitrary_message_ids_never_raise_when_parsed(text: str) -> None:
+    found = parse_thread_id(text)
+    assert found is None or len(found[0]) == 10
