@@ -17,12 +17,14 @@ from sourceauth.engine.addresses import (
 )
 from sourceauth.engine.api import Headers, Incoming
 from sourceauth.engine.policy import (
+    Classification,
     ExemptAction,
     check_authorized_sender,
     classify,
     is_protected,
     spam_flag,
 )
+from sourceauth.engine.recipient_policy import RecipientPolicy
 from sourceauth.engine.settings import EngineSettings
 from sourceauth.engine.statemachine import SENDER
 
@@ -85,6 +87,7 @@ class Target(NamedTuple):
     answer: Answer | None  # set when addressed to the confirm or the bounce address
     scope: str | None  # the whitelist scope when the recipient is protected and has a sender
     protected: bool
+    policy: RecipientPolicy  # the recipient's policy (the global one when unprotected)
 
 
 class Plan(NamedTuple):
@@ -109,7 +112,7 @@ def _answer_bases(confirm_address: str, bounce_address: str) -> tuple[str, str]:
 
 
 def scope_for(recipient: str, settings: EngineSettings) -> str:
-    if settings.scope == "global":
+    if settings.policies.for_recipient(recipient).scope == "global":
         return "global"
     base, _ = split_extension(recipient, settings.recipient_delimiter)
     return base
@@ -124,6 +127,7 @@ def plan(incoming: Incoming, settings: EngineSettings) -> Plan:
     # A recipient named twice (in any case) gets one copy.
     recipients = tuple(dict.fromkeys(normalize_address(r) for r in incoming.recipients))
     confirm_base, bounce_base = _answer_bases(s.confirm_address, s.bounce_address)
+    policies = s.policies
     targets = []
     scopes: dict[str, None] = {}
     answers: list[tuple[str, Answer]] = []
@@ -138,10 +142,13 @@ def plan(incoming: Incoming, settings: EngineSettings) -> Plan:
             answers.append((rcpt, answer))
         protected = answer is None and is_protected(rcpt, s.protected, s.recipient_delimiter)
         scope = None
-        if protected and sender:
-            scope = "global" if s.scope == "global" else scope_for(rcpt, s)
-            scopes[scope] = None
-        targets.append(Target(rcpt, answer, scope, protected))
+        policy = policies.default
+        if protected:
+            policy = policies.for_recipient(rcpt)
+            if sender:
+                scope = "global" if policy.scope == "global" else base
+                scopes[scope] = None
+        targets.append(Target(rcpt, answer, scope, protected, policy))
     return Plan(sender, recipients, tuple(targets), tuple(scopes), tuple(answers))
 
 
@@ -156,9 +163,9 @@ def route(
     state for a stranger), read after the answers were settled."""
     s = settings
     routes: list[tuple[str, Route]] = []
-    exempt: Route | None = None
+    exemption: Classification | None = None
     exemption_checked = False
-    authorized: Route | None = None
+    authorized: dict[RecipientPolicy, Route] = {}  # one check per distinct policy
     for t in plan.targets:
         if t.answer is not None:
             continue
@@ -171,13 +178,17 @@ def route(
                 routes.append((t.recipient, SENDER_BLOCKED))
                 continue
             if state == AUTHORIZED:
-                if authorized is None:
-                    authorized = _authorized(plan.sender, incoming.headers, s)
-                routes.append((t.recipient, authorized))
+                found = authorized.get(t.policy)
+                if found is None:
+                    found = authorized[t.policy] = _authorized(
+                        plan.sender, incoming.headers, s, t.policy
+                    )
+                routes.append((t.recipient, found))
                 continue
         if not exemption_checked:  # only for mail that would otherwise be challenged
-            exempt = _exemption(incoming.mail_from, incoming.headers, s)
+            exemption = classify(incoming.mail_from, incoming.headers, spam_headers=s.spam_headers)
             exemption_checked = True
+        exempt = None if exemption is None else _exempt(exemption, t.policy)
         if isinstance(exempt, HoldSilently) and t.scope is not None:
             routes.append((t.recipient, HoldSilently(exempt.reason, t.scope)))
             continue
@@ -189,11 +200,11 @@ def route(
     return routes
 
 
-def _authorized(sender: str, headers: Headers, s: EngineSettings) -> Route:
+def _authorized(sender: str, headers: Headers, s: EngineSettings, p: RecipientPolicy) -> Route:
     """An authorized sender's mail, re-checked: the whitelist is keyed on the envelope sender,
     which anyone can forge. Held copies are not linked to the sender (its authorization
     would release them at once); an operator releases them."""
-    gate = s.auth_gate
+    gate = p.auth_gate
     if gate.enabled:
         forged = check_authorized_sender(gate, domain_of(sender), headers)
         if forged is not None:
@@ -213,11 +224,8 @@ def _act(action: ExemptAction, reason: str) -> Route:
     return HoldSilently(reason)
 
 
-def _exemption(mail_from: str, headers: Headers, s: EngineSettings) -> Route | None:
-    found = classify(mail_from, headers, spam_headers=s.spam_headers)
-    if found is None:
-        return None
-    action = s.exemptions.get(found.exemption, ExemptAction.HOLD)
+def _exempt(found: Classification, p: RecipientPolicy) -> Route:
+    action = p.exemptions.get(found.exemption, ExemptAction.HOLD)
     reason = f"never_challenge:{found.exemption.value}: {found.detail}"
     if action == ExemptAction.DELIVER:
         return DeliverNow(reason)
