@@ -499,7 +499,6 @@ _message_command(
 @click.argument("recipient")
 @click.option("--ttl", default=None, help="How long the link works (default: [web] review_ttl).")
 @with_config
-@read_only
 def quarantine_link(cfg: Config, recipient: str, ttl: str | None) -> None:
     """Print a signed, expiring URL that shows RECIPIENT's held mail (and only theirs)."""
     from sourceauth.adapters.config.values import parse_duration
@@ -513,6 +512,7 @@ def quarantine_link(cfg: Config, recipient: str, ttl: str | None) -> None:
         seconds = cfg.web.review_ttl if ttl is None else parse_duration(ttl, "--ttl")
     except (AddressError, ValueError) as exc:
         raise BadInput(str(exc)) from exc
+    _existing_store(cfg, code=2)  # read-only: never create a store or a secret to sign with
     with engine_for(cfg) as app:
         link = sign_review_link(app.keyring, address, int(app.clock() + seconds))
     click.echo(f"{cfg.web.url}/review/{link}")
