@@ -158,6 +158,9 @@ def test_quarantine_pages_filters_by_recipient_and_checks_scope(tmp_path: Path) 
     assert len(set(ids)) == 4
     carol = _cli(config, "quarantine", "list", "--recipient", CAROL)
     assert CAROL in carol and BOB not in carol and "\x1b" not in carol
+    carol_id = carol.splitlines()[1].split()[0]
+    headers = _cli(config, "quarantine", "show", carol_id, "--headers")
+    assert "Subject: \\u001b[2Jevil" in headers and "\x1b" not in headers
     assert len(json.loads(_cli(config, "quarantine", "list", "--json"))) == 6  # all, by default
     paged = run("quarantine", "list", "--json", "--limit", "5", "--config", str(config))
     assert len(json.loads(paged.stdout)) == 5 and "next page: --page 2" in paged.stderr
