@@ -75,7 +75,14 @@ def read_only(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(cfg: Config, *args: Any, **kwargs: Any) -> Any:
-        _existing_store(cfg, code=2)
+        from sourceauth.adapters.runtime import storage_of
+        from sourceauth.adapters.storage.figures import StoreMissing, require_store
+
+        try:
+            require_store(storage_of(cfg))
+        except StoreMissing as exc:
+            if exc.__cause__ is None:  # (a store it cannot reach: opening it says why, exit 1)
+                raise BadInput(str(exc)) from exc
         return func(cfg, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
