@@ -69,6 +69,25 @@ def _iso(seconds: float) -> str | None:
     return datetime.fromtimestamp(seconds, tz=UTC).isoformat()
 
 
+def read_only(func: F) -> F:
+    """A command that only reads: on a data directory without a store it says so and exits 2,
+    creating nothing (no database, no secret, no directory). Put it under @with_config."""
+
+    @functools.wraps(func)
+    def wrapper(cfg: Config, *args: Any, **kwargs: Any) -> Any:
+        from sourceauth.adapters.runtime import storage_of
+        from sourceauth.adapters.storage.figures import StoreMissing, require_store
+
+        try:
+            require_store(storage_of(cfg))
+        except StoreMissing as exc:
+            if exc.__cause__ is None:  # (a store it cannot reach: opening it says why, exit 1)
+                raise BadInput(str(exc)) from exc
+        return func(cfg, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def with_config(func: F) -> F:
     """Every command takes --config (default ./sourceauth.toml, else built-in defaults)."""
 
@@ -158,11 +177,23 @@ def serve(cfg: Config) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Show what a pass would lapse, expire, release, purge, challenge and retry; "
+    "record nothing, send nothing.",
+)
 @with_config
-def maintain(cfg: Config, as_json: bool) -> None:
+def maintain(cfg: Config, as_json: bool, dry_run: bool) -> None:
     """Run one maintenance pass: expire, release, purge, collect, retry sends and deliveries."""
     from sourceauth.adapters.status import run_maintenance
 
+    if dry_run:
+        _existing_store(cfg, code=2)
+        with engine_for(cfg) as app:
+            plan = app.maintain_dry_run().as_dict()
+        _show_plan(plan, as_json)
+        return
     with engine_for(cfg, transports=True) as app:
         report = run_maintenance(app, cfg).as_dict()
     if as_json:
@@ -171,17 +202,29 @@ def maintain(cfg: Config, as_json: bool) -> None:
         click.echo(" ".join(f"{k}={v}" for k, v in report.items()))
 
 
+def _show_plan(plan: dict[str, list[dict[str, Any]]], as_json: bool) -> None:
+    if as_json:
+        click.echo(_json(plan, indent=2))
+        return
+    click.echo("dry run: nothing was recorded")
+    for action, items in plan.items():
+        click.echo(f"{action}: {len(items)}")
+        for item in items:
+            to = f" -> {', '.join(item['recipients'])}" if item["recipients"] else ""
+            click.echo(_printable(f"  {item['id']}  {item['address']}{to}  {item['reason']}"))
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @with_config
 def status(cfg: Config, as_json: bool) -> None:
     """Held mail, pending challenges, the delivery queue, recent failures, the last maintenance
-    run, store size and version. Exits 1, creating nothing, where there is no store."""
+    run, store size and version. Exits 2, creating nothing, where there is no store."""
     import time
 
     from sourceauth.adapters.status import render, status_report
 
-    storage = _existing_store(cfg)
+    storage = _existing_store(cfg, code=2)
     with engine_for(cfg) as app:
         report = status_report(cfg, storage, app, time.time())
     if as_json:
@@ -190,8 +233,8 @@ def status(cfg: Config, as_json: bool) -> None:
         click.echo("\n".join(render(report)))
 
 
-def _existing_store(cfg: Config) -> Any:
-    """The configured storage, or exit 1 (creating nothing) when there is no store there."""
+def _existing_store(cfg: Config, code: int = 1) -> Any:
+    """The configured storage, or exit `code` (creating nothing) when there is no store there."""
     from sourceauth.adapters.runtime import storage_of
     from sourceauth.adapters.storage.figures import StoreMissing, require_store
 
@@ -200,7 +243,7 @@ def _existing_store(cfg: Config) -> Any:
         require_store(storage)
     except StoreMissing as exc:
         click.echo(f"sourceauth: error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(code)
     secret = cfg.challenge.secret_file
     if cfg.challenge.secret_env not in os.environ and secret is not None and not secret.exists():
         click.echo(
@@ -278,6 +321,7 @@ def _sender_dict(v: Any) -> dict[str, Any]:
 @click.option("--state", type=click.Choice(list(SENDER.states)))
 @click.option("--limit", type=click.IntRange(min=1), default=None)
 @with_config
+@read_only
 def senders_list(cfg: Config, as_json: bool, state: str | None, limit: int | None) -> None:
     """List known senders and their state."""
     with engine_for(cfg) as app:
@@ -321,11 +365,15 @@ def quarantine() -> None:
     """Held messages: list, show, release or discard."""
 
 
+PAGE_SIZE = 50  # quarantine list rows per page, unless --limit
+
+
 def _held_dict(m: Any) -> dict[str, Any]:
     return {
         "id": m.id,
         "sender": m.sender,
         "recipients": list(m.recipients),
+        "recipient": ", ".join(m.recipients),
         "subject": m.subject,
         "size": m.size,
         "received": _iso(m.received),
@@ -337,31 +385,84 @@ def _held_dict(m: Any) -> dict[str, Any]:
 
 @quarantine.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.option("--all", "every", is_flag=True, help="Every state, not only what is still held.")
 @click.option(
     "--state",
     type=click.Choice([s for s in MESSAGE.states if s != MESSAGE.initial]),
+    help="Only copies in this state.",
 )
 @click.option("--sender", default=None, help="Only mail from this address.")
-@click.option("--limit", type=click.IntRange(min=1), default=None)
+@click.option("--recipient", default=None, help="Only mail for this address.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"Rows per page (default {PAGE_SIZE}; with --json, every row unless given).",
+)
+@click.option("--page", type=click.IntRange(min=1), default=1, show_default=True)
 @with_config
+@read_only
 def quarantine_list(
-    cfg: Config, as_json: bool, state: str | None, sender: str | None, limit: int | None
+    cfg: Config,
+    as_json: bool,
+    every: bool,
+    state: str | None,
+    sender: str | None,
+    recipient: str | None,
+    limit: int | None,
+    page: int,
 ) -> None:
-    """List every message that was held, with its current state."""
+    """List what is still held (--all: every state), oldest first, a page at a time."""
+    from sourceauth.engine.message import HELD_STATES
+
+    if limit is None and (page > 1 or not as_json):
+        limit = PAGE_SIZE
+    offset = (page - 1) * limit if limit else 0
+    states = None if every or state else HELD_STATES
     with engine_for(cfg) as app:
-        rows = [_held_dict(m) for m in app.quarantine(state=state, sender=sender, limit=limit)]
-    _emit(rows, as_json, ["id", "sender", "state", "subject", "received"])
+        found = app.quarantine(
+            state=state,
+            states=states,
+            sender=sender,
+            recipient=recipient,
+            limit=None if limit is None else limit + 1,  # one more: are there more?
+            offset=offset,
+        )
+    more = limit is not None and len(found) > limit
+    rows = [_held_dict(m) for m in found[:limit]]
+    _emit(rows, as_json, ["id", "recipient", "sender", "state", "subject", "received"])
+    if more:
+        note = f"more: showing {offset + 1}-{offset + len(rows)}; next page: --page {page + 1}"
+        click.echo(note, err=as_json)
 
 
 @quarantine.command("show")
 @click.argument("message_id")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--headers", is_flag=True, help="Show the original's header section.")
+@click.option("--raw", is_flag=True, help="Write the original's bytes to stdout, as accepted.")
 @with_config
-def quarantine_show(cfg: Config, message_id: str, as_json: bool) -> None:
-    """Show one held message and its history."""
+@read_only
+def quarantine_show(cfg: Config, message_id: str, as_json: bool, headers: bool, raw: bool) -> None:
+    """Show one held message and its history; or its original (--headers, --raw)."""
+    if headers and raw:
+        raise BadInput("--headers and --raw: choose one")
+    original = b""
     with engine_for(cfg) as app:
         row = _held_dict(app.held_message(_resolve(app, message_id)))
-        row["history"] = [asdict(h) for h in app.history(row["id"])]
+        if headers or raw:
+            original = app.original(row["id"])
+        else:
+            row["history"] = [asdict(h) for h in app.history(row["id"])]
+    if raw:
+        sys.stdout.buffer.write(original)
+        sys.stdout.buffer.flush()
+        return
+    if headers:
+        head = re.split(rb"\r?\n\r?\n", original, maxsplit=1)[0]
+        for line in head.decode("utf-8", errors="replace").splitlines():
+            click.echo(_printable(line))
+        return
     if as_json:
         click.echo(_json(row, indent=2, default=str))
         return
@@ -418,6 +519,7 @@ def quarantine_link(cfg: Config, recipient: str, ttl: str | None) -> None:
         seconds = cfg.web.review_ttl if ttl is None else parse_duration(ttl, "--ttl")
     except (AddressError, ValueError) as exc:
         raise BadInput(str(exc)) from exc
+    _existing_store(cfg, code=2)  # read-only: never create a store or a secret to sign with
     with engine_for(cfg) as app:
         link = sign_review_link(app.keyring, address, int(app.clock() + seconds))
     click.echo(f"{cfg.web.url}/review/{link}")
@@ -470,6 +572,7 @@ def _moment(text: str) -> datetime:
 @click.argument("subject", metavar="ADDRESS|ID")
 @click.option("--json", "as_json", is_flag=True)
 @with_config
+@read_only
 def audit_history(cfg: Config, subject: str, as_json: bool) -> None:
     """Every event about an ADDRESS (its senders and their held mail) or an ID (a unique
     prefix is enough): time, transition from → to, actor and reason."""
@@ -496,6 +599,7 @@ def audit_history(cfg: Config, subject: str, as_json: bool) -> None:
 @audit.command("explain")
 @click.argument("message_id", metavar="ID")
 @with_config
+@read_only
 def audit_explain(cfg: Config, message_id: str) -> None:
     """One paragraph on a message: received, held, challenged, answered, and how it ended."""
     with engine_for(cfg) as app:
@@ -508,6 +612,7 @@ def audit_explain(cfg: Config, message_id: str) -> None:
 @click.argument("subject", metavar="[ADDRESS|ID]", required=False)
 @click.option("--json", "as_json", is_flag=True)
 @with_config
+@read_only
 def audit_state(cfg: Config, at: str, subject: str | None, as_json: bool) -> None:
     """Senders and held messages as they stood at a moment, replayed from the log."""
     moment = _moment(at)
@@ -527,6 +632,7 @@ def audit_state(cfg: Config, at: str, subject: str | None, as_json: bool) -> Non
 
 @audit.command("seal")
 @with_config
+@read_only
 def audit_seal(cfg: Config) -> None:
     """Print the hash chain's head (position and digest) to keep outside this machine."""
     from sourceauth.adapters.storage.audit import seal
@@ -545,6 +651,7 @@ def audit_seal(cfg: Config) -> None:
     help="A seal printed earlier by 'audit seal': the log must still contain that head.",
 )
 @with_config
+@read_only
 def audit_verify(cfg: Config, seal_file: Path | None) -> None:
     """Check the hash chain, every transition and the views. Exit 1 naming the first fault."""
     from sourceauth.adapters.storage.audit import read_seal, verify
@@ -565,6 +672,7 @@ def audit_verify(cfg: Config, seal_file: Path | None) -> None:
 @click.option("--since", default=None, help="Only events recorded at or after this ISO 8601 time.")
 @click.option("--until", default=None, help="Only events recorded before this ISO 8601 time.")
 @with_config
+@read_only
 def audit_export(cfg: Config, output: Path | None, since: str | None, until: str | None) -> None:
     """Write events as JSON Lines, one object per event (to stdout or --output), streaming."""
     from sourceauth.adapters.storage.audit import export_events

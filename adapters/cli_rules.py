@@ -135,6 +135,7 @@ def register(module: Any) -> None:
     global h
     h = module
     with_config = module.with_config
+    read_only = module.read_only
 
     @module.cli.group()
     def rules() -> None:
@@ -175,6 +176,7 @@ def register(module: Any) -> None:
     @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
     @click.option("--all", "include_removed", is_flag=True, help="Removed rules too.")
     @with_config
+    @read_only
     def rules_list(cfg: Config, as_json: bool, include_removed: bool) -> None:
         """List the rules, oldest first."""
         with h.engine_for(cfg) as app:
@@ -219,6 +221,7 @@ def register(module: Any) -> None:
     @click.option("--state", type=click.Choice(["authorized", "blocked"]), default="authorized")
     @click.option("--scope", default=GLOBAL, show_default=True)
     @with_config
+    @read_only
     def export_command(cfg: Config, fmt: str, state: str, scope: str) -> None:
         """Print senders and their rules as a plain list (one per line)."""
         senders_export(cfg, fmt, state, scope)

@@ -125,6 +125,40 @@ class MaintenanceReport:
 
 
 @dataclass(frozen=True)
+class PlannedAction:
+    """One thing a maintenance pass would do (`maintain --dry-run`)."""
+
+    id: str  # the message copy, or the challenge
+    address: str  # the sender
+    reason: str
+    recipients: tuple[str, ...] = ()
+
+
+@dataclass
+class MaintenancePlan:
+    """What one maintenance pass would do now, computed by the pass itself with nothing
+    recorded: challenges to lapse, copies to expire, release, purge or evict, senders to
+    challenge later, and the challenges and deliveries due to be sent or retried."""
+
+    lapse: list[PlannedAction] = field(default_factory=list)
+    expire: list[PlannedAction] = field(default_factory=list)
+    release: list[PlannedAction] = field(default_factory=list)
+    purge: list[PlannedAction] = field(default_factory=list)
+    evict: list[PlannedAction] = field(default_factory=list)
+    challenge_later: list[PlannedAction] = field(default_factory=list)
+    send_challenges: list[PlannedAction] = field(default_factory=list)
+    retry_deliveries: list[PlannedAction] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, list[dict[str, Any]]]:
+        return {
+            name: [
+                {**vars(item), "recipients": list(item.recipients)} for item in getattr(self, name)
+            ]
+            for name in self.__dataclass_fields__
+        }
+
+
+@dataclass(frozen=True)
 class SenderView:
     sender_id: str
     address: str

@@ -7,7 +7,7 @@ transaction (service/context.py retries it on fresh state after a concurrency co
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -25,6 +25,7 @@ from sourceauth.engine.api import (
     HistoryEntry,
     Incoming,
     LinkState,
+    MaintenancePlan,
     MaintenanceReport,
     Receipt,
     SenderView,
@@ -349,6 +350,10 @@ class SourceAuth(Application[UUID]):
         """One idempotent maintenance pass: lapse, expire, release, purge, collect, retry."""
         return maintenance.maintain(self._ctx, dispatch_now=dispatch)
 
+    def maintain_dry_run(self) -> MaintenancePlan:
+        """What `maintain` would do now, computed by the same pass, recording nothing."""
+        return maintenance.rehearse(self._ctx)
+
     # ----------------------------------------------------------------- queries
 
     def refresh_full_mailboxes(self) -> None:
@@ -372,12 +377,27 @@ class SourceAuth(Application[UUID]):
         return queries.sender(self._ctx, address, scope)
 
     def quarantine(
-        self, *, state: str | None = None, sender: str | None = None, limit: int | None = None
+        self,
+        *,
+        state: str | None = None,
+        sender: str | None = None,
+        limit: int | None = None,
+        states: Collection[str] | None = None,
+        recipient: str | None = None,
+        offset: int = 0,
     ) -> list[HeldMessage]:
-        return queries.quarantine(self._ctx, state, sender, limit)
+        """Copies in the quarantine view, oldest first: of one `state` or any of `states`,
+        from `sender`, for `recipient`; `limit` rows after skipping `offset`."""
+        return queries.quarantine(
+            self._ctx, state, sender, limit, states=states, recipient=recipient, offset=offset
+        )
 
     def held_message(self, message_id: str) -> HeldMessage:
         return queries.held_message(self._ctx, message_id)
+
+    def original(self, message_id: str) -> bytes:
+        """The original bytes of a quarantined copy (NotFound once purged)."""
+        return queries.original(self._ctx, message_id)
 
     def history(self, subject: str) -> list[HistoryEntry]:
         """Every recorded event about an address (its senders, their held mail) or a message id."""

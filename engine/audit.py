@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -304,6 +305,13 @@ def explain(message_events: Iterable[Any], sender_events: Iterable[Any]) -> str:
                 f"for {', '.join(e.recipients)} (subject {e.subject!r}, {e.size} bytes)."
             )
             sentences.append(f"{_ON_ARRIVAL.get(e.trigger, 'It was recorded')} ({e.reason}).")
+            if e.policy:
+                deadline = datetime.fromtimestamp(e.expires_at, tz=UTC)
+                sentences.append(
+                    f"Policy {e.policy} applied: held until "
+                    f"{deadline.strftime('%Y-%m-%d %H:%M:%S UTC')}, and if the challenge "
+                    f"fails, failed_action {e.failed_action}."
+                )
             story = _challenge_story(sender_events, e) if e.trigger == "challenge" else []
             if story:
                 sentences.append("; ".join(story) + ".")

@@ -61,6 +61,10 @@ class Message(Aggregate):
         # Where the message came from (absent from events recorded before they existed).
         client_address: str = ""
         client_helo: str = ""
+        # The recipient policy that set a held copy's deadline, and what a failed challenge
+        # does to it (issue 10; "" on copies not held, and on events recorded before).
+        policy: str = ""
+        failed_action: str = ""
 
         def mutate(self, aggregate: Any) -> Any:
             # The generic version inspects __init__'s signature on every call; this class's
@@ -78,6 +82,8 @@ class Message(Aggregate):
                 self.subject,
                 self.message_id_header,
                 self.expires_at,
+                self.policy,
+                self.failed_action,
             )
             self.apply(message)
             return message
@@ -209,6 +215,8 @@ class Message(Aggregate):
         subject: str,
         message_id_header: str,
         expires_at: float,
+        policy: str = "",
+        failed_action: str = "",
     ) -> None:
         self.receipt_id = receipt_id
         self.size = size
@@ -220,6 +228,8 @@ class Message(Aggregate):
         self.subject = subject
         self.message_id_header = message_id_header
         self.expires_at = expires_at
+        self.policy = policy
+        self.failed_action = failed_action
         self.state = MESSAGE.initial
         self.reason = ""
         self.attempts = 0

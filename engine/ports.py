@@ -4,7 +4,7 @@ the projections. Adapters implement these; the engine imports no adapter.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from uuid import UUID
@@ -169,6 +169,9 @@ class ViewStore(Protocol):
         state: str | None = None,
         sender: str | None = None,
         limit: int | None = None,
+        states: Collection[str] | None = None,
+        recipient: str | None = None,
+        offset: int = 0,  # rows skipped, with a limit: paging
     ) -> list[HeldMessage]: ...
 
     def held_message(self, message_id: str) -> HeldMessage | None: ...

@@ -10,8 +10,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sourceauth.engine.policy import DEFAULT_SPAM_HEADERS, AuthGate, ExemptAction, Exemption, Limits
+from sourceauth.engine.recipient_policy import (
+    GLOBAL,
+    PolicyOverride,
+    PolicyResolver,
+    RecipientPolicy,
+)
 
 DAY = 86400.0
+# Each settings object's resolver, built once (kept out of the instance, which stays plain data).
+_RESOLVERS: dict[int, tuple[EngineSettings, PolicyResolver]] = {}
 
 
 def _default_exemptions() -> Mapping[Exemption, ExemptAction]:
@@ -45,3 +53,30 @@ class EngineSettings:
     held_per_recipient: int = 100_000
     # --- abuse resistance (issue 7): see docs/security.md "Policy and caps"
     authorized_spam: ExemptAction = ExemptAction.DELIVER  # spam-flagged mail from the whitelist
+    # --- policy per network (issue 10): overrides per protected domain and per mailbox
+    domains: Mapping[str, PolicyOverride] = field(default_factory=dict)
+    mailboxes: Mapping[str, PolicyOverride] = field(default_factory=dict)
+
+    @property
+    def policies(self) -> PolicyResolver:
+        """Each recipient's policy: mailbox override, then domain override, then the above."""
+        found = _RESOLVERS.get(id(self))
+        if found is not None and found[0] is self:
+            return found[1]
+        if len(_RESOLVERS) >= 64:
+            _RESOLVERS.clear()
+        resolver = self._resolver()
+        _RESOLVERS[id(self)] = (self, resolver)
+        return resolver
+
+    def _resolver(self) -> PolicyResolver:
+        default = RecipientPolicy(
+            source=GLOBAL,
+            scope=self.scope,
+            challenge_lifetime=self.challenge_lifetime,
+            hold_lifetime=self.hold_lifetime,
+            failed_action=self.failed_action,
+            exemptions=self.exemptions,
+            auth_gate=self.auth_gate,
+        )
+        return PolicyResolver(default, self.domains, self.mailboxes, self.recipient_delimiter)

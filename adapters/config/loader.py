@@ -114,11 +114,45 @@ def _prepare(document: Mapping[str, Any]) -> dict[str, Any]:
     for name, table in document.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{name}: must be a table [{name}], got {describe(table)}")
-        section = SECTIONS[name]
-        _reject_unknown(table, set(section.__struct_fields__) - NOT_FILE_KEYS, f"{name}.")
-        hints = _hints(section)
-        prepared[name] = {key: _fold(value, hints[key]) for key, value in table.items()}
+        prepared[name] = _prepare_table(table, SECTIONS[name], f"{name}.")
     return prepared
+
+
+def _prepare_table(table: Mapping[str, Any], kind: type, prefix: str) -> dict[str, Any]:
+    """One table: unknown keys refused, choices folded; nested tables (the overrides of
+    [policy.domains."…"]) likewise, each named by its whole key path."""
+    _reject_unknown(table, set(kind.__struct_fields__) - NOT_FILE_KEYS, prefix)
+    hints = _hints(kind)
+    prepared: dict[str, Any] = {}
+    for key, value in table.items():
+        inner, _ = _unwrap(hints[key])
+        args = typing.get_args(inner)
+        if isinstance(value, dict) and _is_struct(inner):
+            prepared[key] = _prepare_table(value, inner, f"{prefix}{key}.")
+        elif isinstance(value, dict) and len(args) == 2 and _is_struct(args[1]):
+            prepared[key] = {
+                name: _checked(item, args[1], f'{prefix}{key}."{name}".')
+                for name, item in value.items()
+            }
+        else:
+            prepared[key] = _fold(value, hints[key])
+    return prepared
+
+
+def _checked(item: object, kind: type, prefix: str) -> object:
+    """A table under a name (msgspec's own errors would not say which name): checked here."""
+    if not isinstance(item, dict):
+        return item
+    prepared = _prepare_table(item, kind, prefix)
+    try:
+        msgspec.convert(prepared, kind, dec_hook=_decode)
+    except msgspec.ValidationError as error:
+        raise _explain(str(error), prepared, kind, prefix) from None
+    return prepared
+
+
+def _is_struct(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, msgspec.Struct)
 
 
 def _reject_unknown(raw: Mapping[str, object], known: set[str], prefix: str) -> None:
@@ -176,22 +210,25 @@ def _decode(kind: type, value: object) -> object:
 # ---------------------------------------------------------------- msgspec's errors, explained
 
 
-def _explain(error: str, document: Mapping[str, Any]) -> ConfigError:
+def _explain(
+    error: str, document: Mapping[str, Any], root: Any = Config, prefix: str = ""
+) -> ConfigError:
     message, at, where = error.rpartition(" - at `$")
     if not at:
-        return ConfigError(error)
+        return ConfigError(f"{prefix}{error}")
     key = where.rstrip("`").lstrip(".")
     if not (message.startswith("Expected `") or message.startswith("Invalid enum value")):
-        return ConfigError(f"{key}: {message}")  # raised by a value type: already explained
+        # raised by a value type: already explained
+        return ConfigError(f"{prefix}{key}: {message}")
     value: Any = document
-    kind: Any = Config
+    kind: Any = root
     try:
         for part in re.findall(r"[^.\[\]]+", key):
             value = value[int(part)] if isinstance(value, list) else value[part]
             kind = _member(kind, part)
     except (KeyError, IndexError, ValueError):  # not a value of the file: say what msgspec said
-        return ConfigError(f"{key}: {message}")
-    return ConfigError(f"{key}: {_expected(kind, value)}")
+        return ConfigError(f"{prefix}{key}: {message}")
+    return ConfigError(f"{prefix}{key}: {_expected(kind, value)}")
 
 
 def _expected(kind: Any, value: object) -> str:

@@ -30,7 +30,7 @@ from sourceauth.adapters.config.values import (
     unset,
 )
 from sourceauth.adapters.smtp.delivery import NextHop
-from sourceauth.engine.policy import AuthGate, ExemptAction, Exemption, Limits
+from sourceauth.engine.policy import AuthGate, ExemptAction, Exemption, Limits, is_protected
 from sourceauth.engine.settings import EngineSettings
 
 _ENGINE = EngineSettings()
@@ -133,8 +133,45 @@ class StorageConfig(Section, frozen=True):
             force_setattr(self, "pg_password", url.password)
 
 
+class Override(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A table inside [policy.domains."…"] or [policy.mailboxes."…"]: absent keys inherit."""
+
+
+class ExemptionsOverride(Override, frozen=True):
+    """[policy.domains."…".exemptions]: the actions of [exemptions], per network."""
+
+    null_sender: ExemptAction | None = None
+    mailer_daemon: ExemptAction | None = None
+    auto_submitted: ExemptAction | None = None
+    mailing_list: ExemptAction | None = None
+    bulk: ExemptAction | None = None
+    dsn: ExemptAction | None = None
+    spam: ExemptAction | None = None
+
+
+class AuthGateOverride(Override, frozen=True):
+    """[policy.domains."…".auth_gate]: the keys of [auth_gate], per network."""
+
+    enabled: bool | None = None
+    trusted_authserv_ids: tuple[AuthservId, ...] | None = None
+    require: Literal["spf", "dkim", "spf_or_dkim"] | None = None
+    authorized_fail_action: ExemptAction | None = None
+
+
+class PolicyOverride(Override, frozen=True):
+    """The policy of one protected domain or mailbox (mailbox, then domain, then [policy])."""
+
+    challenge_lifetime: Duration | None = None
+    hold_lifetime: Duration | None = None
+    failed_action: Literal["purge", "keep"] | None = None
+    scope: Literal["global", "recipient"] | None = None
+    exemptions: ExemptionsOverride | None = None
+    auth_gate: AuthGateOverride | None = None
+
+
 class PolicyConfig(Section, frozen=True):
-    """[policy]: who is protected, whitelist scope, lifetimes and resend rules."""
+    """[policy]: who is protected, whitelist scope, lifetimes and resend rules; overrides per
+    protected domain ([policy.domains."example.org"]) and mailbox ([policy.mailboxes."…"])."""
 
     protected: tuple[Protected, ...] = _ENGINE.protected  # type: ignore[assignment]
     scope: Literal["global", "recipient"] = _ENGINE.scope
@@ -144,10 +181,41 @@ class PolicyConfig(Section, frozen=True):
     recipient_delimiter: Delimiter = _ENGINE.recipient_delimiter
     max_resends: Count = _LIMITS.max_resends
     resend_after: Duration = Duration(_ENGINE.resend_after)
+    # --- policy per network (issue 10)
+    domains: dict[str, PolicyOverride] = {}
+    mailboxes: dict[str, PolicyOverride] = {}
 
     def __post_init__(self) -> None:
         if self.hold_lifetime is None:
             force_setattr(self, "hold_lifetime", self.challenge_lifetime)
+        domains = {Domain(_key(Domain, "domains", k)): v for k, v in self.domains.items()}
+        mailboxes = {Address(_key(Address, "mailboxes", k)): v for k, v in self.mailboxes.items()}
+        for domain in domains:
+            if not any(_covers(p, domain) for p in self.protected):
+                raise ValueError(
+                    f'domains."{domain}": not a protected domain (add it to policy.protected)'
+                )
+        for mailbox in mailboxes:
+            if not is_protected(mailbox, self.protected, self.recipient_delimiter):
+                raise ValueError(
+                    f'mailboxes."{mailbox}": not a protected mailbox (policy.protected)'
+                )
+        force_setattr(self, "domains", domains)
+        force_setattr(self, "mailboxes", mailboxes)
+
+
+def _key(kind: type[str], table: str, key: str) -> str:
+    try:
+        return kind(key)
+    except ValueError as error:
+        raise ValueError(f'{table}."{key}": {error}') from None
+
+
+def _covers(protected: str, domain: str) -> bool:
+    """A protected entry covers this domain: itself, a parent ".domain", or an address in it."""
+    if protected.startswith("."):
+        return domain.endswith(protected)
+    return protected == domain or (protected.rpartition("@")[2] == domain and "@" in protected)
 
 
 class ChallengeConfig(Section, frozen=True):

@@ -11,17 +11,45 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from sourceauth.adapters.config.schema import SECTIONS, Config
+import msgspec
+
+from sourceauth.adapters.config.schema import SECTIONS, Config, PolicyOverride
 from sourceauth.adapters.smtp.delivery import NextHop
 from sourceauth.engine.policy import ExemptAction, Exemption
+from sourceauth.engine.recipient_policy import PolicyOverride as RecipientOverride
 from sourceauth.engine.settings import EngineSettings
 
 
 def engine_settings(cfg: Config) -> EngineSettings:
     """The engine's policy (engine/settings.py) as this configuration sets it."""
     exemptions = {e: ExemptAction(getattr(cfg.exemptions, e.value)) for e in Exemption}
-    settings: EngineSettings = _fill(EngineSettings, cfg, exemptions=exemptions)
+    settings: EngineSettings = _fill(
+        EngineSettings,
+        cfg,
+        exemptions=exemptions,
+        domains={k: _override(v) for k, v in cfg.policy.domains.items()},
+        mailboxes={k: _override(v) for k, v in cfg.policy.mailboxes.items()},
+    )
     return settings
+
+
+def _override(table: PolicyOverride) -> RecipientOverride:
+    """One [policy.domains."…"] or [policy.mailboxes."…"] table as the engine takes it."""
+
+    def present(section: msgspec.Struct | None) -> dict[str, Any]:
+        if section is None:
+            return {}
+        values = {k: getattr(section, k) for k in section.__struct_fields__}
+        return {k: _plain(v) for k, v in values.items() if v is not None}
+
+    return RecipientOverride(
+        challenge_lifetime=_plain(table.challenge_lifetime),  # type: ignore[arg-type]
+        hold_lifetime=_plain(table.hold_lifetime),  # type: ignore[arg-type]
+        failed_action=table.failed_action,
+        scope=table.scope,
+        exemptions={Exemption(k): ExemptAction(v) for k, v in present(table.exemptions).items()},
+        auth_gate=present(table.auth_gate),
+    )
 
 
 def _fill(kind: Any, cfg: Config, **given: object) -> Any:
@@ -78,6 +106,11 @@ def config_summary(cfg: Config) -> dict[str, object]:
 def _json(value: object) -> object:
     if isinstance(value, (Path, NextHop)):
         return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json(v) for k, v in value.items()}
+    if isinstance(value, msgspec.Struct):
+        fields = {k: getattr(value, k) for k in value.__struct_fields__}
+        return {k: _json(v) for k, v in fields.items() if v is not None}
     if isinstance(value, tuple):
         return [_json(item) for item in value]
     return _plain(value)

@@ -59,6 +59,8 @@ FIELDS: Final[tuple[str, ...]] = (
     "blob_deleted",
     "client_address",
     "client_helo",
+    "policy",
+    "failed_action",
 )
 _FIELD_INDEX: Final[dict[str, int]] = {name: i for i, name in enumerate(FIELDS)}
 

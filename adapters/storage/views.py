@@ -6,9 +6,10 @@ Works on the SQLite file and on PostgreSQL; `rebuild()` drops the views and repl
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 from uuid import UUID
@@ -701,19 +702,34 @@ class SqlViews:
         )
 
     def quarantine(
-        self, *, state: str | None = None, sender: str | None = None, limit: int | None = None
+        self,
+        *,
+        state: str | None = None,
+        sender: str | None = None,
+        limit: int | None = None,
+        states: Collection[str] | None = None,
+        recipient: str | None = None,
+        offset: int = 0,
     ) -> list[HeldMessage]:
         where, params = ["1 = 1"], list[Any]()
         if state:
             where.append("state = ?")
             params.append(state)
+        if states is not None:
+            where.append(f"state IN ({', '.join('?' for _ in states) or 'NULL'})")
+            params.extend(sorted(states))
         if sender:
             where.append("sender = ?")
             params.append(sender)
+        if recipient:
+            # recipients is one address per line: match a whole line (LIKE, its wildcards escaped)
+            where.append("(? || recipients || ?) LIKE ? ESCAPE '!'")
+            escaped = re.sub(r"([!%_])", r"!\1", recipient)
+            params.extend(["\n", "\n", f"%\n{escaped}\n%"])
         sql = f"SELECT {self._Q_COLS} FROM {p.QUARANTINE} WHERE {' AND '.join(where)} ORDER BY received, message_id"
         if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
+            sql += " LIMIT ? OFFSET ?"
+            params.extend([limit, offset])
         return [self._held(r) for r in self._rows(sql, params)]
 
     _R_COLS = "rule_id, action, pattern, scope, kind, state, reason, actor, created, updated"

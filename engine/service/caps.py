@@ -74,9 +74,11 @@ def queue_challenge(
     recipient: str,
     now: float,
     reason: str,
+    lifetime: float,
 ) -> ChallengeDetails:
-    """A new challenge for `sender` in `scope` (the caller checked over_cap)."""
-    expires = float(int(now + ctx.settings.challenge_lifetime) // 60 * 60)
+    """A new challenge for `sender` in `scope` (the caller checked over_cap), valid for
+    `lifetime` seconds: the challenge_lifetime of the recipient it is sent for."""
+    expires = float(int(now + lifetime) // 60 * 60)
     details = ChallengeDetails(
         actor=ENGINE,
         challenge_id=tokens.new_challenge_id().hex(),
@@ -134,6 +136,7 @@ def challenge_later(ctx: Context, message_id: str, now: float, unit: Unit) -> bo
         recipient=msg.recipients[0],
         now=now,
         reason="held_over_a_cap_challenged_later",
+        lifetime=ctx.settings.policies.for_recipient(msg.recipients[0]).challenge_lifetime,
     )
     unit.note("challenge_queued_later", sender=msg.sender, message_id=message_id)
     return True

@@ -4,11 +4,13 @@ unit-of-work runner (retry on a concurrency conflict, log only after the commit 
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -83,6 +85,16 @@ class Unit:
         self.logs.append((event, fields))
 
 
+@dataclass
+class Rehearsal:
+    """Units of work that record nothing (`maintain --dry-run`): each unit runs as usual, and
+    what it would have saved stays here, where later units of the same pass find it."""
+
+    senders: dict[UUID, Sender] = field(default_factory=dict)
+    messages: dict[UUID, Message] = field(default_factory=dict)
+    changes: list[tuple[Sender | Message, Any]] = field(default_factory=list)  # in order
+
+
 class Context:
     """The engine's shared state: one per SourceAuth, used by every service module."""
 
@@ -119,6 +131,7 @@ class Context:
         self._sender_ids: dict[tuple[str, str], UUID] = {}
         self._checked: dict[UUID, float] = {}  # when each cached sender was last read
         self.rule_cache = RuleCache()  # the compiled rules routing consults (service/rules.py)
+        self.rehearsal: Rehearsal | None = None  # set while units record nothing
 
     # ----------------------------------------------------------------- ids and views
 
@@ -150,6 +163,8 @@ class Context:
 
     def load_sender(self, unit: Unit, sender_id: UUID) -> Sender | None:
         found = unit.senders.get(sender_id)
+        if found is None and self.rehearsal is not None:
+            found = self.rehearsal.senders.get(sender_id)
         if found is not None:
             return found
         if sender_id in unit.absent:
@@ -180,6 +195,8 @@ class Context:
         self._checked[sender.id] = time.monotonic()
 
     def load_message(self, message_id: UUID) -> Message | None:
+        if self.rehearsal is not None and message_id in self.rehearsal.messages:
+            return self.rehearsal.messages[message_id]
         try:
             msg: Any = self.app.repository.get(message_id)
         except AggregateNotFoundError:
@@ -240,6 +257,10 @@ class Context:
             raise
         for sender in unit.senders.values():
             self._remember(sender)
+        self._account(unit)
+
+    def _account(self, unit: Unit) -> None:
+        """Count the challenges a unit queued (caps, one per mailbox)."""
         now = self.clock()
         for domain, mailbox, sender_id, challenge_id, expires in unit.challenges:
             self.limiter.record(domain, now)
@@ -249,6 +270,35 @@ class Context:
             self.pending_mailboxes = {m: v for m, v in self.pending_mailboxes.items() if v[2] > now}
             self._prune_mailboxes_at = max(MAILBOXES_PRUNE_MIN, 2 * len(self.pending_mailboxes))
 
+    def _rehearse(self, unit: Unit, rehearsal: Rehearsal) -> None:
+        """What `_commit` would save, kept in the rehearsal instead (see `rehearsing`)."""
+        for aggregate in unit.aggregates():
+            if isinstance(aggregate, Message.Arrived):  # only receive records these
+                continue
+            for event in aggregate.collect_events():
+                rehearsal.changes.append((aggregate, event))
+            if isinstance(aggregate, Sender):
+                rehearsal.senders[aggregate.id] = aggregate
+                self._senders.pop(aggregate.id, None)  # changed in place, never saved
+            else:
+                rehearsal.messages[aggregate.id] = aggregate
+        self._account(unit)
+
+    @contextmanager
+    def rehearsing(self) -> Iterator[Rehearsal]:
+        """Units of work inside record nothing: no event, no view row, no log line; the
+        in-memory caps and caches are as they were afterwards."""
+        saved = (copy.deepcopy(self.limiter), dict(self.pending_mailboxes))
+        prune_at = self._prune_mailboxes_at
+        self.rehearsal = Rehearsal()
+        try:
+            yield self.rehearsal
+        finally:
+            self.rehearsal = None
+            self.limiter, self.pending_mailboxes = saved
+            self._prune_mailboxes_at = prune_at
+            self._senders.clear()
+
     def run(self, what: str, work: Callable[[Unit], T], **save_kwargs: Any) -> T:
         """One unit of work under the lock: decide on fresh state, save everything it touched
         in one transaction, redo it all after a conflict; then log what it did, once."""
@@ -257,6 +307,9 @@ class Context:
             with self.lock:
                 try:
                     result = work(unit)
+                    if self.rehearsal is not None:
+                        self._rehearse(unit, self.rehearsal)
+                        return result  # nothing happened: nothing to log
                     self._commit(unit, save_kwargs)
                 except IntegrityError:
                     log.info("concurrency_conflict", use_case=what, attempt=attempt)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 from uuid import UUID
 
-from sourceauth.engine.api import ChallengeRow, MaintenanceReport
+from sourceauth.engine.api import ChallengeRow, MaintenancePlan, MaintenanceReport, PlannedAction
 from sourceauth.engine.errors import (
     ChallengeNotPending,
     IllegalTransition,
@@ -17,9 +17,17 @@ from sourceauth.engine.errors import (
     TemporaryFailure,
 )
 from sourceauth.engine.logs import get_logger
-from sourceauth.engine.message import HELD_STATES
+from sourceauth.engine.message import HELD_STATES, Message
+from sourceauth.engine.sender import Sender
 from sourceauth.engine.service import caps, dispatch, replies
-from sourceauth.engine.service.context import BATCH_LIMIT, ENGINE, Context, Unit, ts
+from sourceauth.engine.service.context import (
+    BATCH_LIMIT,
+    ENGINE,
+    Context,
+    Rehearsal,
+    Unit,
+    ts,
+)
 from sourceauth.engine.service.routing import AUTHORIZED
 from sourceauth.engine.statemachine import MESSAGE
 
@@ -29,6 +37,66 @@ QUARANTINE_FULL_EVICTED = "quarantine_full_evicted"
 
 
 def maintain(ctx: Context, *, dispatch_now: bool = True) -> MaintenanceReport:
+    report = _pass(ctx, dispatch_now=dispatch_now)
+    log.info("maintenance_done", **report.as_dict())
+    return report
+
+
+def rehearse(ctx: Context) -> MaintenancePlan:
+    """What a pass would do now, recording nothing: the same pass, its units rehearsed
+    (Context.rehearsing), no original deleted, nothing sent."""
+    with ctx.rehearsing() as rehearsal:
+        _pass(ctx, dispatch_now=False)
+        plan = _plan(rehearsal)
+    now = ctx.clock()
+    with ctx.lock:
+        ctx.catch_up()
+        challenges = ctx.views.challenges_due(now, BATCH_LIMIT)
+        deliveries = ctx.views.deliveries_due(now, BATCH_LIMIT)
+    for row in challenges:
+        why = "first send" if not row.attempts else f"retry {row.attempts + 1}"
+        plan.send_challenges.append(
+            PlannedAction(row.challenge_id, row.address, why, (row.recipient,))
+        )
+    for d in deliveries:
+        why = "first attempt" if not d.attempts else f"retry {d.attempts + 1}"
+        plan.retry_deliveries.append(PlannedAction(d.message_id, d.sender, why, d.recipients))
+    log.info("maintenance_rehearsed", **{k: len(v) for k, v in plan.as_dict().items()})
+    return plan
+
+
+# A rehearsed event -> the list of the plan it belongs to.
+_PLANNED: dict[type[Any], str] = {
+    Sender.ChallengeExpired: "lapse",
+    Message.Expired: "expire",
+    Message.Released: "release",
+    Message.Purged: "purge",
+    Sender.Challenged: "challenge_later",
+    Sender.FirstChallenged: "challenge_later",
+}
+
+
+def _plan(rehearsal: Rehearsal) -> MaintenancePlan:
+    plan = MaintenancePlan()
+    for aggregate, event in rehearsal.changes:
+        action = _PLANNED.get(type(event))
+        if action is None:
+            continue
+        reason = str(getattr(event, "reason", ""))
+        if isinstance(aggregate, Sender):
+            challenge = str(getattr(event, "challenge_id", "") or aggregate.challenge_id or "")
+            planned = PlannedAction(challenge, aggregate.address, reason or type(event).__name__)
+        else:
+            planned = PlannedAction(
+                aggregate.id.hex, aggregate.sender, reason, tuple(aggregate.recipients)
+            )
+            if reason == QUARANTINE_FULL_EVICTED:
+                action = "evict"
+        getattr(plan, action).append(planned)
+    return plan
+
+
+def _pass(ctx: Context, *, dispatch_now: bool) -> MaintenanceReport:
     report = MaintenanceReport()
     with ctx.lock:
         ctx.catch_up()
@@ -49,7 +117,7 @@ def maintain(ctx: Context, *, dispatch_now: bool = True) -> MaintenanceReport:
         report.messages_expired += each(functools.partial(_expire, ctx, mid, now))
     for mid in _drain(ctx, lambda: views.held_of_authorized_senders(BATCH_LIMIT)):
         report.released += each(functools.partial(_sweep_release, ctx, mid, now))
-    for mid in _drain(ctx, lambda: views.expired_messages(BATCH_LIMIT)):
+    for mid in _drain(ctx, lambda: _expired(ctx)):
         report.purged += each(functools.partial(_purge, ctx, mid, now))
     # A full quarantine answers 452: make room, so a flood cannot outlast the MTA's retries.
     for mid in _evictable(ctx):
@@ -72,7 +140,7 @@ def maintain(ctx: Context, *, dispatch_now: bool = True) -> MaintenanceReport:
         )
     # Last: originals whose every copy is done (delivered in this very pass included).
     # (A receipt's live count only falls once its copies exist, so no copy can need it again.)
-    while ctx.blobs is not None:
+    while ctx.blobs is not None and ctx.rehearsal is None:
         with ctx.lock:
             ctx.catch_up()
             done = views.blobs_unreferenced(BATCH_LIMIT)
@@ -82,8 +150,20 @@ def maintain(ctx: Context, *, dispatch_now: bool = True) -> MaintenanceReport:
         views.mark_blobs_collected(done)
     with ctx.lock:
         ctx.catch_up()
-    log.info("maintenance_done", **report.as_dict())
     return report
+
+
+def _expired(ctx: Context) -> list[str]:
+    """Expired copies to purge; in a rehearsal also those it expired itself (the views only
+    show what was recorded)."""
+    found = ctx.views.expired_messages(BATCH_LIMIT)
+    if ctx.rehearsal is not None:
+        found += [
+            m.id.hex
+            for m in ctx.rehearsal.messages.values()
+            if MESSAGE.allows(m.state, "purge") and m.id.hex not in found
+        ]
+    return found
 
 
 def _drain(ctx: Context, fetch: Callable[[], Sequence[T]]) -> Iterator[T]:
@@ -181,7 +261,10 @@ def _purge(ctx: Context, mid: str, now: float, unit: Unit) -> bool:
     # Another live copy may still need the same original (this expired one counts).
     if blobs is not None and ctx.views.live_copies(msg.receipt_id) <= 1:
         # Delete first, record second: a crash in between leaves an idempotent retry.
-        deleted = blobs.delete(msg.receipt_id) or not blobs.exists(msg.receipt_id)
+        # A rehearsal deletes nothing: it records what the pass would do.
+        deleted = ctx.rehearsal is not None or (
+            blobs.delete(msg.receipt_id) or not blobs.exists(msg.receipt_id)
+        )
     msg.purge(timestamp=ts(now), actor=ENGINE, blob_deleted=deleted)
     unit.messages.append(msg)
     unit.note("message_purged", message_id=mid, blob_deleted=deleted)

@@ -11,10 +11,12 @@ from sourceauth.engine.addresses import AddressError, normalize_address
 from sourceauth.engine.api import HeldMessage, SenderView
 from sourceauth.engine.errors import InvalidInput, NotFound
 from sourceauth.engine.message import HELD_STATES, Message
+from sourceauth.engine.policy import is_protected
 from sourceauth.engine.sender import Sender
 from sourceauth.engine.service import replies
 from sourceauth.engine.service.context import Context, Unit, ts
 from sourceauth.engine.service.queries import sender_view
+from sourceauth.engine.service.routing import scope_for
 
 
 def _address_and_scope(address: str, scope: str) -> tuple[str, str]:
@@ -28,6 +30,24 @@ def _address_and_scope(address: str, scope: str) -> tuple[str, str]:
         except AddressError as exc:
             raise InvalidInput(f"bad scope {scope!r}: {exc}") from exc
     return addr, scope
+
+
+def _verdict_scope(ctx: Context, address: str, scope: str) -> tuple[str, str]:
+    """The address and a scope the policy has: "global", or a protected mailbox with a
+    whitelist of its own (scope "recipient"); anything else is refused, naming why."""
+    addr, scope = _address_and_scope(address, scope)
+    if scope == "global":
+        return addr, scope
+    s = ctx.settings
+    if not is_protected(scope, s.protected, s.recipient_delimiter):
+        raise InvalidInput(f"scope {scope} is not a protected mailbox (policy.protected)")
+    mailbox = scope_for(scope, s)
+    if mailbox == "global":
+        raise InvalidInput(
+            f"scope {scope}: its mailbox uses the global whitelist (policy scope "
+            '"global"): use --scope global'
+        )
+    return addr, mailbox
 
 
 def _load_or_first(
@@ -73,7 +93,7 @@ def verdict(
 
 
 def authorize(ctx: Context, address: str, scope: str, actor: str, reason: str) -> SenderView:
-    addr, scope = _address_and_scope(address, scope)
+    addr, scope = _verdict_scope(ctx, address, scope)
 
     def work(unit: Unit) -> SenderView:
         sender = verdict(ctx, unit, "authorize", addr, scope, actor, reason)
@@ -84,7 +104,7 @@ def authorize(ctx: Context, address: str, scope: str, actor: str, reason: str) -
 
 
 def block(ctx: Context, address: str, scope: str, actor: str, reason: str) -> SenderView:
-    addr, scope = _address_and_scope(address, scope)
+    addr, scope = _verdict_scope(ctx, address, scope)
 
     def work(unit: Unit) -> SenderView:
         sender = verdict(ctx, unit, "block", addr, scope, actor, reason)

@@ -3,7 +3,7 @@ recipient's quarantine is full. They read the views (caught up first) or the log
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -13,6 +13,7 @@ from sourceauth.engine.addresses import AddressError, is_null_sender, normalize_
 from sourceauth.engine.api import HeldMessage, HistoryEntry, SenderView, StateAt
 from sourceauth.engine.errors import InvalidInput, NotFound
 from sourceauth.engine.policy import is_protected
+from sourceauth.engine.ports import BlobNotFound
 from sourceauth.engine.sender import Sender
 from sourceauth.engine.service.context import Context, Unit
 from sourceauth.engine.service.routing import AUTHORIZED, scope_for
@@ -53,11 +54,30 @@ def whitelist(ctx: Context, state: str | None, limit: int | None) -> list[Sender
 
 
 def quarantine(
-    ctx: Context, state: str | None, sender: str | None, limit: int | None
+    ctx: Context,
+    state: str | None,
+    sender: str | None,
+    limit: int | None,
+    *,
+    states: Collection[str] | None = None,
+    recipient: str | None = None,
+    offset: int = 0,
 ) -> list[HeldMessage]:
+    try:
+        rcpt = normalize_address(recipient) if recipient else None
+        from_ = normalize_address(sender) if sender else None
+    except AddressError as exc:
+        raise InvalidInput(f"not an address: {exc}") from exc
     with ctx.lock:
         ctx.catch_up()
-        return ctx.views.quarantine(state=state, sender=sender, limit=limit)
+        return ctx.views.quarantine(
+            state=state,
+            sender=from_,
+            limit=limit,
+            states=states,
+            recipient=rcpt,
+            offset=offset,
+        )
 
 
 def held_message(ctx: Context, message_id: str) -> HeldMessage:
@@ -67,6 +87,17 @@ def held_message(ctx: Context, message_id: str) -> HeldMessage:
     if found is None:
         raise NotFound(f"no held message {message_id}")
     return found
+
+
+def original(ctx: Context, message_id: str) -> bytes:
+    """The original bytes of a held (or once held) copy, as they were accepted."""
+    held = held_message(ctx, message_id)
+    if ctx.blobs is None:
+        raise NotFound("no blob store is configured")
+    try:
+        return ctx.blobs.get(held.receipt_id)
+    except BlobNotFound:
+        raise NotFound(f"the original of {held.id} is gone ({held.state}: {held.reason})") from None
 
 
 def refresh_full_mailboxes(ctx: Context) -> None:

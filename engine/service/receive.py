@@ -14,6 +14,7 @@ from sourceauth.engine.errors import InvalidInput
 from sourceauth.engine.logs import get_logger
 from sourceauth.engine.message import Message
 from sourceauth.engine.policy import check_auth_gate
+from sourceauth.engine.recipient_policy import RecipientPolicy
 from sourceauth.engine.rules import EMPTY_BOOK, RuleBook
 from sourceauth.engine.service import caps, replies
 from sourceauth.engine.service import rules as rulebook
@@ -121,14 +122,15 @@ def decide(
     ctx: Context, unit: Unit, incoming: Incoming, p: Plan, rules: RuleBook = EMPTY_BOOK
 ) -> Receipt:
     now = ctx.clock()
+    policies = ctx.settings.policies
     deliver_now: list[tuple[str, str]] = []
-    # (kind, decision, reason, linked scope or "") -> recipients
-    settled: dict[tuple[type[Message.Arrived], Decision, str, str], list[str]] = {}
-    awaiting: dict[str, list[str]] = {}  # scope -> recipients
+    # (kind, decision, reason, linked scope or "", policy) -> recipients: a held copy per
+    # policy, so each recipient's copy keeps its own deadline and failed_action.
+    settled: dict[tuple[type[Message.Arrived], Decision, str, str, RecipientPolicy], list[str]] = {}
+    awaiting: dict[tuple[str, RecipientPolicy], list[str]] = {}  # (scope, policy) -> recipients
     for rcpt, answer in p.answers:
-        settled.setdefault((*_answer(ctx, unit, p.sender, incoming, answer, now), ""), []).append(
-            rcpt
-        )
+        outcome = _answer(ctx, unit, p.sender, incoming, answer, now)
+        settled.setdefault((*outcome, "", policies.default), []).append(rcpt)
     states: dict[str, str] = {}
     for scope in p.scopes:
         found = ctx.load_sender(unit, ctx.sender_id(p.sender, scope))
@@ -141,12 +143,13 @@ def decide(
         if isinstance(r, DeliverNow):
             deliver_now.append((rcpt, r.reason))
         elif isinstance(r, AwaitSender):
-            awaiting.setdefault(r.scope, []).append(rcpt)
+            awaiting.setdefault((r.scope, policies.for_recipient(rcpt)), []).append(rcpt)
         elif isinstance(r, HoldSilently):
-            key = (Message.Held, Decision.HOLD, r.reason, r.scope or "")
-            settled.setdefault(key, []).append(rcpt)
+            held = (Message.Held, Decision.HOLD, r.reason, r.scope or "")
+            settled.setdefault((*held, policies.for_recipient(rcpt)), []).append(rcpt)
         else:
-            settled.setdefault((Message.Discarded, Decision.DISCARD, r.reason, ""), []).append(rcpt)
+            dropped = (Message.Discarded, Decision.DISCARD, r.reason, "", policies.default)
+            settled.setdefault(dropped, []).append(rcpt)
 
     decisions: list[RecipientDecision] = []
     challenges: list[str] = []
@@ -154,9 +157,16 @@ def decide(
     message_id_header = _header(incoming.headers, "Message-ID")[:300]
 
     def record(
-        kind: type[Message.Arrived], rcpts: list[str], reason: str, sid: str, expires: float
+        kind: type[Message.Arrived],
+        rcpts: list[str],
+        reason: str,
+        sid: str,
+        expires: float,
+        policy: RecipientPolicy | None = None,
     ) -> UUID:
         mid = uuid.uuid4()
+        # A held copy names the policy that set its deadline and its fate if the challenge fails.
+        held = {"policy": policy.source, "failed_action": policy.failed_action} if policy else {}
         unit.messages.append(
             kind.record(
                 mid,
@@ -174,6 +184,7 @@ def decide(
                 expires_at=expires,
                 client_address=incoming.client_address,
                 client_helo=incoming.client_helo,
+                **held,
             )
         )
         return mid
@@ -183,25 +194,28 @@ def decide(
         mid = record(Message.Accepted, [r for r, _ in deliver_now], reasons, "", 0.0)
         decisions += [RecipientDecision(r, Decision.DELIVER, why, mid) for r, why in deliver_now]
     # Held copies before dropped ones (stable: each kind in routing order).
-    for (kind, decision, reason, scope), rcpts in (
+    for (kind, decision, reason, scope, policy), rcpts in (
         sorted(settled.items(), key=lambda item: item[0][0] is not Message.Held)
         if len(settled) > 1
         else settled.items()
     ):
-        expires = now + ctx.settings.hold_lifetime if kind is Message.Held else 0.0
+        is_held = kind is Message.Held
+        expires = now + policy.hold_lifetime if is_held else 0.0
         # An exempt copy is linked to its sender: authorizing the sender releases it.
         linked = ctx.sender_id(p.sender, scope).hex if scope else ""
-        mid = record(kind, rcpts, reason, linked, expires)
+        mid = record(kind, rcpts, reason, linked, expires, policy if is_held else None)
         decisions += [RecipientDecision(r, decision, reason, mid) for r in rcpts]
     may_challenge = True  # one message never causes more than one challenge
-    for scope, rcpts in awaiting.items():
+    for (scope, policy), rcpts in awaiting.items():
         sid = ctx.sender_id(p.sender, scope)
-        hold = _hold_for(ctx, unit, sid, scope, p.sender, rcpts, incoming, now, may_challenge)
+        hold = _hold_for(
+            ctx, unit, sid, scope, policy, p.sender, rcpts, incoming, now, may_challenge
+        )
         if hold.new_challenge:
             challenges.append(hold.new_challenge)
         may_challenge = may_challenge and not (hold.new_challenge or hold.resent)
         kind = Message.Challenged if hold.challenged else Message.Held
-        mid = record(kind, rcpts, hold.reason, sid.hex, hold.expires_at)
+        mid = record(kind, rcpts, hold.reason, sid.hex, hold.expires_at, policy)
         decision = Decision.CHALLENGE if hold.challenged else Decision.HOLD
         decisions += [RecipientDecision(r, decision, hold.reason, mid) for r in rcpts]
     if len(decisions) > 1:
@@ -231,6 +245,7 @@ def _hold_for(
     unit: Unit,
     sid: UUID,
     scope: str,
+    policy: RecipientPolicy,
     sender: str,
     rcpts: list[str],
     incoming: Incoming,
@@ -242,7 +257,7 @@ def _hold_for(
     the way (engine/service/caps.py); mail held over a cap is challenged later."""
     s = ctx.settings
     current = ctx.load_sender(unit, sid)
-    hold_deadline = now + s.hold_lifetime
+    hold_deadline = now + policy.hold_lifetime
     if current is not None and current.challenge_pending:
         unit.senders[sid] = current
         deadline = max(current.expires_at, hold_deadline)
@@ -253,7 +268,7 @@ def _hold_for(
             return Hold(True, "challenge_resent", deadline, resent=True)
         return Hold(True, "challenge_pending", deadline)
     domain = sender.rsplit("@", 1)[1]
-    gate_ok, gate_reason = check_auth_gate(s.auth_gate, domain, incoming.headers)
+    gate_ok, gate_reason = check_auth_gate(policy.auth_gate, domain, incoming.headers)
     if not gate_ok:
         return Hold(False, f"auth_gate: {gate_reason}", hold_deadline)
     if not may_challenge:
@@ -273,6 +288,7 @@ def _hold_for(
         recipient=rcpts[0],
         now=now,
         reason="",
+        lifetime=policy.challenge_lifetime,
     )
     return Hold(
         True, "challenge_queued", max(details.expires_at, hold_deadline), details.challenge_id

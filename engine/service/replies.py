@@ -4,7 +4,7 @@ from it), and a failure report (DSN or relay 5xx) that expires it."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from email.utils import getaddresses
 from uuid import UUID
 
@@ -20,8 +20,9 @@ from sourceauth.engine.api import (
     LinkState,
 )
 from sourceauth.engine.errors import ChallengeNotPending
-from sourceauth.engine.message import EXPIRED, HELD_STATES
+from sourceauth.engine.message import EXPIRED, HELD_STATES, Message
 from sourceauth.engine.policy import is_automated
+from sourceauth.engine.recipient_policy import GLOBAL
 from sourceauth.engine.sender import Sender
 from sourceauth.engine.service.caps import CHALLENGEABLE, DEFERRED_PREFIXES, HELD
 from sourceauth.engine.service.context import ENGINE, Context, Unit, ts
@@ -223,7 +224,7 @@ def confirm_row(
         return ConfirmResult(False, str(exc), row.address)
     unit.senders[sender.id] = sender
     released = release_held(ctx, unit, sender, f"sender_confirmed:{row.address}", now)
-    if ctx.settings.scope != "global":
+    if ctx.settings.policies.any_recipient_scope:
         released += authorize_waiting_scopes(ctx, unit, sender, now)
     unit.note("sender_confirmed", sender=row.address, scope=row.scope, released=released)
     return ConfirmResult(True, "sender confirmed", row.address, released)
@@ -260,14 +261,12 @@ def fail_sender(
     source: str,
     now: float,
 ) -> int:
-    """Record the challenge failed; with failed_action "purge", expire its held mail.
-    Returns how many held copies expired."""
+    """Record the challenge failed; expire the held copies whose policy's failed_action is
+    "purge" (the others stay held until their deadline). Returns how many copies expired."""
     sender.fail_challenge(challenge_id, timestamp=ts(now), source=source, diagnostic=diagnostic)
     unit.senders[sender.id] = sender
-    expired = 0
-    if ctx.settings.failed_action == "purge":
-        expired = expire_held(ctx, unit, sender, "challenge_failed", now)
-        expired += expire_waiting_scopes(ctx, unit, sender, "challenge_failed", now)
+    expired = expire_held(ctx, unit, sender, "challenge_failed", now, purged_on_failure)
+    expired += expire_waiting_scopes(ctx, unit, sender, "challenge_failed", now, purged_on_failure)
     unit.note(
         "challenge_failed",
         sender=sender.address,
@@ -288,10 +287,33 @@ def release_held(ctx: Context, unit: Unit, sender: Sender, reason: str, now: flo
     return count
 
 
-def expire_held(ctx: Context, unit: Unit, sender: Sender, reason: str, now: float) -> int:
+def purged_on_failure(ctx: Context, msg: Message) -> str | None:
+    """The reason a failed challenge expires this held copy, or None: its policy keeps it."""
+    action = msg.failed_action or (
+        ctx.settings.policies.for_recipient(msg.recipients[0]).failed_action
+    )
+    if action != "purge":
+        return None
+    if msg.policy in ("", GLOBAL):
+        return "challenge_failed"
+    return f"challenge_failed (failed_action purge, policy {msg.policy})"
+
+
+def expire_held(
+    ctx: Context,
+    unit: Unit,
+    sender: Sender,
+    reason: str,
+    now: float,
+    why: Callable[[Context, Message], str | None] | None = None,
+) -> int:
+    """Expire the copies held for `sender`; with `why`, only those it gives a reason for."""
     count = 0
     for msg in ctx.held_of(unit, sender.id.hex, HELD_STATES):
-        msg.expire(timestamp=ts(now), actor=ENGINE, reason=reason)
+        copy_reason = reason if why is None else why(ctx, msg)
+        if copy_reason is None:
+            continue
+        msg.expire(timestamp=ts(now), actor=ENGINE, reason=copy_reason)
         count += 1
     return count
 
@@ -300,7 +322,7 @@ def _waiting_in_other_scopes(ctx: Context, sender: Sender) -> list[HeldMessage]:
     """Copies from this sender's address held over a cap for other mailboxes (scope
     "recipient"): a message to several mailboxes draws one challenge (engine/service/caps.py),
     and its outcome is theirs too."""
-    if ctx.settings.scope == "global":
+    if not ctx.settings.policies.any_recipient_scope:
         return []
     ctx.catch_up()
     return [
@@ -343,13 +365,20 @@ def authorize_waiting_scopes(ctx: Context, unit: Unit, confirmed: Sender, now: f
     return released
 
 
-def expire_waiting_scopes(ctx: Context, unit: Unit, failed: Sender, reason: str, now: float) -> int:
+def expire_waiting_scopes(
+    ctx: Context,
+    unit: Unit,
+    failed: Sender,
+    reason: str,
+    now: float,
+    why: Callable[[Context, Message], str | None] | None = None,
+) -> int:
     """The challenge failed or lapsed: the copies that waited on it in other mailboxes expire
     with it (else maintenance would challenge an address that just failed, once per mailbox)."""
     expired = 0
     for row in _waiting_in_other_scopes(ctx, failed):
         msg = ctx.load_message(UUID(row.id))
-        if msg is None or msg.state != HELD:
+        if msg is None or msg.state != HELD or (why is not None and why(ctx, msg) is None):
             continue
         msg.expire(timestamp=ts(now), actor=ENGINE, reason=f"{reason}_in_scope:{failed.scope}")
         unit.messages.append(msg)

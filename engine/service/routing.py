@@ -17,12 +17,14 @@ from sourceauth.engine.addresses import (
 )
 from sourceauth.engine.api import Headers, Incoming
 from sourceauth.engine.policy import (
+    Classification,
     ExemptAction,
     check_authorized_sender,
     classify,
     is_protected,
     spam_flag,
 )
+from sourceauth.engine.recipient_policy import RecipientPolicy
 from sourceauth.engine.rules import EMPTY_BOOK, RuleBook, RuleView
 from sourceauth.engine.settings import EngineSettings
 from sourceauth.engine.statemachine import SENDER
@@ -86,6 +88,7 @@ class Target(NamedTuple):
     answer: Answer | None  # set when addressed to the confirm or the bounce address
     scope: str | None  # the whitelist scope when the recipient is protected and has a sender
     protected: bool
+    policy: RecipientPolicy  # the recipient's policy (the global one when unprotected)
     rule: RuleView | None = None  # the protect or exempt rule that decided `protected`
 
 
@@ -111,7 +114,7 @@ def _answer_bases(confirm_address: str, bounce_address: str) -> tuple[str, str]:
 
 
 def scope_for(recipient: str, settings: EngineSettings) -> str:
-    if settings.scope == "global":
+    if settings.policies.for_recipient(recipient).scope == "global":
         return "global"
     base, _ = split_extension(recipient, settings.recipient_delimiter)
     return base
@@ -126,6 +129,7 @@ def plan(incoming: Incoming, settings: EngineSettings, rules: RuleBook = EMPTY_B
     # A recipient named twice (in any case) gets one copy.
     recipients = tuple(dict.fromkeys(normalize_address(r) for r in incoming.recipients))
     confirm_base, bounce_base = _answer_bases(s.confirm_address, s.bounce_address)
+    policies = s.policies
     targets = []
     scopes: dict[str, None] = {}
     answers: list[tuple[str, Answer]] = []
@@ -144,10 +148,13 @@ def plan(incoming: Incoming, settings: EngineSettings, rules: RuleBook = EMPTY_B
         else:
             protected = answer is None and is_protected(rcpt, s.protected, s.recipient_delimiter)
         scope = None
-        if protected and sender:
-            scope = "global" if s.scope == "global" else scope_for(rcpt, s)
-            scopes[scope] = None
-        targets.append(Target(rcpt, answer, scope, protected, rule))
+        policy = policies.default
+        if protected:
+            policy = policies.for_recipient(rcpt)
+            if sender:
+                scope = "global" if policy.scope == "global" else base
+                scopes[scope] = None
+        targets.append(Target(rcpt, answer, scope, protected, policy, rule))
     return Plan(sender, recipients, tuple(targets), tuple(scopes), tuple(answers))
 
 
@@ -165,9 +172,9 @@ def route(
     never-challenge classes, then a challenge."""
     s = settings
     routes: list[tuple[str, Route]] = []
-    exempt: Route | None = None
+    exemption: Classification | None = None
     exemption_checked = False
-    authorized: Route | None = None
+    authorized: dict[RecipientPolicy, Route] = {}  # one check per distinct policy
     for t in plan.targets:
         if t.answer is not None:
             continue
@@ -184,9 +191,12 @@ def route(
                 routes.append((t.recipient, SENDER_BLOCKED))
                 continue
             if state == AUTHORIZED:
-                if authorized is None:
-                    authorized = _authorized(plan.sender, incoming.headers, s)
-                routes.append((t.recipient, authorized))
+                found = authorized.get(t.policy)
+                if found is None:
+                    found = authorized[t.policy] = _authorized(
+                        plan.sender, incoming.headers, s, t.policy
+                    )
+                routes.append((t.recipient, found))
                 continue
         if rules.has_sender_rules and plan.sender:
             ruled = _ruled(plan.sender, t, incoming.headers, s, rules)
@@ -194,8 +204,9 @@ def route(
                 routes.append((t.recipient, ruled))
                 continue
         if not exemption_checked:  # only for mail that would otherwise be challenged
-            exempt = _exemption(incoming.mail_from, incoming.headers, s)
+            exemption = classify(incoming.mail_from, incoming.headers, spam_headers=s.spam_headers)
             exemption_checked = True
+        exempt = None if exemption is None else _exempt(exemption, t.policy)
         if isinstance(exempt, HoldSilently) and t.scope is not None:
             routes.append((t.recipient, HoldSilently(exempt.reason, t.scope)))
             continue
@@ -218,19 +229,23 @@ def _ruled(
     if rule is None:
         return None
     if rule.action == "allow":
-        return _authorized(sender, headers, s, DeliverNow(f"rule_allow:{rule.rule_id}"))
+        return _authorized(sender, headers, s, t.policy, DeliverNow(f"rule_allow:{rule.rule_id}"))
     if rule.action == "block":
         return HoldSilently(f"rule_block:{rule.rule_id}", t.scope)
     return Discard(f"rule_discard:{rule.rule_id}")
 
 
 def _authorized(
-    sender: str, headers: Headers, s: EngineSettings, allowed: Route = SENDER_AUTHORIZED
+    sender: str,
+    headers: Headers,
+    s: EngineSettings,
+    p: RecipientPolicy,
+    allowed: Route = SENDER_AUTHORIZED,
 ) -> Route:
     """An authorized sender's mail, re-checked: the whitelist is keyed on the envelope sender,
     which anyone can forge. Held copies are not linked to the sender (its authorization
     would release them at once); an operator releases them."""
-    gate = s.auth_gate
+    gate = p.auth_gate
     if gate.enabled:
         forged = check_authorized_sender(gate, domain_of(sender), headers)
         if forged is not None:
@@ -250,11 +265,8 @@ def _act(action: ExemptAction, reason: str) -> Route:
     return HoldSilently(reason)
 
 
-def _exemption(mail_from: str, headers: Headers, s: EngineSettings) -> Route | None:
-    found = classify(mail_from, headers, spam_headers=s.spam_headers)
-    if found is None:
-        return None
-    action = s.exemptions.get(found.exemption, ExemptAction.HOLD)
+def _exempt(found: Classification, p: RecipientPolicy) -> Route:
+    action = p.exemptions.get(found.exemption, ExemptAction.HOLD)
     reason = f"never_challenge:{found.exemption.value}: {found.detail}"
     if action == ExemptAction.DELIVER:
         return DeliverNow(reason)

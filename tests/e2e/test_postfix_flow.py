@@ -139,7 +139,7 @@ def _senders(config: Path) -> dict[str, str]:
 
 
 def _quarantine(config: Path) -> list[dict[str, object]]:
-    out = _cli(config, "quarantine", "list", "--json")
+    out = _cli(config, "quarantine", "list", "--all", "--json")  # ended copies too
     assert out.returncode == 0, out.stderr
     rows: list[dict[str, object]] = json.loads(out.stdout)
     return rows

@@ -102,7 +102,7 @@ def run_with_secret(tmp_path: Path, secret: str) -> subprocess.CompletedProcess[
         f'[server]\ndata_dir = "{tmp_path / "var"}"\n[challenge]\nsecret_file = "{secret}"\n',
         encoding="utf-8",
     )
-    return cli(config, "senders", "list")
+    return cli(config, "senders", "allow", "probe@remote.test")  # (list needs a store first)
 
 
 @pytest.mark.parametrize("kind", ["directory", "fifo", "symlink", "unreadable"])

@@ -55,7 +55,8 @@ def test_block_then_forget_changes_state_and_history_records_both(config: Path) 
     assert history[0]["fields"]["trigger"] == "block"
 
 
-def test_quarantine_list_is_an_empty_json_array_on_a_fresh_install(config: Path) -> None:
+def test_quarantine_list_is_an_empty_json_array_on_a_fresh_store(config: Path) -> None:
+    assert run("senders", "allow", "a@b.example", "--config", str(config)).returncode == 0
     out = run("quarantine", "list", "--json", "--config", str(config))
     assert out.returncode == 0 and json.loads(out.stdout) == []
 

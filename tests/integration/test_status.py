@@ -93,10 +93,10 @@ def test_status_figures_match_a_scripted_scenario(tmp_path: Path) -> None:
     assert lines["last maintenance"].split()[1] == "ok"
 
 
-def test_status_without_a_store_exits_1_and_creates_nothing(tmp_path: Path) -> None:
+def test_status_without_a_store_exits_2_and_creates_nothing(tmp_path: Path) -> None:
     config = write_config(tmp_path, relay="smtp://127.0.0.1:9", next_hop="smtp://127.0.0.1:9")
     out = run("status", "--config", str(config))
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert "no store at" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "var").exists()
 
@@ -124,7 +124,7 @@ def test_status_on_postgresql_and_backup_points_to_pg_dump(tmp_path: Path, pg: P
         extra=f'[storage]\nurl = "{pg.url}"\n',
     )
     missing = run("status", "--config", str(config))
-    assert missing.returncode == 1 and "no sourceauth store" in missing.stderr
+    assert missing.returncode == 2 and "no sourceauth store" in missing.stderr
     assert run("senders", "allow", "a@b.example", "--config", str(config)).returncode == 0
     out = run("status", "--json", "--config", str(config))
     assert out.returncode == 0, out.stderr
