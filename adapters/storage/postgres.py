@@ -22,6 +22,7 @@ from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 
 from sourceauth.adapters.storage.blobs import blob_ref, check_key
+from sourceauth.adapters.storage.capcount import CapCounter, create_statements
 from sourceauth.adapters.storage.chain import (
     CHAIN_TABLE,
     GENESIS,
@@ -32,7 +33,13 @@ from sourceauth.adapters.storage.chain import (
 )
 from sourceauth.adapters.storage.sqlite import BLOB_TABLE
 from sourceauth.engine.api import Blob
-from sourceauth.engine.ports import BlobCorrupt, BlobNotFound, BlobStoreUnavailable, StagedBlobs
+from sourceauth.engine.ports import (
+    BlobCorrupt,
+    BlobNotFound,
+    BlobStoreUnavailable,
+    CapClaim,
+    StagedBlobs,
+)
 
 BACKLOG_PAGE = 5000
 
@@ -53,6 +60,9 @@ class BlobRecordingPostgresRecorder(PostgresApplicationRecorder):
             "INSERT INTO {schema}.{table} (receipt_id, data) VALUES (%s, %s) "
             "ON CONFLICT (receipt_id) DO NOTHING"
         ).format(schema=Identifier(datastore.schema), table=Identifier(BLOB_TABLE))
+        prefix = Identifier(datastore.schema).as_string(None) + "."
+        self.sql_create_statements.extend(SQL(s) for s in create_statements(prefix, "float8"))  # type: ignore[arg-type]
+        self.cap_counter: CapCounter | None = CapCounter(prefix, "%s")
 
     def _insert_events(
         self,
@@ -60,8 +70,14 @@ class BlobRecordingPostgresRecorder(PostgresApplicationRecorder):
         stored_events: Sequence[Any],
         *,
         blobs: Sequence[tuple[str, bytes]] = (),
+        caps: CapClaim | None = None,
         **kwargs: Any,
     ) -> None:
+        if caps is not None and self.cap_counter is not None:
+            # The lock eventsourcing takes next, taken first: the counts read are the last
+            # committed, and no other node counts before this transaction ends.
+            self._lock_table(curs)
+            self.cap_counter.count(curs, caps)
         if blobs:
             curs.executemany(self._insert_blob, list(blobs))
         super()._insert_events(curs, stored_events, **kwargs)

@@ -24,9 +24,12 @@ from sourceauth.engine.message import Message
 from sourceauth.engine.policy import ChallengeRateLimiter
 from sourceauth.engine.ports import (
     BlobStore,
+    CapClaim,
+    CapsTaken,
     ChallengeTransport,
     Clock,
     DeliveryTransport,
+    MailboxClaim,
     ViewStore,
 )
 from sourceauth.engine.sender import Sender
@@ -65,6 +68,8 @@ class Unit:
     challenges: list[tuple[str, str, UUID, str, float]] = field(default_factory=list)
     challenged_domains: Counter[str] = field(default_factory=Counter)  # of `challenges`
     challenged_mailboxes: set[str] = field(default_factory=set)  # of `challenges`
+    # Mailbox -> the challenge id this unit saw end there (over_cap freed the mailbox).
+    replaced_mailboxes: dict[str, str] = field(default_factory=dict)
 
     def count_challenge(
         self, domain: str, mailbox: str, sender_id: UUID, challenge_id: str, expires: float
@@ -224,10 +229,41 @@ class Context:
             evicted, _ = self._senders.popitem(last=False)
             self._checked.pop(evicted, None)
 
+    def cap_claim(self, unit: Unit, now: float) -> CapClaim:
+        """What the store counts for this unit's challenges, in its events' transaction."""
+        limits = self.settings.limits
+        return CapClaim(
+            now=now,
+            minute=int(now // 60),
+            domains=tuple(unit.challenged_domains.items()),
+            per_domain=limits.challenges_per_domain_per_hour,
+            total=limits.challenges_per_hour,
+            mailboxes=tuple(
+                MailboxClaim(
+                    mailbox=mailbox,
+                    sender_id=sender_id.hex,
+                    challenge_id=challenge_id,
+                    expires=expires,
+                    replaces=unit.replaced_mailboxes.get(mailbox, ""),
+                )
+                for _, mailbox, sender_id, challenge_id, expires in unit.challenges
+            ),
+        )
+
+    def caps_taken(self, taken: CapsTaken) -> None:
+        """Learn the store's counts and the mailboxes other nodes hold, for the retry."""
+        self.limiter.at_least(taken.counts, self.clock())
+        for mailbox, (sender_id, challenge_id, expires) in taken.mailboxes.items():
+            sid = UUID(sender_id)
+            self.pending_mailboxes[mailbox] = (sid, challenge_id, expires)
+            self._senders.pop(sid, None)  # read that sender fresh: is its challenge pending?
+
     def _commit(self, unit: Unit, save_kwargs: dict[str, Any]) -> None:
         aggregates = unit.aggregates()
         if not aggregates:
             return
+        if unit.challenges:
+            save_kwargs = {**save_kwargs, "caps": self.cap_claim(unit, self.clock())}
         try:
             self.app.save(*aggregates, **save_kwargs)
         except Exception:
@@ -255,7 +291,9 @@ class Context:
                 try:
                     result = work(unit)
                     self._commit(unit, save_kwargs)
-                except IntegrityError:
+                except IntegrityError as exc:
+                    if isinstance(exc, CapsTaken):
+                        self.caps_taken(exc)
                     log.info("concurrency_conflict", use_case=what, attempt=attempt)
                     self.catch_up()
                     continue
