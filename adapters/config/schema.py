@@ -82,6 +82,9 @@ class ServerConfig(Section, frozen=True):
     # for the filter transport (Postfix: default_process_limit, 100).
     max_sessions: PositiveInt = 200
     max_sessions_per_client: PositiveInt = 100
+    # Several nodes (issue 8): how long a claimed challenge send or delivery stays with the
+    # worker that claimed it; a crashed node's work goes to another node after this.
+    work_lease: Duration = Duration(_ENGINE.work_lease)
 
     derived = ("listen_host", "listen_port")
 

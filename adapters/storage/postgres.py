@@ -32,6 +32,7 @@ from sourceauth.adapters.storage.chain import (
     links,
 )
 from sourceauth.adapters.storage.sqlite import BLOB_TABLE
+from sourceauth.adapters.storage.views import DDL_LOCK
 from sourceauth.engine.api import Blob
 from sourceauth.engine.ports import (
     BlobCorrupt,
@@ -63,6 +64,14 @@ class BlobRecordingPostgresRecorder(PostgresApplicationRecorder):
         prefix = Identifier(datastore.schema).as_string(None) + "."
         self.sql_create_statements.extend(SQL(s) for s in create_statements(prefix, "float8"))  # type: ignore[arg-type]
         self.cap_counter: CapCounter | None = CapCounter(prefix, "%s")
+
+    def _create_table(self, curs: Cursor[DictRow]) -> None:
+        # Serialized with every other process creating this schema's tables (the views take
+        # the same lock): concurrent CREATE OR REPLACE FUNCTION fails otherwise.
+        curs.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(%s))", (DDL_LOCK + self.datastore.schema,)
+        )
+        super()._create_table(curs)
 
     def _insert_events(
         self,

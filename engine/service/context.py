@@ -47,7 +47,7 @@ SENDER_CACHE_SIZE = 20_000
 SENDER_CACHE_TTL = 2.0  # seconds a cached sender is trusted before a check for newer events
 BATCH_LIMIT = 500
 MAILBOXES_PRUNE_MIN = 10_000  # pending-challenge mailboxes kept before lapsed ones are dropped
-WORK_LEASE = 300.0  # seconds a claimed send or delivery stays with its worker (after a crash)
+WORK_LEASE = EngineSettings().work_lease  # the default of settings.work_lease (seconds)
 
 
 def ts(seconds: float) -> datetime:
