@@ -229,6 +229,8 @@ class Workers:
         send, deliver = app.dispatch_challenges, app.dispatch_deliveries
         if counts is not None:  # [metrics]: count each step's outcomes
             send, deliver = counts.challenges(send), counts.deliveries(deliver)  # type: ignore[assignment]
+            if isinstance(app.delivery_transport, NextHopDelivery):
+                app.delivery_transport.on_unreadable = counts.original_unreadable
         self.challenges = Worker("challenges", send, 1.0, min_gap=0.05)
         self.deliveries = Worker("deliveries", deliver, 1.0, min_gap=0.05)
         self.maintenance = Worker(
