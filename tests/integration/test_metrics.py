@@ -40,16 +40,21 @@ def value(
     return samples[(name, tuple(sorted(labels.items())))]
 
 
+def metrics_filter(tmp_path: Path, relay: Sink, next_hop: Sink, port: int) -> RunningFilter:
+    """A filter as `serve` runs it (workers in their own process), /metrics on `port`."""
+    config = write_config(
+        tmp_path,
+        relay=f"smtp://127.0.0.1:{relay.port}",
+        next_hop=f"smtp://127.0.0.1:{next_hop.port}",
+        extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\n',
+    )
+    return RunningFilter(load_config(config), workers="process")
+
+
 def test_metrics_scraped_during_smtp_load_match_what_happened(tmp_path: Path) -> None:
     port = free_port()
     with Sink() as relay, Sink() as next_hop:
-        config = write_config(
-            tmp_path,
-            relay=f"smtp://127.0.0.1:{relay.port}",
-            next_hop=f"smtp://127.0.0.1:{next_hop.port}",
-            extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\n',
-        )
-        flt = RunningFilter(load_config(config), workers="process")
+        flt = metrics_filter(tmp_path, relay, next_hop, port)
         try:
             protected = [0] * CLIENTS
 
@@ -117,13 +122,7 @@ def test_no_metrics_endpoint_unless_configured(tmp_path: Path) -> None:
 def test_an_unreadable_original_is_counted_and_its_copy_stays_queued(tmp_path: Path) -> None:
     port, friend = free_port(), "friend@remote.test"
     with Sink() as relay, Sink(data_reply="451 4.3.0 not now") as next_hop:
-        config = write_config(
-            tmp_path,
-            relay=f"smtp://127.0.0.1:{relay.port}",
-            next_hop=f"smtp://127.0.0.1:{next_hop.port}",
-            extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\n',
-        )
-        flt = RunningFilter(load_config(config), workers="process")
+        flt = metrics_filter(tmp_path, relay, next_hop, port)
         try:
             flt.app.authorize(friend, actor="test", reason="a known sender")
             flt.send(friend, [BOB], message(friend, BOB, "lost original"))
