@@ -61,6 +61,7 @@ def open_bench_engine(
     synchronous: str = "FULL",
     settings: EngineSettings | None = None,
     keyring: tokens.Keyring | None = None,
+    encryption_key: bytes | None = None,
     **kwargs: Any,
 ) -> SourceAuth:
     """An engine on a fresh SQLite file under `directory` (the embedded default wiring)."""
@@ -71,6 +72,7 @@ def open_bench_engine(
         sqlite_path=directory / "sourceauth.db",
         blob_dir=directory / "blobs",
         sqlite_synchronous=synchronous,
+        encryption_key=encryption_key,
     )
     return open_engine(
         settings=settings or bench_settings(),
@@ -275,16 +277,21 @@ def unknown(n: int, synchronous: str) -> BenchResult:
 
 
 def _paired(
-    tmp: str, n: int, rounds: int, variant: Callable[[SourceAuth, bool], None], **kwargs: Any
+    tmp: str,
+    n: int,
+    rounds: int,
+    variant: Callable[[SourceAuth, bool], None],
+    opening: Callable[[bool], dict[str, Any]] = lambda on: {},
 ) -> tuple[dict[bool, float], dict[bool, float]]:
     """Best msgs/s and CPU us/msg of one load (half authorized, half first mail from
     strangers), FULL, on fresh engines with `variant(app, True)` and `variant(app, False)`
-    applied, interleaved; best of `rounds` each. `kwargs` go to open_bench_engine."""
+    applied, interleaved; best of `rounds` each. `opening(on)` gives open_bench_engine's
+    keyword arguments."""
     best = {True: 0.0, False: 0.0}
     cpu_best = {True: 1e9, False: 1e9}
     for r in range(rounds):
         for on in (True, False):
-            app = open_bench_engine(Path(tmp) / f"{r}-{on}", **kwargs)
+            app = open_bench_engine(Path(tmp) / f"{r}-{on}", **opening(on))
             try:
                 variant(app, on)
                 app.authorize(FRIEND, actor="benchmark", reason="pre-authorized")
@@ -374,6 +381,36 @@ def shared_caps_cost(n: int, rounds: int = 2) -> BenchResult:
     return _switch_cost(n, rounds, "engine.shared_caps[FULL]", per_process, "caps per process")
 
 
+def encryption_cost(n: int, rounds: int = 2) -> BenchResult:
+    """Event state through eventsourcing's AES-GCM cipher, against the same load unencrypted
+    (originals are pre-made refs here: their AES-GCM cost is measured apart, per 2 KB)."""
+    from sourceauth.adapters.storage.encryption import BlobCipher
+
+    key = os.urandom(32)
+    with tempfile.TemporaryDirectory(prefix="sa-bench-crypt-") as tmp:
+        best, cpu = _paired(
+            tmp, n, rounds, lambda app, on: None, lambda on: {"encryption_key": key if on else None}
+        )
+    result = _paired_result(
+        "engine.encryption[FULL]",
+        "same load, not encrypted (half authorized, half first mail)",
+        best,
+        cpu,
+        n,
+        rounds,
+        0.0,
+    )
+    cipher, original = BlobCipher(key), os.urandom(MESSAGE_SIZE)
+    count = 2000
+    wall, _ = _timed(
+        lambda: [
+            cipher.decrypt(f"{i:032x}", cipher.encrypt(f"{i:032x}", original)) for i in range(count)
+        ]
+    )
+    result.details["original_2KB_encrypt_and_decrypt_us"] = round(wall / count * 1e6, 1)
+    return result
+
+
 def run(scale: float = 1.0) -> list[BenchResult]:
     quiet_production_logging()
     quick = scale < 1
@@ -385,4 +422,5 @@ def run(scale: float = 1.0) -> list[BenchResult]:
         results.append(unknown(n_unknown, synchronous))
     results.append(chain_cost(n_unknown))
     results.append(shared_caps_cost(n_unknown))
+    results.append(encryption_cost(n_unknown))
     return results
