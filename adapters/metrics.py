@@ -31,13 +31,17 @@ REPLY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
+UNREADABLE = len(CHALLENGE_OUTCOMES) + len(DELIVERY_OUTCOMES)  # the last slot of the array
+
+
 class OutboundCounts:
-    """Challenges and deliveries by outcome, shared with the worker process (one shared array:
-    the workers add, the scrape reads)."""
+    """Challenges and deliveries by outcome, and delivery attempts that found their original
+    unreadable, shared with the worker process (one shared array: the workers add, the
+    scrape reads)."""
 
     def __init__(self, context: Any = None) -> None:
         ctx = context or multiprocessing.get_context("spawn")
-        self.values = ctx.Array("q", len(CHALLENGE_OUTCOMES) + len(DELIVERY_OUTCOMES))
+        self.values = ctx.Array("q", UNREADABLE + 1)
 
     def add(self, offset: int, counts: Sequence[int]) -> None:
         with self.values.get_lock():
@@ -51,12 +55,20 @@ class OutboundCounts:
     def deliveries(self, step: Callable[[], tuple[int, int, int]]) -> Callable[[], None]:
         return lambda: self.add(len(CHALLENGE_OUTCOMES), step())
 
+    def original_unreadable(self) -> None:
+        """A delivery attempt found its original missing or failing its SHA-256."""
+        self.add(UNREADABLE, (1,))
+
+    def unreadable(self) -> int:
+        with self.values.get_lock():
+            return int(self.values[UNREADABLE])
+
     def snapshot(self) -> tuple[dict[str, int], dict[str, int]]:
         with self.values.get_lock():
             values = [int(v) for v in self.values]  # type: ignore[union-attr]
         n = len(CHALLENGE_OUTCOMES)
         return dict(zip(CHALLENGE_OUTCOMES, values[:n], strict=True)), dict(
-            zip(DELIVERY_OUTCOMES, values[n:], strict=True)
+            zip(DELIVERY_OUTCOMES, values[n:UNREADABLE], strict=True)
         )
 
 
@@ -80,6 +92,12 @@ class _StoreCollector(Collector):
         challenges, deliveries = self.outbound.snapshot()
         yield _by_outcome("sourceauth_challenges", "Challenges handed to the relay", challenges)
         yield _by_outcome("sourceauth_deliveries", "Delivery attempts of copies", deliveries)
+        yield CounterMetricFamily(
+            "sourceauth_originals_unreadable",
+            "Delivery attempts whose original was missing or failed its SHA-256 (the copy "
+            "stays queued and is retried)",
+            value=self.outbound.unreadable(),
+        )
         info = GaugeMetricFamily("sourceauth_info", "This filter's version", labels=["version"])
         info.add_metric([version()], 1)
         yield info

@@ -40,8 +40,15 @@ from sourceauth.adapters.smtp.outbound import ChallengeSender, NextHopDelivery
 from sourceauth.adapters.status import run_maintenance, version
 from sourceauth.adapters.storage.blobs import FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
+from sourceauth.adapters.storage.encryption import EncryptedBlobStore, EncryptionKeyError, load_key
 from sourceauth.adapters.storage.postgres import PostgresBlobStore
-from sourceauth.adapters.storage.wiring import KeyringMismatch, Storage, open_blobs, open_engine
+from sourceauth.adapters.storage.wiring import (
+    EncryptionMismatch,
+    KeyringMismatch,
+    Storage,
+    open_blobs,
+    open_engine,
+)
 from sourceauth.adapters.web.digest import Digest
 from sourceauth.adapters.web.server import WebServer
 from sourceauth.engine.api import Incoming, Receipt
@@ -130,6 +137,10 @@ def storage_of(cfg: Config) -> Storage:
     """The storage wiring for [storage]: each Storage field the configuration sets, by name
     (the URL fills every pg_* field, so no default is repeated here)."""
     values = {item.name: getattr(cfg.storage, item.name, None) for item in fields(Storage)}
+    try:
+        values["encryption_key"] = load_key(cfg.storage.encryption_key_file, os.environ)
+    except EncryptionKeyError as exc:
+        raise ConfigError(str(exc)) from None
     return Storage(**{name: value for name, value in values.items() if value is not None})
 
 
@@ -175,6 +186,8 @@ def build_engine(
             deliveries=deliveries,
             blobs=blobs,
         )
+    except EncryptionMismatch as exc:
+        raise ConfigError(str(exc)) from None
     except KeyringMismatch as exc:
         env = os.environ if environ is None else environ
         fix = (
@@ -229,6 +242,8 @@ class Workers:
         send, deliver = app.dispatch_challenges, app.dispatch_deliveries
         if counts is not None:  # [metrics]: count each step's outcomes
             send, deliver = counts.challenges(send), counts.deliveries(deliver)  # type: ignore[assignment]
+            if isinstance(app.delivery_transport, NextHopDelivery):
+                app.delivery_transport.on_unreadable = counts.original_unreadable
         self.challenges = Worker("challenges", send, 1.0, min_gap=0.05)
         self.deliveries = Worker("deliveries", deliver, 1.0, min_gap=0.05)
         self.maintenance = Worker(
@@ -398,7 +413,10 @@ class Filter:
         self.cfg = cfg
         operator_login(cfg)  # refuse to start here, not in the web process
         self.app = app or build_engine(cfg, clock=clock)
-        assert isinstance(self.app.blobs, FileBlobStore | DatabaseBlobStore | PostgresBlobStore)
+        assert isinstance(
+            self.app.blobs,
+            FileBlobStore | DatabaseBlobStore | PostgresBlobStore | EncryptedBlobStore,
+        )
         self.mode = workers
         ctx = multiprocessing.get_context("spawn")
         self.metrics: Metrics | None = None

@@ -499,6 +499,7 @@ class Limits:
 
 
 _BUCKET_SECONDS = 60
+TOTAL = "*"  # the server-wide count, beside the registered domains (never one of them)
 # A challenge counts in its own minute and the 60 after it: never less than a full hour.
 _WINDOW_BUCKETS = 60
 
@@ -563,6 +564,22 @@ class ChallengeRateLimiter:
         self._seeded.extend((_minute_of(when), _domain_key(domain)) for domain, when in events)
         if self._minute is not None:
             self._apply_seeded(self._minute)
+
+    def at_least(self, counts: dict[str, int], now: float) -> None:
+        """Raise the counts to what the store holds (`counts`: registered domain -> challenges
+        in the window, TOTAL for all domains), after another node's challenges were found
+        there. A shortfall counts from `now`'s minute: later than its real minute, so it
+        expires late, never early (a cap is never exceeded, at worst reached early)."""
+        minute = self._advance(now)
+        for domain, count in counts.items():
+            if domain == TOTAL:
+                continue
+            key = _domain_key(domain)
+            window = self._domains.get(key)
+            for _ in range(count - (window.total if window else 0)):
+                self._add(key, minute)
+        for _ in range(counts.get(TOTAL, 0) - self._total):
+            self._add(TOTAL, minute)  # other domains' challenges: count in the total only
 
     @property
     def domain_count(self) -> int:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Protocol
 from uuid import UUID
 
+from eventsourcing.persistence import IntegrityError
+
 from sourceauth.engine.api import (
     Blob,
     ChallengeRow,
@@ -100,6 +102,51 @@ class BlobStore(Protocol):
     def delete_many(self, keys: Sequence[str]) -> int:
         """Remove several originals; how many were there."""
         ...
+
+
+@dataclass(frozen=True)
+class MailboxClaim:
+    """A new pending challenge to a sender mailbox (extension removed). `replaces` is the
+    challenge id this node saw end for that mailbox ("" if none): a row still naming it may
+    be overwritten, any other live row of another sender may not."""
+
+    mailbox: str
+    sender_id: str
+    challenge_id: str
+    expires: float
+    replaces: str = ""
+
+
+@dataclass(frozen=True)
+class CapClaim:
+    """The challenges one unit of work queued, for the event recorder to count in the store
+    in the transaction of their events (`save(..., caps=claim)`): every node shares the
+    counts, so the caps hold across nodes. Over a cap, or a mailbox another sender's live
+    challenge holds, the recorder raises CapsTaken and nothing of the unit is written."""
+
+    now: float
+    minute: int  # the unit's minute (Unix seconds // 60): a challenge counts for 61 of them
+    domains: tuple[tuple[str, int], ...]  # (registered domain, challenges queued)
+    per_domain: int  # challenges_per_domain_per_hour
+    total: int  # challenges_per_hour
+    mailboxes: tuple[MailboxClaim, ...] = ()
+
+
+class CapsTaken(IntegrityError):
+    """Another node's challenges took what a unit counted on: the unit retries, knowing
+    `counts` (registered domain -> challenges in the window, "*" for all domains, without
+    this unit's) and `mailboxes` (mailbox -> (sender id, challenge id, expires) of the live
+    challenge holding it)."""
+
+    def __init__(
+        self, counts: dict[str, int], mailboxes: dict[str, tuple[str, str, float]]
+    ) -> None:
+        super().__init__(
+            "challenge caps taken by another node: "
+            + ", ".join([*(f"{d}={n}" for d, n in sorted(counts.items())), *sorted(mailboxes)])
+        )
+        self.counts = counts
+        self.mailboxes = mailboxes
 
 
 class ViewStore(Protocol):

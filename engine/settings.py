@@ -50,6 +50,9 @@ class EngineSettings:
     delivery_retry_max: float = 3600.0
     delivery_give_up_after: float = 5 * DAY
     max_recipients: int = 100
+    # Seconds a claimed challenge send or delivery stays with its worker: after a crash,
+    # another node takes the work over once this has passed (sends it again, at least once).
+    work_lease: float = 300.0
     held_per_recipient: int = 100_000
     # --- abuse resistance (issue 7): see docs/security.md "Policy and caps"
     authorized_spam: ExemptAction = ExemptAction.DELIVER  # spam-flagged mail from the whitelist

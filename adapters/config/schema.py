@@ -82,6 +82,9 @@ class ServerConfig(Section, frozen=True):
     # for the filter transport (Postfix: default_process_limit, 100).
     max_sessions: PositiveInt = 200
     max_sessions_per_client: PositiveInt = 100
+    # Several nodes (issue 8): how long a claimed challenge send or delivery stays with the
+    # worker that claimed it; a crashed node's work goes to another node after this.
+    work_lease: Duration = Duration(_ENGINE.work_lease)
 
     derived = ("listen_host", "listen_port")
 
@@ -112,6 +115,9 @@ class StorageConfig(Section, frozen=True):
     # "database" (the same transaction as the events) or "files" (PostgreSQL nodes: shared fs).
     blobs: Literal["database", "files"] = "database"
     pg_password: Secret | None = None  # not a file key: from the URL or SOURCEAUTH_DB_PASSWORD
+    # Encryption at rest (issue 8): a 0600 file holding a base64 AES key (16, 24 or 32
+    # bytes); None: SOURCEAUTH_ENCRYPTION_KEY if set, else not encrypted.
+    encryption_key_file: Path | None = None
 
     derived = ("kind", "sqlite_path", "pg_host", "pg_port", "pg_user", "pg_dbname", "pg_schema")
     kind = _url_part("kind")

@@ -4,6 +4,7 @@ released or unprotected mail goes to the next hop. Both are engine ports (blocki
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -93,6 +94,7 @@ class NextHopDelivery:
     blobs: BlobStore
     hostname: str
     timeout: float = 30.0
+    on_unreadable: Callable[[], None] | None = None  # [metrics]: count each unreadable original
 
     def deliver(self, job: DeliveryJob) -> DeliveryResult:
         try:
@@ -109,6 +111,8 @@ class NextHopDelivery:
             # Never a permanent failure: the original may be on another node's disk or come
             # back from a restore. The copy stays queued and retried; the operator is told.
             log.error("delivery_blob_unreadable", message_id=job.message_id, error=str(exc))
+            if self.on_unreadable is not None:
+                self.on_unreadable()
             return DeliveryResult(
                 temporary=job.recipients,
                 diagnostic=f"original unreadable: {exc}",

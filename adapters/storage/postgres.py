@@ -22,6 +22,7 @@ from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 
 from sourceauth.adapters.storage.blobs import blob_ref, check_key
+from sourceauth.adapters.storage.capcount import CapCounter, create_statements
 from sourceauth.adapters.storage.chain import (
     CHAIN_TABLE,
     GENESIS,
@@ -31,8 +32,15 @@ from sourceauth.adapters.storage.chain import (
     links,
 )
 from sourceauth.adapters.storage.sqlite import BLOB_TABLE
+from sourceauth.adapters.storage.views import DDL_LOCK
 from sourceauth.engine.api import Blob
-from sourceauth.engine.ports import BlobCorrupt, BlobNotFound, BlobStoreUnavailable, StagedBlobs
+from sourceauth.engine.ports import (
+    BlobCorrupt,
+    BlobNotFound,
+    BlobStoreUnavailable,
+    CapClaim,
+    StagedBlobs,
+)
 
 BACKLOG_PAGE = 5000
 
@@ -53,6 +61,17 @@ class BlobRecordingPostgresRecorder(PostgresApplicationRecorder):
             "INSERT INTO {schema}.{table} (receipt_id, data) VALUES (%s, %s) "
             "ON CONFLICT (receipt_id) DO NOTHING"
         ).format(schema=Identifier(datastore.schema), table=Identifier(BLOB_TABLE))
+        prefix = Identifier(datastore.schema).as_string(None) + "."
+        self.sql_create_statements.extend(SQL(s) for s in create_statements(prefix, "float8"))  # type: ignore[arg-type]
+        self.cap_counter: CapCounter | None = CapCounter(prefix, "%s")
+
+    def _create_table(self, curs: Cursor[DictRow]) -> None:
+        # Serialized with every other process creating this schema's tables (the views take
+        # the same lock): concurrent CREATE OR REPLACE FUNCTION fails otherwise.
+        curs.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(%s))", (DDL_LOCK + self.datastore.schema,)
+        )
+        super()._create_table(curs)
 
     def _insert_events(
         self,
@@ -60,8 +79,14 @@ class BlobRecordingPostgresRecorder(PostgresApplicationRecorder):
         stored_events: Sequence[Any],
         *,
         blobs: Sequence[tuple[str, bytes]] = (),
+        caps: CapClaim | None = None,
         **kwargs: Any,
     ) -> None:
+        if caps is not None and self.cap_counter is not None:
+            # The lock eventsourcing takes next, taken first: the counts read are the last
+            # committed, and no other node counts before this transaction ends.
+            self._lock_table(curs)
+            self.cap_counter.count(curs, caps)
         if blobs:
             curs.executemany(self._insert_blob, list(blobs))
         super()._insert_events(curs, stored_events, **kwargs)

@@ -20,6 +20,7 @@ from eventsourcing.sqlite import (
 )
 from eventsourcing.utils import Environment
 
+from sourceauth.adapters.storage.capcount import CapCounter, create_statements
 from sourceauth.adapters.storage.chain import (
     CHAIN_TABLE,
     GENESIS,
@@ -28,6 +29,7 @@ from sourceauth.adapters.storage.chain import (
     last_digest,
     links,
 )
+from sourceauth.engine.ports import CapClaim
 
 SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
 DEFAULT_LOCK_TIMEOUT = 30
@@ -76,11 +78,17 @@ class BlobRecordingSQLiteRecorder(SQLiteApplicationRecorder):
     chain_key: bytes | None = None
     _mac: Any = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # None: the caps are counted per process only (the engine benchmark's baseline).
+        self.cap_counter: CapCounter | None = CapCounter()
+
     def construct_create_table_statements(self) -> list[str]:
         return [
             *super().construct_create_table_statements(),
             CREATE_BLOB_TABLE,
             CREATE_CHAIN_TABLE,
+            *create_statements("", "REAL"),
         ]
 
     def _insert_events(
@@ -89,6 +97,7 @@ class BlobRecordingSQLiteRecorder(SQLiteApplicationRecorder):
         stored_events: Sequence[StoredEvent],
         *,
         blobs: Sequence[tuple[str, bytes]] = (),
+        caps: CapClaim | None = None,
         **kwargs: Any,
     ) -> Sequence[int] | None:
         if blobs:
@@ -98,6 +107,9 @@ class BlobRecordingSQLiteRecorder(SQLiteApplicationRecorder):
                 blobs,
             )
         positions = super()._insert_events(c, stored_events, **kwargs)
+        if caps is not None and self.cap_counter is not None:
+            # After a write: this transaction holds the write lock and reads the last commit.
+            self.cap_counter.count(c, caps)
         if self.chain_key is not None and positions:
             # After the insert: this transaction holds SQLite's write lock, so the head it
             # reads is the last one committed and no other writer can chain in between.

@@ -30,6 +30,7 @@ BLOB_GC = "sa_blob_gc"
 KEYRING = "sa_keyring"  # fingerprints of the keyring every node on this store must share
 LEASES = "sa_leases"  # outbound work claimed by one worker of one node until `until`
 TRACKING_NAME = "views"
+DDL_LOCK = "sourceauth-ddl:"  # + the schema: the advisory lock creating tables takes
 PAGE = 2000
 REBUILD_PAGE = 10000
 
@@ -57,6 +58,11 @@ class Dialect:
     def lock_tracking(self) -> str:
         return f"SELECT position FROM {TRACKING} WHERE name = ?"
 
+    def lock_ddl(self) -> str | None:
+        """A statement that serializes creating tables across processes (None: BEGIN
+        IMMEDIATE already does)."""
+        return None
+
 
 class PostgresDialect(Dialect):
     name = "postgresql"
@@ -70,6 +76,11 @@ class PostgresDialect(Dialect):
 
     def lock_tracking(self) -> str:
         return f"SELECT position FROM {TRACKING} WHERE name = ? FOR UPDATE"
+
+    def lock_ddl(self) -> str | None:
+        # Nodes (and each node's two processes) starting at once would otherwise collide in
+        # the catalog ("tuple concurrently updated"); the recorder takes the same lock.
+        return f"SELECT pg_advisory_xact_lock(hashtext('{DDL_LOCK}' || current_schema()))"
 
 
 def log_pages(recorder: ApplicationRecorder, page: int) -> Iterator[Sequence[Notification]]:
@@ -171,6 +182,8 @@ class SqlViews:
 
     def create_tables(self, *, indexes: bool = True) -> None:
         with self._tx(write=True) as cur:
+            if (lock := self.dialect.lock_ddl()) is not None:
+                self._x(cur, lock)
             for table, columns in p.TABLES.items():
                 cols = ", ".join(f"{c} {self.dialect.types[k]}" for c, k in columns)
                 self._x(

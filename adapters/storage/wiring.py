@@ -15,7 +15,14 @@ from eventsourcing.persistence import ApplicationRecorder, Mapper
 
 from sourceauth.adapters.storage.blobs import FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
+from sourceauth.adapters.storage.encryption import (
+    NOT_ENCRYPTED,
+    EncryptedBlobStore,
+    cipher_env,
+    key_mark,
+)
 from sourceauth.adapters.storage.postgres import PostgresBlobStore
+from sourceauth.adapters.storage.views import KEYRING as KEYRING_TABLE
 from sourceauth.adapters.storage.views import (
     Dialect,
     PostgresDialect,
@@ -48,6 +55,8 @@ class Storage:
     sqlite_synchronous: str = "FULL"
     blob_fsync: bool = True
     blobs: str = ""  # "database" (originals in the event transaction; the default) or "files"
+    # AES key (16, 24 or 32 bytes) for event state and originals at rest; None: not encrypted.
+    encryption_key: bytes | None = None
 
     @property
     def blob_location(self) -> str:
@@ -79,6 +88,7 @@ def create_sqlite_file(path: Path) -> None:
 def eventsourcing_env(storage: Storage) -> dict[str, str]:
     """The eventsourcing settings for this storage (the application name is the prefix)."""
     env = {"TRANSCODER_TOPIC": TRANSCODER, "AGGREGATE_CACHE_MAXSIZE": ""}
+    env.update(cipher_env(storage.encryption_key))
     if storage.kind == "sqlite":
         assert storage.sqlite_path is not None
         create_sqlite_file(storage.sqlite_path)
@@ -119,8 +129,18 @@ def views_factory(storage: Storage) -> Callable[[ApplicationRecorder, Mapper[UUI
     return build
 
 
-def open_blobs(storage: Storage) -> FileBlobStore | DatabaseBlobStore | PostgresBlobStore:
-    """The blob store this storage uses for message originals."""
+AnyBlobStore = FileBlobStore | DatabaseBlobStore | PostgresBlobStore | EncryptedBlobStore
+
+
+def open_blobs(storage: Storage) -> AnyBlobStore:
+    """The blob store this storage uses for message originals (encrypted with a key)."""
+    inner = _open_blobs(storage)
+    if storage.encryption_key is None:
+        return inner
+    return EncryptedBlobStore(inner, storage.encryption_key)
+
+
+def _open_blobs(storage: Storage) -> FileBlobStore | DatabaseBlobStore | PostgresBlobStore:
     if storage.blob_location == "database":
         if storage.kind == "postgresql":
             return PostgresBlobStore(storage.conninfo(), storage.pg_schema)
@@ -155,13 +175,86 @@ class KeyringMismatch(ValueError):
     other sender ids and mint tokens the other nodes cannot verify."""
 
 
-def check_keyring(app: SourceAuth, keyring: tokens.Keyring) -> None:
+class EncryptionMismatch(ValueError):
+    """The encryption key given (or its absence) is not what this store was first started
+    with: its events and originals could not be read, or would be written two ways."""
+
+
+ENCRYPTION = "encryption"  # the name of the key's mark among the keyring fingerprints
+
+
+def recorded_encryption(storage: Storage) -> str | None:
+    """The mark of the encryption key this store was first started with: NOT_ENCRYPTED for
+    a store with events from before encryption existed, None for a new store."""
+    if storage.kind == "sqlite":
+        import sqlite3
+
+        assert storage.sqlite_path is not None
+        if not storage.sqlite_path.exists():
+            return None
+        with sqlite3.connect(f"file:{storage.sqlite_path}?mode=ro", uri=True) as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+            return _mark_in(tables, "", "stored_events", lambda q, a: db.execute(q, a).fetchone())
+    import psycopg
+
+    schema = storage.pg_schema or "public"
+    with psycopg.connect(storage.conninfo(), connect_timeout=CONNECT_TIMEOUT) as conn:
+        tables = {
+            r[0]
+            for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                (schema,),
+            )
+        }
+        return _mark_in(
+            tables,
+            f'"{schema}".',
+            "sourceauth_events",
+            lambda q, a: conn.execute(q.replace("?", "%s"), a).fetchone(),
+        )
+
+
+def _mark_in(
+    tables: set[str], prefix: str, events: str, one: Callable[[str, tuple[Any, ...]], Any]
+) -> str | None:
+    if KEYRING_TABLE in tables:
+        row = one(f"SELECT fingerprint FROM {prefix}{KEYRING_TABLE} WHERE name = ?", (ENCRYPTION,))
+        if row:
+            return str(row[0])
+    if events in tables and one(f"SELECT 1 FROM {prefix}{events} LIMIT 1", ()):
+        return NOT_ENCRYPTED
+    return None
+
+
+def check_encryption(storage: Storage) -> None:
+    """Refuse a key that is not the store's (before anything is read with it)."""
+    found, ours = recorded_encryption(storage), key_mark(storage.encryption_key)
+    if found is None or found == ours:
+        return
+    if found == NOT_ENCRYPTED:
+        raise EncryptionMismatch(
+            "this store is not encrypted, but an encryption key is given: remove "
+            "[storage] encryption_key_file and SOURCEAUTH_ENCRYPTION_KEY, or start a new store"
+        )
+    if ours == NOT_ENCRYPTED:
+        raise EncryptionMismatch(
+            "this store is encrypted: set [storage] encryption_key_file (or "
+            "SOURCEAUTH_ENCRYPTION_KEY) to the key it was first started with"
+        )
+    raise EncryptionMismatch(
+        "the encryption key differs from the one this store was first started with: "
+        "use that key (every node the same)"
+    )
+
+
+def check_keyring(app: SourceAuth, keyring: tokens.Keyring, encryption: str = "") -> None:
     """Record this keyring's fingerprints at the first start; refuse a keyring that differs
-    from the recorded one in its id key or in a key id both have (a new key id is fine)."""
+    from the recorded one in its id key or in a key id both have (a new key id is fine).
+    `encryption` (the key's mark) is recorded beside them at the first start."""
     if not isinstance(app.views, SqlViews):
         return
     ours = tokens.fingerprints(keyring)
-    stored = app.views.record_keyring(ours)
+    stored = app.views.record_keyring({**ours, ENCRYPTION: encryption} if encryption else ours)
     differ = sorted(name for name, mark in ours.items() if stored.get(name, mark) != mark)
     if differ:
         raise KeyringMismatch(
@@ -188,6 +281,7 @@ def open_engine(
         if storage.pg_schema:
             # eventsourcing creates its tables but not the schema they live in.
             postgres_connector(storage.conninfo(), storage.pg_schema)().close()
+    check_encryption(storage)
     # eventsourcing merges os.environ first; these explicit settings win over stray variables.
     env = eventsourcing_env(storage)
     app = SourceAuth(
@@ -203,7 +297,7 @@ def open_engine(
     # The audit chain's key comes from the keyring, never from the database: chain every
     # event from here on (and any this store holds from before the chain existed).
     try:
-        check_keyring(app, keyring)
+        check_keyring(app, keyring, key_mark(storage.encryption_key))
         app.recorder.attach_chain(tokens.audit_chain_key(keyring))  # type: ignore[attr-defined]
     except BaseException:
         app.close()

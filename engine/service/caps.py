@@ -58,6 +58,7 @@ def over_cap(ctx: Context, unit: Unit, sender: str, sender_id: UUID, now: float)
     if other is not None and other.challenge_pending and other.challenge_id == found[1]:
         return MAILBOX_PENDING
     del ctx.pending_mailboxes[mailbox]  # that challenge ended: the mailbox is free
+    unit.replaced_mailboxes[mailbox] = found[1]  # the store may overwrite that one's row
     return None
 
 

@@ -26,9 +26,12 @@ from sourceauth.engine.message import Message
 from sourceauth.engine.policy import ChallengeRateLimiter
 from sourceauth.engine.ports import (
     BlobStore,
+    CapClaim,
+    CapsTaken,
     ChallengeTransport,
     Clock,
     DeliveryTransport,
+    MailboxClaim,
     ViewStore,
 )
 from sourceauth.engine.rules import Rule, RuleCache
@@ -47,7 +50,7 @@ SENDER_CACHE_SIZE = 20_000
 SENDER_CACHE_TTL = 2.0  # seconds a cached sender is trusted before a check for newer events
 BATCH_LIMIT = 500
 MAILBOXES_PRUNE_MIN = 10_000  # pending-challenge mailboxes kept before lapsed ones are dropped
-WORK_LEASE = 300.0  # seconds a claimed send or delivery stays with its worker (after a crash)
+WORK_LEASE = EngineSettings().work_lease  # the default of settings.work_lease (seconds)
 
 
 def ts(seconds: float) -> datetime:
@@ -69,6 +72,8 @@ class Unit:
     challenged_domains: Counter[str] = field(default_factory=Counter)  # of `challenges`
     challenged_mailboxes: set[str] = field(default_factory=set)  # of `challenges`
     rules: list[Rule] = field(default_factory=list)  # rules declared or removed (engine/rules.py)
+    # Mailbox -> the challenge id this unit saw end there (over_cap freed the mailbox).
+    replaced_mailboxes: dict[str, str] = field(default_factory=dict)
 
     def count_challenge(
         self, domain: str, mailbox: str, sender_id: UUID, challenge_id: str, expires: float
@@ -244,10 +249,41 @@ class Context:
             evicted, _ = self._senders.popitem(last=False)
             self._checked.pop(evicted, None)
 
+    def cap_claim(self, unit: Unit, now: float) -> CapClaim:
+        """What the store counts for this unit's challenges, in its events' transaction."""
+        limits = self.settings.limits
+        return CapClaim(
+            now=now,
+            minute=int(now // 60),
+            domains=tuple(unit.challenged_domains.items()),
+            per_domain=limits.challenges_per_domain_per_hour,
+            total=limits.challenges_per_hour,
+            mailboxes=tuple(
+                MailboxClaim(
+                    mailbox=mailbox,
+                    sender_id=sender_id.hex,
+                    challenge_id=challenge_id,
+                    expires=expires,
+                    replaces=unit.replaced_mailboxes.get(mailbox, ""),
+                )
+                for _, mailbox, sender_id, challenge_id, expires in unit.challenges
+            ),
+        )
+
+    def caps_taken(self, taken: CapsTaken) -> None:
+        """Learn the store's counts and the mailboxes other nodes hold, for the retry."""
+        self.limiter.at_least(taken.counts, self.clock())
+        for mailbox, (sender_id, challenge_id, expires) in taken.mailboxes.items():
+            sid = UUID(sender_id)
+            self.pending_mailboxes[mailbox] = (sid, challenge_id, expires)
+            self._senders.pop(sid, None)  # read that sender fresh: is its challenge pending?
+
     def _commit(self, unit: Unit, save_kwargs: dict[str, Any]) -> None:
         aggregates = unit.aggregates()
         if not aggregates:
             return
+        if unit.challenges:
+            save_kwargs = {**save_kwargs, "caps": self.cap_claim(unit, self.clock())}
         try:
             self.app.save(*aggregates, **save_kwargs)
         except Exception:
@@ -311,7 +347,9 @@ class Context:
                         self._rehearse(unit, self.rehearsal)
                         return result  # nothing happened: nothing to log
                     self._commit(unit, save_kwargs)
-                except IntegrityError:
+                except IntegrityError as exc:
+                    if isinstance(exc, CapsTaken):
+                        self.caps_taken(exc)
                     log.info("concurrency_conflict", use_case=what, attempt=attempt)
                     self.catch_up()
                     continue

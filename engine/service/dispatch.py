@@ -21,7 +21,7 @@ from sourceauth.engine.api import (
 from sourceauth.engine.errors import ChallengeNotPending, NotAwaitingDelivery, TemporaryFailure
 from sourceauth.engine.message import QUEUED, Message
 from sourceauth.engine.service import replies
-from sourceauth.engine.service.context import BATCH_LIMIT, WORK_LEASE, Context, Unit, ts
+from sourceauth.engine.service.context import BATCH_LIMIT, Context, Unit, ts
 from sourceauth.engine.settings import EngineSettings
 
 
@@ -56,7 +56,7 @@ def _claimed(
     ctx: Context, kind: str, fetch: Callable[[], list[R]], key: Callable[[R], str]
 ) -> Iterator[list[R]]:
     """Due rows leased to this engine until their outcomes are recorded: no other thread,
-    process or node sends them meanwhile. A crashed holder's lease lapses after WORK_LEASE
+    process or node sends them meanwhile. A crashed holder's lease lapses after settings.work_lease
     seconds; whoever takes the work over then sends it again (same token, same id)."""
     with ctx.lock:
         ctx.catch_up()
@@ -68,7 +68,9 @@ def _claimed(
         if due:
             now = ctx.clock()
             work = {f"{kind}:{key(r)}": r for r in due}
-            leased = ctx.views.claim_work(list(work), ctx.holder, now, now + WORK_LEASE)
+            leased = ctx.views.claim_work(
+                list(work), ctx.holder, now, now + ctx.settings.work_lease
+            )
             if leased:
                 # Another worker may have finished some of these between our read and our
                 # lease (and released it): read the queue again, now that we hold them.

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 from collections import Counter
 
+from sourceauth.engine.policy import Limits
 from tests.conftest import EngineFactory, incoming, reply_to_challenge
 from tests.integration.test_engine import run_together
 from tests.support.fakes import FakeChallenges, FakeDeliveries
+from tests.support.shared_caps import (
+    flood_one_domain_through_both,
+    one_pending_challenge_per_mailbox,
+    total_cap_across_domains,
+)
 
 BOB = "bob@example.test"
 
@@ -35,3 +41,22 @@ def test_two_engines_on_one_file_send_each_challenge_and_delivery_once(
     assert {m.state for m in b.quarantine(state="delivered")} == {"delivered"}
     assert len(b.quarantine(state="delivered")) == len(senders)
     assert not a.views.claimed_work()  # type: ignore[attr-defined]
+
+
+def test_two_engines_on_one_file_share_the_domain_cap(make_engine: EngineFactory) -> None:
+    limits = Limits(challenges_per_domain_per_hour=5)
+    a, b = make_engine(limits=limits), make_engine(limits=limits)
+    flood_one_domain_through_both(a, b, cap=5)
+
+
+def test_two_engines_on_one_file_share_the_hourly_cap(make_engine: EngineFactory) -> None:
+    limits = Limits(challenges_per_hour=6)
+    a, b = make_engine(limits=limits), make_engine(limits=limits)
+    total_cap_across_domains(a, b, cap=6)
+
+
+def test_two_engines_on_one_file_keep_one_pending_challenge_per_mailbox(
+    make_engine: EngineFactory,
+) -> None:
+    a, b = make_engine(), make_engine()
+    one_pending_challenge_per_mailbox(a, b)

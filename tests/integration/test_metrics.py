@@ -4,6 +4,7 @@ once the filter is idle, every figure equals what the scenario did."""
 from __future__ import annotations
 
 import smtplib
+import sqlite3
 import threading
 import urllib.request
 from pathlib import Path
@@ -39,16 +40,21 @@ def value(
     return samples[(name, tuple(sorted(labels.items())))]
 
 
+def metrics_filter(tmp_path: Path, relay: Sink, next_hop: Sink, port: int) -> RunningFilter:
+    """A filter as `serve` runs it (workers in their own process), /metrics on `port`."""
+    config = write_config(
+        tmp_path,
+        relay=f"smtp://127.0.0.1:{relay.port}",
+        next_hop=f"smtp://127.0.0.1:{next_hop.port}",
+        extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\n',
+    )
+    return RunningFilter(load_config(config), workers="process")
+
+
 def test_metrics_scraped_during_smtp_load_match_what_happened(tmp_path: Path) -> None:
     port = free_port()
     with Sink() as relay, Sink() as next_hop:
-        config = write_config(
-            tmp_path,
-            relay=f"smtp://127.0.0.1:{relay.port}",
-            next_hop=f"smtp://127.0.0.1:{next_hop.port}",
-            extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\n',
-        )
-        flt = RunningFilter(load_config(config), workers="process")
+        flt = metrics_filter(tmp_path, relay, next_hop, port)
         try:
             protected = [0] * CLIENTS
 
@@ -111,3 +117,29 @@ def test_no_metrics_endpoint_unless_configured(tmp_path: Path) -> None:
         assert flt.filter.metrics is None
     finally:
         flt.stop()
+
+
+def test_an_unreadable_original_is_counted_and_its_copy_stays_queued(tmp_path: Path) -> None:
+    port, friend = free_port(), "friend@remote.test"
+    with Sink() as relay, Sink(data_reply="451 4.3.0 not now") as next_hop:
+        flt = metrics_filter(tmp_path, relay, next_hop, port)
+        try:
+            flt.app.authorize(friend, actor="test", reason="a known sender")
+            flt.send(friend, [BOB], message(friend, BOB, "lost original"))
+            # the first attempt reads the original and is deferred by the next hop
+            wait_until(
+                lambda: value(scrape(port), "sourceauth_deliveries_total", outcome="deferred") >= 1,
+                message="a deferred delivery",
+            )
+            with sqlite3.connect(tmp_path / "var" / "sourceauth.db") as db:
+                assert db.execute("DELETE FROM sa_blob_data").rowcount == 1
+            wait_until(
+                lambda: value(scrape(port), "sourceauth_originals_unreadable_total") >= 2,
+                message="retried attempts counted as unreadable",
+            )
+            after = scrape(port)
+        finally:
+            flt.stop()
+    assert value(after, "sourceauth_delivery_queue_depth") == 1  # never failed for this
+    assert value(after, "sourceauth_deliveries_total", outcome="failed") == 0
+    assert value(after, "sourceauth_deliveries_total", outcome="delivered") == 0

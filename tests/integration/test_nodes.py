@@ -41,13 +41,16 @@ def node_config(root: Path, url: str) -> Path:
     return path
 
 
-def sourceauth(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def sourceauth(
+    config: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sourceauth.adapters.cli", *args, "--config", str(config)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         check=False,
+        env=env,
     )
 
 

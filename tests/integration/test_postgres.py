@@ -24,6 +24,7 @@ from sourceauth.adapters.storage.wiring import open_engine
 from sourceauth.engine import tokens
 from sourceauth.engine.api import BounceInfo, Decision, MaintenanceReport, Receipt
 from sourceauth.engine.application import SourceAuth
+from sourceauth.engine.policy import Limits
 from sourceauth.engine.service.context import WORK_LEASE
 from tests.conftest import (
     FakeChallenges,
@@ -42,6 +43,11 @@ from tests.integration.smtp_harness import (
     parsed,
     token_of,
     write_config,
+)
+from tests.support.shared_caps import (
+    flood_one_domain_through_both,
+    one_pending_challenge_per_mailbox,
+    total_cap_across_domains,
 )
 from tests.support.smtp_sink import Sink
 from tests.support.waiting import wait_outbound_idle, wait_until
@@ -275,12 +281,13 @@ def test_two_nodes_racing_the_first_message_from_one_sender_record_one_challenge
             _save: Any = original,
             _name: str = name,
             _first: list[bool] = first,
+            **kwargs: Any,
         ) -> Any:
             if _first[0]:
                 _first[0] = False
                 gate.wait(timeout=10)
             try:
-                return _save(*aggregates)
+                return _save(*aggregates, **kwargs)
             except IntegrityError:
                 conflicts[_name] += 1
                 raise
@@ -623,3 +630,17 @@ def test_a_dead_workers_leases_lapse_and_another_node_sends_with_the_same_token_
     assert stuck_relay.sent[0].token == token
     assert stuck_hop.jobs[0].message_id == hop.jobs[0].message_id
     assert alive.quarantine(sender=ALICE)[0].state == "delivered"
+
+
+def test_two_nodes_share_the_domain_cap_counted_in_the_database(node: Node) -> None:
+    limits = Limits(challenges_per_domain_per_hour=5)
+    flood_one_domain_through_both(node(limits=limits), node(limits=limits), cap=5)
+
+
+def test_two_nodes_share_the_hourly_cap_counted_in_the_database(node: Node) -> None:
+    limits = Limits(challenges_per_hour=6)
+    total_cap_across_domains(node(limits=limits), node(limits=limits), cap=6)
+
+
+def test_two_nodes_keep_one_pending_challenge_per_mailbox(node: Node) -> None:
+    one_pending_challenge_per_mailbox(node(), node())

@@ -51,6 +51,8 @@ class _Handler:
         address: str,
         mail_options: list[str],
     ) -> str:
+        if self.sink.mail_delay:  # a slow next hop, without stalling other sessions
+            await asyncio.sleep(self.sink.mail_delay)
         reply = self.sink.mail_reply(address) if self.sink.mail_reply else "250 OK"
         if _is_ok(reply):
             envelope.mail_from = address
@@ -131,6 +133,7 @@ class Sink:
     lmtp_reply(address) scripts per-recipient LMTP replies after DATA. fsync_dir: write each
     accepted message to a file there and fsync it (off the event loop) before replying.
     keep: store accepted messages in self.messages; with keep=False only self.count grows.
+    mail_delay: seconds each MAIL command waits before its reply (other sessions go on).
     SMTPUTF8 is enabled and data is not decoded (8-bit bytes arrive as sent).
     """
 
@@ -145,8 +148,10 @@ class Sink:
         mail_reply: Callable[[str], str] | None = None,
         lmtp_reply: Callable[[str], str] | None = None,
         host: str = "127.0.0.1",
+        mail_delay: float = 0.0,
     ) -> None:
         self.lmtp = lmtp
+        self.mail_delay = mail_delay
         self.rcpt_reply = rcpt_reply
         self.data_reply = data_reply
         self.fsync_dir = fsync_dir

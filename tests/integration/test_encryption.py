@@ -1,0 +1,143 @@
+"""Encryption at rest (issue 8, item 5): with a key, event state and originals are AES-GCM
+ciphertext in the SQLite file, in PostgreSQL and in blob files; the filter works as before
+(challenge, confirmation, delivery of the plaintext), `audit verify` passes, and a wrong or
+missing key is refused in one line, exit 2."""
+
+from __future__ import annotations
+
+import base64
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sourceauth.adapters.config import load_config
+from tests.integration.pg import PgSchema, pg_schema_fixture, postgres
+from tests.integration.smtp_harness import RunningFilter, message, parsed, token_of, write_config
+from tests.integration.test_nodes import sourceauth as cli
+from tests.support.smtp_sink import Sink
+
+STRANGER = "zebra.marker@remote-secret.test"
+PROTECTED = "bob@example.test"
+SUBJECT = "Subject Marker XYZZY"
+BODY = "Body marker PLUGH, the secret lunch plan.\r\n"
+MARKERS = (b"zebra.marker", b"remote-secret", b"XYZZY", b"PLUGH", b"secret lunch")
+
+
+@pytest.fixture
+def pg() -> Iterator[PgSchema]:
+    yield from pg_schema_fixture()
+
+
+def new_key(path: Path) -> Path:
+    path.write_text(base64.b64encode(os.urandom(32)).decode() + "\n", encoding="ascii")
+    path.chmod(0o600)
+    return path
+
+
+def config(tmp: Path, relay: Sink, next_hop: Sink, storage: str) -> Path:
+    path = write_config(tmp, relay=relay.url, next_hop=next_hop.url)
+    path.write_text(path.read_text() + f"\n[storage]\n{storage}\n", encoding="utf-8")
+    return path
+
+
+def assert_no_plaintext(name: str, raw: bytes) -> None:
+    found = [m.decode() for m in MARKERS if m in raw]
+    assert not found, f"{name}: {found} readable at rest"
+
+
+def run_flow(tmp_path: Path, storage: str) -> Path:
+    with Sink() as relay, Sink() as next_hop:
+        path = config(tmp_path, relay, next_hop, storage)
+        flt = RunningFilter(load_config(path))
+        try:
+            flt.send(STRANGER, [PROTECTED], message(STRANGER, PROTECTED, SUBJECT, BODY))
+            token = token_of(relay.wait_for(1, timeout=30)[0])
+            confirm = f"confirm+{token}@example.test"
+            flt.send(STRANGER, [confirm], message(STRANGER, confirm, "Re: " + SUBJECT, BODY))
+            [delivered] = next_hop.wait_for(1, timeout=30)
+            assert parsed(delivered)["Subject"] == SUBJECT
+            assert b"PLUGH" in delivered.data  # the next hop gets the plaintext
+        finally:
+            flt.stop()
+    verified = cli(path, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    return path
+
+
+@pytest.mark.parametrize("blobs", ["database", "files"])
+def test_sqlite_events_and_originals_are_ciphertext_at_rest(tmp_path: Path, blobs: str) -> None:
+    key = new_key(tmp_path / "encryption.key")
+    run_flow(tmp_path, f'encryption_key_file = "{key}"\nblobs = "{blobs}"')
+    db = tmp_path / "var" / "sourceauth.db"
+    with sqlite3.connect(db) as conn:
+        states = b"".join(bytes(r[0]) for r in conn.execute("SELECT state FROM stored_events"))
+        originals = [bytes(r[0]) for r in conn.execute("SELECT data FROM sa_blob_data")]
+    assert len(states) > 1000
+    assert_no_plaintext("stored_events.state", states)
+    files = [p.read_bytes() for p in (tmp_path / "var" / "blobs").rglob("*") if p.is_file()]
+    stored = originals if blobs == "database" else files
+    assert len(stored) == 2, (len(originals), len(files))  # the held original and the reply
+    for data in stored:
+        assert_no_plaintext(f"original ({blobs})", data)
+
+
+@postgres
+def test_postgresql_events_and_originals_are_ciphertext_at_rest(
+    tmp_path: Path, pg: PgSchema
+) -> None:
+    key = new_key(tmp_path / "encryption.key")
+    run_flow(tmp_path, f'url = "{pg.url}"\nencryption_key_file = "{key}"')
+    states = b"".join(bytes(r[0]) for r in pg.query("SELECT state FROM sourceauth_events"))
+    originals = [bytes(r[0]) for r in pg.query("SELECT data FROM sa_blob_data")]
+    assert len(states) > 1000 and len(originals) == 2
+    assert_no_plaintext("sourceauth_events.state", states)
+    for data in originals:
+        assert_no_plaintext("sa_blob_data.data", data)
+
+
+def test_a_wrong_missing_or_loose_key_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    key = new_key(tmp_path / "encryption.key")
+    path = write_config(tmp_path, relay="smtp://127.0.0.1:9", next_hop="smtp://127.0.0.1:9")
+    base = path.read_text()
+    path.write_text(base + f'\n[storage]\nencryption_key_file = "{key}"\n', encoding="utf-8")
+    first = cli(path, "senders", "allow", STRANGER)
+    assert first.returncode == 0, first.stderr
+    env = {k: v for k, v in os.environ.items() if k != "SOURCEAUTH_ENCRYPTION_KEY"}
+
+    def refused(expect: str, *, with_env: dict[str, str] | None = None) -> None:
+        for command in (("senders", "list"), ("serve",)):
+            out = cli(path, *command, env=with_env or env)
+            lines = out.stderr.strip().splitlines()
+            assert out.returncode == 2 and len(lines) == 1, (command, out.stderr)
+            assert expect in lines[0], lines[0]
+
+    good = key.read_text()
+    new_key(key)
+    refused("the encryption key differs from the one this store was first started with")
+    key.write_text(good)
+    key.chmod(0o644)
+    refused("readable by others (mode 0644); chmod 600 it")
+    key.chmod(0o600)
+    path.write_text(base, encoding="utf-8")  # no key at all
+    refused("this store is encrypted: set [storage] encryption_key_file")
+    # the same key from the environment works
+    listed = cli(path, "senders", "list", env={**env, "SOURCEAUTH_ENCRYPTION_KEY": good.strip()})
+    assert listed.returncode == 0 and STRANGER in listed.stdout, listed.stderr
+    refused(
+        "SOURCEAUTH_ENCRYPTION_KEY: not base64",
+        with_env={**env, "SOURCEAUTH_ENCRYPTION_KEY": "%%%"},
+    )
+
+
+def test_a_key_given_to_a_store_that_is_not_encrypted_is_refused(tmp_path: Path) -> None:
+    path = write_config(tmp_path, relay="smtp://127.0.0.1:9", next_hop="smtp://127.0.0.1:9")
+    assert cli(path, "senders", "allow", STRANGER).returncode == 0  # no key: plaintext store
+    key = new_key(tmp_path / "encryption.key")
+    path.write_text(path.read_text() + f'\n[storage]\nencryption_key_file = "{key}"\n')
+    out = cli(path, "senders", "list")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert "this store is not encrypted, but an encryption key is given" in lines[0]
