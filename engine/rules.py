@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 from uuid import UUID
 
+import re2  # type: ignore[import-untyped]  # google-re2: linear-time matching
 from eventsourcing.domain import Aggregate
 
 from sourceauth.engine.addresses import (
@@ -138,7 +139,10 @@ def check_regex(regex: str) -> None:
     """Refuse a regex that could backtrack catastrophically: longer than MAX_PATTERN_CHARS, a
     repeat inside a repeat (`(a+)+`), an alternation inside a repeat (`(a|a)*`), back
     references and look-arounds. With these gone the match time is polynomial (low degree) in
-    the input, and the input is an address of at most MAX_MATCHED_CHARS characters."""
+    the input, and the input is an address of at most MAX_MATCHED_CHARS characters. Regex
+    rules are then matched by RE2 (google-re2), whose time is linear in the input whatever
+    the pattern: adjacent repeats such as `a{2,}a{2,}a{2,}` would otherwise be polynomial of
+    high degree. A regex RE2 cannot compile is refused here."""
     if not regex:
         raise InvalidInput("re: needs a regular expression")
     if len(regex) > MAX_PATTERN_CHARS:
@@ -154,6 +158,10 @@ def check_regex(regex: str) -> None:
     problem = _unsafe(parsed, inside_repeat=False)
     if problem:
         raise InvalidInput(f"regex {regex!r} refused: {problem} (it could backtrack without end)")
+    try:
+        re2.compile(regex)
+    except re2.error as exc:
+        raise InvalidInput(f"regex {regex!r} refused: RE2 cannot match it ({exc})") from exc
 
 
 def _unsafe(items: Any, *, inside_repeat: bool) -> str:
@@ -310,8 +318,10 @@ class _Table:
             else:
                 source = compile_pattern(Pattern(rule.kind, rule.pattern))
                 alternations[rule.kind].append((source, rule))
-        self.wildcard = _Alternation(alternations["wildcard"])
-        self.regex = _Alternation(alternations["regex"])
+        # fnmatch's translation of several stars needs look-aheads (Python's re; it is built
+        # not to backtrack); regexes go to RE2, linear in the input (see check_regex).
+        self.wildcard = _Alternation(alternations["wildcard"], linear=False)
+        self.regex = _Alternation(alternations["regex"], linear=True)
 
     def first(self, address: str, base: str, domain: str) -> RuleView | None:
         found = self.exact.get(address) or (self.exact.get(base) if base != address else None)
@@ -324,14 +334,17 @@ class _Table:
 
 
 class _Alternation:
-    def __init__(self, items: list[tuple[str, RuleView]]) -> None:
+    def __init__(self, items: list[tuple[str, RuleView]], *, linear: bool) -> None:
         self.rules = [rule for _, rule in items]
-        self.regex: re.Pattern[str] | None = None
+        self.regex: Any = None  # a compiled re or re2 pattern: fullmatch, lastgroup
         if items:
             body = "|".join(f"(?P<r{i}>(?:{source}))" for i, (source, _) in enumerate(items))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                self.regex = re.compile(body, re.IGNORECASE | re.DOTALL)
+            if linear:
+                self.regex = re2.compile("(?is)" + body)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    self.regex = re.compile(body, re.IGNORECASE | re.DOTALL)
 
     def first(self, address: str) -> RuleView | None:
         if self.regex is None:
