@@ -80,6 +80,8 @@ def read_only(func: F) -> F:
 
         try:
             require_store(storage_of(cfg))
+        except ConfigError as exc:
+            raise BadInput(str(exc)) from exc
         except StoreMissing as exc:
             if exc.__cause__ is None:  # (a store it cannot reach: opening it says why, exit 1)
                 raise BadInput(str(exc)) from exc
