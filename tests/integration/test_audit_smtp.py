@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.smtp_harness import free_port, message, parsed, token_of
-from tests.integration.test_crash_safety import Server, cli
+from tests.integration.smtp_harness import dsn, free_port, message, parsed, token_of
+from tests.integration.test_crash_safety import Server, cli, write_config
 from tests.support.smtp_sink import Sink
 from tests.support.waiting import wait_until
 
@@ -29,62 +29,9 @@ ALICE = "alice@remote.test"  # answers her challenge
 CAROL = "carol@faraway.test"  # her challenge bounces
 
 
-def write_config(tmp: Path, port: int, relay: Sink, next_hop: Sink) -> Path:
-    path = tmp / "sourceauth.toml"
-    path.write_text(
-        f"""
-[server]
-listen = "127.0.0.1:{port}"
-hostname = "mx.example.test"
-data_dir = "{tmp / "var"}"
-
-[policy]
-protected = ["example.test"]
-
-[challenge]
-relay = "{relay.url}"
-confirm_address = "confirm@example.test"
-bounce_address = "bounces@example.test"
-retry_initial = "1s"
-retry_max = "2s"
-
-[delivery]
-next_hop = "{next_hop.url}"
-retry_initial = "1s"
-retry_max = "2s"
-
-[maintenance]
-interval = "1h"
-
-[logging]
-format = "json"
-level = "warning"
-""",
-        encoding="utf-8",
-    )
-    return path
-
-
 def send(port: int, mail_from: str, rcpt: str, raw: bytes) -> None:
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         assert client.sendmail(mail_from, [rcpt], raw) == {}
-
-
-def dsn_for(challenge_bounce_to: str, failed: str) -> bytes:
-    return (
-        "From: MAILER-DAEMON@faraway.test\r\n"
-        f"To: {challenge_bounce_to}\r\n"
-        "Subject: Undelivered Mail Returned to Sender\r\n"
-        "Auto-Submitted: auto-replied\r\n"
-        "MIME-Version: 1.0\r\n"
-        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n'
-        "\r\n--B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n"
-        "--B\r\nContent-Type: message/delivery-status\r\n\r\n"
-        "Reporting-MTA: dns; mx.faraway.test\r\n\r\n"
-        f"Final-Recipient: rfc822; {failed}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
-        "Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n"
-        "\r\n--B--\r\n"
-    ).encode()
 
 
 def ok(config: Path, *args: str) -> str:
@@ -109,7 +56,7 @@ def senders_now(config: Path) -> dict[str, str]:
 def test_audit_commands_read_a_log_written_through_smtp(tmp_path: Path) -> None:
     port = free_port()
     with Sink() as relay, Sink() as next_hop:
-        config = write_config(tmp_path, port, relay, next_hop)
+        config = write_config(tmp_path, port, relay, next_hop, maintenance="1h")  # run below
         server = Server(config, port, tmp_path / "serve.log")
         server.start()
         try:
@@ -126,7 +73,7 @@ def test_audit_commands_read_a_log_written_through_smtp(tmp_path: Path) -> None:
             assert delivered.rcpt_tos == [BOB] and parsed(delivered)["Subject"] == "Lunch?"
             alice_mid = parsed(delivered)["X-SourceAuth-Id"]
 
-            send(port, "", challenges[CAROL].mail_from, dsn_for(challenges[CAROL].mail_from, CAROL))
+            send(port, "", challenges[CAROL].mail_from, dsn(challenges[CAROL].mail_from, CAROL))
             wait_until(
                 lambda: senders_now(config).get(CAROL) == "expired",
                 timeout=60,
