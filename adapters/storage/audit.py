@@ -200,10 +200,14 @@ def compare_views(app: SourceAuth, progress: ProgressFactory = quiet) -> Fault |
 
         fresh = SqlViews(connect, Dialect(), app.recorder, app.mapper)
         try:
+            # The long replay first, up to where the live views stand now; then, in one read
+            # snapshot of the live views (held only while comparing), the few events they
+            # took since: both sides at the same position even while other nodes write.
+            until = live_views.position()
+            with progress("rebuilding the views", until) as bar:
+                fresh.catch_up(lambda _id, _version: bar.advance(), stop=until)
             with live_views.snapshot() as live:
-                position = live.position()  # other nodes may go on writing: compare here
-                with progress("rebuilding the views", position) as bar:
-                    fresh.catch_up(lambda _id, _version: bar.advance(), stop=position)
+                fresh.catch_up(stop=live.position())
                 with fresh.snapshot() as rebuilt:
                     return _first_difference(live, rebuilt, progress)
         finally:
