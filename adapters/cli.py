@@ -443,6 +443,28 @@ def _short_time(iso: str | None) -> str:
     return (iso or "")[:19].replace("T", " ")
 
 
+_open_bars: dict[int, Any] = {}
+
+
+def _progress(
+    label: str, total: int | None = None, unit: str = "events"
+) -> Callable[[int], None] | None:
+    """A started progress bar for commands that hand a callback down (called with the count
+    so far), or None when stderr is not a terminal; end it with `_end_progress`. Where a
+    `with` block fits, use `sourceauth.adapters.progress.progress` itself."""
+    if not on_terminal(sys.stderr):
+        return None
+    bar = progress(label, total, unit=unit)
+    ticker = bar.__enter__()
+    _open_bars[id(ticker)] = bar
+    return ticker
+
+
+def _end_progress(ticker: Callable[[int], None] | None) -> None:
+    if ticker is not None:
+        _open_bars.pop(id(ticker)).__exit__(None, None, None)
+
+
 def _moment(text: str) -> datetime:
     try:
         at = datetime.fromisoformat(text)

@@ -13,6 +13,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,23 +44,29 @@ def on_terminal(argv: list[str], *, stdout_too: bool = False) -> tuple[int, str,
         env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "160"},
     )
     os.close(slave)
-    shown = bytearray()
-    while True:  # read the terminal until the command closes it
-        ready, _, _ = select.select([master], [], [], 1.0)
-        if ready:
+    shown = read_all(master, running=lambda: child.poll() is None)
+    out = child.stdout.read().decode() if child.stdout else ""
+    status = child.wait(timeout=60)
+    return status, ANSI.sub("", shown.decode("utf-8", "replace")).replace("\r", "\n"), out
+
+
+def read_all(master: int, running: Callable[[], bool] = lambda: False) -> bytes:
+    """Read a pseudo-terminal until its writers close it or, once nothing more comes,
+    `running()` says they are done; then close it."""
+    shown = b""
+    while True:
+        if select.select([master], [], [], 0.5)[0]:
             try:
                 chunk = os.read(master, 65536)
             except OSError:  # EIO: the last writer has gone
                 break
             if not chunk:
                 break
-            shown.extend(chunk)
-        elif child.poll() is not None:
+            shown += chunk
+        elif not running():
             break
-    out = child.stdout.read().decode() if child.stdout else ""
-    status = child.wait(timeout=60)
     os.close(master)
-    return status, ANSI.sub("", shown.decode("utf-8", "replace")).replace("\r", "\n"), out
+    return shown
 
 
 @pytest.fixture
@@ -188,14 +195,27 @@ def test_the_helper_draws_an_unknown_total_and_hands_rich_at_most_ten_counts_a_s
         with progress("importing senders", None, unit="senders", stream=terminal) as drawn:
             assert isinstance(drawn, RichTicker)
             drawn.advance(7)
-    shown = b""
-    while select.select([master], [], [], 0.2)[0]:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(master)
+    shown = read_all(master)
     assert re.search(r"importing senders\s.*7/7 senders", ANSI.sub("", shown.decode())), shown
+
+
+def test_the_callback_form_for_commands_that_hand_a_counter_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sourceauth.adapters import cli
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert cli._progress("imported") is None
+    cli._end_progress(None)
+
+    master, slave = pty.openpty()
+    with open(slave, "w", encoding="utf-8", closefd=True) as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        count = cli._progress("imported", 5, unit="senders")
+        assert count is not None
+        for done in range(1, 6):
+            count(done)
+        cli._end_progress(count)
+        assert cli._open_bars == {}
+    shown = read_all(master)
+    assert re.search(r"imported\s.*5/5 senders", ANSI.sub("", shown.decode())), shown
