@@ -799,7 +799,12 @@ class ViewSnapshot:
         """Every row of one view, ordered by its key, streamed."""
         columns = p.TABLES[table]
         cols = ", ".join(c for c, _ in columns)
-        statement = f"SELECT {cols} FROM {table} ORDER BY {columns[0][0]}"
+        key = columns[0][0]
+        if self._dialect.name != "sqlite" and columns[0][1] == "text":
+            # byte order, as SQLite's: a database collation (en_US…) would order the same keys
+            # differently from the scratch rebuild they are compared with
+            key += ' COLLATE "C"'
+        statement = f"SELECT {cols} FROM {table} ORDER BY {key}"
         if self._dialect.name == "sqlite":
             cur = self._conn.cursor()  # sqlite3 steps the statement as rows are taken
         else:
