@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from sourceauth.adapters.config import Config, ConfigError, load_config
+from sourceauth.adapters.progress import on_terminal, progress, quiet
 from sourceauth.engine.errors import IllegalTransition, InvalidInput, NotFound, SourceAuthError
 from sourceauth.engine.statemachine import MACHINES, MESSAGE, SENDER
 
@@ -546,22 +547,6 @@ def _short_time(iso: str | None) -> str:
     return (iso or "")[:19].replace("T", " ")
 
 
-def _progress(label: str) -> Callable[[int], None] | None:
-    """A running count on a terminal's stderr; nothing when stderr is not a terminal."""
-    if not sys.stderr.isatty():
-        return None
-
-    def show(done: int) -> None:
-        click.echo(f"\r{label}: {done} events", err=True, nl=False)
-
-    return show
-
-
-def _end_progress(progress: Callable[[int], None] | None) -> None:
-    if progress is not None:
-        click.echo(err=True)
-
-
 def _moment(text: str) -> datetime:
     try:
         at = datetime.fromisoformat(text)
@@ -659,10 +644,8 @@ def audit_verify(cfg: Config, seal_file: Path | None) -> None:
     from sourceauth.adapters.storage.audit import read_seal, verify
 
     sealed = read_seal(seal_file.read_text(encoding="utf-8")) if seal_file else None
-    progress = _progress("verified")
     with engine_for(cfg) as app:
         fault, summary = verify(app, sealed, progress)
-    _end_progress(progress)
     if fault is not None:
         click.echo(_printable(f"FAULT: {fault}"), err=True)
         sys.exit(1)
@@ -681,14 +664,14 @@ def audit_export(cfg: Config, output: Path | None, since: str | None, until: str
 
     start = _moment(since) if since else None
     end = _moment(until) if until else None
-    progress = _progress("exported") if output is not None else None
+    # A bar only when the lines do not go to the same terminal (`-o FILE`, `> FILE`, a pipe).
+    shown = progress if output is not None or not on_terminal(sys.stdout) else quiet
     with engine_for(cfg) as app:
         if output is None:
-            n = export_events(app, sys.stdout, since=start, until=end)
+            n = export_events(app, sys.stdout, since=start, until=end, progress=shown)
         else:
             with output.open("w", encoding="utf-8") as fh:
-                n = export_events(app, fh, since=start, until=end, progress=progress)
-    _end_progress(progress)
+                n = export_events(app, fh, since=start, until=end, progress=shown)
     click.echo(f"exported {n} events", err=True)
 
 
@@ -708,8 +691,9 @@ def projections_rebuild(cfg: Config) -> None:
 
     with engine_for(cfg) as app:
         started = time.perf_counter()
-        with app.exclusive():
-            n = app.views.rebuild()
+        with progress("rebuilding the views", app.recorder.max_notification_id() or 0) as bar:
+            with app.exclusive():
+                n = app.views.rebuild(bar)
         took = time.perf_counter() - started
     click.echo(f"rebuilt views from {n} events in {took:.2f}s")
 

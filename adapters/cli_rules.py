@@ -88,8 +88,10 @@ def senders_import(cfg: Config, file: Path, fmt: str, state: str, scope: str, re
         click.echo(f"sourceauth: nothing to import from {file} ({bad} bad lines)", err=True)
         sys.exit(1)
     started = time.perf_counter()
-    progress = h._progress("imported")  # the one place a progress display plugs in
-    with h.engine_for(cfg) as app:
+    # A bar on a terminal (quiet otherwise), counting the addresses handled.
+    with h.progress("imported", len(addresses), unit="senders") as ticker, h.engine_for(
+        cfg
+    ) as app:
         result = app.import_senders(
             addresses,
             patterns,
@@ -97,9 +99,8 @@ def senders_import(cfg: Config, file: Path, fmt: str, state: str, scope: str, re
             scope=scope,
             actor="import",
             reason=reason or f"import {fmt} {file.name}",
-            progress=progress,
+            progress=ticker,
         )
-    h._end_progress(progress)
     took = time.perf_counter() - started
     log.info(
         "senders_imported",

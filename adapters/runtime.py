@@ -123,7 +123,13 @@ def configure_logging(
         processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps))
         factory = structlog.BytesLoggerFactory(file=getattr(out, "buffer", out))
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=False))
+        # plain tracebacks, as before rich was a dependency (structlog picks rich's boxed
+        # ones whenever rich is installed): log files stay plain text
+        processors.append(
+            structlog.dev.ConsoleRenderer(
+                colors=False, exception_formatter=structlog.dev.plain_traceback
+            )
+        )
         factory = structlog.PrintLoggerFactory(file=out)
     structlog.configure(
         processors=processors,

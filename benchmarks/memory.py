@@ -49,12 +49,27 @@ def _open(directory: Path, synchronous: str = "FULL") -> Any:
     return open_bench_engine(directory / "engine", synchronous=synchronous, keyring=keyring)
 
 
+def authorized(app: Any, address: str, stamp: datetime, *, actor: str, reason: str) -> Any:
+    """The Sender.FirstAuthorized event an operator's `senders allow` records."""
+    from sourceauth.engine.sender import Sender
+
+    sender = Sender.first_verdict(
+        app.sender_id(address),
+        trigger="authorize",
+        address=address,
+        scope="global",
+        timestamp=stamp,
+        actor=actor,
+        reason=reason,
+    )
+    return sender.collect_events()[0]
+
+
 def build(directory: Path, senders: int) -> dict[str, Any]:
     """Write `senders` Sender.FirstAuthorized (authorized by the operator) events, INSERT_BATCH per
     transaction straight through the recorder, then bring the views up to date."""
     from benchmarks.engine import quiet_production_logging
     from sourceauth.engine import tokens
-    from sourceauth.engine.sender import Sender
 
     quiet_production_logging()
     directory.mkdir(parents=True, exist_ok=True)
@@ -66,16 +81,8 @@ def build(directory: Path, senders: int) -> dict[str, Any]:
         stored = []
         for i in range(senders):
             address = sender_address(i)
-            sender = Sender.first_verdict(
-                app.sender_id(address),
-                trigger="authorize",
-                address=address,
-                scope="global",
-                timestamp=stamp,
-                actor="benchmark",
-                reason="bulk import",
-            )
-            stored.append(app.mapper.to_stored_event(sender.collect_events()[0]))
+            event = authorized(app, address, stamp, actor="benchmark", reason="bulk import")
+            stored.append(app.mapper.to_stored_event(event))
             if len(stored) == INSERT_BATCH:
                 app.recorder.insert_events(stored)
                 stored = []

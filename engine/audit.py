@@ -97,6 +97,9 @@ def _machine_of(event: Any) -> tuple[StateMachineSpec, bool] | None:
     return None
 
 
+_FINAL = {spec.name: spec.final_states() for spec in (SENDER, MESSAGE, RULE)}
+
+
 def check_events(
     events: Iterable[tuple[int, Any]], summary: LogSummary | None = None
 ) -> Fault | None:
@@ -132,7 +135,12 @@ def check_events(
                 summary.messages += 1
         else:
             if current is None:
-                return Fault(position, aid.hex, version, "an event for an aggregate never created")
+                return Fault(
+                    position,
+                    aid.hex,
+                    version,
+                    "an event for an aggregate never created, or after its final state",
+                )
             if current[2] != spec.name:
                 return Fault(position, aid.hex, version, f"a {spec.name} event on a {current[2]}")
             if version != current[0] + 1:
@@ -149,7 +157,13 @@ def check_events(
                 f"{type(event).__qualname__}: '{trigger}' is not allowed from '{source}' "
                 f"in specs/{spec.name}.toml",
             )
-        states[aid] = (version, spec.next_state(source, trigger), spec.name)
+        dest = spec.next_state(source, trigger)
+        if dest in _FINAL[spec.name]:
+            # Nothing may follow a final state: forget the aggregate, so that memory follows
+            # the aggregates still live (as the views do), not every one the log ever held.
+            states.pop(aid, None)
+        else:
+            states[aid] = (version, dest, spec.name)
         if spec is SENDER:
             problem = _follow_challenge(outcomes, aid, event)
             if problem:

@@ -224,7 +224,7 @@ class SqlViews:
             self._x(cur, f"DELETE FROM {TRACKING} WHERE name = ?", (TRACKING_NAME,))
         self.projector = p.Projector(self._current_challenge)
 
-    def rebuild(self) -> int:
+    def rebuild(self, progress: Callable[[int], None] | None = None) -> int:
         """Drop every view and replay the whole log into it; returns the events applied.
 
         The log is folded into rows in memory first (no lock held, the old views keep
@@ -242,6 +242,8 @@ class SqlViews:
                     apply(op)
             position = page[-1].id
             applied += len(page)
+            if progress is not None:
+                progress(applied)
         with self._tx(write=True) as cur:
             self._x(cur, self.dialect.lock_tracking(), (TRACKING_NAME,))
             for table, columns in p.TABLES.items():
@@ -271,9 +273,12 @@ class SqlViews:
 
     # ------------------------------------------------------------------ the pull loop
 
-    def catch_up(self, observer: Callable[[UUID, int], None] | None = None) -> int:
-        """Apply every event recorded after the tracking position, committing rows and
-        position together, one page per transaction."""
+    def catch_up(
+        self, observer: Callable[[UUID, int], None] | None = None, stop: int | None = None
+    ) -> int:
+        """Apply every event recorded after the tracking position (up to position `stop`
+        inclusive, when given), committing rows and position together, one page per
+        transaction."""
         applied = 0
         while True:
             with self._tx(write=True) as cur:
@@ -283,7 +288,7 @@ class SqlViews:
                 row = self._x(cur, self.dialect.lock_tracking(), (TRACKING_NAME,)).fetchone()
                 position = int(row[0]) if row else 0
                 notifications = self.recorder.select_notifications(
-                    start=position, limit=PAGE, inclusive_of_start=False
+                    start=position, limit=PAGE, stop=stop, inclusive_of_start=False
                 )
                 if not notifications:
                     return applied
@@ -777,12 +782,95 @@ class SqlViews:
             ]
         return out
 
+    @contextmanager
+    def snapshot(self) -> Iterator[ViewSnapshot]:
+        """Every view as it stands at one moment, streamed: a connection of its own in one
+        read-only transaction (SQLite: one WAL snapshot; PostgreSQL: REPEATABLE READ), rows read
+        through the database's cursor a batch at a time, never a whole table in memory."""
+        if self.dialect.name == "sqlite" and self._in_memory():
+            with self._lock:  # a private in-memory database: only its own connection sees it
+                self._conn.execute("BEGIN")
+                try:
+                    yield ViewSnapshot(self._conn, self.dialect)
+                finally:
+                    self._conn.execute("ROLLBACK")
+            return
+        conn = self._connect()
+        try:
+            if self.dialect.name == "sqlite":
+                conn.execute("BEGIN")
+            else:
+                import psycopg
+
+                conn.rollback()
+                conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+                conn.read_only = True
+            yield ViewSnapshot(conn, self.dialect)
+        finally:
+            try:
+                conn.rollback()
+            finally:
+                conn.close()
+
+    def _in_memory(self) -> bool:
+        with self._lock:
+            rows = self._conn.execute("PRAGMA database_list").fetchall()
+        return not any(name == "main" and path for _, name, path in rows)
+
     def close(self) -> None:
         with self._lock:
             try:
                 self._conn.close()
             except Exception:
                 log.debug("views_close_failed")
+
+
+class ViewSnapshot:
+    """The views as of one read transaction (see SqlViews.snapshot)."""
+
+    BATCH = 2000  # rows fetched from the database at a time
+
+    def __init__(self, conn: Any, dialect: Dialect) -> None:
+        self._conn = conn
+        self._dialect = dialect
+        self._cursors = 0
+
+    def position(self) -> int:
+        """The log position the views stand at in this snapshot."""
+        cur = self._conn.cursor()
+        cur.execute(
+            self._dialect.sql(f"SELECT position FROM {TRACKING} WHERE name = ?"), (TRACKING_NAME,)
+        )
+        row = cur.fetchone()
+        cur.close()
+        return int(row[0]) if row else 0
+
+    def rows(self, table: str) -> Iterator[tuple[Any, ...]]:
+        """Every row of one view, ordered by its key, streamed."""
+        columns = p.TABLES[table]
+        cols = ", ".join(c for c, _ in columns)
+        key = columns[0][0]
+        if self._dialect.name != "sqlite" and columns[0][1] == "text":
+            # byte order, as SQLite's: a database collation (en_US…) would order the same keys
+            # differently from the scratch rebuild they are compared with
+            key += ' COLLATE "C"'
+        statement = f"SELECT {cols} FROM {table} ORDER BY {key}"
+        if self._dialect.name == "sqlite":
+            cur = self._conn.cursor()  # sqlite3 steps the statement as rows are taken
+        else:
+            self._cursors += 1  # a server-side (named) cursor: PostgreSQL sends BATCH at a time
+            cur = self._conn.cursor(name=f"sa_view_snapshot_{self._cursors}")
+            cur.itersize = self.BATCH
+        try:
+            cur.execute(statement)
+            while True:
+                batch = cur.fetchmany(self.BATCH)
+                if not batch:
+                    return
+                for row in batch:
+                    yield tuple(row)
+        finally:
+            cur.close()
 
 
 def sqlite_connector(path: str) -> Callable[[], sqlite3.Connection]:

@@ -139,6 +139,25 @@ def message(
     return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
 
 
+def dsn(bounce_to: str, failed: str) -> bytes:
+    """A delivery status notification (RFC 3464) to `bounce_to`: `failed` does not exist."""
+    domain = failed.rsplit("@", 1)[-1]
+    return (
+        f"From: MAILER-DAEMON@{domain}\r\n"
+        f"To: {bounce_to}\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\n"
+        "Auto-Submitted: auto-replied\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n'
+        "\r\n--B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n"
+        "--B\r\nContent-Type: message/delivery-status\r\n\r\n"
+        f"Reporting-MTA: dns; mx.{domain}\r\n\r\n"
+        f"Final-Recipient: rfc822; {failed}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        "Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n"
+        "\r\n--B--\r\n"
+    ).encode()
+
+
 def parsed(received: Received) -> Message:
     return message_from_bytes(received.data)
 

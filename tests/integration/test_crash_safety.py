@@ -153,7 +153,9 @@ def cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedPr
     )
 
 
-def write_config(tmp: Path, port: int, relay: Sink, next_hop: Sink) -> Path:
+def write_config(
+    tmp: Path, port: int, relay: Sink, next_hop: Sink, maintenance: str = "2s"
+) -> Path:
     path = tmp / "sourceauth.toml"
     path.write_text(
         f"""
@@ -182,7 +184,7 @@ challenges_per_domain_per_hour = 100000
 challenges_per_hour = 100000
 
 [maintenance]
-interval = "2s"
+interval = "{maintenance}"
 
 [logging]
 format = "json"

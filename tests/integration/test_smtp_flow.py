@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.smtp_harness import (
+    dsn,
     filter_with_sinks,
     message,
     parsed,
@@ -142,21 +143,7 @@ def test_dsn_for_the_challenge_expires_the_sender_and_is_never_delivered(tmp_pat
         flt.send(STRANGER, [PROTECTED], message(STRANGER, PROTECTED))
         challenge = relay.wait_for(1)[0]
         bounce_rcpt = challenge.mail_from
-        dsn = (
-            "From: MAILER-DAEMON@remote.test\r\n"
-            f"To: {bounce_rcpt}\r\n"
-            "Subject: Undelivered Mail Returned to Sender\r\n"
-            "Auto-Submitted: auto-replied\r\n"
-            "MIME-Version: 1.0\r\n"
-            'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n'
-            "\r\n--B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n"
-            "--B\r\nContent-Type: message/delivery-status\r\n\r\n"
-            "Reporting-MTA: dns; mx.remote.test\r\n\r\n"
-            f"Final-Recipient: rfc822; {STRANGER}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
-            "Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n"
-            "\r\n--B--\r\n"
-        ).encode()
-        flt.send("", [bounce_rcpt], dsn)
+        flt.send("", [bounce_rcpt], dsn(bounce_rcpt, STRANGER))
         wait_until(
             lambda: {s.address: s.state for s in flt.app.whitelist()} == {STRANGER: "expired"},
             message="the sender expired by the DSN",

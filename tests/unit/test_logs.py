@@ -78,3 +78,26 @@ def test_log_throttle_lets_one_line_per_kind_per_interval_and_counts_the_rest() 
     now[0] = 10.0
     assert throttle.passes("accept") == 3  # the next line says how many were dropped
     assert throttle.passes("accept") is None
+
+
+def test_console_logs_keep_plain_tracebacks_with_rich_installed() -> None:
+    """structlog formats exceptions with rich's boxes whenever rich is importable (a
+    dependency since the progress bars); log lines stay plain text."""
+    import io
+
+    from sourceauth.adapters.runtime import configure_logging
+
+    saved = structlog.get_config()
+    out = io.StringIO()
+    try:
+        configure_logging("console", "info", stream=out)
+        try:
+            raise ZeroDivisionError("division by zero")
+        except ZeroDivisionError:
+            get_logger("test").exception("it_failed")
+    finally:
+        structlog.configure(**saved)
+    text = out.getvalue()
+    assert "it_failed" in text and "Traceback (most recent call last):" in text
+    assert "ZeroDivisionError: division by zero" in text
+    assert not set(text) & set("╭╮╰╯│─"), text

@@ -12,6 +12,7 @@ import itertools
 import uuid
 from collections import deque
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -437,3 +438,40 @@ def test_the_audit_refuses_a_challenge_transition_its_spec_does_not_declare() ->
     fault = check_events(enumerate([*events, forged], start=1))
     assert fault is not None and fault.position == 3
     assert "'sent' is not allowed from challenge state 'sent'" in fault.problem
+
+
+def test_the_audit_refuses_an_event_after_a_final_state() -> None:
+    from sourceauth.engine.audit import check_events
+
+    now = datetime.now(UTC)
+    msg = Message._create(
+        Message.Accepted,
+        id=uuid.uuid4(),
+        timestamp=now,
+        receipt_id="r1",
+        size=10,
+        sha256="0" * 64,
+        sender="a@x.test",
+        sender_id="",
+        recipients=["bob@example.test"],
+        subject="hello",
+        message_id_header="<1@x.test>",
+        actor="engine",
+        reason="sender_authorized",
+        expires_at=0.0,
+    )
+    delivered: dict[str, Any] = {
+        "delivered": ["bob@example.test"],
+        "rejected": [],
+        "next_hop": "hop",
+        "diagnostic": "",
+    }
+    msg.record_delivered(timestamp=now, **delivered)
+    events = msg.collect_events()
+    assert check_events(enumerate(events, start=1)) is None
+    again = Message.Delivered(
+        originator_id=msg.id, originator_version=3, timestamp=now, **delivered
+    )
+    fault = check_events(enumerate([*events, again], start=1))
+    assert fault is not None and fault.position == 3
+    assert "after its final state" in fault.problem
