@@ -212,6 +212,7 @@ class ExemptionsConfig(Section, frozen=True):
     mailing_list: ExemptAction = _exempt(Exemption.MAILING_LIST)
     bulk: ExemptAction = _exempt(Exemption.BULK)
     dsn: ExemptAction = _exempt(Exemption.DSN)
+    plain_bounce: ExemptAction = _exempt(Exemption.PLAIN_BOUNCE)  # issue 7: no report format
     spam: ExemptAction = _exempt(Exemption.SPAM)
     spam_headers: tuple[SpamHeader, ...] = _ENGINE.spam_headers
     # --- abuse resistance (issue 7)

@@ -5,7 +5,7 @@ recipient. No I/O and no events: receive.py loads the state and records what rou
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -119,10 +119,17 @@ def plan(incoming: Incoming, settings: EngineSettings) -> Plan:
     """Normalize the envelope. `answers` are the replies and reports to challenges: settled
     before anything else, so that a "reply all" confirms first and its other recipients see
     the sender authorized."""
+    return plan_envelope(incoming.mail_from, incoming.recipients, settings)
+
+
+def plan_envelope(
+    mail_from: str, envelope_recipients: Sequence[str], settings: EngineSettings
+) -> Plan:
+    """`plan` from the envelope alone. Raises AddressError for an invalid address."""
     s = settings
-    sender = "" if is_null_sender(incoming.mail_from) else normalize_address(incoming.mail_from)
+    sender = "" if is_null_sender(mail_from) else normalize_address(mail_from)
     # A recipient named twice (in any case) gets one copy.
-    recipients = tuple(dict.fromkeys(normalize_address(r) for r in incoming.recipients))
+    recipients = tuple(dict.fromkeys(normalize_address(r) for r in envelope_recipients))
     confirm_base, bounce_base = _answer_bases(s.confirm_address, s.bounce_address)
     targets = []
     scopes: dict[str, None] = {}
@@ -176,7 +183,7 @@ def route(
                 routes.append((t.recipient, authorized))
                 continue
         if not exemption_checked:  # only for mail that would otherwise be challenged
-            exempt = _exemption(incoming.mail_from, incoming.headers, s)
+            exempt = _exemption(incoming, s)
             exemption_checked = True
         if isinstance(exempt, HoldSilently) and t.scope is not None:
             routes.append((t.recipient, HoldSilently(exempt.reason, t.scope)))
@@ -213,8 +220,13 @@ def _act(action: ExemptAction, reason: str) -> Route:
     return HoldSilently(reason)
 
 
-def _exemption(mail_from: str, headers: Headers, s: EngineSettings) -> Route | None:
-    found = classify(mail_from, headers, spam_headers=s.spam_headers)
+def _exemption(incoming: Incoming, s: EngineSettings) -> Route | None:
+    found = classify(
+        incoming.mail_from,
+        incoming.headers,
+        spam_headers=s.spam_headers,
+        bounce_like=incoming.bounce_like,
+    )
     if found is None:
         return None
     action = s.exemptions.get(found.exemption, ExemptAction.HOLD)
