@@ -111,6 +111,8 @@ class StorageConfig(Section, frozen=True):
     group_commit_wait_ms: Annotated[float, _must("must be zero or more", ge=0)] = 2.0
     # "database" (the same transaction as the events) or "files" (PostgreSQL nodes: shared fs).
     blobs: Literal["database", "files"] = "database"
+    # --- abuse resistance (issue 7): store files 0640 in this group (else 0600)
+    group: str | None = None
     pg_password: Secret | None = None  # not a file key: from the URL or SOURCEAUTH_DB_PASSWORD
 
     derived = ("kind", "sqlite_path", "pg_host", "pg_port", "pg_user", "pg_dbname", "pg_schema")

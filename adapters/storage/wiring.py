@@ -4,7 +4,6 @@ on the embedded SQLite file (default) or a PostgreSQL database.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from eventsourcing.persistence import ApplicationRecorder, Mapper
 
 from sourceauth.adapters.storage.blobs import FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
+from sourceauth.adapters.storage.modes import FileModes
 from sourceauth.adapters.storage.postgres import PostgresBlobStore
 from sourceauth.adapters.storage.views import (
     Dialect,
@@ -48,6 +48,11 @@ class Storage:
     sqlite_synchronous: str = "FULL"
     blob_fsync: bool = True
     blobs: str = ""  # "database" (originals in the event transaction; the default) or "files"
+    group: str = ""  # [storage] group: store files 0640 in this group (else 0600)
+
+    @property
+    def modes(self) -> FileModes:
+        return FileModes.for_group(self.group)
 
     @property
     def blob_location(self) -> str:
@@ -65,15 +70,14 @@ class Storage:
         return " ".join(parts)
 
 
-def create_sqlite_file(path: Path) -> None:
-    """Create the SQLite file 0600 (its -wal and -shm files take its mode) before SQLite does:
-    left to itself SQLite creates 0644 less the umask, readable by every local user when the
-    data directory already existed with mode 0755. An existing file is left as it is."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-    except FileExistsError:
-        pass
+def create_sqlite_file(path: Path, modes: FileModes) -> None:
+    """Create the SQLite file 0600, or 0640 in `[storage] group` (its -wal and -shm files take
+    its mode and, as root, its owner and group), before SQLite does: left to itself SQLite
+    creates 0644 less the umask, readable by every local user when the data directory already
+    existed with mode 0755. An existing file (and its -wal, -shm) wider than that is tightened."""
+    modes.create_file(path)
+    for suffix in ("-wal", "-shm"):
+        modes.tighten(path.with_name(path.name + suffix))
 
 
 def eventsourcing_env(storage: Storage) -> dict[str, str]:
@@ -81,7 +85,7 @@ def eventsourcing_env(storage: Storage) -> dict[str, str]:
     env = {"TRANSCODER_TOPIC": TRANSCODER, "AGGREGATE_CACHE_MAXSIZE": ""}
     if storage.kind == "sqlite":
         assert storage.sqlite_path is not None
-        create_sqlite_file(storage.sqlite_path)
+        create_sqlite_file(storage.sqlite_path, storage.modes)
         env.update(
             PERSISTENCE_MODULE="sourceauth.adapters.storage.sqlite:TunedSQLiteFactory",
             SQLITE_DBNAME=str(storage.sqlite_path),
@@ -125,7 +129,7 @@ def open_blobs(storage: Storage) -> FileBlobStore | DatabaseBlobStore | Postgres
         if storage.kind == "postgresql":
             return PostgresBlobStore(storage.conninfo(), storage.pg_schema)
         assert storage.sqlite_path is not None
-        create_sqlite_file(storage.sqlite_path)
+        create_sqlite_file(storage.sqlite_path, storage.modes)
         return DatabaseBlobStore(storage.sqlite_path, synchronous=storage.sqlite_synchronous)
     return FileBlobStore(storage.blob_dir, fsync=storage.blob_fsync)
 
