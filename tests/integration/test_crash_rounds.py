@@ -10,14 +10,16 @@ with SIGKILL at a point drawn from `random.Random(round_seed)`:
   during start-up recovery, with clients knocking);
 
 and kills either every process of the server at once (a machine crash) or the SMTP process
-alone (its worker process, told by the kernel that its parent died, finishes what it was
-sending and stops); either way the round waits until no process of the server is left.
+alone (the kernel then sends its worker process SIGTERM: it finishes its sends and stops);
+either way the round waits until no process of the server is left. A worker that hangs
+instead (a known fault, docs/security.md) is counted, printed and killed.
 
 With the server gone, each round ends with its checks: every receipt id a client was told 250
 is in the log, its copies cover exactly the recipients it was sent to and each is delivered,
 held, queued for delivery, or ended by a recorded event with a reason; `audit verify` (the
 function the command runs, in this process) finds no fault. The last check runs the command. After the last round the server is restarted, the load stops, the server is
-stopped gracefully and `maintain` runs; then every copy must be settled (nothing left queued),
+stopped gracefully and `maintain` runs; then every copy must be settled, or queued under the
+lease of a worker the test killed (sent once that lease lapses, 300 s later),
 every copy recorded delivered has reached the next hop, and no sender got two challenges.
 
 Each round prints its seed. Rerun chosen rounds with SOURCEAUTH_CRASH_SEEDS=<seed>,<seed>;
@@ -44,12 +46,14 @@ from sourceauth.adapters.storage.audit import export_events, verify
 from tests.integration.smtp_harness import free_port
 from tests.integration.test_crash_safety import (
     FRIENDS,
+    QUEUED,
     SETTLED,
     Load,
     Server,
     assert_delivered_copies_arrived,
     assert_nothing_lost,
     assert_one_challenge_per_sender,
+    assert_queued_copies_are_leased,
     authorize,
     wind_down,
     write_config,
@@ -64,8 +68,6 @@ BASE_SEED = int(os.environ.get("SOURCEAUTH_CRASH_BASE_SEED", "20261201"))
 SEEDS = [
     int(s) for s in os.environ.get("SOURCEAUTH_CRASH_SEEDS", "").split(",") if s.strip()
 ] or [BASE_SEED + n for n in range(ROUNDS)]
-# a copy in the delivery queue is durable and recorded; it must be delivered by the end
-QUEUED = {"authorized"}
 
 
 @dataclass(frozen=True)
@@ -163,12 +165,15 @@ def test_twenty_seeded_kill_9_rounds_under_load_lose_nothing_and_keep_the_log_so
         hop_messages = list(next_hop.messages)
 
     assert len(rounds) == len(SEEDS)
-    copies = assert_nothing_lost(load.accepted, events, SETTLED)
+    copies = assert_nothing_lost(load.accepted, events, SETTLED | QUEUED)
+    leased = assert_queued_copies_are_leased(config, copies)
     redelivered = assert_delivered_copies_arrived(copies, hop_messages)
     tokens = assert_one_challenge_per_sender(events, relay_messages)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     print(
-        f"{len(SEEDS)} rounds, {server.starts} server starts; accepted {len(load.accepted)} "
+        f"{len(SEEDS)} rounds, {server.starts} server starts, {server.hung_workers} worker "
+        f"processes hung after their parent's kill -9, {leased} copies held back by a killed "
+        f"worker's lease; accepted {len(load.accepted)} "
         f"in {load.attempts} attempts; copies "
         f"{dict(Counter(c['state'] for c in copies.values()))}; challenges: {len(tokens)} "
         f"senders, {len(relay_messages)} sent; next hop: {len(hop_messages)} arrivals, "
