@@ -41,6 +41,7 @@ from sourceauth.adapters.status import run_maintenance, version
 from sourceauth.adapters.storage.blobs import FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
 from sourceauth.adapters.storage.encryption import EncryptedBlobStore, EncryptionKeyError, load_key
+from sourceauth.adapters.storage.modes import UnknownGroup
 from sourceauth.adapters.storage.postgres import PostgresBlobStore
 from sourceauth.adapters.storage.wiring import (
     EncryptionMismatch,
@@ -158,11 +159,15 @@ def build_engine(
     transports: bool = True,
 ) -> SourceAuth:
     """The engine for this configuration, with its challenge and delivery transports."""
-    cfg.server.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    storage = storage_of(cfg)
+    try:
+        modes = storage.modes
+    except UnknownGroup as exc:
+        raise ConfigError(str(exc)) from None
+    modes.make_dirs(cfg.server.data_dir)
     keyring = load_or_create_keyring(
         cfg.challenge, dict(os.environ if environ is None else environ)
     )
-    storage = storage_of(cfg)
     blobs = open_blobs(storage)
     challenges = deliveries = None
     if transports:

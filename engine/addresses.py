@@ -9,7 +9,8 @@ import functools
 import ipaddress
 import unicodedata
 from collections.abc import Iterable
-from encodings import idna
+
+import idna
 
 MAX_ADDRESS_OCTETS = 254
 MAX_LABEL_OCTETS = 63
@@ -34,7 +35,7 @@ def is_null_sender(raw: str) -> bool:
 
 
 def _normalize_address(raw: str) -> str:
-    """Return raw as "local@domain", lower-cased, with an IDNA (punycode) ASCII domain.
+    """Return raw as "local@domain", lower-cased, with an ASCII domain (UTS 46 A-labels).
 
     Accepts every RFC 5321/6531 Path: "<a@b>" or "a@b" with surrounding whitespace, a quoted
     local part ('"a b"@x', kept quoted only when it needs to be), an address literal
@@ -240,7 +241,33 @@ def _normalize_domain(domain: str) -> str:
         raise AddressError("empty domain")
     if domain.startswith("["):
         return _normalize_literal(domain)
+    if not domain.isascii():
+        domain = _uts46_to_ascii(domain)
     return ".".join(_normalize_label(label) for label in domain.split("."))
+
+
+def _uts46_to_ascii(domain: str) -> str:
+    """UTS 46 processing (nontransitional) through the `idna` package: case, width and
+    compatibility forms mapped (full-width letters, the Kelvin sign to "k", ideographic full
+    stops to "."), NFC, then each non-ASCII label as its A-label. A label UTS 46 maps but
+    IDNA 2008 refuses (symbols such as U+2603) is still encoded, as UTS 46's ToASCII does:
+    an address the MTA passed is never refused over IDNA 2008's stricter table."""
+    if len(domain) > _MAX_RAW_CHARS:
+        raise AddressError("domain is too long")
+    try:
+        mapped = idna.uts46_remap(domain, std3_rules=False, transitional=False)
+    except (idna.IDNAError, UnicodeError) as error:
+        raise AddressError("domain is not a valid internationalized name") from error
+    labels = []
+    for label in mapped.split("."):
+        if label.isascii():
+            labels.append(label)
+            continue
+        try:
+            labels.append(idna.alabel(label).decode("ascii"))
+        except (idna.IDNAError, UnicodeError):
+            labels.append("xn--" + label.encode("punycode").decode("ascii"))
+    return ".".join(labels)
 
 
 def _normalize_literal(domain: str) -> str:
@@ -274,11 +301,6 @@ def _normalize_label(label: str) -> str:
         raise AddressError("domain has an empty label")
     if len(label) > _MAX_RAW_CHARS:
         raise AddressError("domain label is too long")
-    if not label.isascii():
-        try:
-            label = idna.ToASCII(label).decode("ascii")
-        except UnicodeError as error:
-            raise AddressError("domain label is not a valid internationalized name") from error
     label = label.lower()
     if len(label) > MAX_LABEL_OCTETS:
         raise AddressError(f"domain label is longer than {MAX_LABEL_OCTETS} characters")

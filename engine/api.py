@@ -40,6 +40,9 @@ class Incoming:
     blob: Blob
     headers: Headers = ()
     bounce: BounceInfo | None = None
+    # Why the inbound adapter read the body as a bounce in no report format (a plain-text
+    # notice from an ordinary sender); "" when it did not look or found none.
+    bounce_like: str = ""
     client_address: str = ""  # the original SMTP client (XFORWARD ADDR, else the peer)
     client_helo: str = ""  # its HELO/EHLO name (XFORWARD HELO, else the peer's)
 

@@ -365,6 +365,11 @@ class SourceAuth(Application[UUID]):
         """Memory-only first check for `quarantine_full`, safe on an event loop."""
         return queries.mailbox_may_be_full(self._ctx, recipient)
 
+    def may_be_challenged(self, mail_from: str, recipients: Sequence[str]) -> bool:
+        """Memory-only, safe on an event loop: False when this envelope cannot draw a
+        challenge (see queries.may_be_challenged), so an adapter may skip costly checks."""
+        return queries.may_be_challenged(self._ctx, mail_from, recipients)
+
     def quarantine_full(self, mail_from: str, recipient: str) -> bool:
         """True when `recipient` already has `held_per_recipient` held copies and this mail
         would be held too (the SMTP side answers 452 for that recipient: no loss, a retry later)."""

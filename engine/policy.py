@@ -103,6 +103,7 @@ class Exemption(StrEnum):
     MAILING_LIST = "mailing_list"
     BULK = "bulk"
     DSN = "dsn"
+    PLAIN_BOUNCE = "plain_bounce"
     SPAM = "spam"
 
 
@@ -141,12 +142,14 @@ def classify(
     headers: Headers,
     *,
     spam_headers: Sequence[tuple[str, str]] = DEFAULT_SPAM_HEADERS,
+    bounce_like: str = "",
 ) -> Classification | None:
     """Return the first exemption class the message falls in, or None if it may be challenged.
 
     mail_from is the raw envelope sender ("" or "<>" is the null sender). spam_headers are
     (header name, value prefix) tests; a prefix matches case-insensitively at a word boundary
-    and an empty prefix matches the header's mere presence.
+    and an empty prefix matches the header's mere presence. bounce_like is the inbound
+    adapter's finding that the body is a bounce in no report format (Incoming.bounce_like).
     """
     wanted = _CLASSIFY_HEADERS | {name.strip().lower() for name, _ in spam_headers}
     message = _Message(mail_from, headers, wanted)
@@ -154,6 +157,8 @@ def classify(
         found = test(message)
         if found is not None:
             return found
+    if bounce_like:
+        return Classification(Exemption.PLAIN_BOUNCE, _shown(bounce_like))
     return _spam(message.fields, spam_headers)
 
 

@@ -184,6 +184,7 @@ def describe(
     body: str = "Hello Bob,\r\nlunch on Friday?\r\n",
     bounce: BounceInfo | None = None,
     raw: bytes | None = None,
+    bounce_like: str = "",
 ) -> Incoming:
     """Put the message's bytes in `blobs` (put(key, data) -> ref with key, size, sha256) and
     describe it as the SMTP layer would: envelope, blob reference, parsed headers."""
@@ -200,6 +201,7 @@ def describe(
         blob=Blob(ref.key, ref.size, ref.sha256),
         headers=parse_headers(data),
         bounce=bounce,
+        bounce_like=bounce_like,
     )
 
 

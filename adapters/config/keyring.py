@@ -14,7 +14,10 @@ from pathlib import Path
 from sourceauth.adapters.config.schema import ChallengeConfig
 from sourceauth.adapters.config.values import ConfigError
 from sourceauth.adapters.durable import write_once
+from sourceauth.engine.logs import get_logger
 from sourceauth.engine.tokens import Keyring, generate_keyring, parse_keyring, render_keyring
+
+log = get_logger(__name__)
 
 _KEY = "challenge.secret_file"
 _SECRET_MAX = 1 << 20  # a keyring is a few hundred bytes; anything this large is a mistake
@@ -24,7 +27,8 @@ def load_or_create_keyring(cfg: ChallengeConfig, environ: Mapping[str, str]) -> 
     """The token keyring: from env var cfg.secret_env if set, else cfg.secret_file.
 
     A missing file is created with mode 0600 (parents 0700) from a new random keyring. A file
-    readable or writable by group or others is refused. Errors never contain key material.
+    readable by group or others is made 0600 (logged: `store_file_tightened`; the key may have
+    been read: rotate it); one writable by them is refused. Errors never contain key material.
     """
     if cfg.secret_env in environ:
         text = environ[cfg.secret_env]
@@ -63,10 +67,21 @@ def _read_secret_file(path: Path) -> Keyring:
         status = os.fstat(descriptor)
         if not stat.S_ISREG(status.st_mode):
             raise ConfigError(f"{_KEY}: {path} is {_kind(status.st_mode)}, not a regular file")
-        if status.st_mode & 0o077:
+        if status.st_mode & 0o022:
             raise ConfigError(
-                f"{_KEY}: {path} is readable or writable by group or others "
-                f"(mode {status.st_mode & 0o777:04o}); run: chmod 600 {path}"
+                f"{_KEY}: {path} is writable by group or others, so its key may not be ours "
+                f"(mode {status.st_mode & 0o777:04o}); check it, then run: chmod 600 {path}"
+            )
+        if status.st_mode & 0o055:
+            # Readable by others: made private at once (on the open file, no race), and said.
+            before = stat.S_IMODE(status.st_mode)
+            os.fchmod(descriptor, before & 0o700)
+            log.warning(
+                "store_file_tightened",
+                file=str(path),
+                mode_before=f"{before:04o}",
+                mode_after=f"{before & 0o700:04o}",
+                group="",
             )
         if status.st_size > _SECRET_MAX:
             raise ConfigError(f"{_KEY}: {path} is too large for a keyring ({status.st_size} bytes)")

@@ -114,6 +114,8 @@ class StorageConfig(Section, frozen=True):
     group_commit_wait_ms: Annotated[float, _must("must be zero or more", ge=0)] = 2.0
     # "database" (the same transaction as the events) or "files" (PostgreSQL nodes: shared fs).
     blobs: Literal["database", "files"] = "database"
+    # --- abuse resistance (issue 7): store files 0640 in this group (else 0600)
+    group: str | None = None
     pg_password: Secret | None = None  # not a file key: from the URL or SOURCEAUTH_DB_PASSWORD
     # Encryption at rest (issue 8): a 0600 file holding a base64 AES key (16, 24 or 32
     # bytes); None: SOURCEAUTH_ENCRYPTION_KEY if set, else not encrypted.
@@ -286,6 +288,7 @@ class ExemptionsConfig(Section, frozen=True):
     mailing_list: ExemptAction = _exempt(Exemption.MAILING_LIST)
     bulk: ExemptAction = _exempt(Exemption.BULK)
     dsn: ExemptAction = _exempt(Exemption.DSN)
+    plain_bounce: ExemptAction = _exempt(Exemption.PLAIN_BOUNCE)  # issue 7: no report format
     spam: ExemptAction = _exempt(Exemption.SPAM)
     spam_headers: tuple[SpamHeader, ...] = _ENGINE.spam_headers
     # --- abuse resistance (issue 7)

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from sourceauth.adapters.smtp import xforward
-from sourceauth.adapters.smtp.dsn import parse_bounce
+from sourceauth.adapters.smtp.dsn import parse_bounce, plain_bounce
 from sourceauth.engine.addresses import (
     AddressError,
     is_null_sender,
@@ -40,6 +40,10 @@ HEADER_SCAN_LIMIT = 256 * 1024  # never parse more than this many bytes as heade
 # nor more than this many lines: parsing costs about 10 us a field, on the commit thread, and
 # 256 KiB of tiny fields took half a second. The MTA prepends what the engine trusts.
 HEADER_LINE_LIMIT = 2000
+# Plain-bounce scans (flufl.bounce's detectors, milliseconds each) waiting or running at once;
+# over this, mail is taken without one (and may be challenged, as before): a flood of
+# strangers slows its own scans, never every session.
+PLAIN_BOUNCE_BACKLOG = 16
 
 
 def parse_headers(raw: bytes) -> Headers:
@@ -89,6 +93,7 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
     bounce: BounceInfo | None
     queued: float = field(default_factory=time.monotonic)
+    bounce_like: str = ""
     client_address: str = ""
     client_helo: str = ""
 
@@ -178,6 +183,7 @@ class GroupCommitter:
                 blob=blob,
                 headers=parse_headers(item.raw),
                 bounce=item.bounce,
+                bounce_like=item.bounce_like,
                 client_address=item.client_address,
                 client_helo=item.client_helo,
             )
@@ -258,8 +264,29 @@ class FilterHandler:
         self.bounce_address = normalize_address(bounce_address)
         self.delimiter = delimiter
         # Bounces are parsed here, one at a time, never on the commit thread: a hostile one
-        # (huge, thousands of parts) delays only itself. parse_bounce bounds its own work.
+        # (huge, thousands of parts) delays only itself. parse_bounce bounds its own work, as
+        # plain_bounce does (flufl.bounce's detectors on mail that may be challenged).
         self._bounce_reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sa-bounce")
+        self._scans = 0  # plain-bounce scans waiting or running (event loop only)
+        self._throttle = LogThrottle()
+
+    async def _plain_bounce(self, raw: bytes) -> str:
+        """flufl.bounce's detectors cost milliseconds a message: run here, never on the commit
+        thread, only for mail that could draw a challenge, and at most PLAIN_BOUNCE_BACKLOG
+        at once."""
+        if self._scans >= PLAIN_BOUNCE_BACKLOG:
+            suppressed = self._throttle.passes("plain_bounce_skipped")
+            if suppressed is not None:
+                log.warning(
+                    "plain_bounce_skipped", backlog=self._scans, suppressed=suppressed
+                )
+            return ""
+        self._scans += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._bounce_reader, plain_bounce, raw)
+        finally:
+            self._scans -= 1
 
     def _to_bounce_address(self, recipients: list[str]) -> bool:
         for rcpt in recipients:
@@ -326,19 +353,24 @@ class FilterHandler:
             return "503 5.5.1 No valid recipients"
         loop = asyncio.get_running_loop()
         bounce = None
+        bounce_like = ""
+        mail_from = envelope.mail_from or ""
         if self._to_bounce_address(envelope.rcpt_tos):
             bounce = await loop.run_in_executor(self._bounce_reader, _bounce_info, raw)
+        elif self.committer.app.may_be_challenged(mail_from, envelope.rcpt_tos):
+            bounce_like = await self._plain_bounce(raw)
         future: asyncio.Future[Receipt] = loop.create_future()
         client_address, client_helo = xforward.client_of(session)
         xforward.forget(session)
         self.committer.submit(
             _Pending(
-                mail_from=envelope.mail_from or "",
+                mail_from=mail_from,
                 recipients=tuple(envelope.rcpt_tos),
                 raw=raw,
                 future=future,
                 loop=loop,
                 bounce=bounce,
+                bounce_like=bounce_like,
                 client_address=client_address,
                 client_helo=client_helo,
             )

@@ -4,7 +4,6 @@ on the embedded SQLite file (default) or a PostgreSQL database.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from sourceauth.adapters.storage.encryption import (
     cipher_env,
     key_mark,
 )
+from sourceauth.adapters.storage.modes import FileModes
 from sourceauth.adapters.storage.postgres import PostgresBlobStore
 from sourceauth.adapters.storage.views import KEYRING as KEYRING_TABLE
 from sourceauth.adapters.storage.views import (
@@ -57,6 +57,11 @@ class Storage:
     blobs: str = ""  # "database" (originals in the event transaction; the default) or "files"
     # AES key (16, 24 or 32 bytes) for event state and originals at rest; None: not encrypted.
     encryption_key: bytes | None = None
+    group: str = ""  # [storage] group: store files 0640 in this group (else 0600)
+
+    @property
+    def modes(self) -> FileModes:
+        return FileModes.for_group(self.group)
 
     @property
     def blob_location(self) -> str:
@@ -74,15 +79,14 @@ class Storage:
         return " ".join(parts)
 
 
-def create_sqlite_file(path: Path) -> None:
-    """Create the SQLite file 0600 (its -wal and -shm files take its mode) before SQLite does:
-    left to itself SQLite creates 0644 less the umask, readable by every local user when the
-    data directory already existed with mode 0755. An existing file is left as it is."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-    except FileExistsError:
-        pass
+def create_sqlite_file(path: Path, modes: FileModes) -> None:
+    """Create the SQLite file 0600, or 0640 in `[storage] group` (its -wal and -shm files take
+    its mode and, as root, its owner and group), before SQLite does: left to itself SQLite
+    creates 0644 less the umask, readable by every local user when the data directory already
+    existed with mode 0755. An existing file (and its -wal, -shm) wider than that is tightened."""
+    modes.create_file(path)
+    for suffix in ("-wal", "-shm"):
+        modes.tighten(path.with_name(path.name + suffix))
 
 
 def eventsourcing_env(storage: Storage) -> dict[str, str]:
@@ -91,7 +95,7 @@ def eventsourcing_env(storage: Storage) -> dict[str, str]:
     env.update(cipher_env(storage.encryption_key))
     if storage.kind == "sqlite":
         assert storage.sqlite_path is not None
-        create_sqlite_file(storage.sqlite_path)
+        create_sqlite_file(storage.sqlite_path, storage.modes)
         env.update(
             PERSISTENCE_MODULE="sourceauth.adapters.storage.sqlite:TunedSQLiteFactory",
             SQLITE_DBNAME=str(storage.sqlite_path),
@@ -145,7 +149,7 @@ def _open_blobs(storage: Storage) -> FileBlobStore | DatabaseBlobStore | Postgre
         if storage.kind == "postgresql":
             return PostgresBlobStore(storage.conninfo(), storage.pg_schema)
         assert storage.sqlite_path is not None
-        create_sqlite_file(storage.sqlite_path)
+        create_sqlite_file(storage.sqlite_path, storage.modes)
         return DatabaseBlobStore(storage.sqlite_path, synchronous=storage.sqlite_synchronous)
     return FileBlobStore(storage.blob_dir, fsync=storage.blob_fsync)
 

@@ -164,6 +164,11 @@ class Context:
     def is_cached(self, sender_id: UUID) -> bool:
         return sender_id in self._senders
 
+    def cached_state(self, sender_id: UUID) -> str | None:
+        """The cached sender's state, None when not cached (memory only: no read, no refresh)."""
+        cached = self._senders.get(sender_id)
+        return None if cached is None else cached.state
+
     # ----------------------------------------------------------------- loading
 
     def load_sender(self, unit: Unit, sender_id: UUID) -> Sender | None:

@@ -3,7 +3,7 @@ recipient's quarantine is full. They read the views (caught up first) or the log
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -16,7 +16,7 @@ from sourceauth.engine.policy import is_protected
 from sourceauth.engine.ports import BlobNotFound
 from sourceauth.engine.sender import Sender
 from sourceauth.engine.service.context import Context, Unit
-from sourceauth.engine.service.routing import AUTHORIZED, scope_for
+from sourceauth.engine.service.routing import AUTHORIZED, BLOCKED, plan_envelope, scope_for
 from sourceauth.engine.statemachine import SENDER
 
 PAGE = 5000  # events read per query while replaying the whole log
@@ -111,6 +111,21 @@ def mailbox_may_be_full(ctx: Context, recipient: str) -> bool:
         return normalize_address(recipient) in ctx.full_mailboxes
     except AddressError:
         return False
+
+
+def may_be_challenged(ctx: Context, mail_from: str, recipients: Sequence[str]) -> bool:
+    """Memory only, safe on an event loop: False when this envelope cannot draw a challenge
+    (null sender, no protected recipient, or a sender cached as authorized or blocked in
+    every scope it reaches); True means "perhaps" (the engine decides on the commit path)."""
+    try:
+        # The rules as last compiled (memory only; a hint, decided again on the commit path).
+        found = plan_envelope(mail_from, recipients, ctx.settings, ctx.rule_cache.book)
+    except AddressError:
+        return False
+    return any(
+        ctx.cached_state(ctx.sender_id(found.sender, scope)) not in (AUTHORIZED, BLOCKED)
+        for scope in found.scopes
+    )
 
 
 def quarantine_full(ctx: Context, mail_from: str, recipient: str) -> bool:

@@ -5,7 +5,7 @@ recipient. No I/O and no events: receive.py loads the state and records what rou
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -124,10 +124,20 @@ def plan(incoming: Incoming, settings: EngineSettings, rules: RuleBook = EMPTY_B
     """Normalize the envelope. `answers` are the replies and reports to challenges: settled
     before anything else, so that a "reply all" confirms first and its other recipients see
     the sender authorized. A recipient rule (protect, exempt) overrides `protected`."""
+    return plan_envelope(incoming.mail_from, incoming.recipients, settings, rules)
+
+
+def plan_envelope(
+    mail_from: str,
+    envelope_recipients: Sequence[str],
+    settings: EngineSettings,
+    rules: RuleBook = EMPTY_BOOK,
+) -> Plan:
+    """`plan` from the envelope alone. Raises AddressError for an invalid address."""
     s = settings
-    sender = "" if is_null_sender(incoming.mail_from) else normalize_address(incoming.mail_from)
+    sender = "" if is_null_sender(mail_from) else normalize_address(mail_from)
     # A recipient named twice (in any case) gets one copy.
-    recipients = tuple(dict.fromkeys(normalize_address(r) for r in incoming.recipients))
+    recipients = tuple(dict.fromkeys(normalize_address(r) for r in envelope_recipients))
     confirm_base, bounce_base = _answer_bases(s.confirm_address, s.bounce_address)
     policies = s.policies
     targets = []
@@ -204,7 +214,12 @@ def route(
                 routes.append((t.recipient, ruled))
                 continue
         if not exemption_checked:  # only for mail that would otherwise be challenged
-            exemption = classify(incoming.mail_from, incoming.headers, spam_headers=s.spam_headers)
+            exemption = classify(
+                incoming.mail_from,
+                incoming.headers,
+                spam_headers=s.spam_headers,
+                bounce_like=incoming.bounce_like,
+            )
             exemption_checked = True
         exempt = None if exemption is None else _exempt(exemption, t.policy)
         if isinstance(exempt, HoldSilently) and t.scope is not None:

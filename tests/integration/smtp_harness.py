@@ -105,6 +105,14 @@ class RunningFilter:
         with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as client:
             return client.sendmail(mail_from, rcpts, raw)
 
+    def send_smtputf8(self, mail_from: str, rcpt: str, raw: bytes) -> None:
+        """One message with MAIL FROM ... SMTPUTF8 (a non-ASCII envelope), each step 250."""
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as client:
+            client.ehlo()
+            assert client.mail(mail_from, ["SMTPUTF8"])[0] == 250
+            assert client.rcpt(rcpt)[0] == 250
+            assert client.data(raw)[0] == 250
+
     def sendmail_reply(self, mail_from: str, rcpts: list[str], raw: bytes) -> tuple[int, bytes]:
         """Send and return the DATA reply (code, text) instead of raising on refusal."""
         with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as client:

@@ -5,7 +5,6 @@ Each test names the attack; docs/security.md ("Policy and caps") names the mecha
 
 from __future__ import annotations
 
-import smtplib
 from pathlib import Path
 
 from tests.integration.smtp_harness import filter_with_sinks, message, token_of
@@ -275,10 +274,6 @@ def test_nfd_and_nfc_spellings_of_a_sender_are_one_sender(tmp_path: Path) -> Non
     nfc, nfd = "j\u00f6rg@remote.test", "jo\u0308rg@remote.test"
     with filter_with_sinks(tmp_path) as (flt, _relay, next_hop):
         flt.app.authorize(nfc)
-        with smtplib.SMTP("127.0.0.1", flt.port, timeout=30) as client:
-            client.ehlo()
-            assert client.mail(nfd, ["SMTPUTF8"])[0] == 250
-            assert client.rcpt(PROTECTED)[0] == 250
-            assert client.data(message("x@remote.test", PROTECTED, subject="nfd"))[0] == 250
+        flt.send_smtputf8(nfd, PROTECTED, message("x@remote.test", PROTECTED, subject="nfd"))
         delivered = next_hop.wait_for(1, timeout=20)
         assert b"Subject: nfd" in delivered[0].data

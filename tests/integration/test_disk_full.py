@@ -1,12 +1,15 @@
 """A full disk (issue 7): `sourceauth serve`'s data directory on a 4 MiB tmpfs filled to the
-last byte. Mail is answered 4xx, never 250 and lost; once space is back it is taken, and every
-message answered 250 is in the log, whose `audit verify` passes.
+last byte, so every write the filter tries fails with a real ENOSPC. Mail is answered 4xx,
+never 250 and lost; the server is then killed with SIGKILL while the disk is still full (a
+crash in the middle of failed commits); once space is back it restarts and takes mail again.
+In the end every message answered 250 is in the log with its copies delivered, held or ended
+by a recorded event with a reason, every copy recorded delivered reached the next hop, and
+`audit verify` passes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 import smtplib
 import subprocess
 from collections.abc import Iterator
@@ -14,12 +17,30 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.smtp_harness import message
+from sourceauth.adapters.config import load_config
+from sourceauth.adapters.runtime import build_engine
 from tests.integration.test_abuse_smtp import serve_config
-from tests.integration.test_crash_safety import Server, cli
+from tests.integration.test_crash_safety import (
+    QUEUED_AS,
+    SETTLED,
+    Accepted,
+    Server,
+    assert_delivered_copies_arrived,
+    assert_nothing_lost,
+    cli,
+    raw_message,
+    read_log,
+)
 from tests.support.smtp_sink import Sink
 
-QUEUED_AS = re.compile(rb"queued as ([0-9a-f]+)")
+FRIEND = "friend@known.test"
+# a stranger to a protected mailbox (held, challenged), a friend (delivered), and a stranger
+# to a protected and an unprotected mailbox (one copy delivered, one held)
+MAIL = [
+    ("alice@remote.test", ("bob@example.test",)),
+    (FRIEND, ("bob@example.test",)),
+    ("carl@remote.test", ("bob@example.test", "dave@other.test")),
+]
 
 
 @pytest.fixture
@@ -33,13 +54,22 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def send(port: int, n: int) -> tuple[int, bytes]:
-    raw = message("alice@remote.test", "bob@example.test", body=f"message {n}\r\n" * 200)
+def send(port: int, n: int) -> tuple[int, bytes, Accepted | None]:
+    """One message of MAIL's mix; the receipt when answered 250."""
+    sender, rcpts = MAIL[n % len(MAIL)]
+    attempt = f"disk-{n}"
+    raw = raw_message(sender, rcpts, attempt, f"message {n}")
     with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
         client.ehlo()
-        client.mail("alice@remote.test")
-        client.rcpt("bob@example.test")
-        return client.data(raw)
+        client.mail(sender)
+        for rcpt in rcpts:
+            client.rcpt(rcpt)
+        code, text = client.data(raw)
+    if code != 250:
+        return code, text, None
+    found = QUEUED_AS.search(text)
+    assert found, text
+    return code, text, Accepted(found.group(1).decode(), attempt, sender, rcpts, "disk")
 
 
 @pytest.mark.timeout(240)
@@ -53,32 +83,48 @@ def test_a_full_disk_defers_mail_and_loses_nothing_once_space_is_back(
                 f'data_dir = "{tmp_path / "var"}"', f'data_dir = "{small_disk}"'
             )
         )
+        app = build_engine(load_config(config), transports=False)
+        try:
+            app.authorize(FRIEND, actor="operator", reason="known correspondent")
+        finally:
+            app.close()
         server = Server(config, port, tmp_path / "serve.log")
         server.start()
-        accepted: list[bytes] = []
+        accepted: list[Accepted] = []
+        filler = small_disk / "filler"
         try:
-            for n in range(5):
-                code, text = send(port, n)
-                assert code == 250, text
-                accepted.append(QUEUED_AS.search(text).group(1))  # type: ignore[union-attr]
-            filler = small_disk / "filler"
+            for n in range(6):
+                code, text, receipt = send(port, n)
+                assert code == 250 and receipt, text
+                accepted.append(receipt)
             with filler.open("wb") as out, contextlib.suppress(OSError):
                 while True:
                     out.write(b"\0" * 65536)
                     out.flush()
-            refused = [send(port, 100 + n) for n in range(5)]
-            for code, text in refused:
-                assert code != 250 and 400 <= code < 500, (code, text)
+            for n in range(100, 106):
+                code, text, receipt = send(port, n)
+                assert 400 <= code < 500 and receipt is None, (code, text)
+            server.kill()  # SIGKILL in the middle of failing commits, the disk still full
             filler.unlink()
-            for n in range(5):
-                code, text = send(port, 200 + n)
-                assert code == 250, text
-                accepted.append(QUEUED_AS.search(text).group(1))  # type: ignore[union-attr]
+            server.start()
+            for n in range(200, 206):
+                code, text, receipt = send(port, n)
+                assert code == 250 and receipt, text
+                accepted.append(receipt)
+            # every copy for the next hop has been delivered before the graceful stop
+            wanted = sum(1 for a in accepted if a.mail_from == FRIEND) + sum(
+                1 for a in accepted if "dave@other.test" in a.rcpts
+            )
+            next_hop.wait_for(wanted, timeout=60)
         finally:
+            filler.unlink(missing_ok=True)
             assert server.stop() == 0, server.tail()
+        maintained = cli(config, "maintain")
+        assert maintained.returncode == 0, maintained.stderr
         verified = cli(config, "audit", "verify")
         assert verified.returncode == 0, verified.stdout + verified.stderr
-        exported = cli(config, "audit", "export")
-        assert exported.returncode == 0, exported.stderr
-        for receipt in accepted:
-            assert receipt.decode() in exported.stdout
+        events = read_log(config, tmp_path / "log.jsonl")
+        copies = assert_nothing_lost(accepted, events, SETTLED)
+        assert_delivered_copies_arrived(copies, list(next_hop.messages))
+        recorded = {c["receipt_id"] for c in copies.values()}
+        assert recorded == {a.receipt_id for a in accepted}, "a 4xx'd message was recorded"

@@ -35,6 +35,18 @@ from sourceauth.engine.addresses import (
         ("\u212aelly@example.test", "kelly@example.test"),  # Kelvin sign: canonically K
         ("用户@例子.测试", "用户@xn--fsqu00a.xn--0zwm56d"),
         ("a@\uff25\uff38\uff21\uff2d\uff30\uff2c\uff25.test", "a@example.test"),  # fullwidth
+        # UTS 46 (nontransitional), through the idna package: case, width and compatibility
+        # forms map to one A-label.
+        ("a@MÜLLER.Example", "a@xn--mller-kva.example"),
+        ("a@Mu\u0308ller.example", "a@xn--mller-kva.example"),  # NFD
+        ("a@\uff4d\u00fc\uff4c\uff4c\uff45\uff52.example", "a@xn--mller-kva.example"),
+        ("a@bücher\u3002de", "a@xn--bcher-kva.de"),  # ideographic full stop
+        ("a@bücher\uff0ede", "a@xn--bcher-kva.de"),  # full-width full stop
+        ("a@\u212aöln.example", "a@xn--kln-sna.example"),  # Kelvin sign: "k", as UTS 46 maps it
+        ("a@straße.de", "a@xn--strae-oqa.de"),  # nontransitional: ß kept (IDNA 2003: ss)
+        ("a@\u2460.test", "a@1.test"),  # circled digit one: a compatibility form of 1
+        ("a@foo_bar.bücher.de", "a@foo_bar.xn--bcher-kva.de"),  # "_" next to an IDN label
+        ("a@\u2603.test", "a@xn--n3h.test"),  # UTS 46 valid, IDNA 2008 refuses: encoded
         # Everything RFC 5321/6531 (and Postfix) accepts, in one canonical spelling.
         ('"System Administrator"@example.com', '"system administrator"@example.com'),
         ('<"System Administrator"@example.com>', '"system administrator"@example.com'),
@@ -113,6 +125,9 @@ def test_normalize_address_returns_lower_case_local_at_ascii_domain(
         pytest.param("<@relay.test a@example.test>", id="source-route-without-colon"),
         pytest.param("<@:a@example.test>", id="source-route-empty-hop"),
         pytest.param("a@exa mple_.test", id="space-with-underscore"),
+        pytest.param("a@b\u00fccher\u0000.de", id="nul-in-idn"),
+        pytest.param("a@b\u00fc\ufffe.de", id="noncharacter-in-idn"),  # UTS 46 disallowed
+        pytest.param("a@" + "\u00fc" * 60 + ".de", id="idn-label-over-63-once-encoded"),
     ],
 )
 def test_unusable_address_is_rejected_with_address_error(raw: str) -> None:

@@ -743,11 +743,21 @@ def test_concurrent_first_starts_end_up_with_one_keyring(tmp_path: Path) -> None
     assert os.listdir(cfg.secret_file.parent) == ["secret"]
 
 
-def test_group_readable_secret_is_refused_with_chmod_advice(tmp_path: Path) -> None:
+def test_group_readable_secret_is_made_private_and_read(tmp_path: Path) -> None:
+    cfg = secret_config(tmp_path)
+    cfg.secret_file.parent.mkdir(parents=True)
+    text = render_keyring(generate_keyring())
+    cfg.secret_file.write_text(text)
+    cfg.secret_file.chmod(0o644)
+    assert render_keyring(load_or_create_keyring(cfg, {})) == text
+    assert stat.S_IMODE(cfg.secret_file.stat().st_mode) == 0o600
+
+
+def test_secret_writable_by_others_is_refused_with_chmod_advice(tmp_path: Path) -> None:
     cfg = secret_config(tmp_path)
     cfg.secret_file.parent.mkdir(parents=True)
     cfg.secret_file.write_text(render_keyring(generate_keyring()))
-    cfg.secret_file.chmod(0o640)
+    cfg.secret_file.chmod(0o620)
     with pytest.raises(ConfigError, match="chmod 600") as caught:
         load_or_create_keyring(cfg, {})
     assert "challenge.secret_file" in str(caught.value)

@@ -464,3 +464,69 @@ def test_truncated_or_corrupted_fixtures_never_raise(
 @pytest.mark.parametrize("name", ALL_FIXTURES)
 def test_every_fixture_report_is_well_formed(name: str) -> None:
     assert_well_formed(parse_bounce(fixture(name)))
+
+
+# --- plain-text bounces from ordinary senders (issue 7) ----------------------------------------
+
+PLAIN = Path(__file__).resolve().parent.parent / "fixtures" / "plain_bounces"
+
+
+@pytest.mark.parametrize(
+    ("name", "failed"),
+    [
+        ("groupwise.eml", "archive.desk@county.test"),
+        ("delivery-failure-notification.eml", "m.keller@harbourbank.test"),
+        ("non-remis.eml", "c.durand@societe.test"),
+    ],
+)
+def test_plain_text_bounces_are_read_as_bounces(name: str, failed: str) -> None:
+    found = dsn.plain_bounce((PLAIN / name).read_bytes())
+    assert found == f"flufl.bounce: permanent failure for {failed}"
+
+
+def _groupwise_personal_mail(returned: bool) -> bytes:
+    """Ordinary mail from a GroupWise client: multipart/mixed, an attachment, a signature."""
+    attached = (
+        b"Content-Type: message/rfc822\r\n\r\nFrom: x@county.test\r\nSubject: hi\r\n\r\nhi\r\n"
+        if returned
+        else b"Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n"
+    )
+    return (
+        b"From: Jane Roe <jane.roe@county.test>\r\nTo: bob@example.test\r\n"
+        b"Subject: the delivery failed, the parcel is back\r\n"
+        b"X-Mailer: Novell GroupWise Internet Agent 18.4.1\r\n"
+        b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/plain\r\n\r\nHi Bob,\r\nfigures attached.\r\n\r\n"
+        b"Jane Roe\r\njane.roe@county.test\r\n--b\r\n" + attached + b"--b--\r\n"
+    )
+
+
+def test_ordinary_mail_from_a_groupwise_client_is_not_a_bounce() -> None:
+    # flufl.bounce's GroupWise detector alone takes it for one (the signature's address).
+    from email import message_from_bytes
+
+    from flufl.bounce import all_failures
+
+    raw = _groupwise_personal_mail(returned=False)
+    assert all_failures(message_from_bytes(raw))[1]
+    assert dsn.plain_bounce(raw) == ""
+
+
+def test_a_groupwise_notice_must_return_a_message_and_say_it_was_not_delivered() -> None:
+    returned = _groupwise_personal_mail(returned=True)
+    assert dsn.plain_bounce(returned).startswith("flufl.bounce: permanent failure for")
+    quiet = returned.replace(b"the delivery failed, the parcel is back", b"figures")
+    assert dsn.plain_bounce(quiet) == ""
+
+
+def test_plain_bounce_scan_is_bounded_on_a_huge_message() -> None:
+    raw = (PLAIN / "non-remis.eml").read_bytes() + b"padding line of an ordinary body\r\n" * 400_000
+    started = time.perf_counter()
+    assert dsn.plain_bounce(raw).startswith("flufl.bounce: permanent failure for")
+    assert time.perf_counter() - started < 5.0  # 14 MB; the scan reads at most 128 KiB of it
+
+
+@given(st.binary(max_size=2048))
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_plain_bounce_never_raises(raw: bytes) -> None:
+    assert isinstance(dsn.plain_bounce(raw), str)

@@ -29,7 +29,10 @@ NEVER_CHALLENGE: dict[Exemption, tuple[str, list[tuple[str, str]]]] = {
         [("Content-Type", 'multipart/report; report-type=delivery-status; boundary="x"')],
     ),
     Exemption.SPAM: (STRANGER, [("X-Spam-Flag", "YES")]),
+    # the inbound adapter's flag: flufl.bounce read the body as a bounce in no report format
+    Exemption.PLAIN_BOUNCE: (STRANGER, []),
 }
+PLAIN_BOUNCE_FLAG = "flufl.bounce: permanent failure for bob@remote.test"
 
 
 @pytest.mark.parametrize("exemption", list(Exemption), ids=str)
@@ -39,7 +42,8 @@ def test_mail_that_must_never_be_challenged_gets_its_configured_action(
 ) -> None:
     service = make_service(exemptions={exemption: action})
     mail_from, headers = NEVER_CHALLENGE[exemption]
-    receipt = service.receive(mail_from, BOB, headers=headers)
+    flag = PLAIN_BOUNCE_FLAG if exemption is Exemption.PLAIN_BOUNCE else ""
+    receipt = service.receive(mail_from, BOB, headers=headers, bounce_like=flag)
     decision = receipt.decision_for(BOB)
     expected = {
         ExemptAction.HOLD: Decision.HOLD,
@@ -75,6 +79,24 @@ def test_other_markers_of_automated_or_bulk_mail_are_never_challenged(
     receipt = service.receive(mail_from, BOB, headers=headers)
     assert receipt.decision_for(BOB).decision is Decision.HOLD  # the default action
     assert receipt.challenges == ()
+
+
+def test_a_plain_text_bounce_flag_is_recorded_in_the_reason_and_draws_no_challenge(
+    service: Service,
+) -> None:
+    receipt = service.receive(STRANGER, BOB, bounce_like=PLAIN_BOUNCE_FLAG)
+    decision = receipt.decision_for(BOB)
+    assert decision.decision is Decision.HOLD
+    assert decision.reason == f"never_challenge:plain_bounce: {PLAIN_BOUNCE_FLAG}"
+    assert receipt.challenges == ()
+
+
+def test_the_plain_bounce_flag_never_holds_mail_from_an_authorized_sender(
+    service: Service,
+) -> None:
+    service.app.authorize(STRANGER, actor="operator", reason="known")
+    receipt = service.receive(STRANGER, BOB, bounce_like=PLAIN_BOUNCE_FLAG)
+    assert receipt.decision_for(BOB).decision is Decision.DELIVER
 
 
 def test_auto_submitted_no_is_a_person_and_gets_challenged(service: Service) -> None:
