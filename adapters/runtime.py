@@ -452,6 +452,9 @@ class Filter:
         self.sessions = SessionLimits(cfg.server.max_sessions, cfg.server.max_sessions_per_client)
         _quiet_aiosmtpd()
         self.server: asyncio.AbstractServer | None = None
+        self.milter: Any = None  # adapters.smtp.milter.MilterServer when [milter] listen is set
+        if cfg.milter.listen is not None:
+            self.milter = milter_server(cfg, self.handler)
 
     def _committed(self, receipts: list[Receipt]) -> None:
         if self.metrics is not None:
@@ -490,6 +493,8 @@ class Filter:
             host=self.cfg.server.listen_host,
             port=self.cfg.server.listen_port,
         )
+        if self.milter is not None:
+            await loop.run_in_executor(None, self.milter.start)
         if self.metrics is not None:
             listen = self.cfg.metrics.listen
             assert listen is not None
@@ -507,6 +512,7 @@ class Filter:
             relay=str(cfg.challenge.relay),
             next_hop=str(cfg.delivery.next_hop),
             metrics=str(cfg.metrics.listen) if cfg.metrics.listen else None,
+            milter=str(cfg.milter.listen) if cfg.milter.listen else None,
             log_file=str(cfg.logging.file) if cfg.logging.file else None,
             config=config_summary(cfg),
         )
@@ -519,6 +525,8 @@ class Filter:
     async def stop(self) -> None:
         """Stop accepting, finish every message already accepted, then stop the workers."""
         loop = asyncio.get_running_loop()
+        if self.milter is not None:
+            await loop.run_in_executor(None, self.milter.stop)
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
@@ -545,6 +553,20 @@ class Filter:
         reopen_log()
         if self._process is not None and self._process.pid is not None:
             os.kill(self._process.pid, signal.SIGHUP)
+
+
+def milter_server(cfg: Config, handler: FilterHandler) -> Any:
+    """The milter listener of [milter] (pymilter, the optional extra `sourceauth[milter]`)."""
+    try:
+        from sourceauth.adapters.smtp.milter import MilterGate, MilterServer
+    except ImportError as exc:
+        raise ConfigError(
+            f"milter.listen is set but pymilter is missing ({exc}): "
+            "pip install 'sourceauth[milter]' (it builds against libmilter-dev)"
+        ) from None
+    assert cfg.milter.listen is not None
+    gate = MilterGate(handler, max_size=cfg.limits.max_message_size)
+    return MilterServer(gate, cfg.milter.listen, timeout=cfg.milter.timeout)
 
 
 def loop_error_handler(throttle: LogThrottle) -> Callable[[Any, dict[str, Any]], None]:

@@ -42,6 +42,12 @@ class Incoming:
     bounce: BounceInfo | None = None
     client_address: str = ""  # the original SMTP client (XFORWARD ADDR, else the peer)
     client_helo: str = ""  # its HELO/EHLO name (XFORWARD HELO, else the peer's)
+    # Milter mode: the MTA keeps the recipients decided DELIVER in its own queue and delivers
+    # them itself; their copy is recorded delivered (next hop MTA_QUEUE) in the same unit.
+    kept_by_mta: bool = False
+
+
+MTA_QUEUE = "mta-queue"  # the next hop of copies the MTA delivers itself (milter mode)
 
 
 class Decision(StrEnum):

@@ -252,6 +252,14 @@ Network = Annotated[
 ]
 
 
+class MilterConfig(Section, frozen=True):
+    """[milter]: the milter listener of `serve` for Postfix's smtpd_milters (before-queue),
+    beside the SMTP listener (which the bounce transport still reaches); off unless set."""
+
+    listen: Listen | None = None  # None: no milter listener
+    timeout: Duration = Duration("2m")  # libmilter's read/write timeout on Postfix's socket
+
+
 class XForwardConfig(Section, frozen=True):
     """[xforward]: which MTAs may tell the filter the original client (Postfix's XFORWARD)."""
 
@@ -319,6 +327,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     logging: LoggingConfig = _section(LoggingConfig)
     maintenance: MaintenanceConfig = _section(MaintenanceConfig)
     metrics: MetricsConfig = _section(MetricsConfig)
+    milter: MilterConfig = _section(MilterConfig)
     xforward: XForwardConfig = _section(XForwardConfig)
     web: WebConfig = _section(WebConfig)
     file: Path | None = None  # not a file key: the file this was loaded from

@@ -5,6 +5,7 @@ only after the blob is fsync'd and the message's events are committed (group com
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import email.header
 import queue
 import threading
@@ -79,12 +80,15 @@ class _Pending:
     mail_from: str
     recipients: tuple[str, ...]
     raw: bytes
-    future: asyncio.Future[Receipt]
-    loop: asyncio.AbstractEventLoop
+    # An asyncio future settled on `loop` (the SMTP listener), or, with no loop, a thread's
+    # concurrent future (the milter's callbacks run in libmilter's threads).
+    future: asyncio.Future[Receipt] | concurrent.futures.Future[Receipt]
+    loop: asyncio.AbstractEventLoop | None
     bounce: BounceInfo | None
     queued: float = field(default_factory=time.monotonic)
     client_address: str = ""
     client_helo: str = ""
+    kept_by_mta: bool = False
 
 
 class GroupCommitter:
@@ -170,6 +174,7 @@ class GroupCommitter:
                 bounce=item.bounce,
                 client_address=item.client_address,
                 client_helo=item.client_helo,
+                kept_by_mta=item.kept_by_mta,
             )
             for item, blob in zip(batch, staged.blobs, strict=True)
         ]
@@ -220,7 +225,10 @@ def _resolve(
         else:
             item.future.set_result(receipt)  # type: ignore[arg-type]
 
-    item.loop.call_soon_threadsafe(settle)
+    if item.loop is None:
+        settle()
+    else:
+        item.loop.call_soon_threadsafe(settle)
 
 
 class FilterHandler:
@@ -245,9 +253,9 @@ class FilterHandler:
         self.delimiter = delimiter
         # Bounces are parsed here, one at a time, never on the commit thread: a hostile one
         # (huge, thousands of parts) delays only itself. parse_bounce bounds its own work.
-        self._bounce_reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sa-bounce")
+        self.bounce_reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sa-bounce")
 
-    def _to_bounce_address(self, recipients: list[str]) -> bool:
+    def to_bounce_address(self, recipients: list[str]) -> bool:
         for rcpt in recipients:
             try:
                 base, _ = split_extension(normalize_address(rcpt), self.delimiter)
@@ -311,8 +319,8 @@ class FilterHandler:
             return "503 5.5.1 No valid recipients"
         loop = asyncio.get_running_loop()
         bounce = None
-        if self._to_bounce_address(envelope.rcpt_tos):
-            bounce = await loop.run_in_executor(self._bounce_reader, _bounce_info, raw)
+        if self.to_bounce_address(envelope.rcpt_tos):
+            bounce = await loop.run_in_executor(self.bounce_reader, _bounce_info, raw)
         future: asyncio.Future[Receipt] = loop.create_future()
         client_address, client_helo = xforward.client_of(session)
         xforward.forget(session)
