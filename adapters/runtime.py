@@ -460,8 +460,11 @@ class Filter:
         if self.metrics is not None:
             self.metrics.committed(receipts)
         # A challenge leaves as soon as its hold is committed, not at the next timer tick.
+        # (A copy the MTA keeps in milter mode is not the delivery worker's: no wake for it.)
         if any(r.challenges for r in receipts) or any(
-            d.decision.value in ("deliver", "confirm") for r in receipts for d in r.decisions
+            d.decision.value == "confirm" or (d.decision.value == "deliver" and not r.kept_by_mta)
+            for r in receipts
+            for d in r.decisions
         ):
             if self.workers is not None:
                 self.workers.wake()

@@ -80,9 +80,12 @@ import sys, Milter
 class Noop(Milter.Base):
     def envfrom(self, f, *p): self.parts = []; return Milter.CONTINUE
     def envrcpt(self, t, *p): return Milter.CONTINUE
+    @Milter.noreply
     @Milter.decode("bytes")
     def header(self, k, v): self.parts.append(v); return Milter.CONTINUE
+    @Milter.noreply
     def eoh(self): return Milter.CONTINUE
+    @Milter.noreply
     def body(self, chunk): self.parts.append(chunk); return Milter.CONTINUE
     def eom(self): b"".join(self.parts); return Milter.CONTINUE
 Milter.factory = Noop

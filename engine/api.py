@@ -74,6 +74,7 @@ class Receipt:
     receipt_id: str
     decisions: tuple[RecipientDecision, ...]
     challenges: tuple[str, ...] = ()
+    kept_by_mta: bool = False  # milter mode: its DELIVER copies are the MTA's to deliver
 
     def decision_for(self, recipient: str) -> RecipientDecision:
         for d in self.decisions:

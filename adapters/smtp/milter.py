@@ -69,11 +69,13 @@ class MilterSession(Milter.Base):  # type: ignore[misc]
 
     # ---------------------------------------------------------------- callbacks
 
+    @Milter.noreply
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         if isinstance(hostaddr, tuple) and hostaddr:
             self.client_address = str(hostaddr[0])
         return Milter.CONTINUE
 
+    @Milter.noreply
     def hello(self, heloname: str) -> int:
         self.client_helo = str(heloname)[:255]
         return Milter.CONTINUE
@@ -114,6 +116,7 @@ class MilterSession(Milter.Base):  # type: ignore[misc]
         self.recipients.append((to, address))
         return Milter.CONTINUE
 
+    @Milter.noreply
     @Milter.decode("bytes")
     def header(self, field: str, value: bytes) -> int:
         # With header_leading_space the value keeps its leading blank and its folding.
@@ -122,10 +125,12 @@ class MilterSession(Milter.Base):  # type: ignore[misc]
         self._add(name + b":" + value + b"\r\n")
         return Milter.CONTINUE
 
+    @Milter.noreply
     def eoh(self) -> int:
         self._add(b"\r\n")
         return Milter.CONTINUE
 
+    @Milter.noreply
     def body(self, chunk: bytes) -> int:
         self._add(chunk)
         return Milter.CONTINUE

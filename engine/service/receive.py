@@ -207,7 +207,7 @@ def decide(ctx: Context, unit: Unit, incoming: Incoming, p: Plan) -> Receipt:
     if len(decisions) > 1:
         order = {r: i for i, r in enumerate(p.recipients)}
         decisions.sort(key=lambda d: order.get(d.recipient, 0))
-    return Receipt(incoming.blob.key, tuple(decisions), tuple(challenges))
+    return Receipt(incoming.blob.key, tuple(decisions), tuple(challenges), incoming.kept_by_mta)
 
 
 def _kept_by_mta(unit: Unit, now: float) -> None:
