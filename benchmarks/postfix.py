@@ -8,7 +8,9 @@ into Postfix, which delivers into the recipient's virtual Maildir. Four paths:
 (c) milter: the smtpd on 10026 with `smtpd_milters` -> `sourceauth serve`'s milter (10032)
     -> Postfix's queue -> Maildir (the before-queue filter);
 (d) a no-op pymilter milter on 10032 (collects the message, changes nothing): the floor
-    of milter mode, the cost of libmilter and pymilter alone.
+    of milter mode, the cost of libmilter and pymilter alone;
+(e) when `purepythonmilter` is installed (not a dependency), the same no-op milter in pure
+    Python on asyncio: what the other kind of milter library costs, for the choice.
 
 Each path: acceptance (messages / time until smtp-source has every 250) and end to end
 (messages / time until the last one is in the Maildir). Ratios are against (a) measured in
@@ -93,6 +95,34 @@ Milter.runmilter("noop", sys.argv[1], timeout=120)
 """
 
 
+# Path (e), when `purepythonmilter` (0.0.1, asyncio, pure Python) is installed (it is not a
+# dependency: `pip install purepythonmilter`): the same no-op milter, to weigh the choice.
+NOOP_PURE_PYTHON = """
+import sys
+from purepythonmilter import Continue, PurePythonMilter
+async def on_mail_from(cmd) -> Continue: return Continue()
+async def on_rcpt_to(cmd) -> Continue: return Continue()
+async def on_header(cmd) -> None: return None
+async def on_end_of_headers(cmd) -> None: return None
+async def on_body_chunk(cmd) -> None: return None
+async def on_end_of_message(cmd) -> Continue: return Continue()
+PurePythonMilter(
+    name="noop", hook_on_mail_from=on_mail_from, hook_on_rcpt_to=on_rcpt_to,
+    hook_on_header=on_header, hook_on_end_of_headers=on_end_of_headers,
+    hook_on_body_chunk=on_body_chunk, hook_on_end_of_message=on_end_of_message,
+    headers_with_leading_space=True,
+).run_server(host=sys.argv[1], port=int(sys.argv[2]))
+"""
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
 def _accepts(port: int) -> bool:
     try:
         with socket.create_connection((HOST, port), timeout=0.5):
@@ -121,9 +151,7 @@ def problem() -> str | None:
     for port in (ALONE, CONTENT_FILTER, MILTER_SMTPD):
         if not _accepts(port):
             return f"nothing accepts on {HOST}:{port}: is Postfix running? ({SETUP})"
-    try:
-        import Milter  # noqa: F401
-    except ImportError:
+    if not _has("Milter"):
         return "pymilter missing (pip install -e '.[milter]', needs libmilter-dev)"
     return None
 
@@ -253,6 +281,10 @@ def one_round(root: Path, count: int) -> dict[str, dict[str, float]]:
     noop = [sys.executable, "-c", NOOP_MILTER, f"inet:{MILTER}@{HOST}"]
     with _process(noop, (MILTER,), root / "noop.log"):
         got["noop_milter"] = measure(MILTER_SMTPD, count)
+    if _has("purepythonmilter"):
+        pure = [sys.executable, "-c", NOOP_PURE_PYTHON, HOST, str(MILTER)]
+        with _process(pure, (MILTER,), root / "noop_pure_python.log"):
+            got["noop_pure_python"] = measure(MILTER_SMTPD, count)
     serve = _sourceauth(root)
     with _process(serve, (FILTER, MILTER), root / "serve.out"):
         got["content_filter"] = measure(CONTENT_FILTER, count)
@@ -278,7 +310,7 @@ def run(scale: float = 1.0) -> list[BenchResult]:
                 runs.append(one_round(root, count))
         finally:
             _clean()
-    paths = ("alone", "noop_milter", "content_filter", "milter")
+    paths = tuple(runs[0])  # alone, noop_milter, [noop_pure_python,] content_filter, milter
     best = {p: {k: max(r[p][k] for r in runs) for k in ("accept", "e2e")} for p in paths}
     common: dict[str, float | int | str] = {
         "messages": count,
@@ -303,7 +335,7 @@ def run(scale: float = 1.0) -> list[BenchResult]:
         for kind in ("accept", "e2e")
     ]
     targets = {("content_filter", "e2e"): 0.5, ("milter", "e2e"): 0.7}
-    for path in ("noop_milter", "content_filter", "milter"):
+    for path in paths[1:]:
         for kind in ("accept", "e2e"):
             base = best["alone"][kind]
             ratio = best[path][kind] / base if base else 0.0

@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import json
 import os
+import smtplib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import CaptureHandler, PostfixHarness
-from tests.e2e.test_postfix_flow import _cli, _config, _quarantine, _senders, _settled, serving
+from tests.e2e.test_postfix_flow import (
+    _cli,
+    _config,
+    _listening,
+    _quarantine,
+    _senders,
+    _settled,
+    serving,
+)
 
 pytestmark = pytest.mark.postfix
 
@@ -152,3 +161,22 @@ def test_refused_challenge_dsn_expires_the_sender(
     _settled(postfix, milter_mode)
     for box in postfix.mailboxes:
         assert postfix.maildir_messages(box) == [], f"unexpected mail in {box}"
+
+
+def test_filter_down_answers_tempfail_and_accepts_nothing(postfix: PostfixHarness) -> None:
+    """milter_default_action = tempfail: with no milter listening, Postfix answers 4xx and
+    keeps nothing; the client retries later."""
+    postfix.reset()
+    assert not _listening(MILTER), "something listens on the milter port"
+    sender = "dave@ok.test"
+    raw = postfix.make_message(sender, "carol@example.test", "while the filter is down")
+    try:
+        postfix.send(sender, ["carol@example.test"], raw, port=MILTER_SMTPD)
+        codes = [250]
+    except smtplib.SMTPRecipientsRefused as exc:
+        codes = [code for code, _ in exc.recipients.values()]
+    except smtplib.SMTPResponseException as exc:
+        codes = [exc.smtp_code]
+    assert codes and all(400 <= code < 500 for code in codes), codes
+    assert postfix.queue_ids() == []
+    assert postfix.maildir_messages("carol@example.test") == []
