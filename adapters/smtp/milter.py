@@ -59,7 +59,8 @@ class MilterSession(Milter.Base):  # type: ignore[misc]
 
     def _new_message(self) -> None:
         self.mail_from = ""
-        self.recipients: list[tuple[str, str]] = []  # (as the MTA sent it, bare)
+        # (as the MTA sent it, for smfi_delrcpt; bare, for the engine; normalized, as decided)
+        self.recipients: list[tuple[str, str, str]] = []
         self.chunks: list[bytes] = []
         self.size = 0
 
@@ -99,7 +100,7 @@ class MilterSession(Milter.Base):  # type: ignore[misc]
             return self._refuse("452", "4.5.3", "Too many recipients", Milter.TEMPFAIL)
         address = bare(to)
         try:
-            normalize_address(address)
+            normalized = normalize_address(address)
         except AddressError as exc:
             return self._refuse(
                 "501", "5.1.3", f"Bad recipient address syntax: {exc}", Milter.REJECT
@@ -113,7 +114,7 @@ class MilterSession(Milter.Base):  # type: ignore[misc]
                 "Quarantine for this recipient is full, try again later",
                 Milter.TEMPFAIL,
             )
-        self.recipients.append((to, address))
+        self.recipients.append((to, address, normalized))
         return Milter.CONTINUE
 
     @Milter.noreply
@@ -164,9 +165,17 @@ class MilterSession(Milter.Base):  # type: ignore[misc]
         receipt = self._commit(raw)
         if isinstance(receipt, int):
             return receipt
+        decided = {d.recipient: d.decision for d in receipt.decisions}
+        if any(normalized not in decided for _, _, normalized in self.recipients):
+            # Cannot happen (the engine decides every recipient); if it did, the client's
+            # retry is a second copy, never a lost one.
+            log.warning("data_deferred", via="milter", error="a recipient was not decided")
+            return self._refuse(
+                "451", "4.3.0", "Temporary failure, please try again later", Milter.TEMPFAIL
+            )
         kept = 0
-        for as_sent, address in self.recipients:
-            if receipt.decision_for(address).decision is Decision.DELIVER:
+        for as_sent, _, normalized in self.recipients:
+            if decided[normalized] is Decision.DELIVER:
                 kept += 1
             else:
                 self.delrcpt(as_sent)
@@ -177,7 +186,7 @@ class MilterSession(Milter.Base):  # type: ignore[misc]
     def _commit(self, raw: bytes) -> Receipt | int:
         """The receipt once committed, or the milter status that answers trouble."""
         handler = self.gate.handler
-        addresses = [address for _, address in self.recipients]
+        addresses = [address for _, address, _ in self.recipients]
         bounce = None
         if handler.to_bounce_address(addresses):
             bounce = handler.bounce_reader.submit(_bounce_info, raw).result()
