@@ -247,6 +247,8 @@ class MilterServer:
     def start(self) -> None:
         Milter.factory = lambda: MilterSession(self.gate)
         libmilter.set_flags(Milter.DELRCPT)
+        # A callback that raises answers tempfail: the MTA keeps the message and retries.
+        libmilter.set_exception_policy(Milter.TEMPFAIL)
         self._thread.start()
         deadline = time.monotonic() + 10
         while not _accepts(self.listen.host, self.listen.port):
