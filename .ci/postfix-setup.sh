@@ -10,6 +10,7 @@
 #   10031  reinjection smtpd, no content_filter (released mail, challenges)
 #   10026  milter-mode smtpd: smtpd_milters = inet:127.0.0.1:10032 (sourceauth's
 #          [milter] listen, NOT started here), no content_filter
+#   10028  the same with smtpd_milters = unix:/run/sourceauth-milter.sock
 #   10040  smtp-sink refusing every RCPT with 550 5.1.1 (domain remote.test)
 #   10041  test-owned capture server (domain ok.test; NOT started here)
 #   example.test: virtual Maildirs under /var/mail/vhosts (uid/gid 5000)
@@ -37,6 +38,8 @@ SINK_LOG=/var/log/smtp-sink.log
 MAILLOG=/var/log/postfix.log
 MILTER_SMTPD_PORT=10026
 MILTER_SPEC="inet:127.0.0.1:10032"
+MILTER_UNIX_SMTPD_PORT=10028
+MILTER_UNIX_SPEC="unix:/run/sourceauth-milter.sock"
 
 # ---------------------------------------------------------------- helpers
 port_open() {  # port_open PORT -> 0 when something accepts on 127.0.0.1:PORT
@@ -187,7 +190,7 @@ postconf -X smtpd_tls_cert_file smtpd_tls_key_file 2>/dev/null || true
 newaliases
 
 # ---------------------------------------------------------- 4. master.cf
-say "master.cf: port 25 off, 10025 public, 10026 public via milter, 10031 reinjection, scan transport, chroot off"
+say "master.cf: port 25 off, 10025 public, 10026/10028 public via milter (TCP/UNIX), 10031 reinjection, scan transport, chroot off"
 if postconf -M smtp/inet 2>/dev/null | grep -q .; then
     postconf -M# smtp/inet
 fi
@@ -217,6 +220,13 @@ postconf -P "127.0.0.1:$MILTER_SMTPD_PORT/inet/syslog_name=postfix/milter" \
             "127.0.0.1:$MILTER_SMTPD_PORT/inet/smtpd_milters=$MILTER_SPEC" \
             "127.0.0.1:$MILTER_SMTPD_PORT/inet/milter_default_action=tempfail" \
             "127.0.0.1:$MILTER_SMTPD_PORT/inet/milter_protocol=6"
+# The same over a UNIX socket (no TCP delayed-ACK stall between Postfix's small writes).
+postconf -M "127.0.0.1:$MILTER_UNIX_SMTPD_PORT/inet=127.0.0.1:$MILTER_UNIX_SMTPD_PORT inet n - n - - smtpd"
+postconf -P "127.0.0.1:$MILTER_UNIX_SMTPD_PORT/inet/syslog_name=postfix/milter-unix" \
+            "127.0.0.1:$MILTER_UNIX_SMTPD_PORT/inet/content_filter=" \
+            "127.0.0.1:$MILTER_UNIX_SMTPD_PORT/inet/smtpd_milters=$MILTER_UNIX_SPEC" \
+            "127.0.0.1:$MILTER_UNIX_SMTPD_PORT/inet/milter_default_action=tempfail" \
+            "127.0.0.1:$MILTER_UNIX_SMTPD_PORT/inet/milter_protocol=6"
 
 # postlogd is needed for maillog_file (present in Debian's master.cf; ensure it)
 if ! postconf -M postlog/unix-dgram 2>/dev/null | grep -q .; then
@@ -241,7 +251,7 @@ fi
 say "postfix start"
 postfix start >/dev/null 2>&1 || { tail -n 20 "$MAILLOG" >&2; die "postfix start failed"; }
 
-for p in 10025 "$MILTER_SMTPD_PORT" 10031; do
+for p in 10025 "$MILTER_SMTPD_PORT" "$MILTER_UNIX_SMTPD_PORT" 10031; do
     ok=no
     for _ in $(seq 1 100); do
         if port_open "$p"; then ok=yes; break; fi

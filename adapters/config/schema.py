@@ -19,6 +19,7 @@ from sourceauth.adapters.config.values import (
     Domain,
     Duration,
     Listen,
+    MilterListen,
     NextHopUrl,
     Protected,
     Relay,
@@ -256,7 +257,7 @@ class MilterConfig(Section, frozen=True):
     """[milter]: the milter listener of `serve` for Postfix's smtpd_milters (before-queue),
     beside the SMTP listener (which the bounce transport still reaches); off unless set."""
 
-    listen: Listen | None = None  # None: no milter listener
+    listen: MilterListen | None = None  # None: no milter listener; or "unix:/path"
     timeout: Duration = Duration("2m")  # libmilter's read/write timeout on Postfix's socket
 
 

@@ -12,6 +12,7 @@ and calls back into Python in it; libmilter has one listener per process.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import socket
 import threading
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import Milter
 import milter as libmilter
 
-from sourceauth.adapters.config.values import Listen
+from sourceauth.adapters.config.values import MilterListen
 from sourceauth.adapters.smtp.inbound import FilterHandler, _bounce_info, _Pending
 from sourceauth.engine.addresses import AddressError, is_null_sender, normalize_address
 from sourceauth.engine.api import Decision, Receipt
@@ -220,19 +221,25 @@ class MilterSession(Milter.Base):  # type: ignore[misc]
         )
 
 
-def _accepts(host: str, port: int) -> bool:
+def _accepts(listen: MilterListen) -> bool:
     try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
+        if listen.path:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
+                unix.settimeout(0.5)
+                unix.connect(listen.path)
+        else:
+            with socket.create_connection((listen.host, listen.port), timeout=0.5):
+                pass
     except OSError:
         return False
+    return True
 
 
 class MilterServer:
     """libmilter's listener in a thread of this process (one per process: libmilter keeps
     global state). start() returns once the port accepts; stop() ends libmilter's loop."""
 
-    def __init__(self, gate: MilterGate, listen: Listen, *, timeout: float) -> None:
+    def __init__(self, gate: MilterGate, listen: MilterListen, *, timeout: float) -> None:
         self.gate = gate
         self.listen = listen
         self.timeout = timeout
@@ -241,6 +248,8 @@ class MilterServer:
 
     @property
     def socket_spec(self) -> str:
+        if self.listen.path:
+            return f"unix:{self.listen.path}"
         family = "inet6" if ":" in self.listen.host else "inet"
         return f"{family}:{self.listen.port}@{self.listen.host}"
 
@@ -251,12 +260,16 @@ class MilterServer:
         libmilter.set_exception_policy(Milter.TEMPFAIL)
         self._thread.start()
         deadline = time.monotonic() + 10
-        while not _accepts(self.listen.host, self.listen.port):
+        while not _accepts(self.listen):
             if self.error is not None or not self._thread.is_alive():
                 raise OSError(f"milter listener on {self.listen}: {self.error or 'not started'}")
             if time.monotonic() > deadline:
                 raise OSError(f"milter listener on {self.listen} did not start within 10 s")
             time.sleep(0.05)
+        if self.listen.path:
+            # The MTA's smtpd runs as another user (postfix). Anyone on this host may reach a
+            # loopback TCP listener too; restrict the folder around the socket to narrow it.
+            os.chmod(self.listen.path, 0o666)
         log.info("milter_started", listen=str(self.listen))
 
     def _run(self) -> None:
@@ -275,4 +288,9 @@ class MilterServer:
         except Exception as exc:
             log.error("milter_failed", listen=str(self.listen), error=str(exc))
         self._thread.join(timeout=30)
+        if self.listen.path:
+            try:
+                os.unlink(self.listen.path)
+            except OSError:
+                pass
         log.info("milter_stopped", listen=str(self.listen))

@@ -31,10 +31,11 @@ pytestmark = pytest.mark.postfix
 MILTER_SMTPD = 10026  # Postfix's smtpd with smtpd_milters (.ci/postfix-setup.sh)
 MILTER = 10032  # sourceauth's [milter] listen
 
+MILTER_UNIX_SMTPD = 10028  # the same, smtpd_milters = unix:MILTER_SOCKET
+MILTER_SOCKET = Path("/run/sourceauth-milter.sock")
 
-@pytest.fixture
-def milter_mode(postfix: PostfixHarness, tmp_path: Path) -> Iterator[Path]:
-    """`sourceauth serve` with its SMTP listener on 10030 and its milter on 10032."""
+
+def _need_pymilter() -> None:
     try:
         import Milter  # noqa: F401
     except ImportError:
@@ -42,6 +43,12 @@ def milter_mode(postfix: PostfixHarness, tmp_path: Path) -> Iterator[Path]:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"{why} (.ci/run installs both)", pytrace=False)
         pytest.skip(why)
+
+
+@pytest.fixture
+def milter_mode(postfix: PostfixHarness, tmp_path: Path) -> Iterator[Path]:
+    """`sourceauth serve` with its SMTP listener on 10030 and its milter on 10032."""
+    _need_pymilter()
     config = _config(tmp_path)
     with config.open("a", encoding="utf-8") as f:
         f.write(f'\n[milter]\nlisten = "127.0.0.1:{MILTER}"\n')
@@ -181,3 +188,32 @@ def test_filter_down_answers_tempfail_and_accepts_nothing(postfix: PostfixHarnes
     assert codes and all(400 <= code < 500 for code in codes), codes
     assert postfix.queue_ids() == []
     assert postfix.maildir_messages("carol@example.test") == []
+
+
+def test_milter_on_a_unix_socket(
+    postfix: PostfixHarness, tmp_path: Path, capture_server: CaptureHandler
+) -> None:
+    """`[milter] listen = "unix:/path"`: Postfix's smtpd on 10028 talks to it over a UNIX
+    socket; the unprotected copy stays with Postfix, the protected one is held."""
+    _need_pymilter()
+    config = _config(tmp_path)
+    with config.open("a", encoding="utf-8") as f:
+        f.write(f'\n[milter]\nlisten = "unix:{MILTER_SOCKET}"\n')
+    with serving(postfix, config, 10030):
+        postfix.wait_until(MILTER_SOCKET.exists, timeout=30, message="the milter's socket")
+        sender = "erin@ok.test"
+        raw = postfix.make_message(sender, "alice@example.test, carol@example.test", "unix")
+        to = ["alice@example.test", "carol@example.test"]
+        assert postfix.send(sender, to, raw, port=MILTER_UNIX_SMTPD) == {}
+        postfix.wait_until(
+            lambda: postfix.maildir_messages("carol@example.test"),
+            timeout=60,
+            message="carol's copy delivered by Postfix",
+        )
+        capture_server.wait_for(lambda r: r.rcpt_tos == [sender], timeout=60)
+        _settled(postfix, config)
+        assert postfix.maildir_messages("alice@example.test") == []
+        assert len(postfix.maildir_messages("carol@example.test")) == 1
+        held = [r for r in _quarantine(config) if r["sender"] == sender]
+        assert [r["state"] for r in held] == ["challenged"]
+    assert not MILTER_SOCKET.exists()  # removed when serve stopped
