@@ -10,7 +10,9 @@ into Postfix, which delivers into the recipient's virtual Maildir. Four paths:
 (d) a no-op pymilter milter on 10032 (collects the message, changes nothing): the floor
     of milter mode, the cost of libmilter and pymilter alone;
 (e) when `purepythonmilter` is installed (not a dependency), the same no-op milter in pure
-    Python on asyncio: what the other kind of milter library costs, for the choice.
+    Python on asyncio: what the other kind of milter library costs, for the choice;
+(f) milter mode over a UNIX socket: the smtpd on 10028 -> `serve`'s milter on
+    unix:/run/sourceauth-milter.sock (a second `serve`, as libmilter listens once a process).
 
 Each path: acceptance (messages / time until smtp-source has every 250) and end to end
 (messages / time until the last one is in the Maildir). Ratios are against (a) measured in
@@ -40,6 +42,8 @@ from benchmarks.result import BenchResult
 
 HOST = "127.0.0.1"
 ALONE, CONTENT_FILTER, MILTER_SMTPD = 10031, 10025, 10026  # Postfix's smtpd listeners
+MILTER_UNIX_SMTPD = 10028  # smtpd_milters = unix:MILTER_SOCKET
+MILTER_SOCKET = Path("/run/sourceauth-milter.sock")
 FILTER, MILTER = 10030, 10032  # sourceauth's SMTP and milter listeners
 RECIPIENT = "bob@example.test"
 SENDER = "bench@partner.example.net"
@@ -56,7 +60,7 @@ hostname = "mx.example.test"
 data_dir = "{var}"
 
 [milter]
-listen = "{host}:{milter}"
+listen = "{milter}"
 
 [policy]
 protected = ["{rcpt}"]
@@ -255,12 +259,13 @@ def _process(args: list[str], ports: tuple[int, ...], log: Path) -> Iterator[Non
                 proc.wait()
 
 
-def _sourceauth(root: Path) -> list[str]:
+def _sourceauth(root: Path, milter: str = f"{HOST}:{MILTER}") -> list[str]:
+    root.mkdir(parents=True, exist_ok=True)
     var = root / "var"
     config = root / "sourceauth.toml"
     config.write_text(
         CONFIG.format(
-            host=HOST, filter=FILTER, milter=MILTER, alone=ALONE, rcpt=RECIPIENT, var=var
+            host=HOST, filter=FILTER, milter=milter, alone=ALONE, rcpt=RECIPIENT, var=var
         ),
         encoding="utf-8",
     )
@@ -290,7 +295,17 @@ def one_round(root: Path, count: int) -> dict[str, dict[str, float]]:
         got["content_filter"] = measure(CONTENT_FILTER, count)
         got["milter"] = measure(MILTER_SMTPD, count)
         _wait_for("the filter's delivery queue to drain", _queue_empty, 120)
+    if _has_unix_path():
+        serve = _sourceauth(root / "unix", milter=f"unix:{MILTER_SOCKET}")
+        with _process(serve, (FILTER,), root / "serve-unix.out"):
+            _wait_for("the milter's UNIX socket", MILTER_SOCKET.exists)
+            got["milter_unix"] = measure(MILTER_UNIX_SMTPD, count)
     return got
+
+
+def _has_unix_path() -> bool:
+    """Postfix has the milter-mode smtpd on 10028 that talks over MILTER_SOCKET."""
+    return f"smtpd_milters=unix:{MILTER_SOCKET}" in _postconf("-P").replace(" ", "")
 
 
 def run(scale: float = 1.0) -> list[BenchResult]:
@@ -310,7 +325,8 @@ def run(scale: float = 1.0) -> list[BenchResult]:
                 runs.append(one_round(root, count))
         finally:
             _clean()
-    paths = tuple(runs[0])  # alone, noop_milter, [noop_pure_python,] content_filter, milter
+    # alone, noop_milter, [noop_pure_python,] content_filter, milter, [milter_unix]
+    paths = tuple(runs[0])
     best = {p: {k: max(r[p][k] for r in runs) for k in ("accept", "e2e")} for p in paths}
     common: dict[str, float | int | str] = {
         "messages": count,
@@ -334,7 +350,7 @@ def run(scale: float = 1.0) -> list[BenchResult]:
         )
         for kind in ("accept", "e2e")
     ]
-    targets = {("content_filter", "e2e"): 0.5, ("milter", "e2e"): 0.7}
+    targets = {("content_filter", "e2e"): 0.5, ("milter", "e2e"): 0.7, ("milter_unix", "e2e"): 0.7}
     for path in paths[1:]:
         for kind in ("accept", "e2e"):
             base = best["alone"][kind]
