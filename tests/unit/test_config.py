@@ -800,6 +800,10 @@ def test_milter_section_is_off_by_default_and_parses_its_listen(tmp_path: Path) 
     assert cfg.milter.timeout == 30.0
     with pytest.raises(ConfigError, match="milter"):
         load_text(tmp_path, '[milter]\nlisten = "nowhere"\n')
+    unix = load_text(tmp_path, '[milter]\nlisten = "unix:/run/sa-milter.sock"\n').milter.listen
+    assert unix is not None and (unix.path, unix.port) == ("/run/sa-milter.sock", 0)
+    with pytest.raises(ConfigError, match="absolute"):
+        load_text(tmp_path, '[milter]\nlisten = "unix:relative.sock"\n')
 
 
 def test_milter_without_pymilter_is_a_one_line_configuration_error(
