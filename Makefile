@@ -10,6 +10,8 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	@if [ -e /usr/include/libmilter/mfapi.h ]; then $(BIN)/pip install -q -e '.[dev,milter]'; \
+	else echo "note: no libmilter headers (apt-get install libmilter-dev): milter mode not installed"; fi
 	touch $@
 
 venv: $(BIN)/.installed

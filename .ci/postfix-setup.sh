@@ -11,6 +11,9 @@
 #   10027  submission stand-in: content_filter = scan:[127.0.0.1]:10033 (sourceauth's
 #          [correspondents] listen, NOT started here); trusts loopback where a real
 #          submission service trusts SASL (docs/postfix.md, "Correspondents")
+#   10026  milter-mode smtpd: smtpd_milters = inet:127.0.0.1:10032 (sourceauth's
+#          [milter] listen, NOT started here), no content_filter
+#   10028  the same with smtpd_milters = unix:/run/sourceauth-milter.sock
 #   10040  smtp-sink refusing every RCPT with 550 5.1.1 (domain remote.test)
 #   10041  test-owned capture server (domain ok.test; NOT started here)
 #   example.test: virtual Maildirs under /var/mail/vhosts (uid/gid 5000)
@@ -36,6 +39,10 @@ SINK_PORT=10040
 SINK_PIDFILE=/run/sourceauth-smtp-sink.pid
 SINK_LOG=/var/log/smtp-sink.log
 MAILLOG=/var/log/postfix.log
+MILTER_SMTPD_PORT=10026
+MILTER_SPEC="inet:127.0.0.1:10032"
+MILTER_UNIX_SMTPD_PORT=10028
+MILTER_UNIX_SPEC="unix:/run/sourceauth-milter.sock"
 
 # ---------------------------------------------------------------- helpers
 port_open() {  # port_open PORT -> 0 when something accepts on 127.0.0.1:PORT
@@ -186,7 +193,7 @@ postconf -X smtpd_tls_cert_file smtpd_tls_key_file 2>/dev/null || true
 newaliases
 
 # ---------------------------------------------------------- 4. master.cf
-say "master.cf: port 25 off, 10025 public, 10031 reinjection, scan transport, chroot off"
+say "master.cf: port 25 off, 10025 public, 10026/10028 public via milter (TCP/UNIX), 10031 reinjection, scan transport, chroot off"
 if postconf -M smtp/inet 2>/dev/null | grep -q .; then
     postconf -M# smtp/inet
 fi
@@ -206,6 +213,23 @@ postconf -P "127.0.0.1:10031/inet/syslog_name=postfix/reinject" \
             "127.0.0.1:10031/inet/smtpd_relay_restrictions=permit_mynetworks,reject" \
             "127.0.0.1:10031/inet/mynetworks=127.0.0.0/8" \
             "127.0.0.1:10031/inet/smtpd_authorized_xforward_hosts=127.0.0.0/8"
+
+# Milter mode (docs/postfix.md): a second public smtpd whose mail goes through sourceauth's
+# milter before it is queued, and is then delivered by Postfix itself (no content_filter).
+# milter_default_action=tempfail: a filter that is down or fails answers 4xx, never accepts.
+postconf -M "127.0.0.1:$MILTER_SMTPD_PORT/inet=127.0.0.1:$MILTER_SMTPD_PORT inet n - n - - smtpd"
+postconf -P "127.0.0.1:$MILTER_SMTPD_PORT/inet/syslog_name=postfix/milter" \
+            "127.0.0.1:$MILTER_SMTPD_PORT/inet/content_filter=" \
+            "127.0.0.1:$MILTER_SMTPD_PORT/inet/smtpd_milters=$MILTER_SPEC" \
+            "127.0.0.1:$MILTER_SMTPD_PORT/inet/milter_default_action=tempfail" \
+            "127.0.0.1:$MILTER_SMTPD_PORT/inet/milter_protocol=6"
+# The same over a UNIX socket (no TCP delayed-ACK stall between Postfix's small writes).
+postconf -M "127.0.0.1:$MILTER_UNIX_SMTPD_PORT/inet=127.0.0.1:$MILTER_UNIX_SMTPD_PORT inet n - n - - smtpd"
+postconf -P "127.0.0.1:$MILTER_UNIX_SMTPD_PORT/inet/syslog_name=postfix/milter-unix" \
+            "127.0.0.1:$MILTER_UNIX_SMTPD_PORT/inet/content_filter=" \
+            "127.0.0.1:$MILTER_UNIX_SMTPD_PORT/inet/smtpd_milters=$MILTER_UNIX_SPEC" \
+            "127.0.0.1:$MILTER_UNIX_SMTPD_PORT/inet/milter_default_action=tempfail" \
+            "127.0.0.1:$MILTER_UNIX_SMTPD_PORT/inet/milter_protocol=6"
 
 # postlogd is needed for maillog_file (present in Debian's master.cf; ensure it)
 if ! postconf -M postlog/unix-dgram 2>/dev/null | grep -q .; then
@@ -240,7 +264,7 @@ fi
 say "postfix start"
 postfix start >/dev/null 2>&1 || { tail -n 20 "$MAILLOG" >&2; die "postfix start failed"; }
 
-for p in 10025 10031 "$SUBMIT_PORT"; do
+for p in 10025 "$MILTER_SMTPD_PORT" "$MILTER_UNIX_SMTPD_PORT" 10031 "$SUBMIT_PORT"; do
     ok=no
     for _ in $(seq 1 100); do
         if port_open "$p"; then ok=yes; break; fi

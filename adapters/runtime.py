@@ -483,6 +483,9 @@ class Filter:
         _quiet_aiosmtpd()
         self.server: asyncio.AbstractServer | None = None
         self.outbound_server: asyncio.AbstractServer | None = None
+        self.milter: Any = None  # adapters.smtp.milter.MilterServer when [milter] listen is set
+        if cfg.milter.listen is not None:
+            self.milter = milter_server(cfg, self.handler)
 
     def _correspondents(self) -> tuple[GroupCommitter, ServedHandler, SessionLimits]:
         """[correspondents]: mail local users send out, relayed and learned from; its own
@@ -519,8 +522,11 @@ class Filter:
         if self.metrics is not None:
             self.metrics.committed(receipts)
         # A challenge leaves as soon as its hold is committed, not at the next timer tick.
+        # (A copy the MTA keeps in milter mode is not the delivery worker's: no wake for it.)
         if any(r.challenges for r in receipts) or any(
-            d.decision.value in ("deliver", "confirm") for r in receipts for d in r.decisions
+            d.decision.value == "confirm" or (d.decision.value == "deliver" and not r.kept_by_mta)
+            for r in receipts
+            for d in r.decisions
         ):
             if self.workers is not None:
                 self.workers.wake()
@@ -567,6 +573,8 @@ class Filter:
                 host=where.host,
                 port=where.port,
             )
+        if self.milter is not None:
+            await loop.run_in_executor(None, self.milter.start)
         if self.metrics is not None:
             listen = self.cfg.metrics.listen
             assert listen is not None
@@ -585,6 +593,7 @@ class Filter:
             next_hop=str(cfg.delivery.next_hop),
             metrics=str(cfg.metrics.listen) if cfg.metrics.listen else None,
             correspondents=str(cfg.correspondents.listen) if cfg.correspondents.listen else None,
+            milter=str(cfg.milter.listen) if cfg.milter.listen else None,
             log_file=str(cfg.logging.file) if cfg.logging.file else None,
             config=config_summary(cfg),
         )
@@ -602,6 +611,8 @@ class Filter:
     async def stop(self) -> None:
         """Stop accepting, finish every message already accepted, then stop the workers."""
         loop = asyncio.get_running_loop()
+        if self.milter is not None:
+            await loop.run_in_executor(None, self.milter.stop)
         for server in (self.server, self.outbound_server):
             if server is not None:
                 server.close()
@@ -631,6 +642,20 @@ class Filter:
         reopen_log()
         if self._process is not None and self._process.pid is not None:
             os.kill(self._process.pid, signal.SIGHUP)
+
+
+def milter_server(cfg: Config, handler: FilterHandler) -> Any:
+    """The milter listener of [milter] (pymilter, the optional extra `sourceauth[milter]`)."""
+    try:
+        from sourceauth.adapters.smtp.milter import MilterGate, MilterServer
+    except ImportError as exc:
+        raise ConfigError(
+            f"milter.listen is set but pymilter is missing ({exc}): "
+            "pip install 'sourceauth[milter]' (it builds against libmilter-dev)"
+        ) from None
+    assert cfg.milter.listen is not None
+    gate = MilterGate(handler, max_size=cfg.limits.max_message_size)
+    return MilterServer(gate, cfg.milter.listen, timeout=cfg.milter.timeout)
 
 
 def loop_error_handler(throttle: LogThrottle) -> Callable[[Any, dict[str, Any]], None]:

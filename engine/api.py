@@ -45,6 +45,12 @@ class Incoming:
     bounce_like: str = ""
     client_address: str = ""  # the original SMTP client (XFORWARD ADDR, else the peer)
     client_helo: str = ""  # its HELO/EHLO name (XFORWARD HELO, else the peer's)
+    # Milter mode: the MTA keeps the recipients decided DELIVER in its own queue and delivers
+    # them itself; their copy is recorded delivered (next hop MTA_QUEUE) in the same unit.
+    kept_by_mta: bool = False
+
+
+MTA_QUEUE = "mta-queue"  # the next hop of copies the MTA delivers itself (milter mode)
 
 
 class Decision(StrEnum):
@@ -71,6 +77,7 @@ class Receipt:
     receipt_id: str
     decisions: tuple[RecipientDecision, ...]
     challenges: tuple[str, ...] = ()
+    kept_by_mta: bool = False  # milter mode: its DELIVER copies are the MTA's to deliver
 
     def decision_for(self, recipient: str) -> RecipientDecision:
         for d in self.decisions:

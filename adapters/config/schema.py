@@ -19,6 +19,7 @@ from sourceauth.adapters.config.values import (
     Domain,
     Duration,
     Listen,
+    MilterListen,
     NextHopUrl,
     Protected,
     Relay,
@@ -329,6 +330,14 @@ Network = Annotated[
 ]
 
 
+class MilterConfig(Section, frozen=True):
+    """[milter]: the milter listener of `serve` for Postfix's smtpd_milters (before-queue),
+    beside the SMTP listener (which the bounce transport still reaches); off unless set."""
+
+    listen: MilterListen | None = None  # None: no milter listener; or "unix:/path"
+    timeout: Duration = Duration("2m")  # libmilter's read/write timeout on Postfix's socket
+
+
 class XForwardConfig(Section, frozen=True):
     """[xforward]: which MTAs may tell the filter the original client (Postfix's XFORWARD)."""
 
@@ -405,6 +414,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     logging: LoggingConfig = _section(LoggingConfig)
     maintenance: MaintenanceConfig = _section(MaintenanceConfig)
     metrics: MetricsConfig = _section(MetricsConfig)
+    milter: MilterConfig = _section(MilterConfig)
     xforward: XForwardConfig = _section(XForwardConfig)
     web: WebConfig = _section(WebConfig)
     correspondents: CorrespondentsConfig = _section(CorrespondentsConfig)

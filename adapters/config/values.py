@@ -252,6 +252,29 @@ class Listen(str):
         return listen
 
 
+class MilterListen(str):
+    """Where the milter listens: "host:port" (as Listen) or "unix:/absolute/path" (a UNIX
+    socket: no TCP delayed-ACK stalls between the MTA's small writes, see docs/postfix.md)."""
+
+    host: str
+    port: int
+    path: str  # "" for TCP
+
+    def __new__(cls, value: object) -> MilterListen:
+        text = _text(value, 'a string "host:port" or "unix:/path"')
+        if text.startswith("unix:"):
+            path = text[len("unix:") :]
+            if not path.startswith("/") or "\x00" in path:
+                raise ValueError(f'must be "unix:/absolute/path", got {describe(text)}')
+            listen = super().__new__(cls, text)
+            listen.host, listen.port, listen.path = "", 0, path
+            return listen
+        tcp = Listen(text)
+        listen = super().__new__(cls, text)
+        listen.host, listen.port, listen.path = tcp.host, tcp.port, ""
+        return listen
+
+
 # ---------------------------------------------------------------- endpoints and the storage URL
 
 

@@ -5,6 +5,7 @@ only after the blob is fsync'd and the message's events are committed (group com
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import email.header
 import queue
 import threading
@@ -89,13 +90,16 @@ class _Pending:
     mail_from: str
     recipients: tuple[str, ...]
     raw: bytes
-    future: asyncio.Future[Receipt]
-    loop: asyncio.AbstractEventLoop
+    # An asyncio future settled on `loop` (the SMTP listener), or, with no loop, a thread's
+    # concurrent future (the milter's callbacks run in libmilter's threads).
+    future: asyncio.Future[Receipt] | concurrent.futures.Future[Receipt]
+    loop: asyncio.AbstractEventLoop | None
     bounce: BounceInfo | None
     queued: float = field(default_factory=time.monotonic)
     bounce_like: str = ""
     client_address: str = ""
     client_helo: str = ""
+    kept_by_mta: bool = False
 
 
 class GroupCommitter:
@@ -186,6 +190,7 @@ class GroupCommitter:
                 bounce_like=item.bounce_like,
                 client_address=item.client_address,
                 client_helo=item.client_helo,
+                kept_by_mta=item.kept_by_mta,
             )
             for item, blob in zip(batch, staged.blobs, strict=True)
         ]
@@ -236,7 +241,10 @@ def _resolve(
         else:
             item.future.set_result(receipt)  # type: ignore[arg-type]
 
-    item.loop.call_soon_threadsafe(settle)
+    if item.loop is None:
+        settle()
+    else:
+        item.loop.call_soon_threadsafe(settle)
 
 
 class FilterHandler:
@@ -266,7 +274,7 @@ class FilterHandler:
         # Bounces are parsed here, one at a time, never on the commit thread: a hostile one
         # (huge, thousands of parts) delays only itself. parse_bounce bounds its own work, as
         # plain_bounce does (flufl.bounce's detectors on mail that may be challenged).
-        self._bounce_reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sa-bounce")
+        self.bounce_reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sa-bounce")
         self._scans = 0  # plain-bounce scans waiting or running (event loop only)
         self._throttle = LogThrottle()
 
@@ -284,11 +292,11 @@ class FilterHandler:
         self._scans += 1
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._bounce_reader, plain_bounce, raw)
+            return await loop.run_in_executor(self.bounce_reader, plain_bounce, raw)
         finally:
             self._scans -= 1
 
-    def _to_bounce_address(self, recipients: list[str]) -> bool:
+    def to_bounce_address(self, recipients: list[str]) -> bool:
         for rcpt in recipients:
             try:
                 base, _ = split_extension(normalize_address(rcpt), self.delimiter)
@@ -355,8 +363,8 @@ class FilterHandler:
         bounce = None
         bounce_like = ""
         mail_from = envelope.mail_from or ""
-        if self._to_bounce_address(envelope.rcpt_tos):
-            bounce = await loop.run_in_executor(self._bounce_reader, _bounce_info, raw)
+        if self.to_bounce_address(envelope.rcpt_tos):
+            bounce = await loop.run_in_executor(self.bounce_reader, _bounce_info, raw)
         elif self.committer.app.may_be_challenged(mail_from, envelope.rcpt_tos):
             bounce_like = await self._plain_bounce(raw)
         future: asyncio.Future[Receipt] = loop.create_future()

@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from uuid import UUID
 
 from sourceauth.engine.addresses import AddressError, is_null_sender, normalize_address
-from sourceauth.engine.api import Decision, Headers, Incoming, Receipt, RecipientDecision
+from sourceauth.engine.api import (
+    MTA_QUEUE,
+    Decision,
+    Headers,
+    Incoming,
+    Receipt,
+    RecipientDecision,
+)
 from sourceauth.engine.errors import InvalidInput
 from sourceauth.engine.logs import get_logger
 from sourceauth.engine.message import Message
@@ -192,6 +199,8 @@ def decide(
     if deliver_now:
         reasons = "; ".join(sorted({r for _, r in deliver_now}))
         mid = record(Message.Accepted, [r for r, _ in deliver_now], reasons, "", 0.0)
+        if incoming.kept_by_mta:
+            _kept_by_mta(unit, now)
         decisions += [RecipientDecision(r, Decision.DELIVER, why, mid) for r, why in deliver_now]
     # Held copies before dropped ones (stable: each kind in routing order).
     for (kind, decision, reason, scope, policy), rcpts in (
@@ -221,7 +230,25 @@ def decide(
     if len(decisions) > 1:
         order = {r: i for i, r in enumerate(p.recipients)}
         decisions.sort(key=lambda d: order.get(d.recipient, 0))
-    return Receipt(incoming.blob.key, tuple(decisions), tuple(challenges))
+    return Receipt(incoming.blob.key, tuple(decisions), tuple(challenges), incoming.kept_by_mta)
+
+
+def _kept_by_mta(unit: Unit, now: float) -> None:
+    """Milter mode: the copy just recorded stays in the MTA's queue, which delivers it; it is
+    delivered as far as the filter is concerned, in the same transaction (no next-hop send)."""
+    arrived = unit.messages[-1]
+    assert isinstance(arrived, Message.Accepted)
+    built = arrived.mutate(None)
+    assert isinstance(built, Message)
+    built.pending_events.append(arrived)
+    built.record_delivered(
+        timestamp=ts(now),
+        delivered=list(arrived.recipients),
+        rejected=[],
+        next_hop=MTA_QUEUE,
+        diagnostic="left in the MTA's queue for it to deliver",
+    )
+    unit.messages[-1] = built
 
 
 def _answer(

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -80,12 +81,13 @@ def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture
-def sourceauth(postfix: PostfixHarness, tmp_path: Path) -> Iterator[Path]:
-    """`sourceauth serve` as its own process on 127.0.0.1:10030; stopped with SIGTERM."""
+@contextmanager
+def serving(postfix: PostfixHarness, config: Path, *ports: int) -> Iterator[Path]:
+    """`sourceauth serve --config CONFIG` as its own process once every port accepts; stopped
+    with SIGTERM, and it must exit 0. Its output goes to serve.log beside the config."""
     postfix.reset()
-    config = _config(tmp_path)
-    log = (tmp_path / "serve.log").open("w")
+    output = config.parent / "serve.log"
+    log = output.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "sourceauth.adapters.cli", "serve", "--config", str(config)],
         stdout=log,
@@ -93,7 +95,9 @@ def sourceauth(postfix: PostfixHarness, tmp_path: Path) -> Iterator[Path]:
     )
     try:
         postfix.wait_until(
-            lambda: _listening(10030), timeout=30, message="sourceauth serve on 10030"
+            lambda: all(_listening(port) for port in ports),
+            timeout=30,
+            message=f"sourceauth serve on {ports}",
         )
         postfix.flush_queue()
         yield config
@@ -105,7 +109,14 @@ def sourceauth(postfix: PostfixHarness, tmp_path: Path) -> Iterator[Path]:
             proc.kill()
             raise
         log.close()
-        assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        assert code == 0, output.read_text()[-3000:]
+
+
+@pytest.fixture
+def sourceauth(postfix: PostfixHarness, tmp_path: Path) -> Iterator[Path]:
+    """`sourceauth serve` as its own process on 127.0.0.1:10030."""
+    with serving(postfix, _config(tmp_path), 10030) as config:
+        yield config
 
 
 def _listening(port: int) -> bool:

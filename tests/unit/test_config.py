@@ -10,6 +10,7 @@ import json
 import os
 import re
 import stat
+import sys
 import threading
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
@@ -800,3 +801,27 @@ def test_secret_file_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
     cfg.secret_file.symlink_to(real)
     with pytest.raises(ConfigError, match=r"challenge\.secret_file: .* is a symlink"):
         load_or_create_keyring(cfg, {})
+
+
+def test_milter_section_is_off_by_default_and_parses_its_listen(tmp_path: Path) -> None:
+    assert load_text(tmp_path, "").milter.listen is None
+    cfg = load_text(tmp_path, '[milter]\nlisten = "127.0.0.1:10032"\ntimeout = "30s"\n')
+    assert (cfg.milter.listen.host, cfg.milter.listen.port) == ("127.0.0.1", 10032)  # type: ignore[union-attr]
+    assert cfg.milter.timeout == 30.0
+    with pytest.raises(ConfigError, match="milter"):
+        load_text(tmp_path, '[milter]\nlisten = "nowhere"\n')
+    unix = load_text(tmp_path, '[milter]\nlisten = "unix:/run/sa-milter.sock"\n').milter.listen
+    assert unix is not None and (unix.path, unix.port) == ("/run/sa-milter.sock", 0)
+    with pytest.raises(ConfigError, match="absolute"):
+        load_text(tmp_path, '[milter]\nlisten = "unix:relative.sock"\n')
+
+
+def test_milter_without_pymilter_is_a_one_line_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sourceauth.adapters.runtime import milter_server
+
+    cfg = load_text(tmp_path, '[milter]\nlisten = "127.0.0.1:10032"\n')
+    monkeypatch.setitem(sys.modules, "sourceauth.adapters.smtp.milter", None)
+    with pytest.raises(ConfigError, match=r"sourceauth\[milter\]"):
+        milter_server(cfg, None)  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ release, for one sender and several, one recipient and several."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 from sourceauth.engine.api import Decision
 from tests.support.service import Service
@@ -198,3 +199,25 @@ def test_recipient_scope_keeps_one_whitelist_per_mailbox(make_service: ServiceFa
         (BOB, "authorized"),
         (CAROL, "challenged"),
     }
+
+
+def test_milter_mode_copy_kept_by_the_mta_is_recorded_delivered_and_never_sent(
+    service: Service,
+) -> None:
+    """Milter mode: the MTA keeps and delivers the copy decided DELIVER itself; the held copy
+    of the same message waits for its sender as on the SMTP path."""
+    incoming = replace(service.mail(STRANGER, [OUTSIDER, BOB]), kept_by_mta=True)
+    receipt = service.app.receive(incoming)
+    assert receipt.decision_for(OUTSIDER).decision is Decision.DELIVER
+    assert receipt.decision_for(BOB).decision is Decision.CHALLENGE
+    service.dispatch()
+    assert service.next_hop.taken == []  # the MTA has it, not the next hop
+    kept = receipt.decision_for(OUTSIDER).message_id
+    assert kept is not None
+    steps = [type(e).__name__ for e in service.app.events.get(kept)]
+    assert steps == ["Accepted", "Delivered"]
+    assert service.held_states(STRANGER) == ["challenged"]
+
+    service.reply(service.challenge_to(STRANGER))
+    service.dispatch()
+    assert service.next_hop.taken == [(receipt.receipt_id, BOB)]  # released through the next hop
