@@ -289,6 +289,41 @@ class Workers:
             worker.stop()
 
 
+class Doorbell:
+    """A one-way pipe from the SMTP process to a child process (workers, web). A byte rings
+    it (work is due); closing it says stop, and so does the parent's death, even by kill -9,
+    because the kernel closes the dead parent's end. No lock is shared: a multiprocessing
+    Event's lock, held by a parent killed in the middle of `set()`, left the child waiting on
+    it for ever (tests/integration/test_crash_rounds.py found it)."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.reader, self._writer = ctx.Pipe(duplex=False)
+        # Never block the commit thread: a full pipe already holds a ring.
+        os.set_blocking(self._writer.fileno(), False)
+
+    def ring(self) -> None:
+        try:
+            self._writer.send_bytes(b"w")  # 5 bytes in one write: atomic on a pipe
+        except OSError:  # full (BlockingIOError): rung already; closed: stopping
+            pass
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def await_doorbell(reader: Any, timeout: float) -> str:
+    """In the child: "wake" when rung, "stop" when the parent closed its end or died, "" when
+    `timeout` passed quietly."""
+    if not reader.poll(timeout):
+        return ""
+    try:
+        while reader.poll(0):
+            reader.recv_bytes()
+    except (EOFError, OSError):
+        return "stop"
+    return "wake"
+
+
 def _die_with_parent() -> None:
     """Linux: SIGTERM this process when the process that started it dies (even by kill -9)."""
     try:
@@ -300,12 +335,12 @@ def _die_with_parent() -> None:
         log.debug("pdeathsig_unavailable")
 
 
-def run_worker_process(
-    cfg: Config, stop: Any, wake: Any, counts: OutboundCounts | None = None
-) -> None:
+def run_worker_process(cfg: Config, doorbell: Any, counts: OutboundCounts | None = None) -> None:
     """Entry point of the worker process: its own engine on the same storage; the event log
-    (and, with [metrics], the outbound counts) is all it shares with the SMTP process."""
+    (and, with [metrics], the outbound counts) is all it shares with the SMTP process, which
+    rings `doorbell` (the read end of a `Doorbell`) when work is due and closes it to stop."""
     _die_with_parent()
+    stop = threading.Event()  # this process's own: nothing another process could hold
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the SMTP process decides when to stop
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     hangup = threading.Event()  # SIGHUP, forwarded by the SMTP process: reopen the log file
@@ -314,18 +349,17 @@ def run_worker_process(
     app = build_engine(cfg)
     workers = Workers(app, cfg, counts)
     workers.start()
-    parent = multiprocessing.parent_process()
     log.info("workers_started", pid=os.getpid())
     try:
         while not stop.is_set():
-            if wake.wait(0.2):
-                wake.clear()
+            rung = await_doorbell(doorbell, 0.2)
+            if rung == "stop":  # stopped, or the SMTP process died: finish and end
+                break
+            if rung == "wake":
                 workers.wake()
             if hangup.is_set():  # here, not in the signal handler: no write is cut in half
                 hangup.clear()
                 reopen_log()
-            if parent is not None and not parent.is_alive():
-                break
     finally:
         workers.stop()
         app.close()
@@ -385,22 +419,21 @@ def web_server(cfg: Config, app: SourceAuth) -> WebServer:
     )
 
 
-def run_web_process(cfg: Config, stop: Any) -> None:
+def run_web_process(cfg: Config, doorbell: Any) -> None:
     """Entry point of the web process: its own engine on the same storage, so a page never
     holds the SMTP process's interpreter lock; confirmations and releases reach the workers
     through the event log."""
     _die_with_parent()
+    stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     configure_logging(cfg.logging.format, cfg.logging.level)
     app = build_engine(cfg, transports=False)
     web = web_server(cfg, app)
-    parent = multiprocessing.parent_process()
     try:
         web.start()
-        while not stop.wait(0.2):
-            if parent is not None and not parent.is_alive():
-                break
+        while not stop.is_set() and await_doorbell(doorbell, 0.2) != "stop":
+            pass
     finally:
         web.stop()
         app.close()
@@ -445,18 +478,18 @@ class Filter:
         if cfg.web.listen is not None and workers == "thread":
             self.web = web_server(cfg, self.app)
         if workers == "process":
-            self._stop = ctx.Event()
-            self._wake = ctx.Event()
+            self._doorbell = Doorbell(ctx)
             self._process = ctx.Process(
                 target=run_worker_process,
-                args=(cfg, self._stop, self._wake, counts),
+                args=(cfg, self._doorbell.reader, counts),
                 name="sourceauth-workers",
                 daemon=True,
             )
             if cfg.web.listen is not None:
+                self._web_doorbell = Doorbell(ctx)
                 self._web_process = ctx.Process(
                     target=run_web_process,
-                    args=(cfg, self._stop),
+                    args=(cfg, self._web_doorbell.reader),
                     name="sourceauth-web",
                     daemon=True,
                 )
@@ -531,7 +564,7 @@ class Filter:
             if self.workers is not None:
                 self.workers.wake()
             else:
-                self._wake.set()
+                self._doorbell.ring()
 
     async def start(self) -> None:
         self.app.refresh_full_mailboxes()
@@ -626,7 +659,9 @@ class Filter:
         if self.workers is not None:
             await loop.run_in_executor(None, self.workers.stop)
         elif self._process is not None:
-            self._stop.set()
+            self._doorbell.close()
+            if self._web_process is not None:
+                self._web_doorbell.close()
             for process in (self._process, self._web_process):
                 if process is not None and process.is_alive():
                     await loop.run_in_executor(None, process.join, 60)
