@@ -164,6 +164,8 @@ def build_engine(
             next_hop=cfg.delivery.next_hop_endpoint,
             blobs=blobs,
             hostname=cfg.server.hostname,
+            connections=cfg.delivery.connections,
+            batch=cfg.delivery.batch,
         )
     try:
         return open_engine(
@@ -227,6 +229,7 @@ class Workers:
 
     def __init__(self, app: SourceAuth, cfg: Config, counts: OutboundCounts | None = None) -> None:
         send, deliver = app.dispatch_challenges, app.dispatch_deliveries
+        self.transport = app.delivery_transport
         if counts is not None:  # [metrics]: count each step's outcomes
             send, deliver = counts.challenges(send), counts.deliveries(deliver)  # type: ignore[assignment]
         self.challenges = Worker("challenges", send, 1.0, min_gap=0.05)
@@ -261,6 +264,8 @@ class Workers:
     def stop(self) -> None:
         for worker in self.all:
             worker.stop()
+        if isinstance(self.transport, NextHopDelivery):
+            self.transport.close()  # QUIT the kept-open next-hop sessions
 
 
 def _die_with_parent() -> None:

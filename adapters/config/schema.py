@@ -179,6 +179,9 @@ class DeliveryConfig(Section, frozen=True):
     retry_initial: Duration = Duration(_ENGINE.delivery_retry_initial)
     retry_max: Duration = Duration(_ENGINE.delivery_retry_max)
     give_up_after: Duration = Duration(_ENGINE.delivery_give_up_after)
+    # smtp/lmtp next hop (issue 13): parallel kept-open sessions, transactions per session
+    connections: PositiveInt = 4
+    batch: PositiveInt = 100
 
     derived = ("next_hop_endpoint",)
 
