@@ -399,15 +399,18 @@ class Filter:
         clock: Clock = system_clock,
         app: SourceAuth | None = None,
         workers: str = "thread",
+        wake: Any = None,
+        reuse_port: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.reuse_port = reuse_port
         operator_login(cfg)  # refuse to start here, not in the web process
         self.app = app or build_engine(cfg, clock=clock)
         assert isinstance(self.app.blobs, FileBlobStore | DatabaseBlobStore | PostgresBlobStore)
         self.mode = workers
         ctx = multiprocessing.get_context("spawn")
         self.metrics: Metrics | None = None
-        if cfg.metrics.listen is not None:
+        if cfg.metrics.listen is not None and workers != "none":
             from sourceauth.adapters.metrics import Metrics, OutboundCounts
 
             self.metrics = Metrics(storage_of(cfg), OutboundCounts(ctx))
@@ -420,6 +423,7 @@ class Filter:
         self.web: WebServer | None = None
         if cfg.web.listen is not None and workers == "thread":
             self.web = web_server(cfg, self.app)
+        self._wake = wake  # "none": an acceptor process; the workers run elsewhere
         if workers == "process":
             self._stop = ctx.Event()
             self._wake = ctx.Event()
@@ -467,7 +471,7 @@ class Filter:
         ):
             if self.workers is not None:
                 self.workers.wake()
-            else:
+            elif self._wake is not None:
                 self._wake.set()
 
     async def start(self) -> None:
@@ -476,7 +480,7 @@ class Filter:
         self.limits.start()
         if self.workers is not None:
             self.workers.start()
-        else:
+        elif self._process is not None:
             self._process.start()
         if self.web is not None:
             self.web.start()
@@ -494,12 +498,16 @@ class Filter:
             lambda: xforward.enable(smtp(), self.trusted),
             host=self.cfg.server.listen_host,
             port=self.cfg.server.listen_port,
+            reuse_port=self.reuse_port or None,
         )
         if self.metrics is not None:
             listen = self.cfg.metrics.listen
             assert listen is not None
             self.metrics_port = self.metrics.serve(listen.host, listen.port)
         cfg = self.cfg
+        if self.mode == "none":
+            log.info("acceptor_started", pid=os.getpid(), listen=cfg.server.listen)
+            return
         log.info(
             "filter_started",
             listen=cfg.server.listen,
@@ -543,7 +551,10 @@ class Filter:
         if self.metrics is not None:
             self.metrics.stop()
         self.app.close()
-        log.info("filter_stopped")
+        if self.mode == "none":
+            log.info("acceptor_stopped", pid=os.getpid())
+        else:
+            log.info("filter_stopped")
 
     def reopen_logs(self) -> None:
         """SIGHUP: reopen [logging] file here and in the worker process."""
@@ -617,6 +628,80 @@ def fit_descriptor_limit(max_sessions: int) -> None:
         log.warning("descriptor_limit_low", limit=soft, max_sessions=max_sessions, wanted=wanted)
 
 
+def _port_free(cfg: Config) -> None:
+    """Raise OSError (address in use) when anything else listens on [server] listen: the
+    acceptors share the port with SO_REUSEPORT, which would otherwise share it silently with
+    another program (or another `serve`) too."""
+    import socket
+
+    infos = socket.getaddrinfo(
+        cfg.server.listen_host, cfg.server.listen_port, type=socket.SOCK_STREAM
+    )
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+
+
+def run_acceptor_process(cfg: Config, stop: Any, wake: Any) -> None:
+    """Entry point of one more SMTP acceptor (`[server] processes`): its own engine, group
+    committer and quarantine-limit refresh on the same storage and the same port
+    (SO_REUSEPORT); what it commits wakes the one worker process through `wake`."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the first process decides when to stop
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    configure_logging(cfg.logging.format, cfg.logging.level, file=cfg.logging.file)
+    fit_descriptor_limit(cfg.server.max_sessions)
+
+    async def main() -> None:
+        flt = Filter(cfg, workers="none", wake=wake, reuse_port=True)
+        await flt.start()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, reopen_log)
+        parent = multiprocessing.parent_process()
+        while not await loop.run_in_executor(None, stop.wait, 0.5):
+            if parent is not None and not parent.is_alive():
+                break
+        await flt.stop()
+
+    asyncio.run(main())
+
+
+class Acceptors:
+    """The acceptor processes after the first (`[server] processes` - 1)."""
+
+    def __init__(self, cfg: Config, wake: Any) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.stop_event = ctx.Event()
+        self.processes = [
+            ctx.Process(
+                target=run_acceptor_process,
+                args=(cfg, self.stop_event, wake),
+                name=f"sourceauth-smtp-{n}",
+                daemon=True,
+            )
+            for n in range(1, cfg.server.acceptors)
+        ]
+
+    def start(self) -> None:
+        for process in self.processes:
+            process.start()
+
+    def hangup(self) -> None:
+        for process in self.processes:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGHUP)
+
+    def stop(self, timeout: float = 90.0) -> None:
+        """Each stops accepting and answers every message it took before it exits."""
+        self.stop_event.set()
+        for process in self.processes:
+            process.join(timeout)
+            if process.is_alive():
+                log.error("acceptor_stop_timeout", pid=process.pid)
+                process.terminate()
+
+
 def serve(cfg: Config) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     fit_descriptor_limit(cfg.server.max_sessions)
@@ -625,16 +710,34 @@ def serve(cfg: Config) -> int:
         configure_logging(cfg.logging.format, cfg.logging.level, file=cfg.logging.file)
 
     async def main() -> None:
-        flt = Filter(cfg, workers="process")
+        many = cfg.server.acceptors > 1
+        if many:
+            _port_free(cfg)
+        flt = Filter(cfg, workers="process", reuse_port=many)
         await flt.start()
+        acceptors = Acceptors(cfg, flt._wake) if many else None
+        if acceptors is not None:
+            acceptors.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, flt.reopen_logs)
+
+        def hangup() -> None:
+            flt.reopen_logs()
+            if acceptors is not None:
+                acceptors.hangup()
+
+        loop.add_signal_handler(signal.SIGHUP, hangup)
         await stop.wait()
         log.info("filter_stopping")
-        await flt.stop()
+        if acceptors is not None:
+            # the others stop accepting and commit what they took while this one does too
+            stopping = loop.run_in_executor(None, acceptors.stop)
+            await flt.stop()
+            await stopping
+        else:
+            await flt.stop()
 
     asyncio.run(main())
     return 0

@@ -8,6 +8,7 @@ are shown in docs/configuration.md and sourceauth.example.toml; a test keeps the
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -82,8 +83,12 @@ class ServerConfig(Section, frozen=True):
     # for the filter transport (Postfix: default_process_limit, 100).
     max_sessions: PositiveInt = 200
     max_sessions_per_client: PositiveInt = 100
+    # Issue 13: SMTP acceptor processes on the listen port (SO_REUSEPORT), each with its own
+    # group commit; 0 = the number of CPUs. max_sessions and max_sessions_per_client are per
+    # acceptor.
+    processes: Count = 0
 
-    derived = ("listen_host", "listen_port")
+    derived = ("listen_host", "listen_port", "acceptors")
 
     @property
     def listen_host(self) -> str:
@@ -92,6 +97,11 @@ class ServerConfig(Section, frozen=True):
     @property
     def listen_port(self) -> int:
         return Listen(self.listen).port
+
+    @property
+    def acceptors(self) -> int:
+        """How many SMTP acceptor processes `serve` runs (processes, 0 read as the CPUs)."""
+        return self.processes or os.cpu_count() or 1
 
 
 def _url_part(name: str) -> Any:
