@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 from uuid import UUID
 
-from eventsourcing.persistence import ApplicationRecorder, Mapper, Notification
+from eventsourcing.persistence import ApplicationRecorder, Mapper
 
-from sourceauth.adapters.storage.fold import MemoryTables
+from sourceauth.adapters.storage.fold import MemoryTables, decoded_pages
 from sourceauth.engine import projections as p
 from sourceauth.engine.api import ChallengeRow, DeliveryRow, HeldMessage, SenderView
 from sourceauth.engine.logs import get_logger
@@ -68,21 +68,6 @@ class PostgresDialect(Dialect):
 
     def lock_tracking(self) -> str:
         return f"SELECT position FROM {TRACKING} WHERE name = ? FOR UPDATE"
-
-
-def log_pages(recorder: ApplicationRecorder, page: int) -> Iterator[Sequence[Notification]]:
-    """The whole event log in pages of notifications, oldest first."""
-    position = 0
-    while True:
-        notifications = recorder.select_notifications(
-            start=position, limit=page, inclusive_of_start=False
-        )
-        if not notifications:
-            return
-        yield notifications
-        if len(notifications) < page:
-            return
-        position = notifications[-1].id
 
 
 def _pk(table: str) -> str:
@@ -219,14 +204,14 @@ class SqlViews:
         projector = p.Projector(memory.current_challenge)
         position = 0
         applied = 0
-        to_domain_event = self.mapper.to_domain_event
         apply = memory.apply
-        for page in log_pages(self.recorder, REBUILD_PAGE):
-            for n in page:
-                for op in projector.ops(to_domain_event(n)):
+        ops = projector.ops
+        for last, events in decoded_pages(self.recorder, self.mapper, REBUILD_PAGE):
+            for event in events:
+                for op in ops(event):
                     apply(op)
-            position = page[-1].id
-            applied += len(page)
+            applied += len(events)
+            position = last
         with self._tx(write=True) as cur:
             self._x(cur, self.dialect.lock_tracking(), (TRACKING_NAME,))
             for table, columns in p.TABLES.items():
