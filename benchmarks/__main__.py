@@ -21,7 +21,7 @@ from typing import Any
 
 from benchmarks.result import BenchResult
 
-MODULES = ("transcoder", "engine", "rebuild", "smtp", "memory", "nodes")
+MODULES = ("transcoder", "engine", "rebuild", "smtp", "delivery", "memory", "nodes")
 FULL_SCALE = 1.0
 QUICK_SCALE = 0.1
 
