@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -146,8 +147,37 @@ async def _load(port: int, count: int, seconds: float, run_id: str) -> dict[str,
     }
 
 
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) so far of process `root` and all its descendants."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return sum(ticks.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
+
+
 def client(port: int, count: int, seconds: float, run_id: str) -> dict[str, Any]:
-    """Run the load generator in a subprocess; its figures come back as JSON."""
+    """Run the load generator in a subprocess; its figures come back as JSON, with this
+    process's CPU seconds meanwhile as `cpu_self` (a sink runs in a thread here)."""
+    self_before = _cpu(resource.RUSAGE_SELF)
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.smtp", str(port), str(count), str(seconds), run_id],
         check=True,
@@ -155,7 +185,9 @@ def client(port: int, count: int, seconds: float, run_id: str) -> dict[str, Any]
         text=True,
         timeout=seconds + 120,
     )
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    result = dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    result["cpu_self"] = _cpu(resource.RUSAGE_SELF) - self_before
+    return result
 
 
 # ---------------------------------------------------------------- the servers
@@ -207,6 +239,7 @@ def sink(count: int, seconds: float, fsync_dir: Path | None) -> dict[str, Any]:
     with Sink(keep=False, fsync_dir=str(fsync_dir) if fsync_dir else None) as server:
         result = client(server.port, count, seconds, "f" if fsync_dir else "n")
         result["server_count"] = server.count
+        result["cpu_server"] = result["cpu_self"]
         return result
 
 
@@ -288,7 +321,10 @@ def real_filter(directory: Path, count: int, seconds: float, processes: int) -> 
             if time.monotonic() > deadline or serve.poll() is not None:
                 raise RuntimeError(f"serve did not start (exit {serve.poll()})")
             time.sleep(0.1)
+        before = _tree_cpu(serve.pid)
         result = client(port, count, seconds, f"c{processes}")
+        # serve and its children (acceptors, worker) while the load ran
+        result["cpu_server"] = _tree_cpu(serve.pid) - before
     finally:
         serve.send_signal(signal.SIGTERM)
         result_code = serve.wait(300)
@@ -300,6 +336,12 @@ def real_filter(directory: Path, count: int, seconds: float, processes: int) -> 
 
 
 # ---------------------------------------------------------------- the report
+
+
+def _cpu_per_msg(result: dict[str, Any]) -> float:
+    """Server CPU microseconds per accepted message while the load ran (a serve's: all its
+    processes, the worker's challenges and deliveries meanwhile included)."""
+    return 1e6 * float(result.get("cpu_server", 0.0)) / max(1, int(result["ok"]))
 
 
 def _rate(result: dict[str, Any]) -> float:
@@ -353,6 +395,11 @@ def run(scale: float = 1.0) -> list[BenchResult]:
         "filter_delivered_files_at_stop": filtered["delivered_files_at_stop"],
         "filter_challenge_files_at_stop": filtered["challenge_files_at_stop"],
         "filter_seconds": round(filtered["seconds"], 2),
+        "cpu_us_per_msg": "; ".join(
+            f"{k}=" + "/".join(f"{_cpu_per_msg(r):.0f}" for r in v)
+            for k, v in runs.items()
+            if k != "perproc"
+        ),
         "one_acceptor_msgs_per_s": round(rates["filter_1"]),
         "one_acceptor_vs_noop": round(rates["filter_1"] / rates["noop"], 3) if rates["noop"] else 0,
         "one_acceptor_vs_fsync": round(rates["filter_1"] / rates["fsync"], 3)
