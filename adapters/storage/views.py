@@ -6,6 +6,7 @@ Works on the SQLite file and on PostgreSQL; `rebuild()` drops the views and repl
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -76,6 +77,20 @@ def _pk(table: str) -> str:
 
 def _split(text: str) -> tuple[str, ...]:
     return tuple(x for x in text.split("\n") if x)
+
+
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """The cyclic collector paused while a rebuild folds the log in memory: the fold makes
+    no cycles, but its hundreds of thousands of rows and events made the collector walk the
+    growing heap again and again (measured: a quarter of a rebuild's CPU time)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class SqlViews:
@@ -206,32 +221,34 @@ class SqlViews:
         applied = 0
         apply = memory.apply
         ops = projector.ops
-        for last, events in decoded_pages(self.recorder, self.mapper, REBUILD_PAGE):
-            for event in events:
-                for op in ops(event):
-                    apply(op)
-            applied += len(events)
-            position = last
-        with self._tx(write=True) as cur:
-            self._x(cur, self.dialect.lock_tracking(), (TRACKING_NAME,))
-            for table, columns in p.TABLES.items():
-                self._x(cur, f"DROP TABLE IF EXISTS {table}")
-                cols = ", ".join(f"{c} {self.dialect.types[k]}" for c, k in columns)
-                self._x(cur, f"CREATE TABLE {table} ({cols}, PRIMARY KEY ({columns[0][0]}))")
-                rows = memory.rows(table)
-                if rows:
-                    marks = ", ".join("?" * len(columns))
-                    names = ", ".join(c for c, _ in columns)
-                    cur.executemany(
-                        self.dialect.sql(f"INSERT INTO {table} ({names}) VALUES ({marks})"), rows
-                    )
-            self._create_indexes(cur)  # built once, after the rows: faster than row by row
-            self._x(
-                cur,
-                f"INSERT INTO {TRACKING} (name, position) VALUES (?, ?) "
-                f"ON CONFLICT (name) DO UPDATE SET position = excluded.position",
-                (TRACKING_NAME, position),
-            )
+        with _no_cyclic_gc():  # the fold and the bulk insert
+            for last, events in decoded_pages(self.recorder, self.mapper, REBUILD_PAGE):
+                for event in events:
+                    for op in ops(event):
+                        apply(op)
+                applied += len(events)
+                position = last
+            with self._tx(write=True) as cur:
+                self._x(cur, self.dialect.lock_tracking(), (TRACKING_NAME,))
+                for table, columns in p.TABLES.items():
+                    self._x(cur, f"DROP TABLE IF EXISTS {table}")
+                    cols = ", ".join(f"{c} {self.dialect.types[k]}" for c, k in columns)
+                    self._x(cur, f"CREATE TABLE {table} ({cols}, PRIMARY KEY ({columns[0][0]}))")
+                    rows = memory.rows(table)
+                    if rows:
+                        marks = ", ".join("?" * len(columns))
+                        names = ", ".join(c for c, _ in columns)
+                        cur.executemany(
+                            self.dialect.sql(f"INSERT INTO {table} ({names}) VALUES ({marks})"),
+                            rows,
+                        )
+                self._create_indexes(cur)  # built once, after the rows: faster than row by row
+                self._x(
+                    cur,
+                    f"INSERT INTO {TRACKING} (name, position) VALUES (?, ?) "
+                    f"ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+                    (TRACKING_NAME, position),
+                )
         self.projector = p.Projector(self._current_challenge)
         return applied + self.catch_up()
 
