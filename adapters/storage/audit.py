@@ -16,8 +16,7 @@ from uuid import UUID
 from eventsourcing.persistence import Notification
 
 from sourceauth.adapters.storage.chain import GENESIS, Seal, keyed, link, unpack
-from sourceauth.adapters.storage.fold import log_pages
-from sourceauth.adapters.storage.views import Dialect, SqlViews
+from sourceauth.adapters.storage.views import Dialect, SqlViews, log_pages
 from sourceauth.engine.application import SourceAuth
 from sourceauth.engine.audit import Fault, LogSummary, check_events
 from sourceauth.engine.errors import InvalidInput, NotFound

@@ -16,7 +16,11 @@ from uuid import UUID
 
 from eventsourcing.persistence import ApplicationRecorder, Mapper
 
-from sourceauth.adapters.storage.fold import MemoryTables, decoded_pages
+from sourceauth.adapters.storage.fold import (  # log_pages: audit.py and tests read it here
+    MemoryTables,
+    decoded_pages,
+    log_pages,  # noqa: F401
+)
 from sourceauth.engine import projections as p
 from sourceauth.engine.api import ChallengeRow, DeliveryRow, HeldMessage, SenderView
 from sourceauth.engine.logs import get_logger
