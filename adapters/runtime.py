@@ -5,6 +5,7 @@ and runs `serve` (inbound SMTP, challenge sender, delivery worker, maintenance t
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import os
@@ -186,6 +187,8 @@ def build_engine(
             next_hop=cfg.delivery.next_hop_endpoint,
             blobs=blobs,
             hostname=cfg.server.hostname,
+            connections=cfg.delivery.connections,
+            batch=cfg.delivery.batch,
         )
     try:
         return open_engine(
@@ -251,6 +254,7 @@ class Workers:
 
     def __init__(self, app: SourceAuth, cfg: Config, counts: OutboundCounts | None = None) -> None:
         send, deliver = app.dispatch_challenges, app.dispatch_deliveries
+        self.transport = app.delivery_transport
         if counts is not None:  # [metrics]: count each step's outcomes
             send, deliver = counts.challenges(send), counts.deliveries(deliver)  # type: ignore[assignment]
             if isinstance(app.delivery_transport, NextHopDelivery):
@@ -287,6 +291,8 @@ class Workers:
     def stop(self) -> None:
         for worker in self.all:
             worker.stop()
+        if isinstance(self.transport, NextHopDelivery):
+            self.transport.close()  # QUIT the kept-open next-hop sessions
 
 
 class Doorbell:
@@ -297,18 +303,24 @@ class Doorbell:
     it for ever (tests/integration/test_crash_rounds.py found it)."""
 
     def __init__(self, ctx: Any) -> None:
-        self.reader, self._writer = ctx.Pipe(duplex=False)
-        # Never block the commit thread: a full pipe already holds a ring.
-        os.set_blocking(self._writer.fileno(), False)
+        self.reader, self.writer = ctx.Pipe(duplex=False)
+        # Never block the commit thread: a full pipe already holds a ring. (The flag belongs
+        # to the pipe's open file, so the copies acceptor processes get keep it.)
+        os.set_blocking(self.writer.fileno(), False)
 
     def ring(self) -> None:
-        try:
-            self._writer.send_bytes(b"w")  # 5 bytes in one write: atomic on a pipe
-        except OSError:  # full (BlockingIOError): rung already; closed: stopping
-            pass
+        ring(self.writer)
 
     def close(self) -> None:
-        self._writer.close()
+        self.writer.close()
+
+
+def ring(writer: Any) -> None:
+    """Ring a Doorbell through its write end (in this process or a copy in another)."""
+    try:
+        writer.send_bytes(b"w")  # 5 bytes in one write: atomic on a pipe
+    except OSError:  # full (BlockingIOError): rung already; closed: stopping
+        pass
 
 
 def await_doorbell(reader: Any, timeout: float) -> str:
@@ -453,8 +465,11 @@ class Filter:
         clock: Clock = system_clock,
         app: SourceAuth | None = None,
         workers: str = "thread",
+        wake: Any = None,
+        reuse_port: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.reuse_port = reuse_port
         operator_login(cfg)  # refuse to start here, not in the web process
         self.app = app or build_engine(cfg, clock=clock)
         assert isinstance(
@@ -464,7 +479,7 @@ class Filter:
         self.mode = workers
         ctx = multiprocessing.get_context("spawn")
         self.metrics: Metrics | None = None
-        if cfg.metrics.listen is not None:
+        if cfg.metrics.listen is not None and workers != "none":
             from sourceauth.adapters.metrics import Metrics, OutboundCounts
 
             self.metrics = Metrics(storage_of(cfg), OutboundCounts(ctx))
@@ -477,8 +492,14 @@ class Filter:
         self.web: WebServer | None = None
         if cfg.web.listen is not None and workers == "thread":
             self.web = web_server(cfg, self.app)
+        # What wakes the worker process after a commit: in an acceptor process ("none"), the
+        # write end of the first process's Doorbell (`wake`).
+        self._ring: Callable[[], None] | None = None
+        if wake is not None:
+            self._ring = functools.partial(ring, wake)
         if workers == "process":
             self._doorbell = Doorbell(ctx)
+            self._ring = self._doorbell.ring
             self._process = ctx.Process(
                 target=run_worker_process,
                 args=(cfg, self._doorbell.reader, counts),
@@ -510,14 +531,18 @@ class Filter:
             delimiter=cfg.policy.recipient_delimiter,
             reply_within=DATABASE_REPLY_WITHIN if cfg.storage.kind == "postgresql" else None,
         )
-        self.outbound = self._correspondents() if cfg.correspondents.listen is not None else None
+        # The [correspondents] and [milter] listeners run in the first process only.
+        first = workers != "none"
+        self.outbound = (
+            self._correspondents() if cfg.correspondents.listen is not None and first else None
+        )
         self.limits = Worker("quarantine-limits", self.app.refresh_full_mailboxes, 0.5)
         self.sessions = SessionLimits(cfg.server.max_sessions, cfg.server.max_sessions_per_client)
         _quiet_aiosmtpd()
         self.server: asyncio.AbstractServer | None = None
         self.outbound_server: asyncio.AbstractServer | None = None
         self.milter: Any = None  # adapters.smtp.milter.MilterServer when [milter] listen is set
-        if cfg.milter.listen is not None:
+        if cfg.milter.listen is not None and first:
             self.milter = milter_server(cfg, self.handler)
 
     def _correspondents(self) -> tuple[GroupCommitter, ServedHandler, SessionLimits]:
@@ -563,8 +588,8 @@ class Filter:
         ):
             if self.workers is not None:
                 self.workers.wake()
-            else:
-                self._doorbell.ring()
+            elif self._ring is not None:
+                self._ring()
 
     async def start(self) -> None:
         self.app.refresh_full_mailboxes()
@@ -572,7 +597,7 @@ class Filter:
         self.limits.start()
         if self.workers is not None:
             self.workers.start()
-        else:
+        elif self._process is not None:
             self._process.start()
         if self.web is not None:
             self.web.start()
@@ -590,6 +615,7 @@ class Filter:
             lambda: xforward.enable(smtp(), self.trusted),
             host=self.cfg.server.listen_host,
             port=self.cfg.server.listen_port,
+            reuse_port=self.reuse_port or None,
         )
         if self.outbound is not None:
             committer, handler, limits = self.outbound
@@ -613,6 +639,9 @@ class Filter:
             assert listen is not None
             self.metrics_port = self.metrics.serve(listen.host, listen.port)
         cfg = self.cfg
+        if self.mode == "none":
+            log.info("acceptor_started", pid=os.getpid(), listen=cfg.server.listen)
+            return
         log.info(
             "filter_started",
             listen=cfg.server.listen,
@@ -670,7 +699,10 @@ class Filter:
         if self.metrics is not None:
             self.metrics.stop()
         self.app.close()
-        log.info("filter_stopped")
+        if self.mode == "none":
+            log.info("acceptor_stopped", pid=os.getpid())
+        else:
+            log.info("filter_stopped")
 
     def reopen_logs(self) -> None:
         """SIGHUP: reopen [logging] file here and in the worker process."""
@@ -758,6 +790,83 @@ def fit_descriptor_limit(max_sessions: int) -> None:
         log.warning("descriptor_limit_low", limit=soft, max_sessions=max_sessions, wanted=wanted)
 
 
+def _port_free(cfg: Config) -> None:
+    """Raise OSError (address in use) when anything else listens on [server] listen: the
+    acceptors share the port with SO_REUSEPORT, which would otherwise share it silently with
+    another program (or another `serve`) too."""
+    import socket
+
+    infos = socket.getaddrinfo(
+        cfg.server.listen_host, cfg.server.listen_port, type=socket.SOCK_STREAM
+    )
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+
+
+def run_acceptor_process(cfg: Config, doorbell: Any, wake: Any) -> None:
+    """Entry point of one more SMTP acceptor (`[server] processes`): its own engine, group
+    committer and quarantine-limit refresh on the same storage and the same port
+    (SO_REUSEPORT); what it commits wakes the one worker process through `wake` (the write
+    end of its Doorbell); it stops when `doorbell` (its own) closes or the first process dies."""
+    _die_with_parent()
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the first process decides when to stop
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    configure_logging(cfg.logging.format, cfg.logging.level, file=cfg.logging.file)
+    fit_descriptor_limit(cfg.server.max_sessions)
+
+    async def main() -> None:
+        flt = Filter(cfg, workers="none", wake=wake, reuse_port=True)
+        await flt.start()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, reopen_log)
+        def stopped() -> bool:
+            return stop.is_set() or await_doorbell(doorbell, 0.5) == "stop"
+
+        while not await loop.run_in_executor(None, stopped):
+            pass
+        await flt.stop()
+
+    asyncio.run(main())
+
+
+class Acceptors:
+    """The acceptor processes after the first (`[server] processes` - 1)."""
+
+    def __init__(self, cfg: Config, wake: Any) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.doorbell = Doorbell(ctx)  # closed: stop
+        self.processes = [
+            ctx.Process(
+                target=run_acceptor_process,
+                args=(cfg, self.doorbell.reader, wake),
+                name=f"sourceauth-smtp-{n}",
+                daemon=True,
+            )
+            for n in range(1, cfg.server.acceptors)
+        ]
+
+    def start(self) -> None:
+        for process in self.processes:
+            process.start()
+
+    def hangup(self) -> None:
+        for process in self.processes:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGHUP)
+
+    def stop(self, timeout: float = 90.0) -> None:
+        """Each stops accepting and answers every message it took before it exits."""
+        self.doorbell.close()
+        for process in self.processes:
+            process.join(timeout)
+            if process.is_alive():
+                log.error("acceptor_stop_timeout", pid=process.pid)
+                process.terminate()
+
+
 def serve(cfg: Config) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     fit_descriptor_limit(cfg.server.max_sessions)
@@ -766,16 +875,34 @@ def serve(cfg: Config) -> int:
         configure_logging(cfg.logging.format, cfg.logging.level, file=cfg.logging.file)
 
     async def main() -> None:
-        flt = Filter(cfg, workers="process")
+        many = cfg.server.acceptors > 1
+        if many:
+            _port_free(cfg)
+        flt = Filter(cfg, workers="process", reuse_port=many)
         await flt.start()
+        acceptors = Acceptors(cfg, flt._doorbell.writer) if many else None
+        if acceptors is not None:
+            acceptors.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, flt.reopen_logs)
+
+        def hangup() -> None:
+            flt.reopen_logs()
+            if acceptors is not None:
+                acceptors.hangup()
+
+        loop.add_signal_handler(signal.SIGHUP, hangup)
         await stop.wait()
         log.info("filter_stopping")
-        await flt.stop()
+        if acceptors is not None:
+            # the others stop accepting and commit what they took while this one does too
+            stopping = loop.run_in_executor(None, acceptors.stop)
+            await flt.stop()
+            await stopping
+        else:
+            await flt.stop()
 
     asyncio.run(main())
     return 0

@@ -21,7 +21,17 @@ from typing import Any
 
 from benchmarks.result import BenchResult
 
-MODULES = ("transcoder", "engine", "rebuild", "smtp", "memory", "nodes", "rules", "postfix")
+MODULES = (
+    "transcoder",
+    "engine",
+    "rebuild",
+    "smtp",
+    "delivery",
+    "memory",
+    "nodes",
+    "rules",
+    "postfix",
+)
 FULL_SCALE = 1.0
 QUICK_SCALE = 0.1
 

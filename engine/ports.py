@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError
@@ -38,6 +38,15 @@ class DeliveryTransport(Protocol):
     """Hands one message copy to the next hop (blocking; called outside the engine's lock)."""
 
     def deliver(self, job: DeliveryJob) -> DeliveryResult: ...
+
+
+@runtime_checkable
+class BatchDeliveryTransport(DeliveryTransport, Protocol):
+    """A delivery transport that hands many copies on at once (kept-open sessions, several
+    in parallel). One result per job, in order; None for a copy it did not try: that copy is
+    left queued, untouched, and taken again by the next round."""
+
+    def deliver_batch(self, jobs: Sequence[DeliveryJob]) -> list[DeliveryResult | None]: ...
 
 
 class BlobError(Exception):

@@ -58,16 +58,31 @@ class StateMachineSpec:
     def allows(self, source: str, trigger: str) -> bool:
         return (source, trigger) in self.table
 
+    def __post_init__(self) -> None:
+        # Per event on the projection path (a rebuild asks ~100k times): once per trigger.
+        object.__setattr__(self, "_sources", {})
+        object.__setattr__(self, "_dests", {})
+
     def sources(self, trigger: str) -> frozenset[str]:
         """The states `trigger` may be taken from."""
-        return frozenset(t.source for t in self.transitions if t.trigger == trigger)
+        cache: dict[str, frozenset[str]] = self._sources  # type: ignore[attr-defined]
+        found = cache.get(trigger)
+        if found is None:
+            found = frozenset(t.source for t in self.transitions if t.trigger == trigger)
+            cache[trigger] = found
+        return found
 
     def dest(self, trigger: str) -> str:
         """The one destination of `trigger` (for triggers whose every edge leads to one state)."""
+        cache: dict[str, str] = self._dests  # type: ignore[attr-defined]
+        cached = cache.get(trigger)
+        if cached is not None:
+            return cached
         found = {t.dest for t in self.transitions if t.trigger == trigger}
         if len(found) != 1:
             raise ValueError(f"{self.name}: trigger {trigger!r} leads to {sorted(found)}")
-        return found.pop()
+        cache[trigger] = dest = found.pop()
+        return dest
 
     def final_states(self) -> frozenset[str]:
         """States no trigger leaves (a message copy's terminal states)."""

@@ -8,6 +8,7 @@ are shown in docs/configuration.md and sourceauth.example.toml; a test keeps the
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -86,8 +87,12 @@ class ServerConfig(Section, frozen=True):
     # Several nodes (issue 8): how long a claimed challenge send or delivery stays with the
     # worker that claimed it; a crashed node's work goes to another node after this.
     work_lease: Duration = Duration(_ENGINE.work_lease)
+    # Issue 13: SMTP acceptor processes on the listen port (SO_REUSEPORT), each with its own
+    # group commit; 0 = the number of CPUs. max_sessions and max_sessions_per_client are per
+    # acceptor.
+    processes: Count = 0
 
-    derived = ("listen_host", "listen_port")
+    derived = ("listen_host", "listen_port", "acceptors")
 
     @property
     def listen_host(self) -> str:
@@ -96,6 +101,11 @@ class ServerConfig(Section, frozen=True):
     @property
     def listen_port(self) -> int:
         return Listen(self.listen).port
+
+    @property
+    def acceptors(self) -> int:
+        """How many SMTP acceptor processes `serve` runs (processes, 0 read as the CPUs)."""
+        return self.processes or os.cpu_count() or 1
 
 
 def _url_part(name: str) -> Any:
@@ -256,6 +266,9 @@ class DeliveryConfig(Section, frozen=True):
     retry_initial: Duration = Duration(_ENGINE.delivery_retry_initial)
     retry_max: Duration = Duration(_ENGINE.delivery_retry_max)
     give_up_after: Duration = Duration(_ENGINE.delivery_give_up_after)
+    # smtp/lmtp next hop (issue 13): parallel kept-open sessions, transactions per session
+    connections: PositiveInt = 4
+    batch: PositiveInt = 100
 
     derived = ("next_hop_endpoint",)
 

@@ -10,8 +10,9 @@ import re
 import smtplib
 import socket
 import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
@@ -25,6 +26,7 @@ from sourceauth.engine.logs import get_logger
 log = get_logger(__name__)
 
 __all__ = [
+    "Connection",
     "NextHop",
     "NextHopError",
     "Outcome",
@@ -333,40 +335,54 @@ class _Session:
             if result is None:
                 self._set(i, code, text)
 
-    def run(self) -> list[RecipientResult]:
+    def pending(self) -> bool:
+        """Whether any recipient still needs the next hop (bad addresses are answered here)."""
         if self.bad_sender is not None:
             self._fill(501, f"5.1.7 {self.bad_sender}")
-        if any(r is None for r in self.results):
-            client: smtplib.SMTP = (
-                smtplib.LMTP(local_hostname=self.helo, timeout=self.timeout)
-                if self.hop.scheme == "lmtp"
-                else smtplib.SMTP(local_hostname=self.helo, timeout=self.timeout)
-            )
+        return any(r is None for r in self.results)
+
+    def client(self) -> smtplib.SMTP:
+        if self.hop.scheme == "lmtp":
+            return smtplib.LMTP(local_hostname=self.helo, timeout=self.timeout)
+        return smtplib.SMTP(local_hostname=self.helo, timeout=self.timeout)
+
+    def guarded(self, step: Callable[[smtplib.SMTP], bool], client: smtplib.SMTP) -> bool:
+        """Run one step on client; trouble becomes every open recipient's result. True when
+        the step ran to its end and said the connection is still fit for use."""
+        try:
+            return step(client)
+        except (smtplib.SMTPConnectError, smtplib.SMTPHeloError) as exc:
+            self._fill(exc.smtp_code, f"{self.stage}: {_reply_text(exc.smtp_error)}")
+        except (smtplib.SMTPException, OSError) as exc:
+            # refused, timed out, disconnected, garbled: the next hop may recover
+            detail = str(exc) or type(exc).__name__
+            status = "4.4.1" if self.stage == "connect" else "4.4.2"
+            self._fill(451, f"{status} {self.stage} {self.hop}: {detail}")
+        return False
+
+    def run(self) -> list[RecipientResult]:
+        """One connection for this one message."""
+        if self.pending():
+            client = self.client()
             self.stage = "connect"
             try:
-                self._transaction(client)
-            except (smtplib.SMTPConnectError, smtplib.SMTPHeloError) as exc:
-                self._fill(exc.smtp_code, f"{self.stage}: {_reply_text(exc.smtp_error)}")
-            except (smtplib.SMTPException, OSError) as exc:
-                # refused, timed out, disconnected, garbled: the next hop may recover
-                detail = str(exc) or type(exc).__name__
-                status = "4.4.1" if self.stage == "connect" else "4.4.2"
-                self._fill(451, f"{status} {self.stage} {self.hop}: {detail}")
+                if self.guarded(self.greet, client):
+                    self.guarded(self.send, client)
             finally:
-                try:
-                    if client.sock is not None:
-                        client.quit()
-                except (smtplib.SMTPException, OSError):
-                    pass
-                client.close()
+                _quit(client)
+        return self.done()
+
+    def done(self) -> list[RecipientResult]:
         return [r for r in self.results if r is not None]
 
-    def _transaction(self, client: smtplib.SMTP) -> None:
+    def greet(self, client: smtplib.SMTP) -> bool:
+        """Connect and EHLO/LHLO (HELO as a fallback); False (results filled) if refused."""
         hop = self.hop
+        self.stage = "connect"
         code, msg = client.connect(hop.host, hop.port)
         if not 200 <= code < 300:  # smtplib raises SMTPConnectError before this; be safe
             self._fill(code, f"connect: {_reply_text(msg)}")
-            return
+            return False
         self.stage = "LHLO" if hop.scheme == "lmtp" else "EHLO"
         code, msg = client.ehlo()
         if not 200 <= code < 300 and hop.scheme == "smtp":
@@ -374,8 +390,12 @@ class _Session:
             code, msg = client.helo()
         if not 200 <= code < 300:
             self._fill(code, f"{self.stage}: {_reply_text(msg)}")
-            return
+            return False
+        return True
 
+    def send(self, client: smtplib.SMTP) -> bool:
+        """One mail transaction on a greeted connection. True: it ended at a reply, so the
+        connection can carry another transaction (after RSET)."""
         self.stage = "MAIL"
         utf8_wanted = _needs_utf8(self.mail_from) or any(
             _needs_utf8(a) for i, a in enumerate(self.addresses) if self.results[i] is None
@@ -383,7 +403,7 @@ class _Session:
         utf8 = utf8_wanted and client.has_extn("smtputf8")
         if _needs_utf8(self.mail_from) and not utf8:
             self._fill(553, "5.6.7 sender address needs SMTPUTF8, which the next hop lacks")
-            return
+            return True
         options = ""
         if utf8:
             options += " SMTPUTF8"
@@ -394,7 +414,7 @@ class _Session:
         code, msg = client.getreply()
         if not 200 <= code < 300:
             self._fill(code, f"MAIL: {_reply_text(msg)}")
-            return
+            return True
 
         self.stage = "RCPT"
         accepted: list[int] = []
@@ -413,22 +433,33 @@ class _Session:
             else:
                 self._set(i, code, _reply_text(msg))
         if not accepted:
-            return
+            return True
 
         self.stage = "DATA"
         try:
             code, msg = client.data(self.data)
         except smtplib.SMTPDataError as exc:  # DATA itself refused: no per-recipient replies
             self._fill(exc.smtp_code, f"DATA: {_reply_text(exc.smtp_error)}")
-            return
-        if hop.scheme == "smtp":
+            return True
+        if self.hop.scheme == "smtp":
             self._fill(code, _reply_text(msg))
-            return
+            return True
         # LMTP: one reply per accepted recipient, in RCPT order
         self._set(accepted[0], code, _reply_text(msg))
         for i in accepted[1:]:
             code, msg = client.getreply()
             self._set(i, code, _reply_text(msg))
+        return True
+
+
+def _quit(client: smtplib.SMTP) -> None:
+    """QUIT if still connected, then close; trouble here changes no result."""
+    try:
+        if client.sock is not None:
+            client.quit()
+    except (smtplib.SMTPException, OSError):
+        pass
+    client.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,6 +661,12 @@ def deliver(
         results = _deliver_maildir(next_hop.path, mail_from, recipients, data, sourceauth_id)
     else:
         results = _Session(next_hop, mail_from, recipients, data, timeout, helo).run()
+    return _delivery_done(next_hop, results, sourceauth_id)
+
+
+def _delivery_done(
+    next_hop: NextHop, results: Sequence[RecipientResult], sourceauth_id: str
+) -> DeliveryResult:
     _log_refused("delivery", next_hop, results, sourceauth_id=sourceauth_id)
     result = delivery_result(next_hop, results)
     log.info(
@@ -641,6 +678,80 @@ def deliver(
         rejected=len(result.rejected),
     )
     return result
+
+
+def _reset(client: smtplib.SMTP) -> bool:
+    """RSET on a kept-open connection: False when it is gone or refuses (then reconnect)."""
+    try:
+        code, _ = client.rset()
+    except (smtplib.SMTPException, OSError):
+        return False
+    return 200 <= code < 300
+
+
+class Connection:
+    """A kept-open SMTP/LMTP connection to the next hop that carries several transactions,
+    RSET between them, and at most `max_messages` before it is closed and opened again.
+
+    `deliver` says how the connection fared beside the copy's result: "sent" (the
+    transaction ended at a reply: the connection is reusable), "down" (no connection or no
+    greeting: the copy has the reason as its result) or "broken" (lost mid-transaction: the
+    copy is temporary, the connection closed)."""
+
+    def __init__(
+        self, hop: NextHop, *, timeout: float = 30.0, helo: str | None = None, max_messages: int
+    ) -> None:
+        if hop.scheme == "maildir":
+            raise ValueError("a Connection is for smtp:// and lmtp:// next hops")
+        self.hop = hop
+        self.timeout = timeout
+        self.helo = helo
+        self.max_messages = max(1, max_messages)
+        self.transactions = 0
+        self.last_used = time.monotonic()
+        self._client: smtplib.SMTP | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._client is not None
+
+    def deliver(
+        self, *, mail_from: str, recipients: Sequence[str], raw: bytes, sourceauth_id: str
+    ) -> tuple[DeliveryResult, str]:
+        """Like `deliver` (the function), over this connection."""
+        if isinstance(recipients, str) or not recipients:
+            raise ValueError("recipients must be a non-empty sequence of addresses")
+        data = stamp(bytes(raw), sourceauth_id)
+        session = _Session(self.hop, mail_from, recipients, data, self.timeout, self.helo)
+        status = self._send(session)
+        return _delivery_done(self.hop, session.done(), sourceauth_id), status
+
+    def _send(self, session: _Session) -> str:
+        if not session.pending():
+            return "sent"
+        client = self._client
+        if client is not None and not _reset(client):
+            self.close()
+            client = None
+        if client is None:
+            client = session.client()
+            if not session.guarded(session.greet, client):
+                _quit(client)
+                return "down"
+            self._client, self.transactions = client, 0
+        self.transactions += 1
+        self.last_used = time.monotonic()
+        if not session.guarded(session.send, client):
+            self.close()
+            return "broken"
+        if self.transactions >= self.max_messages:
+            self.close()
+        return "sent"
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            _quit(client)
 
 
 def send_message(

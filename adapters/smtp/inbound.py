@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import email.header
 import queue
+import re
 import threading
 import time
 import uuid
@@ -207,8 +208,7 @@ class GroupCommitter:
             return
         self.batches += 1
         self.committed += len(batch)
-        for item, receipt in zip(batch, receipts, strict=True):
-            _resolve(item, receipt=receipt)
+        _answer_all(batch, receipts)
         if self.on_commit is not None:
             self.on_commit(receipts)
 
@@ -228,6 +228,22 @@ def _bounce_info(raw: bytes) -> BounceInfo:
     report = parse_bounce(raw)
     detail = " ".join(x for x in (report.status, report.diagnostic) if x)
     return BounceInfo(failed=report.failed, diagnostic=detail or report.action)
+
+
+def _answer_all(batch: list[_Pending], receipts: list[Receipt]) -> None:
+    """Every 250 of one commit settled by one callback per event loop (one wake-up of the
+    loop, not one per message)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Pending, Receipt]]] = {}
+    for item, receipt in zip(batch, receipts, strict=True):
+        by_loop.setdefault(item.loop, []).append((item, receipt))
+
+    def settle(pairs: list[tuple[_Pending, Receipt]]) -> None:
+        for item, receipt in pairs:
+            if not item.future.done():
+                item.future.set_result(receipt)
+
+    for loop, pairs in by_loop.items():
+        loop.call_soon_threadsafe(settle, pairs)
 
 
 def _resolve(
@@ -384,7 +400,10 @@ class FilterHandler:
             )
         )
         try:
-            receipt = await asyncio.wait_for(asyncio.shield(future), self.reply_within)
+            if self.reply_within is None:
+                receipt = await future  # cancelled only with the session: the commit goes on
+            else:
+                receipt = await asyncio.wait_for(asyncio.shield(future), self.reply_within)
         except TimeoutError:
             log.warning("data_deferred", error=f"no commit within {self.reply_within} s")
             return "451 4.3.0 Temporary failure, please try again later"
@@ -422,6 +441,11 @@ class SessionLimits:
         self.clients[client] -= 1
         if self.clients[client] <= 0:
             del self.clients[client]
+
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+_SIMPLE_PATH = re.compile(rf"<({_DOT_ATOM}@{_DOT_ATOM})>")
 
 
 class FilterSMTP(SMTP):
@@ -462,6 +486,17 @@ class FilterSMTP(SMTP):
         super().connection_lost(error)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # The common path, <dot-atom@dot-atom> and its parameters, read by one regular
+        # expression: aiosmtpd's RFC 5322 parser took ~150 us a call (twice per message, on
+        # the event loop: ~9 % of the SMTP process under load); it still reads the rest
+        # (quoted local parts, address literals, source routes, comments, UTF-8).
+        simple = _SIMPLE_PATH.match(arg)
+        if simple is not None:
+            rest = arg[simple.end() :].lstrip(" \t")
+            address = simple.group(1)
+            limit = self.local_part_limit
+            if not rest.startswith("(") and not (limit and len(address.rpartition("@")[0]) > limit):
+                return address, rest
         # aiosmtpd answers 553 to what its RFC 5322 parser cannot read; that is a syntax error
         # (501: "" makes aiosmtpd send its syntax reply), never a policy refusal. Behind
         # Postfix either becomes a bounce, but only to text outside RFC 5321's grammar.

