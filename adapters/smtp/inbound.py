@@ -235,7 +235,10 @@ def _answer_all(batch: list[_Pending], receipts: list[Receipt]) -> None:
     loop, not one per message)."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Pending, Receipt]]] = {}
     for item, receipt in zip(batch, receipts, strict=True):
-        by_loop.setdefault(item.loop, []).append((item, receipt))
+        if item.loop is None:  # a thread's future (the milter): settled here
+            _resolve(item, receipt=receipt)
+        else:
+            by_loop.setdefault(item.loop, []).append((item, receipt))
 
     def settle(pairs: list[tuple[_Pending, Receipt]]) -> None:
         for item, receipt in pairs:
