@@ -92,7 +92,7 @@ def test_a_world_readable_database_and_secret_are_tightened_at_start(
 
 def test_an_unknown_group_is_a_one_line_configuration_error(tmp_path: Path) -> None:
     config = config_for(tmp_path, tmp_path / "var", "no-such-group-here")
-    done = cli(config, "senders", "list")
+    done = cli(config, "senders", "allow", "friend@partner.example")  # a command that would write
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "sourceauth: error: storage.group: no group named 'no-such-group-here' on this system"
