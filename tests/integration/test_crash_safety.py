@@ -27,6 +27,7 @@ import re
 import signal
 import smtplib
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -206,6 +207,9 @@ def write_config(
 listen = "127.0.0.1:{port}"
 hostname = "mx.example.test"
 data_dir = "{tmp / "var"}"
+# A worker killed while it holds claimed sends leaves them leased this long (issue 8's
+# take-over); short here, so that every challenge recorded can still leave before the end.
+work_lease = "2s"
 
 [policy]
 protected = ["example.test"]
@@ -424,6 +428,13 @@ def wind_down(
         for t in threads:
             t.join(30)
     assert not load.errors, load.errors
+    if server.running():
+        # Challenges claimed by a killed worker go out once its lease lapses: wait for them.
+        wait_until(
+            lambda: not queued_challenges(config),
+            timeout=60,
+            message="every recorded challenge to leave (a killed worker's claims lapse)",
+        )
     assert server.stop() == 0, server.tail()
     maintained = cli(config, "maintain", "--json")
     assert maintained.returncode == 0, maintained.stderr
@@ -431,6 +442,16 @@ def wind_down(
     # answer: what they hold now is all they will ever get.
     events = read_log(config, tmp / "log.jsonl")
     return json.loads(maintained.stdout), events, cli(config, "audit", "verify")
+
+
+def queued_challenges(config: Path) -> int:
+    """Challenges recorded but not yet sent (the store's view, read-only)."""
+    db = config.parent / "var" / "sourceauth.db"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
+        (count,) = conn.execute(
+            "SELECT count(*) FROM sa_challenges WHERE outcome = 'queued'"
+        ).fetchone()
+    return int(count)
 
 
 def copies_in_log(
