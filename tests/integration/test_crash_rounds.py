@@ -180,6 +180,3 @@ def test_twenty_seeded_kill_9_rounds_under_load_lose_nothing_and_keep_the_log_so
         f"{redelivered} redelivered with the same X-SourceAuth-Id; "
         f"{verified.stdout.strip()}; took {time.monotonic() - started:.1f}s"
     )
-    # The worker and web processes hear their parent through a pipe (runtime.Doorbell): a
-    # parent killed mid-wake can no longer leave one waiting on a lock it held.
-    assert server.hung_workers == 0, "a worker outlived its parent's kill -9"
