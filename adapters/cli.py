@@ -698,6 +698,100 @@ def projections_rebuild(cfg: Config) -> None:
     click.echo(f"rebuilt views from {n} events in {took:.2f}s")
 
 
+# ---------------------------------------------------------------------------- encryption keys
+
+
+@cli.group()
+def encryption() -> None:
+    """Encryption at rest: the keys, re-encrypting originals under the current key, retiring."""
+
+
+def _keys_of(cfg: Config) -> tuple[Any, Any]:
+    """The storage and this node's key set; exit 2 when no key is configured."""
+    from sourceauth.adapters.runtime import storage_of
+
+    try:
+        storage = storage_of(cfg)
+    except ConfigError as exc:
+        raise BadInput(str(exc)) from exc
+    if storage.encryption_keys is None:
+        raise BadInput(
+            "no encryption key: set [storage] encryption_key_file or SOURCEAUTH_ENCRYPTION_KEY"
+        )
+    return storage, storage.encryption_keys
+
+
+def _show_keys(storage: Any, keys: Any, as_json: bool) -> list[Any]:
+    from sourceauth.adapters.storage.rotation import usage
+
+    uses = usage(storage, keys)
+    _emit(
+        [u.as_dict() for u in uses],
+        as_json,
+        ["key", "current", "first", "held", "events", "originals", "retirable"],
+    )
+    return uses
+
+
+@encryption.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@with_config
+@read_only
+def encryption_status(cfg: Config, as_json: bool) -> None:
+    """Each key: current or not, and how many events and originals it encrypts."""
+    storage, keys = _keys_of(cfg)
+    with engine_for(cfg):  # refuses a key set that lacks a key the store uses
+        _show_keys(storage, keys, as_json)
+
+
+@encryption.command("rotate")
+@click.option("--json", "as_json", is_flag=True, help="Print the keys' use as JSON.")
+@with_config
+@read_only
+def encryption_rotate(cfg: Config, as_json: bool) -> None:
+    """Re-encrypt every original under the current key (the first in the key file), then
+    show what each key still encrypts. Safe on a live store; run again after a kill."""
+    from sourceauth.adapters.storage.rotation import rotate_originals
+    from sourceauth.adapters.storage.wiring import open_blobs
+
+    storage, keys = _keys_of(cfg)
+    with engine_for(cfg):  # checks the key set and records its new keys in the store
+        blobs = open_blobs(storage)
+        try:
+            with progress("re-encrypting originals", None, unit="originals") as bar:
+                n = rotate_originals(blobs, lambda seen, _: bar.update(seen))  # type: ignore[arg-type]
+        finally:
+            blobs.close()
+        uses = _show_keys(storage, keys, as_json)
+    old = [u for u in uses if not u.current and u.originals]
+    click.echo(f"re-encrypted {n} originals under key {keys.current.id}", err=True)
+    if old:
+        click.echo(
+            "still under older keys: "
+            + ", ".join(f"{u.id} ({u.originals} originals)" for u in old)
+            + " (written by a node not yet restarted with the new key: run this again)",
+            err=True,
+        )
+
+
+@encryption.command("retire")
+@click.argument("key_id")
+@with_config
+@read_only
+def encryption_retire(cfg: Config, key_id: str) -> None:
+    """Remove a key nothing uses any more from the store's record (then from every node's
+    key file); refused while an event or an original is under it."""
+    from sourceauth.adapters.storage.rotation import KeyInUse, retire
+
+    storage, keys = _keys_of(cfg)
+    with engine_for(cfg):
+        try:
+            retire(storage, keys, key_id.strip().lower())
+        except KeyInUse as exc:
+            raise BadInput(str(exc)) from exc
+    click.echo(f"retired key {key_id}: remove it from every node's key file")
+
+
 @cli.command()
 @click.option("--machine", type=click.Choice([*MACHINES, "all"]), default="all", show_default=True)
 @with_config

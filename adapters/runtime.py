@@ -41,7 +41,7 @@ from sourceauth.adapters.smtp.outbound import ChallengeSender, NextHopDelivery
 from sourceauth.adapters.status import run_maintenance, version
 from sourceauth.adapters.storage.blobs import FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
-from sourceauth.adapters.storage.encryption import EncryptedBlobStore, EncryptionKeyError, load_key
+from sourceauth.adapters.storage.encryption import EncryptedBlobStore, EncryptionKeyError, load_keys
 from sourceauth.adapters.storage.modes import UnknownGroup
 from sourceauth.adapters.storage.postgres import PostgresBlobStore
 from sourceauth.adapters.storage.wiring import (
@@ -146,7 +146,7 @@ def storage_of(cfg: Config) -> Storage:
     (the URL fills every pg_* field, so no default is repeated here)."""
     values = {item.name: getattr(cfg.storage, item.name, None) for item in fields(Storage)}
     try:
-        values["encryption_key"] = load_key(cfg.storage.encryption_key_file, os.environ)
+        values["encryption_keys"] = load_keys(cfg.storage.encryption_key_file, os.environ)
     except EncryptionKeyError as exc:
         raise ConfigError(str(exc)) from None
     return Storage(**{name: value for name, value in values.items() if value is not None})

@@ -65,6 +65,7 @@ def open_bench_engine(
     **kwargs: Any,
 ) -> SourceAuth:
     """An engine on a fresh SQLite file under `directory` (the embedded default wiring)."""
+    from sourceauth.adapters.storage.encryption import KeySet
     from sourceauth.adapters.storage.wiring import Storage, open_engine
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -72,7 +73,7 @@ def open_bench_engine(
         sqlite_path=directory / "sourceauth.db",
         blob_dir=directory / "blobs",
         sqlite_synchronous=synchronous,
-        encryption_key=encryption_key,
+        encryption_keys=None if encryption_key is None else KeySet.of(encryption_key),
     )
     return open_engine(
         settings=settings or bench_settings(),
@@ -384,7 +385,7 @@ def shared_caps_cost(n: int, rounds: int = 2) -> BenchResult:
 def encryption_cost(n: int, rounds: int = 2) -> BenchResult:
     """Event state through eventsourcing's AES-GCM cipher, against the same load unencrypted
     (originals are pre-made refs here: their AES-GCM cost is measured apart, per 2 KB)."""
-    from sourceauth.adapters.storage.encryption import BlobCipher
+    from sourceauth.adapters.storage.encryption import BlobCipher, KeySet
 
     key = os.urandom(32)
     with tempfile.TemporaryDirectory(prefix="sa-bench-crypt-") as tmp:
@@ -400,7 +401,7 @@ def encryption_cost(n: int, rounds: int = 2) -> BenchResult:
         rounds,
         0.0,
     )
-    cipher, original = BlobCipher(key), os.urandom(MESSAGE_SIZE)
+    cipher, original = BlobCipher(KeySet.of(key)), os.urandom(MESSAGE_SIZE)
     count = 2000
     wall, _ = _timed(
         lambda: [

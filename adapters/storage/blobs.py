@@ -192,6 +192,35 @@ class FileBlobStore:
         write_new_file(tmp, data, mode=_FILE_MODE, fsync=False)
         return tmp
 
+    def replace_many(self, items: Sequence[tuple[str, bytes, bytes]]) -> int:
+        """Rewrite originals (key, old bytes, new bytes), each only if its file still holds the
+        old bytes, by an fsync'd temp file renamed over it (a reader sees old or new, never a
+        mix); how many were rewritten."""
+        dirty: set[Path] = set()
+        done = 0
+        for key, old, new in items:
+            final = self.path_of(key)
+            try:
+                if final.read_bytes() != old:
+                    continue
+            except FileNotFoundError:
+                continue  # (purged meanwhile)
+            except OSError as exc:
+                raise _store_error(exc, f"cannot rewrite blob {key}") from exc
+            tmp = self._write_temp(key, new)
+            try:
+                if self.fsync:
+                    fsync_all([tmp])
+                os.replace(tmp, final)
+            except OSError as exc:
+                unlink_quietly(tmp)
+                raise _store_error(exc, f"cannot rewrite blob {key}") from exc
+            dirty.add(final.parent)
+            done += 1
+        if self.fsync and dirty:
+            fsync_all(sorted(dirty), directory=True)
+        return done
+
     def delete(self, key: str) -> bool:
         """Remove a blob: True if removed, False if it was already gone. Durable."""
         path = self.path_of(key)

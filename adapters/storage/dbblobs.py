@@ -104,6 +104,15 @@ class DatabaseBlobStore:
             sql = f"DELETE FROM {BLOB_TABLE} WHERE receipt_id = ?"
             return sum(conn.execute(sql, (key,)).rowcount for key in keys)
 
+    def replace_many(self, items: Sequence[tuple[str, bytes, bytes]]) -> int:
+        """Rewrite originals (key, old bytes, new bytes) in one transaction, each only if it
+        still holds the old bytes (a purge meanwhile stays a purge); how many were rewritten."""
+        for key, _, _ in items:
+            check_key(key)
+        with self._write(f"cannot rewrite {len(items)} blob(s)") as conn:
+            sql = f"UPDATE {BLOB_TABLE} SET data = ? WHERE receipt_id = ? AND data = ?"
+            return sum(conn.execute(sql, (new, key, old)).rowcount for key, old, new in items)
+
     def keys(self) -> Iterator[str]:
         with self._lock:
             rows = self._conn.execute(

@@ -285,6 +285,19 @@ class PostgresBlobStore:
             )
             return int(cur.rowcount)
 
+    def replace_many(self, items: Sequence[tuple[str, bytes, bytes]]) -> int:
+        """Rewrite originals (key, old bytes, new bytes) in one transaction, each only if it
+        still holds the old bytes (a purge meanwhile stays a purge); how many were rewritten."""
+        for key, _, _ in items:
+            check_key(key)
+        done = 0
+        with self._cursor(f"cannot rewrite {len(items)} blob(s)") as cur:
+            sql = SQL("UPDATE {} SET data = %s WHERE receipt_id = %s AND data = %s")
+            for key, old, new in items:
+                cur.execute(sql.format(self._table), (new, key, old))
+                done += int(cur.rowcount)
+        return done
+
     def keys(self) -> Iterator[str]:
         with self._cursor("cannot list blobs") as cur:
             rows = cur.execute(

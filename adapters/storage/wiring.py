@@ -17,8 +17,8 @@ from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
 from sourceauth.adapters.storage.encryption import (
     NOT_ENCRYPTED,
     EncryptedBlobStore,
+    KeySet,
     cipher_env,
-    key_mark,
 )
 from sourceauth.adapters.storage.modes import FileModes
 from sourceauth.adapters.storage.postgres import PostgresBlobStore
@@ -55,8 +55,8 @@ class Storage:
     sqlite_synchronous: str = "FULL"
     blob_fsync: bool = True
     blobs: str = ""  # "database" (originals in the event transaction; the default) or "files"
-    # AES key (16, 24 or 32 bytes) for event state and originals at rest; None: not encrypted.
-    encryption_key: bytes | None = None
+    # AES keys (current first) for event state and originals at rest; None: not encrypted.
+    encryption_keys: KeySet | None = None
     group: str = ""  # [storage] group: store files 0640 in this group (else 0600)
 
     @property
@@ -92,7 +92,7 @@ def create_sqlite_file(path: Path, modes: FileModes) -> None:
 def eventsourcing_env(storage: Storage) -> dict[str, str]:
     """The eventsourcing settings for this storage (the application name is the prefix)."""
     env = {"TRANSCODER_TOPIC": TRANSCODER, "AGGREGATE_CACHE_MAXSIZE": ""}
-    env.update(cipher_env(storage.encryption_key))
+    env.update(cipher_env(storage.encryption_keys))
     if storage.kind == "sqlite":
         assert storage.sqlite_path is not None
         create_sqlite_file(storage.sqlite_path, storage.modes)
@@ -139,9 +139,9 @@ AnyBlobStore = FileBlobStore | DatabaseBlobStore | PostgresBlobStore | Encrypted
 def open_blobs(storage: Storage) -> AnyBlobStore:
     """The blob store this storage uses for message originals (encrypted with a key)."""
     inner = _open_blobs(storage)
-    if storage.encryption_key is None:
+    if storage.encryption_keys is None:
         return inner
-    return EncryptedBlobStore(inner, storage.encryption_key)
+    return EncryptedBlobStore(inner, storage.encryption_keys)
 
 
 def _open_blobs(storage: Storage) -> FileBlobStore | DatabaseBlobStore | PostgresBlobStore:
@@ -184,12 +184,14 @@ class EncryptionMismatch(ValueError):
     with: its events and originals could not be read, or would be written two ways."""
 
 
-ENCRYPTION = "encryption"  # the name of the key's mark among the keyring fingerprints
+ENCRYPTION = "encryption"  # the mark of the store's first encryption key (or NOT_ENCRYPTED)
+ENCRYPTION_KEY = "encryption:"  # + key id: the mark of each key the store has met
 
 
-def recorded_encryption(storage: Storage) -> str | None:
-    """The mark of the encryption key this store was first started with: NOT_ENCRYPTED for
-    a store with events from before encryption existed, None for a new store."""
+def recorded_encryption(storage: Storage) -> dict[str, str] | None:
+    """The encryption marks this store holds: ENCRYPTION (its first key's, NOT_ENCRYPTED for
+    a store started without a key or from before encryption existed) and ENCRYPTION_KEY + id
+    for every key a node has brought since (retired keys removed); None for a new store."""
     if storage.kind == "sqlite":
         import sqlite3
 
@@ -198,7 +200,7 @@ def recorded_encryption(storage: Storage) -> str | None:
             return None
         with sqlite3.connect(f"file:{storage.sqlite_path}?mode=ro", uri=True) as db:
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
-            return _mark_in(tables, "", "stored_events", lambda q, a: db.execute(q, a).fetchone())
+            return _marks_in(tables, "", "stored_events", lambda q, a: db.execute(q, a).fetchall())
     import psycopg
 
     schema = storage.pg_schema or "public"
@@ -210,60 +212,108 @@ def recorded_encryption(storage: Storage) -> str | None:
                 (schema,),
             )
         }
-        return _mark_in(
+        return _marks_in(
             tables,
             f'"{schema}".',
             "sourceauth_events",
-            lambda q, a: conn.execute(q.replace("?", "%s"), a).fetchone(),
+            lambda q, a: conn.execute(q.replace("?", "%s"), a).fetchall(),
         )
 
 
-def _mark_in(
-    tables: set[str], prefix: str, events: str, one: Callable[[str, tuple[Any, ...]], Any]
-) -> str | None:
+def _marks_in(
+    tables: set[str], prefix: str, events: str, rows: Callable[[str, tuple[Any, ...]], Any]
+) -> dict[str, str] | None:
     if KEYRING_TABLE in tables:
-        row = one(f"SELECT fingerprint FROM {prefix}{KEYRING_TABLE} WHERE name = ?", (ENCRYPTION,))
-        if row:
-            return str(row[0])
-    if events in tables and one(f"SELECT 1 FROM {prefix}{events} LIMIT 1", ()):
-        return NOT_ENCRYPTED
+        marks = {
+            str(name): str(mark)
+            for name, mark in rows(
+                f"SELECT name, fingerprint FROM {prefix}{KEYRING_TABLE} "
+                "WHERE name = ? OR name LIKE ?",
+                (ENCRYPTION, ENCRYPTION_KEY + "%"),
+            )
+        }
+        if marks:
+            return marks
+    if events in tables and rows(f"SELECT 1 FROM {prefix}{events} LIMIT 1", ()):
+        return {ENCRYPTION: NOT_ENCRYPTED}
     return None
 
 
-def check_encryption(storage: Storage) -> None:
-    """Refuse a key that is not the store's (before anything is read with it)."""
-    found, ours = recorded_encryption(storage), key_mark(storage.encryption_key)
-    if found is None or found == ours:
+def encryption_marks(keys: KeySet | None) -> dict[str, str]:
+    """What a node records of its key set: the first key's mark at the store's first start
+    (ENCRYPTION; insert-if-absent keeps the first one), and each key's mark by id."""
+    if keys is None:
+        return {ENCRYPTION: NOT_ENCRYPTED}
+    return {ENCRYPTION: keys.current.mark} | {ENCRYPTION_KEY + k.id: k.mark for k in keys.keys}
+
+
+def check_encryption(storage: Storage, recorded: dict[str, str] | None = None) -> None:
+    """Refuse a key set that lacks a key the store has recorded (before anything is read with
+    it): every node must hold every key until `sourceauth encryption retire` removes one."""
+    found = recorded_encryption(storage) if recorded is None else recorded
+    keys = storage.encryption_keys
+    if not found:
         return
-    if found == NOT_ENCRYPTED:
-        raise EncryptionMismatch(
-            "this store is not encrypted, but an encryption key is given: remove "
-            "[storage] encryption_key_file and SOURCEAUTH_ENCRYPTION_KEY, or start a new store"
-        )
-    if ours == NOT_ENCRYPTED:
+    if found.get(ENCRYPTION) == NOT_ENCRYPTED:
+        if keys is not None:
+            raise EncryptionMismatch(
+                "this store is not encrypted, but an encryption key is given: remove "
+                "[storage] encryption_key_file and SOURCEAUTH_ENCRYPTION_KEY, or start a new store"
+            )
+        return
+    if keys is None:
         raise EncryptionMismatch(
             "this store is encrypted: set [storage] encryption_key_file (or "
             "SOURCEAUTH_ENCRYPTION_KEY) to the key it was first started with"
         )
+    ours = {k.mark for k in keys.keys}
+    missing = sorted(name for name, mark in found.items() if mark not in ours)
+    if not missing:
+        return
+    if len(missing) == len(found):
+        raise EncryptionMismatch(
+            "the encryption key differs from the one this store was first started with: "
+            "use that key (every node the same)"
+        )
+    named = [
+        name.removeprefix(ENCRYPTION_KEY) if name != ENCRYPTION else "its first key"
+        for name in missing
+    ]
     raise EncryptionMismatch(
-        "the encryption key differs from the one this store was first started with: "
-        "use that key (every node the same)"
+        f"the encryption key set lacks key(s) this store uses ({', '.join(named)}): list "
+        "every key in [storage] encryption_key_file, on every node, until "
+        "'sourceauth encryption retire' has retired it"
     )
 
 
-def check_keyring(app: SourceAuth, keyring: tokens.Keyring, encryption: str = "") -> None:
+def check_keyring(
+    app: SourceAuth, keyring: tokens.Keyring, encryption: dict[str, str] | None = None
+) -> None:
     """Record this keyring's fingerprints at the first start; refuse a keyring that differs
     from the recorded one in its id key or in a key id both have (a new key id is fine).
-    `encryption` (the key's mark) is recorded beside them at the first start."""
+    `encryption` (the key set's marks) is recorded beside them; a node that lost the race to
+    a store's first start with another key is refused here."""
     if not isinstance(app.views, SqlViews):
         return
     ours = tokens.fingerprints(keyring)
-    stored = app.views.record_keyring({**ours, ENCRYPTION: encryption} if encryption else ours)
+    stored = app.views.record_keyring({**ours, **(encryption or {})})
     differ = sorted(name for name, mark in ours.items() if stored.get(name, mark) != mark)
     if differ:
         raise KeyringMismatch(
             f"keyring differs from the one this store was first started with "
             f"(differing: {', '.join(differ)}); every node must use the same keyring"
+        )
+    if encryption:
+        check_encryption_marks(encryption, stored)
+
+
+def check_encryption_marks(ours: dict[str, str], stored: dict[str, str]) -> None:
+    """After recording: the store's first key must be one of ours."""
+    first = stored.get(ENCRYPTION)
+    if first is not None and first not in ours.values():
+        raise EncryptionMismatch(
+            "the encryption key differs from the one this store was first started with: "
+            "use that key (every node the same)"
         )
 
 
@@ -301,7 +351,7 @@ def open_engine(
     # The audit chain's key comes from the keyring, never from the database: chain every
     # event from here on (and any this store holds from before the chain existed).
     try:
-        check_keyring(app, keyring, key_mark(storage.encryption_key))
+        check_keyring(app, keyring, encryption_marks(storage.encryption_keys))
         app.recorder.attach_chain(tokens.audit_chain_key(keyring))  # type: ignore[attr-defined]
     except BaseException:
         app.close()
