@@ -5,6 +5,7 @@ and runs `serve` (inbound SMTP, challenge sender, delivery worker, maintenance t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import multiprocessing
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import orjson
 import structlog
@@ -43,7 +44,7 @@ from sourceauth.adapters.storage.blobs import FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
 from sourceauth.adapters.storage.encryption import EncryptedBlobStore, EncryptionKeyError, load_keys
 from sourceauth.adapters.storage.modes import UnknownGroup
-from sourceauth.adapters.storage.postgres import PostgresBlobStore
+from sourceauth.adapters.storage.postgres import PostgresBlobStore, begin_stop, database_gone
 from sourceauth.adapters.storage.wiring import (
     EncryptionMismatch,
     KeyringMismatch,
@@ -347,6 +348,38 @@ def _die_with_parent() -> None:
         log.debug("pdeathsig_unavailable")
 
 
+STOP_DEADLINE = 5.0  # seconds: then a stop stuck on a database that does not answer gives up
+WORKERS_STOP_DEADLINE = 4.0  # (the worker process gives up first: its parent waits for it)
+
+
+def abandon(what: str, after: float) -> NoReturn:
+    """End this process now: its stop is stuck on a database that does not answer. Nothing
+    accepted is lost: a 250 is only sent after its commit; the work in flight is retried by
+    its sender, or by a node whose lease on it lapses."""
+    log.error(
+        "stop_abandoned",
+        what=what,
+        after_s=after,
+        reason="the database does not answer; uncommitted work got no 250",
+    )
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(1)
+
+
+def within_deadline(app: SourceAuth, stop: Callable[[], object], deadline: float) -> None:
+    """Run `stop` (in a daemon thread); past `deadline` with the database gone, abandon it.
+    With the database answering (or on SQLite) it is waited for, however long."""
+    thread = threading.Thread(target=stop, name="sourceauth-stop", daemon=True)
+    thread.start()
+    thread.join(deadline)
+    while thread.is_alive():
+        if database_gone(app):
+            abandon("worker process", deadline)
+        thread.join(deadline)
+
+
 def run_worker_process(cfg: Config, doorbell: Any, counts: OutboundCounts | None = None) -> None:
     """Entry point of the worker process: its own engine on the same storage; the event log
     (and, with [metrics], the outbound counts) is all it shares with the SMTP process, which
@@ -373,8 +406,13 @@ def run_worker_process(cfg: Config, doorbell: Any, counts: OutboundCounts | None
                 hangup.clear()
                 reopen_log()
     finally:
-        workers.stop()
-        app.close()
+        begin_stop(app)
+
+        def stop_all() -> None:
+            workers.stop()
+            app.close()
+
+        within_deadline(app, stop_all, WORKERS_STOP_DEADLINE)
         log.info("workers_stopped", pid=os.getpid())
 
 
@@ -447,6 +485,7 @@ def run_web_process(cfg: Config, doorbell: Any) -> None:
         while not stop.is_set() and await_doorbell(doorbell, 0.2) != "stop":
             pass
     finally:
+        begin_stop(app)
         web.stop()
         app.close()
 
@@ -671,7 +710,9 @@ class Filter:
         return int(self.outbound_server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
-        """Stop accepting, finish every message already accepted, then stop the workers."""
+        """Stop accepting, finish every message already accepted, then stop the workers.
+        With the database gone, what cannot commit fails within seconds (it got no 250)."""
+        begin_stop(self.app)
         loop = asyncio.get_running_loop()
         if self.milter is not None:
             await loop.run_in_executor(None, self.milter.stop)
@@ -896,13 +937,24 @@ def serve(cfg: Config) -> int:
         loop.add_signal_handler(signal.SIGHUP, hangup)
         await stop.wait()
         log.info("filter_stopping")
-        if acceptors is not None:
-            # the others stop accepting and commit what they took while this one does too
-            stopping = loop.run_in_executor(None, acceptors.stop)
-            await flt.stop()
-            await stopping
-        else:
-            await flt.stop()
+
+        async def stop_all() -> None:
+            if acceptors is not None:
+                # the others stop accepting and commit what they took while this one does too
+                stopping = loop.run_in_executor(None, acceptors.stop)
+                await flt.stop()
+                await stopping
+            else:
+                await flt.stop()
+
+        stopping_all = asyncio.ensure_future(stop_all())
+        while not stopping_all.done():
+            await asyncio.wait([stopping_all], timeout=STOP_DEADLINE)
+            if not stopping_all.done() and await loop.run_in_executor(
+                None, database_gone, flt.app
+            ):
+                abandon("serve", STOP_DEADLINE)
+        stopping_all.result()
 
     asyncio.run(main())
     return 0

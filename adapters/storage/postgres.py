@@ -15,7 +15,12 @@ from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import (
+    InterfaceError,
+    OperationalError,
+    PersistenceError,
+    StoredEvent,
+)
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore, PostgresFactory
 from psycopg import Connection, Cursor
 from psycopg.rows import DictRow
@@ -190,8 +195,91 @@ class ChainedPostgresRecorder(BlobRecordingPostgresRecorder):
             return [r["originator_id"].hex for r in curs.fetchall()]
 
 
+class DatabaseGone(PersistenceError):
+    """Stopping, and PostgreSQL does not answer: given up without eventsourcing's retries
+    (10 per call, each waiting up to the pool's timeout). Nothing accepted is lost: a 250
+    is only sent after its commit, so what this fails was answered 4xx or not at all."""
+
+
+STOP_WAIT = 2.0  # seconds a stopping node waits for a pooled connection
+
+
+class StoppablePostgresDatastore(PostgresDatastore):
+    """eventsourcing's datastore, which gives up fast once the node is stopping: after
+    `begin_stop()` a call waits at most STOP_WAIT for a connection, and the first failure to
+    reach the database makes every later call fail at once (DatabaseGone is not one of the
+    errors eventsourcing retries). While the node serves, outages are retried as before."""
+
+    stopping: threading.Event
+    gone: threading.Event
+
+    def begin_stop(self) -> None:
+        self.pool.timeout = min(self.pool.timeout, STOP_WAIT)
+        self.stopping.set()
+
+    @contextmanager
+    def get_connection(self) -> Iterator[Connection[DictRow]]:
+        if not self.stopping.is_set():
+            with super().get_connection() as conn:
+                yield conn
+            return
+        if self.gone.is_set():
+            raise DatabaseGone("stopping: the database did not answer")
+        try:
+            with super().get_connection() as conn:
+                yield conn
+        except (OperationalError, InterfaceError) as exc:
+            if self._answers():
+                raise  # a busy pool or one dropped connection: eventsourcing retries it
+            self.gone.set()
+            raise DatabaseGone(f"stopping: the database does not answer ({exc})") from exc
+
+    def _answers(self) -> bool:
+        """Whether a fresh connection opens within STOP_WAIT (libpq counts whole seconds)."""
+        import psycopg
+
+        kwargs = self.pool.kwargs() if callable(self.pool.kwargs) else self.pool.kwargs
+        params = {k: v for k, v in (kwargs or {}).items() if k != "row_factory"}
+        try:
+            psycopg.connect(**params, connect_timeout=max(2, int(STOP_WAIT))).close()
+        except psycopg.Error:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.gone.is_set():
+            self.pool.close(timeout=STOP_WAIT)  # (its reconnecting threads: not 5 s more)
+            return
+        super().close()
+
+
+def begin_stop(app: Any) -> None:
+    """The node is stopping: from now on its PostgreSQL calls give up fast when the database
+    is gone (a no-op on SQLite)."""
+    datastore = getattr(getattr(app, "recorder", None), "datastore", None)
+    if isinstance(datastore, StoppablePostgresDatastore):
+        datastore.begin_stop()
+
+
+def database_gone(app: Any) -> bool:
+    """Whether this engine's PostgreSQL does not answer a fresh connection now (False on
+    SQLite): a stop that outlasts its deadline may then abandon what is stuck on it."""
+    datastore = getattr(getattr(app, "recorder", None), "datastore", None)
+    if isinstance(datastore, StoppablePostgresDatastore):
+        return datastore.gone.is_set() or not datastore._answers()
+    return False
+
+
 class ChainedPostgresFactory(PostgresFactory):
     application_recorder_class = ChainedPostgresRecorder
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # eventsourcing builds its own PostgresDatastore: the same object, made stoppable.
+        self.datastore.__class__ = StoppablePostgresDatastore
+        assert isinstance(self.datastore, StoppablePostgresDatastore)
+        self.datastore.stopping = threading.Event()
+        self.datastore.gone = threading.Event()
 
 
 class PostgresBlobStore:

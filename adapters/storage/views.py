@@ -32,6 +32,7 @@ log = get_logger(__name__)
 
 TRACKING = "sa_tracking"
 BLOB_GC = "sa_blob_gc"
+CONNECT_TIMEOUT = 5  # seconds to reach PostgreSQL (a hung network: an error, not a hang)
 KEYRING = "sa_keyring"  # fingerprints of the keyring every node on this store must share
 LEASES = "sa_leases"  # outbound work claimed by one worker of one node until `until`
 TRACKING_NAME = "views"
@@ -136,6 +137,8 @@ class SqlViews:
     @contextmanager
     def _tx(self, *, write: bool) -> Iterator[Any]:
         with self._lock:
+            if getattr(self._conn, "closed", False):  # PostgreSQL dropped it (a restart, an
+                self._conn = self._connect()  # outage): a new one, or the reason it fails
             cur = self._conn.cursor()
             if self.dialect.name == "sqlite":
                 cur.execute(self.dialect.begin() if write else "BEGIN")
@@ -894,7 +897,7 @@ def postgres_connector(conninfo: str, schema: str | None = None) -> Callable[[],
     def connect() -> Any:
         import psycopg
 
-        conn = psycopg.connect(conninfo, autocommit=False)
+        conn = psycopg.connect(conninfo, autocommit=False, connect_timeout=CONNECT_TIMEOUT)
         if schema:
             with conn.cursor() as cur:
                 cur.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')

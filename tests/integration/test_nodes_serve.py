@@ -26,6 +26,7 @@ from tests.integration.pg import PgSchema, pg_schema_fixture, postgres
 from tests.integration.smtp_harness import message, parsed, token_of, write_config
 from tests.integration.test_nodes import sourceauth
 from tests.support.smtp_sink import Sink
+from tests.support.tcp_proxy import FreezableProxy
 from tests.support.waiting import wait_until
 
 pytestmark = [postgres, pytest.mark.timeout(240)]
@@ -83,6 +84,30 @@ def _listening(port: int) -> bool:
         return False
 
 
+def start_node(name: str, path: Path, log: Path) -> ServeNode:
+    """`sourceauth serve` in its own process group, listening (its output in `log`)."""
+    port = int(path.read_text().split('listen = "127.0.0.1:')[1].split('"')[0])
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sourceauth.adapters.cli", "serve", "--config", str(path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: kill -9 takes the workers too
+        )
+    node = ServeNode(name, path, port, proc, log)
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or _listening(port),
+            timeout=60,
+            message=f"node {name} listening",
+        )
+        assert proc.poll() is None, log.read_text()
+    except BaseException:
+        node.stop()
+        raise
+    return node
+
+
 @contextmanager
 def two_nodes(
     tmp: Path, pg: PgSchema, relay: Sink, next_hop: Sink, *, extra: str = "", server: str = ""
@@ -104,30 +129,7 @@ def two_nodes(
     nodes: list[ServeNode] = []
     try:
         for name, path in zip("ab", configs, strict=True):
-            port = int(path.read_text().split('listen = "127.0.0.1:')[1].split('"')[0])
-            log = tmp / f"{name}.log"
-            with log.open("wb") as out:
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "sourceauth.adapters.cli",
-                        "serve",
-                        "--config",
-                        str(path),
-                    ],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # its own process group: kill -9 takes the workers too
-                )
-            nodes.append(ServeNode(name, path, port, proc, log))
-        for node in nodes:
-            wait_until(
-                lambda node=node: node.proc.poll() is not None or _listening(node.port),
-                timeout=60,
-                message=f"node {node.name} listening",
-            )
-            assert node.proc.poll() is None, node.log.read_text()
+            nodes.append(start_node(name, path, tmp / f"{name}.log"))
         yield nodes[0], nodes[1]
     finally:
         for node in nodes:
@@ -311,3 +313,44 @@ def test_kill_9_of_one_node_under_load_the_other_serves_takes_its_leases_loses_n
     assert recorded >= len(accepted), (recorded, len(accepted))
     verified = sourceauth(b.config, "audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+@pytest.mark.parametrize("outage", ["refused", "hung"])
+def test_stopping_serve_with_the_database_gone_takes_seconds_and_loses_nothing(
+    tmp_path: Path, pg: PgSchema, outage: str
+) -> None:
+    """PostgreSQL gone for good under a running node (a proxy we cut, never the shared
+    server): every connection dropped and refused, or a hung network (nothing answers, even
+    on open connections). Clients get a 4xx within 5 s, SIGTERM ends the node within 10 s,
+    and every message that got a 250 is in the database."""
+    with FreezableProxy((pg.host, pg.port)) as proxy, Sink() as relay, Sink() as next_hop:
+        path = write_config(tmp_path, relay=relay.url, next_hop=next_hop.url)
+        url = f"postgresql://{pg.user}@127.0.0.1:{proxy.port}/{pg.dbname}?schema={pg.schema}"
+        path.write_text(path.read_text() + f'\n[storage]\nurl = "{url}"\n', encoding="utf-8")
+        node = start_node("a", path, tmp_path / "a.log")
+        try:
+            accepted = [s for s in ("one", "two") if node.send(FRIEND, s) == 250]
+            assert accepted == ["one", "two"], node.log.read_text()
+            if outage == "refused":
+                proxy.close()  # the database is gone: every connection dropped, none accepted
+            else:
+                proxy.freeze()  # a hung network: connections stay open, nothing arrives
+            started = time.monotonic()
+            code = node.send(FRIEND, "during the outage")
+            assert 400 <= code < 500, code
+            assert time.monotonic() - started < 5.0
+            started = time.monotonic()
+            os.killpg(node.proc.pid, signal.SIGTERM)
+            node.proc.wait(timeout=60)
+            took = time.monotonic() - started
+        finally:
+            node.stop()
+    log = node.log.read_text()
+    assert took <= 10.0, (took, log[-3000:])
+    assert "Traceback" not in log, log[-3000:]
+    if outage == "refused":  # every call fails at once: a clean stop
+        assert node.proc.returncode == 0, log[-3000:]
+    else:  # a commit stuck on a hung connection: abandoned after the deadline, exit 1
+        assert node.proc.returncode == 1 and "stop_abandoned" in log, log[-3000:]
+    held = {r[0] for r in pg.query("SELECT count(*) FROM sa_blob_data")}
+    assert held == {len(accepted)}, held  # the two 250s, and not the 4xx
