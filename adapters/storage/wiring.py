@@ -17,6 +17,7 @@ from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
 from sourceauth.adapters.storage.encryption import (
     NOT_ENCRYPTED,
     EncryptedBlobStore,
+    Key,
     KeySet,
     cipher_env,
 )
@@ -237,6 +238,19 @@ def _marks_in(
     if events in tables and rows(f"SELECT 1 FROM {prefix}{events} LIMIT 1", ()):
         return {ENCRYPTION: NOT_ENCRYPTED}
     return None
+
+
+def first_key(storage: Storage) -> Key | None:
+    """The store's first encryption key (its mark is the ENCRYPTION record; None for a store
+    not encrypted, or new): what keys derived for the views should come from, so that their
+    deterministic lookup values stay the same through every rotation and on every node,
+    whichever key is current there. It is never retired (rotation.retire refuses it)."""
+    keys = storage.encryption_keys
+    if keys is None:
+        return None
+    recorded = recorded_encryption(storage) or {}
+    mark = recorded.get(ENCRYPTION)
+    return keys.current if mark is None else keys.by_mark(mark)
 
 
 def encryption_marks(keys: KeySet | None) -> dict[str, str]:

@@ -29,7 +29,13 @@ from sourceauth.adapters.storage.encryption import (
     blob_key_id,
 )
 from sourceauth.adapters.storage.rotation import KeyInUse, retire, rotate_originals, usage
-from sourceauth.adapters.storage.wiring import EncryptionMismatch, Storage, open_blobs, open_engine
+from sourceauth.adapters.storage.wiring import (
+    EncryptionMismatch,
+    Storage,
+    first_key,
+    open_blobs,
+    open_engine,
+)
 from sourceauth.engine import tokens
 from sourceauth.engine.application import SourceAuth
 from tests.conftest import events_since, incoming, settings_for
@@ -135,6 +141,9 @@ def test_two_engines_rotate_a_live_store_and_read_each_other_under_either_key(
     for app in (a, b):
         assert app.blobs is not None
         assert [app.blobs.get(k) for k in (key1, key2, key3)] == [data1, data2, data3]
+    # The views' derived keys follow the store's first key, whichever key is current.
+    first = first_key(replace(store, encryption_keys=KeySet.of(K2, K1)))
+    assert first is not None and first.id == kid(K1)
     with pytest.raises(KeyInUse, match="first key"):
         retire(store, KeySet.of(K2, K1), kid(K1))
     with pytest.raises(KeyInUse, match="current key"):
