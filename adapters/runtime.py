@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -378,6 +378,18 @@ def within_deadline(app: SourceAuth, stop: Callable[[], object], deadline: float
         if database_gone(app):
             abandon("worker process", deadline)
         thread.join(deadline)
+
+
+async def stop_within_deadline(app: SourceAuth, stopping: Awaitable[None], what: str) -> None:
+    """Await `stopping`; past STOP_DEADLINE with the database gone, abandon it (see
+    `abandon`). With the database answering (or on SQLite) it is waited for, however long."""
+    task = asyncio.ensure_future(stopping)
+    loop = asyncio.get_running_loop()
+    while not task.done():
+        await asyncio.wait([task], timeout=STOP_DEADLINE)
+        if not task.done() and await loop.run_in_executor(None, database_gone, app):
+            abandon(what, STOP_DEADLINE)
+    task.result()
 
 
 def run_worker_process(cfg: Config, doorbell: Any, counts: OutboundCounts | None = None) -> None:
@@ -868,7 +880,7 @@ def run_acceptor_process(cfg: Config, doorbell: Any, wake: Any) -> None:
 
         while not await loop.run_in_executor(None, stopped):
             pass
-        await flt.stop()
+        await stop_within_deadline(flt.app, flt.stop(), "acceptor")
 
     asyncio.run(main())
 
@@ -947,14 +959,7 @@ def serve(cfg: Config) -> int:
             else:
                 await flt.stop()
 
-        stopping_all = asyncio.ensure_future(stop_all())
-        while not stopping_all.done():
-            await asyncio.wait([stopping_all], timeout=STOP_DEADLINE)
-            if not stopping_all.done() and await loop.run_in_executor(
-                None, database_gone, flt.app
-            ):
-                abandon("serve", STOP_DEADLINE)
-        stopping_all.result()
+        await stop_within_deadline(flt.app, stop_all(), "serve")
 
     asyncio.run(main())
     return 0
