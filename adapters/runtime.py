@@ -415,9 +415,14 @@ class ParentWatch:
         lapses (`[server] work_lease`); a send made but not recorded is made again, with the
         same token or id, as after a kill -9 of the process itself."""
 
+        def tell() -> None:
+            log.warning("orphan_stop_cut_short", process=process, pid=os.getpid(), after=seconds)
+
         def cut() -> None:
             time.sleep(seconds)
-            log.warning("orphan_stop_cut_short", process=process, pid=os.getpid(), after=seconds)
+            telling = threading.Thread(target=tell, daemon=True)  # a stuck log must not hold it
+            telling.start()
+            telling.join(0.5)
             os._exit(0)
 
         threading.Thread(target=cut, name="sourceauth-orphan-exit", daemon=True).start()
