@@ -37,14 +37,27 @@ UNREADABLE = len(CHALLENGE_OUTCOMES) + len(DELIVERY_OUTCOMES)  # the last slot o
 class OutboundCounts:
     """Challenges and deliveries by outcome, and delivery attempts that found their original
     unreadable, shared with the worker process (one shared array: the workers add, the
-    scrape reads)."""
+    scrape reads).
+
+    No lock is shared between the processes: a process killed with SIGKILL while holding a
+    multiprocessing lock leaves it held for ever (the worker would then block in `add` and
+    never stop). Only the worker process writes, its threads under a lock of its own; the
+    scrape reads each aligned 64-bit counter without one (each counter only grows)."""
 
     def __init__(self, context: Any = None) -> None:
         ctx = context or multiprocessing.get_context("spawn")
-        self.values = ctx.Array("q", UNREADABLE + 1)
+        self.values = ctx.Array("q", UNREADABLE + 1, lock=False)
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"values": self.values}  # a lock is per process
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.values = state["values"]
+        self._lock = threading.Lock()
 
     def add(self, offset: int, counts: Sequence[int]) -> None:
-        with self.values.get_lock():
+        with self._lock:
             for i, n in enumerate(counts):
                 self.values[offset + i] += int(n)
 
@@ -60,12 +73,10 @@ class OutboundCounts:
         self.add(UNREADABLE, (1,))
 
     def unreadable(self) -> int:
-        with self.values.get_lock():
-            return int(self.values[UNREADABLE])
+        return int(self.values[UNREADABLE])
 
     def snapshot(self) -> tuple[dict[str, int], dict[str, int]]:
-        with self.values.get_lock():
-            values = [int(v) for v in self.values]  # type: ignore[union-attr]
+        values = [int(v) for v in self.values]
         n = len(CHALLENGE_OUTCOMES)
         return dict(zip(CHALLENGE_OUTCOMES, values[:n], strict=True)), dict(
             zip(DELIVERY_OUTCOMES, values[n:UNREADABLE], strict=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import functools
 import logging
 import multiprocessing
@@ -254,7 +255,11 @@ class Workers:
     around one engine. `serve` runs them in their own process (see Filter)."""
 
     def __init__(self, app: SourceAuth, cfg: Config, counts: OutboundCounts | None = None) -> None:
-        send, deliver = app.dispatch_challenges, app.dispatch_deliveries
+        # Set on stop: a dispatcher sends nothing more of the batch it holds (its leases are
+        # released for the next taker), so stopping waits for one send at most, not a batch.
+        self.halted = threading.Event()
+        send = functools.partial(app.dispatch_challenges, stop=self.halted.is_set)
+        deliver = functools.partial(app.dispatch_deliveries, stop=self.halted.is_set)
         self.transport = app.delivery_transport
         if counts is not None:  # [metrics]: count each step's outcomes
             send, deliver = counts.challenges(send), counts.deliveries(deliver)  # type: ignore[assignment]
@@ -289,11 +294,23 @@ class Workers:
         self.challenges.wake.set()
         self.deliveries.wake.set()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60.0) -> bool:
+        """Let each thread finish the send in progress (no more of its batch) and end, all
+        within `timeout` seconds; False when one is still running then."""
+        self.halted.set()
+        if isinstance(self.transport, NextHopDelivery):
+            self.transport.halt()
         for worker in self.all:
-            worker.stop()
+            worker.stopping.set()
+            worker.wake.set()
+        deadline = time.monotonic() + timeout
+        for worker in self.all:
+            worker.thread.join(max(0.0, deadline - time.monotonic()))
+        if any(worker.thread.is_alive() for worker in self.all):
+            return False
         if isinstance(self.transport, NextHopDelivery):
             self.transport.close()  # QUIT the kept-open next-hop sessions
+        return True
 
 
 class Doorbell:
@@ -337,15 +354,79 @@ def await_doorbell(reader: Any, timeout: float) -> str:
     return "wake"
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this process when the process that started it dies (even by kill -9)."""
-    try:
-        import ctypes
+class SignalFlag:
+    """Raised by a signal, read by a loop: the handler only assigns an attribute.
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        log.debug("pdeathsig_unavailable")
+    It takes no lock, because a Python signal handler runs in the main thread between two
+    bytecodes, and that may be in the middle of the same handler run for the signal before.
+    The children's SIGTERM handler was `threading.Event.set`, whose lock is not re-entrant;
+    the kernel sends PR_SET_PDEATHSIG's SIGTERM again each time the child is handed on to
+    another thread of its dying parent and finally to init, so a second SIGTERM arriving
+    inside the first `set()` left the worker waiting for its own lock for ever (the second
+    cause of issue 7's hung workers; tests/integration/test_child_signals.py)."""
+
+    def __init__(self, signum: int) -> None:
+        self.raised = False
+        signal.signal(signum, self._raise)
+
+    def _raise(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def is_set(self) -> bool:
+        return self.raised
+
+    def clear(self) -> None:
+        self.raised = False
+
+
+ORPHAN_GRACE = 5.0  # seconds a child whose parent died may take to stop before it exits anyway
+
+
+class ParentWatch:
+    """A child process of `serve` (worker, web, acceptor) watching the SMTP process that
+    started it, so that it stops within seconds of that process's death, even by kill -9.
+
+    Three signs, because each alone was seen to miss: PR_SET_PDEATHSIG (Linux) sends SIGTERM,
+    but not when the parent died before the child ran prctl (a spawned child spends seconds
+    importing first under load); the end of the parent's Doorbell pipe, but an acceptor
+    process holds a copy of the worker's (to ring it), so that end closed only when the
+    acceptor had stopped too; and `gone()`, the parent pid no longer being this process's
+    parent, which the child loops check on every turn. SIGUSR1 writes every thread's Python
+    stack to stderr (the log): what a stuck child is doing."""
+
+    def __init__(self) -> None:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        parent = multiprocessing.parent_process()
+        self.pid = parent.pid if parent is not None and parent.pid else os.getppid()
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            log.debug("pdeathsig_unavailable")
+
+    def gone(self) -> bool:
+        """True once the parent died (this process was handed to init or a subreaper)."""
+        return os.getppid() != self.pid
+
+    def exit_after(self, seconds: float, process: str) -> None:
+        """Orphaned: end this process in `seconds` whatever it is waiting for (an SMTP reply,
+        a lock, a thread). Nothing is lost: work it had claimed is taken over once its lease
+        lapses (`[server] work_lease`); a send made but not recorded is made again, with the
+        same token or id, as after a kill -9 of the process itself."""
+
+        def tell() -> None:
+            log.warning("orphan_stop_cut_short", process=process, pid=os.getpid(), after=seconds)
+
+        def cut() -> None:
+            time.sleep(seconds)
+            telling = threading.Thread(target=tell, daemon=True)  # a stuck log must not hold it
+            telling.start()
+            telling.join(0.5)
+            os._exit(0)
+
+        threading.Thread(target=cut, name="sourceauth-orphan-exit", daemon=True).start()
 
 
 STOP_DEADLINE = 5.0  # seconds: then a stop stuck on a database that does not answer gives up
@@ -396,19 +477,20 @@ def run_worker_process(cfg: Config, doorbell: Any, counts: OutboundCounts | None
     """Entry point of the worker process: its own engine on the same storage; the event log
     (and, with [metrics], the outbound counts) is all it shares with the SMTP process, which
     rings `doorbell` (the read end of a `Doorbell`) when work is due and closes it to stop."""
-    _die_with_parent()
-    stop = threading.Event()  # this process's own: nothing another process could hold
+    parent = ParentWatch()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the SMTP process decides when to stop
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    hangup = threading.Event()  # SIGHUP, forwarded by the SMTP process: reopen the log file
-    signal.signal(signal.SIGHUP, lambda *_: hangup.set())
+    stop = SignalFlag(signal.SIGTERM)
+    hangup = SignalFlag(signal.SIGHUP)  # forwarded by the SMTP process: reopen the log file
     configure_logging(cfg.logging.format, cfg.logging.level, file=cfg.logging.file)
+    if parent.gone():  # died while this process started: no SIGTERM will ever come
+        log.warning("parent_gone", process="workers", pid=os.getpid(), parent=parent.pid)
+        return
     app = build_engine(cfg)
     workers = Workers(app, cfg, counts)
     workers.start()
     log.info("workers_started", pid=os.getpid())
     try:
-        while not stop.is_set():
+        while not stop.is_set() and not parent.gone():
             rung = await_doorbell(doorbell, 0.2)
             if rung == "stop":  # stopped, or the SMTP process died: finish and end
                 break
@@ -418,6 +500,9 @@ def run_worker_process(cfg: Config, doorbell: Any, counts: OutboundCounts | None
                 hangup.clear()
                 reopen_log()
     finally:
+        if parent.gone():
+            log.warning("parent_gone", process="workers", pid=os.getpid(), parent=parent.pid)
+            parent.exit_after(ORPHAN_GRACE, "workers")
         begin_stop(app)
 
         def stop_all() -> None:
@@ -485,18 +570,24 @@ def run_web_process(cfg: Config, doorbell: Any) -> None:
     """Entry point of the web process: its own engine on the same storage, so a page never
     holds the SMTP process's interpreter lock; confirmations and releases reach the workers
     through the event log."""
-    _die_with_parent()
-    stop = threading.Event()
+    parent = ParentWatch()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = SignalFlag(signal.SIGTERM)
     configure_logging(cfg.logging.format, cfg.logging.level)
+    if parent.gone():
+        log.warning("parent_gone", process="web", pid=os.getpid(), parent=parent.pid)
+        return
     app = build_engine(cfg, transports=False)
     web = web_server(cfg, app)
     try:
         web.start()
-        while not stop.is_set() and await_doorbell(doorbell, 0.2) != "stop":
+        while (
+            not stop.is_set() and not parent.gone() and await_doorbell(doorbell, 0.2) != "stop"
+        ):
             pass
     finally:
+        if parent.gone():
+            parent.exit_after(ORPHAN_GRACE, "web")
         begin_stop(app)
         web.stop()
         app.close()
@@ -863,23 +954,29 @@ def run_acceptor_process(cfg: Config, doorbell: Any, wake: Any) -> None:
     committer and quarantine-limit refresh on the same storage and the same port
     (SO_REUSEPORT); what it commits wakes the one worker process through `wake` (the write
     end of its Doorbell); it stops when `doorbell` (its own) closes or the first process dies."""
-    _die_with_parent()
-    stop = threading.Event()
+    parent = ParentWatch()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the first process decides when to stop
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = SignalFlag(signal.SIGTERM)
     configure_logging(cfg.logging.format, cfg.logging.level, file=cfg.logging.file)
     fit_descriptor_limit(cfg.server.max_sessions)
+    if parent.gone():
+        log.warning("parent_gone", process="acceptor", pid=os.getpid(), parent=parent.pid)
+        return
 
     async def main() -> None:
         flt = Filter(cfg, workers="none", wake=wake, reuse_port=True)
         await flt.start()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, reopen_log)
+
         def stopped() -> bool:
-            return stop.is_set() or await_doorbell(doorbell, 0.5) == "stop"
+            return stop.is_set() or parent.gone() or await_doorbell(doorbell, 0.5) == "stop"
 
         while not await loop.run_in_executor(None, stopped):
             pass
+        if parent.gone():  # it stops taking mail at once; what it took is committed first
+            log.warning("parent_gone", process="acceptor", pid=os.getpid(), parent=parent.pid)
+            parent.exit_after(ORPHAN_GRACE, "acceptor")
         await stop_within_deadline(flt.app, flt.stop(), "acceptor")
 
     asyncio.run(main())

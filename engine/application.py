@@ -329,15 +329,20 @@ class SourceAuth(Application[UUID]):
 
     # ----------------------------------------------------------------- outbound and maintenance
 
-    def dispatch_challenges(self, limit: int = BATCH_LIMIT) -> tuple[int, int, int]:
+    def dispatch_challenges(
+        self, limit: int = BATCH_LIMIT, stop: Callable[[], bool] | None = None
+    ) -> tuple[int, int, int]:
         """Send due challenges through the transport, then record every outcome in one
-        transaction; returns (sent, deferred, failed)."""
-        return dispatch.dispatch_challenges(self._ctx, limit)
+        transaction; returns (sent, deferred, failed). Once `stop()` is true (the process
+        stops) the rest of the batch is left due, its leases released, for the next taker."""
+        return dispatch.dispatch_challenges(self._ctx, limit, stop or dispatch.never)
 
-    def dispatch_deliveries(self, limit: int = BATCH_LIMIT) -> tuple[int, int, int]:
+    def dispatch_deliveries(
+        self, limit: int = BATCH_LIMIT, stop: Callable[[], bool] | None = None
+    ) -> tuple[int, int, int]:
         """Hand due message copies to the next hop, then record every outcome in one
-        transaction; returns (delivered, deferred, failed)."""
-        return dispatch.dispatch_deliveries(self._ctx, limit)
+        transaction; returns (delivered, deferred, failed). `stop` as for challenges."""
+        return dispatch.dispatch_deliveries(self._ctx, limit, stop or dispatch.never)
 
     def token_for(self, challenge_id: str) -> str:
         """The token of a pending challenge (for tests and operators; the same on every resend)."""

@@ -117,6 +117,8 @@ class NextHopDelivery:
     _idle: list[Connection] = field(default_factory=list, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+    # Set by `halt`: a batch in progress tries no more copies (they stay queued, untouched).
+    _halted: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     def _original(self, job: DeliveryJob) -> bytes | DeliveryResult:
         try:
@@ -154,10 +156,11 @@ class NextHopDelivery:
 
     def deliver_batch(self, jobs: Sequence[DeliveryJob]) -> list[DeliveryResult | None]:
         """One result per job, in order; None for a copy not tried (a session broke mid-way
-        and no other was left to take it): it stays queued, untouched, for the next round.
+        and no other was left to take it, or `halt` came first): it stays queued, untouched,
+        for the next round.
         A next hop that cannot be reached at all makes every copy not yet tried temporary."""
         if self.next_hop.scheme == "maildir" or (self.connections == 1 and self.batch == 1):
-            return [self.deliver(job) for job in jobs]
+            return [None if self._halted.is_set() else self.deliver(job) for job in jobs]
         results: list[DeliveryResult | None] = [None] * len(jobs)
         todo = deque(range(len(jobs)))
         down: list[str] = []  # the reason the hop could not be reached, once it could not
@@ -168,7 +171,7 @@ class NextHopDelivery:
             try:
                 while True:
                     with self._lock:
-                        if not todo:
+                        if not todo or self._halted.is_set():
                             return
                         i = todo.popleft()
                         reason = down[0] if down and not sent else None
@@ -240,6 +243,11 @@ class NextHopDelivery:
             return
         with self._lock:
             self._idle.append(conn)
+
+    def halt(self) -> None:
+        """The process stops: each session of a batch in progress ends after its current
+        transaction; the copies not tried yet come back as None (queued for the next round)."""
+        self._halted.set()
 
     def close(self) -> None:
         """QUIT every kept-open connection (the delivery worker stops)."""

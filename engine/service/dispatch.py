@@ -98,8 +98,16 @@ def _copy_key(row: DeliveryRow) -> str:
 # ----------------------------------------------------------------- challenges
 
 
-def dispatch_challenges(ctx: Context, limit: int = BATCH_LIMIT) -> tuple[int, int, int]:
-    """Send due challenges, then record every outcome; returns (sent, deferred, failed)."""
+def never() -> bool:
+    """The default `stop` of a dispatcher: it sends its whole batch."""
+    return False
+
+
+def dispatch_challenges(
+    ctx: Context, limit: int = BATCH_LIMIT, stop: Callable[[], bool] = never
+) -> tuple[int, int, int]:
+    """Send due challenges, then record every outcome; returns (sent, deferred, failed).
+    Once `stop()` is true no further challenge of the batch is sent (the process stops)."""
     transport = ctx.challenge_transport
     if transport is None:
         return (0, 0, 0)
@@ -110,6 +118,8 @@ def dispatch_challenges(ctx: Context, limit: int = BATCH_LIMIT) -> tuple[int, in
     with _claimed(ctx, "challenge", due_now, _challenge_key) as due:
         results: list[tuple[ChallengeRow, SendResult]] = []
         for row in due:  # network I/O, outside the lock
+            if stop():
+                break  # the rest stay due: their leases are released below, for the next taker
             challenge = OutgoingChallenge(
                 challenge_id=row.challenge_id,
                 token=mint_with(ctx, row),
@@ -198,9 +208,12 @@ def token_for(ctx: Context, challenge_id: str) -> str | None:
 # ----------------------------------------------------------------- deliveries
 
 
-def dispatch_deliveries(ctx: Context, limit: int = BATCH_LIMIT) -> tuple[int, int, int]:
+def dispatch_deliveries(
+    ctx: Context, limit: int = BATCH_LIMIT, stop: Callable[[], bool] = never
+) -> tuple[int, int, int]:
     """Hand due copies to the next hop, then record every outcome; returns (delivered,
-    deferred, failed)."""
+    deferred, failed). Once `stop()` is true no further copy is tried (a batch transport is
+    told to halt by its owner)."""
     transport = ctx.delivery_transport
     if transport is None:
         return (0, 0, 0)
@@ -228,7 +241,9 @@ def dispatch_deliveries(ctx: Context, limit: int = BATCH_LIMIT) -> tuple[int, in
         elif isinstance(transport, BatchDeliveryTransport):
             done = transport.deliver_batch(jobs)
         else:
-            done = [transport.deliver(job) for job in jobs]
+            done = []
+            for job in jobs:
+                done.append(None if stop() else transport.deliver(job))
         # A copy the transport did not try records nothing: it stays queued for the next round.
         results = [
             (UUID(job.message_id), result)

@@ -12,11 +12,17 @@ from sourceauth.engine import audit
 from sourceauth.engine.addresses import AddressError, is_null_sender, normalize_address
 from sourceauth.engine.api import HeldMessage, HistoryEntry, SenderView, StateAt
 from sourceauth.engine.errors import InvalidInput, NotFound
-from sourceauth.engine.policy import is_protected
 from sourceauth.engine.ports import BlobNotFound
 from sourceauth.engine.sender import Sender
 from sourceauth.engine.service.context import Context, Unit
-from sourceauth.engine.service.routing import AUTHORIZED, BLOCKED, plan_envelope, scope_for
+from sourceauth.engine.service.routing import (
+    AUTHORIZED,
+    BLOCKED,
+    plan_envelope,
+    protected_by,
+    scope_for,
+)
+from sourceauth.engine.service.rules import book
 from sourceauth.engine.statemachine import SENDER
 
 PAGE = 5000  # events read per query while replaying the whole log
@@ -134,7 +140,8 @@ def quarantine_full(ctx: Context, mail_from: str, recipient: str) -> bool:
         rcpt = normalize_address(recipient)
     except AddressError:
         return False
-    if not is_protected(rcpt, s.protected, s.recipient_delimiter):
+    # protected as routing sees it: a protect or exempt rule first, else [policy] protected
+    if not protected_by(book(ctx).recipient_rule(rcpt, s.recipient_delimiter), rcpt, s):
         return False
     if ctx.views.held_count(rcpt) < s.held_per_recipient:
         return False

@@ -127,6 +127,14 @@ def plan(incoming: Incoming, settings: EngineSettings, rules: RuleBook = EMPTY_B
     return plan_envelope(incoming.mail_from, incoming.recipients, settings, rules)
 
 
+def protected_by(rule: RuleView | None, rcpt: str, settings: EngineSettings) -> bool:
+    """Whether mail to `rcpt` (normalized) is held for unknown senders: its protect or exempt
+    rule decides (`rule`, what the RuleBook has for it), else `[policy] protected`."""
+    if rule is not None:
+        return rule.action == "protect"
+    return is_protected(rcpt, settings.protected, settings.recipient_delimiter)
+
+
 def plan_envelope(
     mail_from: str,
     envelope_recipients: Sequence[str],
@@ -153,10 +161,7 @@ def plan_envelope(
             answer = ChallengeReport(token)
             answers.append((rcpt, answer))
         rule = rules.recipient_rule(rcpt, s.recipient_delimiter) if answer is None else None
-        if rule is not None:
-            protected = rule.action == "protect"
-        else:
-            protected = answer is None and is_protected(rcpt, s.protected, s.recipient_delimiter)
+        protected = answer is None and protected_by(rule, rcpt, s)
         scope = None
         policy = policies.default
         if protected:

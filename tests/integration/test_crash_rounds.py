@@ -11,8 +11,10 @@ with SIGKILL at a point drawn from `random.Random(round_seed)`:
 
 and kills either every process of the server at once (a machine crash) or the SMTP process
 alone (the kernel then sends its worker process SIGTERM: it finishes its sends and stops);
-either way the round waits until no process of the server is left. A worker that hangs
-instead (a known fault, docs/security.md) is counted, printed and killed.
+either way the round waits until no process of the server is left. A process of the server
+still there 30 s after the kill fails the test, with a stack dump of it (py-spy when
+installed, and faulthandler's, which the server's child processes write to its log on
+SIGUSR1).
 
 With the server gone, each round ends with its checks: every receipt id a client was told 250
 is in the log, its copies cover exactly the recipients it was sent to and each is delivered,
@@ -170,9 +172,11 @@ def test_twenty_seeded_kill_9_rounds_under_load_lose_nothing_and_keep_the_log_so
     redelivered = assert_delivered_copies_arrived(copies, hop_messages)
     tokens = assert_one_challenge_per_sender(events, relay_messages)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert server.hung_workers == 0, "\n".join(server.hang_dumps)
     print(
         f"{len(SEEDS)} rounds, {server.starts} server starts, {server.hung_workers} worker "
-        f"processes hung after their parent's kill -9, {leased} copies held back by a killed "
+        f"processes hung after their parent's kill -9 (longest life after it "
+        f"{max(server.orphan_lifetimes, default=0):.1f}s), {leased} copies held back by a killed "
         f"worker's lease; accepted {len(load.accepted)} "
         f"in {load.attempts} attempts; copies "
         f"{dict(Counter(c['state'] for c in copies.values()))}; challenges: {len(tokens)} "

@@ -24,6 +24,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import smtplib
 import socket
@@ -56,7 +57,10 @@ CLIENTS = 4
 MAX_MESSAGES = 360  # accepted client messages (confirm replies come on top)
 KILLS = 3
 LOAD_DEADLINE = 45.0  # seconds of load at most
-WORKER_GRACE = 30.0  # seconds a worker may take to stop after its parent's kill -9
+# Seconds a child process may take to stop after its parent's kill -9: it stops within
+# runtime.ORPHAN_GRACE of noticing; one still starting (importing, seconds under load) first
+# has to finish starting.
+WORKER_GRACE = 60.0
 
 PROTECTED = ("bob@example.test", "carol@example.test")
 UNPROTECTED = "dave@other.test"
@@ -105,6 +109,8 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.hung_workers = 0
+        self.hang_dumps: list[str] = []
+        self.orphan_lifetimes: list[float] = []  # seconds from the kill to no process left
 
     def start(self) -> None:
         self.spawn()
@@ -150,8 +156,9 @@ class Server:
         finishes its sends and stops), or with `group` every process of the server at once (a
         machine crash). Returns when none is left, so nothing writes the store afterwards.
 
-        A worker still there WORKER_GRACE seconds after its parent's kill is counted in
-        `hung_workers` and killed: a known fault (docs/security.md, "Crash safety"), not a loss."""
+        A process of the server still there WORKER_GRACE seconds after its parent's kill is
+        counted in `hung_workers`, its stacks are dumped (`hang_dumps`, printed at once; the
+        tests fail on any), and it is killed."""
         assert self.proc is not None
         pgid = self.proc.pid
         if group:
@@ -159,10 +166,15 @@ class Server:
         else:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
+        died = time.monotonic()
         try:
             wait_until(lambda: not _group_alive(pgid), timeout=WORKER_GRACE, message="workers")
+            self.orphan_lifetimes.append(time.monotonic() - died)
         except AssertionError:
             self.hung_workers += 1
+            dump = dump_group(pgid, self.log)
+            self.hang_dumps.append(dump)
+            print(dump, flush=True)
             os.killpg(pgid, signal.SIGKILL)
             wait_until(lambda: not _group_alive(pgid), timeout=30, message="the hung worker")
 
@@ -175,16 +187,80 @@ class Server:
         return self.log.read_text(errors="replace")[-3000:]
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether a live (not zombie) process is left in process group `pgid` (Linux /proc)."""
+def _group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group `pgid` (Linux /proc)."""
+    members = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
         if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _group_alive(pgid: int) -> bool:
+    return bool(_group_members(pgid))
+
+
+def _proc_text(pid: int, name: str) -> str:
+    try:
+        return (Path("/proc") / str(pid) / name).read_bytes().replace(b"\0", b" ").decode(
+            errors="replace"
+        ).strip()
+    except OSError as exc:
+        return f"({exc})"
+
+
+def dump_group(pgid: int, log: Path) -> str:
+    """What each live process of group `pgid` is doing: its command line, state, parent and
+    kernel wait channel, py-spy's dump of its threads (Python and native frames) when py-spy
+    is installed, and the Python stacks faulthandler writes to the server's log on SIGUSR1
+    (registered by the worker, web and acceptor processes)."""
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    parts = [f"=== hung after kill -9 of its parent: process group {pgid}"]
+    members = _group_members(pgid)
+    for pid in members:
+        status = dict(
+            line.split(":", 1) for line in _proc_text(pid, "status").splitlines() if ":" in line
+        )
+        parts.append(
+            f"--- pid {pid} ppid {status.get('PPid', '?').strip()} "
+            f"state {status.get('State', '?').strip()} wchan {_proc_text(pid, 'wchan')}\n"
+            f"cmdline: {_proc_text(pid, 'cmdline')}\n"
+            f"signals pending {status.get('ShdPnd', '?').strip()} "
+            f"blocked {status.get('SigBlk', '?').strip()} "
+            f"ignored {status.get('SigIgn', '?').strip()} caught {status.get('SigCgt', '?').strip()}"
+        )
+        if spy is None:
+            parts.append("(py-spy not installed)")
+            continue
+        try:
+            out = subprocess.run(
+                [spy, "dump", "--native", "--pid", str(pid)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            parts.append(out.stdout + out.stderr)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            parts.append(f"(py-spy failed: {exc})")
+    size = log.stat().st_size if log.exists() else 0
+    for pid in members:
+        if "sourceauth" in _proc_text(pid, "cmdline") or "multiprocessing" in _proc_text(
+            pid, "cmdline"
+        ):
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except OSError:
+                pass
+    time.sleep(1)
+    if log.exists():
+        with log.open("rb") as f:
+            f.seek(size)
+            parts.append("--- faulthandler (SIGUSR1):\n" + f.read().decode(errors="replace"))
+    return "\n".join(parts)
 
 
 def cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -628,6 +704,7 @@ def test_kill_9_under_load_loses_no_accepted_mail_and_never_duplicates_a_challen
     accepted = load.accepted
 
     assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert server.hung_workers == 0, "\n".join(server.hang_dumps)
 
     states = Counter(c["state"] for c in copies.values())
     kinds = Counter(a.kind for a in accepted)
@@ -635,6 +712,7 @@ def test_kill_9_under_load_loses_no_accepted_mail_and_never_duplicates_a_challen
         f"accepted {len(accepted)} messages ({dict(kinds)}) in {load.attempts} attempts; "
         f"kills at (s, accepted so far) {kills}; server starts {server.starts}; "
         f"worker processes hung after their parent's kill -9: {server.hung_workers}; "
+        f"their longest life after it: {max(server.orphan_lifetimes, default=0):.1f}s; "
         f"copies held back by a killed worker's lease: {leased}\n"
         f"copies {dict(states)}; challenges: {len(tokens)} senders, {len(relay_messages)} sent, "
         f"{resent} resent with the same token; next hop: {len(hop_messages)} arrivals, "

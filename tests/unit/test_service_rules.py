@@ -23,6 +23,7 @@ from sourceauth.engine.rules import (
     parse_pattern,
 )
 from tests.support.service import Service
+from tests.unit.conftest import ServiceFactory
 
 BOB = "bob@example.test"
 ALICE = "alice@example.test"
@@ -289,3 +290,22 @@ def test_every_accepted_regex_rejects_a_hostile_address_quickly(regex: str) -> N
     started = time.perf_counter()
     book.sender_rule(hostile, BOB)
     assert time.perf_counter() - started < 0.5, regex
+
+
+def test_the_quarantine_limit_follows_protect_and_exempt_rules(
+    make_service: ServiceFactory,
+) -> None:
+    """The 452 pre-check at RCPT (`quarantine_full`) asks what routing asks: a mailbox a
+    protect rule adds is capped like any protected one (before, it was never capped: a flood
+    could fill it without end), and a mailbox an exempt rule takes out is never refused (before,
+    copies held before the rule made its mail wait for ever behind 452s)."""
+    service = make_service(held_per_recipient=2)
+    service.app.add_rule("protect", "ann@other.test")
+    for i in range(2):
+        service.receive(f"s{i}@remote.test", ["ann@other.test", BOB])
+    service.dispatch()  # the workers keep the views current; the check reads them
+    assert service.app.quarantine_full("s9@remote.test", "ann@other.test")
+    assert service.app.quarantine_full("s9@remote.test", BOB)
+    service.app.add_rule("exempt", BOB)
+    assert not service.app.quarantine_full("s9@remote.test", BOB)
+    assert decision(service, "s9@remote.test", BOB)[0] is Decision.DELIVER
