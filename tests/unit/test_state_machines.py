@@ -440,11 +440,8 @@ def test_the_audit_refuses_a_challenge_transition_its_spec_does_not_declare() ->
     assert "'sent' is not allowed from challenge state 'sent'" in fault.problem
 
 
-def test_the_audit_refuses_an_event_after_a_final_state() -> None:
-    from sourceauth.engine.audit import check_events
-
-    now = datetime.now(UTC)
-    msg = Message._create(
+def _accepted_message(now: datetime) -> Message:
+    return Message._create(
         Message.Accepted,
         id=uuid.uuid4(),
         timestamp=now,
@@ -460,6 +457,13 @@ def test_the_audit_refuses_an_event_after_a_final_state() -> None:
         reason="sender_authorized",
         expires_at=0.0,
     )
+
+
+def test_the_audit_refuses_an_event_after_a_final_state() -> None:
+    from sourceauth.engine.audit import check_events
+
+    now = datetime.now(UTC)
+    msg = _accepted_message(now)
     delivered: dict[str, Any] = {
         "delivered": ["bob@example.test"],
         "rejected": [],
@@ -494,22 +498,7 @@ def test_the_audit_names_a_version_gap_a_wrong_machine_and_a_second_creation() -
     fault = check_events(enumerate([*events[:-1], skipped], start=1))
     assert fault is not None and "version 3 does not follow 1" in fault.problem
 
-    msg = Message._create(
-        Message.Accepted,
-        id=uuid.uuid4(),
-        timestamp=sender.since,
-        receipt_id="r1",
-        size=10,
-        sha256="0" * 64,
-        sender="a@x.test",
-        sender_id="",
-        recipients=["bob@example.test"],
-        subject="hello",
-        message_id_header="<1@x.test>",
-        actor="engine",
-        reason="sender_authorized",
-        expires_at=0.0,
-    )
+    msg = _accepted_message(sender.since)
     created = msg.collect_events()[0]
     on_sender = copy.copy(events[-1])
     object.__setattr__(on_sender, "originator_id", created.originator_id)
