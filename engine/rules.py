@@ -334,22 +334,38 @@ class _Table:
 
 
 class _Alternation:
+    """One level's patterns as one alternation. Most mail matches none, so a match is first
+    tried without capture groups (~0.3 instead of ~4 us for 60 wildcards; ~2.8 instead of
+    ~6.7 us for 40 regexes under RE2, measured under load); only a match pays for the named
+    groups that say which rule it was."""
+
     def __init__(self, items: list[tuple[str, RuleView]], *, linear: bool) -> None:
         self.rules = [rule for _, rule in items]
         self.regex: Any = None  # a compiled re or re2 pattern: fullmatch, lastgroup
+        self.any: Any = None  # the same alternation without groups: fullmatch only
+        self.encode = False  # `any` takes UTF-8 bytes
         if items:
             body = "|".join(f"(?P<r{i}>(?:{source}))" for i, (source, _) in enumerate(items))
+            plain = "|".join(f"(?:{source})" for source, _ in items)
             if linear:
                 self.regex = re2.compile("(?is)" + body)
+                # bytes in, bytes out: the wrapper then maps no offsets back to characters
+                # (~2.8 instead of ~4.2 us); RE2 reads both as UTF-8, so they match alike
+                self.any = re2.compile(f"(?is)(?:{plain})".encode())
+                self.encode = True
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", FutureWarning)
                     self.regex = re.compile(body, re.IGNORECASE | re.DOTALL)
+                    self.any = re.compile(f"(?:{plain})", re.IGNORECASE | re.DOTALL)
 
     def first(self, address: str) -> RuleView | None:
         if self.regex is None:
             return None
-        found = self.regex.fullmatch(address[:MAX_MATCHED_CHARS])
+        text = address[:MAX_MATCHED_CHARS]
+        if self.any.fullmatch(text.encode() if self.encode else text) is None:
+            return None
+        found = self.regex.fullmatch(text)
         if found is None or found.lastgroup is None:
             return None
         return self.rules[int(found.lastgroup[1:])]

@@ -106,6 +106,7 @@ class Plan(NamedTuple):
 UNPROTECTED = DeliverNow("recipient_unprotected")
 SENDER_AUTHORIZED = DeliverNow("sender_authorized")
 SENDER_BLOCKED = Discard("sender_blocked")
+_AUTHORIZED_PREFIX = "sender_authorized; "  # an authorized sender's re-check that delivers
 
 
 @functools.lru_cache(maxsize=8)
@@ -226,7 +227,12 @@ def route(
                 bounce_like=incoming.bounce_like,
             )
             exemption_checked = True
-        exempt = None if exemption is None else _exempt(exemption, t.policy)
+        exempt = None
+        if exemption is not None:
+            exempt = _act(
+                t.policy.exemptions.get(exemption.exemption, ExemptAction.HOLD),
+                f"never_challenge:{exemption.exemption.value}: {exemption.detail}",
+            )
         if isinstance(exempt, HoldSilently) and t.scope is not None:
             routes.append((t.recipient, HoldSilently(exempt.reason, t.scope)))
             continue
@@ -269,27 +275,24 @@ def _authorized(
     if gate.enabled:
         forged = check_authorized_sender(gate, domain_of(sender), headers)
         if forged is not None:
-            return _act(gate.authorized_fail_action, f"authorized_sender_auth_failed: {forged}")
+            return _act(
+                gate.authorized_fail_action,
+                f"authorized_sender_auth_failed: {forged}",
+                _AUTHORIZED_PREFIX,
+            )
     if s.authorized_spam != ExemptAction.DELIVER:
         flagged = spam_flag(headers, s.spam_headers)
         if flagged is not None:
-            return _act(s.authorized_spam, f"authorized_sender_spam: {flagged.detail}")
+            return _act(
+                s.authorized_spam, f"authorized_sender_spam: {flagged.detail}", _AUTHORIZED_PREFIX
+            )
     return allowed
 
 
-def _act(action: ExemptAction, reason: str) -> Route:
+def _act(action: ExemptAction, reason: str, deliver_prefix: str = "") -> Route:
+    """The route an exemption action gives; a delivery's reason gets `deliver_prefix`."""
     if action == ExemptAction.DELIVER:
-        return DeliverNow(f"sender_authorized; {reason}")
-    if action == ExemptAction.DISCARD:
-        return Discard(reason)
-    return HoldSilently(reason)
-
-
-def _exempt(found: Classification, p: RecipientPolicy) -> Route:
-    action = p.exemptions.get(found.exemption, ExemptAction.HOLD)
-    reason = f"never_challenge:{found.exemption.value}: {found.detail}"
-    if action == ExemptAction.DELIVER:
-        return DeliverNow(reason)
+        return DeliverNow(deliver_prefix + reason)
     if action == ExemptAction.DISCARD:
         return Discard(reason)
     return HoldSilently(reason)

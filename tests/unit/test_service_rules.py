@@ -309,3 +309,66 @@ def test_the_quarantine_limit_follows_protect_and_exempt_rules(
     service.app.add_rule("exempt", BOB)
     assert not service.app.quarantine_full("s9@remote.test", BOB)
     assert decision(service, "s9@remote.test", BOB)[0] is Decision.DELIVER
+
+
+_ADDRESS_PART = st.lists(
+    st.sampled_from([*"abn.-+1", "é", "ß", "news", "partner.test", "Ü"]), min_size=1, max_size=6
+).map("".join)
+_PATTERNS = st.sampled_from(
+    [
+        "*@*.partner.test",
+        "news-*@*",
+        "?b*@partner.test",
+        "*é*@*",
+        r"re:[a-z]+\.[a-z]+@partner\.test",
+        "re:.*ß.*",
+        r"re:news\d*@.*",
+        "re:[^@]+@ü.*",
+        "re:a.b@.*",
+    ]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(["allow", "block", "discard"]), _PATTERNS), max_size=6),
+    st.tuples(_ADDRESS_PART, _ADDRESS_PART).map("@".join),
+)
+def test_the_compiled_levels_answer_as_each_rule_tried_alone(
+    rules: list[tuple[str, str]], address: str
+) -> None:
+    """The book tries a level's alternation without groups first (docs/rules.md, "On the hot
+    path"): it must find what trying every rule on its own, most severe first, finds."""
+    import re
+
+    import re2  # type: ignore[import-untyped]
+
+    from sourceauth.engine.rules import SENDER_ACTIONS, compile_pattern
+
+    views = []
+    for n, (action, raw) in enumerate(rules):
+        parsed = parse_pattern(raw)
+        views.append(
+            RuleView(
+                f"{n:032x}", action, parsed.text, "global", parsed.kind, "active", "", "", 0, 0
+            )
+        )
+    address = address.lower()
+    expected = None
+    for kind in ("wildcard", "regex"):
+        level = sorted(
+            (v for v in views if v.kind == kind),
+            key=lambda v: (SENDER_ACTIONS.index(v.action), v.rule_id),
+        )
+        for view in level:
+            source = compile_pattern(parse_pattern(view.pattern))
+            if kind == "regex":
+                hit = re2.compile("(?is)" + source).fullmatch(address)
+            else:
+                hit = re.compile(source, re.IGNORECASE | re.DOTALL).fullmatch(address)
+            if hit is not None:
+                expected = view
+                break
+        if expected is not None:
+            break
+    assert RuleBook(views).sender_rule(address, BOB) == expected

@@ -440,11 +440,8 @@ def test_the_audit_refuses_a_challenge_transition_its_spec_does_not_declare() ->
     assert "'sent' is not allowed from challenge state 'sent'" in fault.problem
 
 
-def test_the_audit_refuses_an_event_after_a_final_state() -> None:
-    from sourceauth.engine.audit import check_events
-
-    now = datetime.now(UTC)
-    msg = Message._create(
+def _accepted_message(now: datetime) -> Message:
+    return Message._create(
         Message.Accepted,
         id=uuid.uuid4(),
         timestamp=now,
@@ -460,6 +457,13 @@ def test_the_audit_refuses_an_event_after_a_final_state() -> None:
         reason="sender_authorized",
         expires_at=0.0,
     )
+
+
+def test_the_audit_refuses_an_event_after_a_final_state() -> None:
+    from sourceauth.engine.audit import check_events
+
+    now = datetime.now(UTC)
+    msg = _accepted_message(now)
     delivered: dict[str, Any] = {
         "delivered": ["bob@example.test"],
         "rejected": [],
@@ -475,3 +479,32 @@ def test_the_audit_refuses_an_event_after_a_final_state() -> None:
     fault = check_events(enumerate([*events, again], start=1))
     assert fault is not None and fault.position == 3
     assert "after its final state" in fault.problem
+
+
+def test_the_audit_names_a_version_gap_a_wrong_machine_and_a_second_creation() -> None:
+    """The walk keeps each live aggregate as one packed int (engine/audit.py): each field of
+    it (version, machine, state, challenge state) is still checked."""
+    import copy
+
+    from sourceauth.engine.audit import check_events
+
+    sender = _challenged_sender()
+    sender.record_sent(sender.challenge_id, timestamp=sender.since, relay="250", attempt=1)
+    events = sender.collect_events()
+    assert check_events(enumerate(events, start=1)) is None
+
+    skipped = copy.copy(events[-1])
+    object.__setattr__(skipped, "originator_version", events[-1].originator_version + 1)
+    fault = check_events(enumerate([*events[:-1], skipped], start=1))
+    assert fault is not None and "version 3 does not follow 1" in fault.problem
+
+    msg = _accepted_message(sender.since)
+    created = msg.collect_events()[0]
+    on_sender = copy.copy(events[-1])
+    object.__setattr__(on_sender, "originator_id", created.originator_id)
+    object.__setattr__(on_sender, "originator_version", 2)
+    fault = check_events(enumerate([created, on_sender], start=1))
+    assert fault is not None and fault.problem == "a sender event on a message"
+
+    fault = check_events(enumerate([created, created], start=1))
+    assert fault is not None and "already exists" in fault.problem
