@@ -17,11 +17,18 @@ from email.utils import getaddresses
 
 from flufl.bounce import all_failures, scan_message
 
+from sourceauth.adapters.smtp.bounce_cues import may_be_bounce
 from sourceauth.engine.logs import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["BounceReport", "extract_original_headers", "parse_bounce", "plain_bounce"]
+__all__ = [
+    "BounceReport",
+    "extract_original_headers",
+    "parse_bounce",
+    "plain_bounce",
+    "prepared_for_detectors",
+]
 
 ACTIONS = frozenset({"failed", "delayed", "delivered", "relayed", "expanded"})
 DIAGNOSTIC_MAX = 500
@@ -113,16 +120,18 @@ def parse_bounce(raw: bytes) -> BounceReport:
     return _NONE
 
 
-def plain_bounce(raw: bytes) -> str:
+def plain_bounce(raw: bytes, *, pre_filter: bool = True) -> str:
     """Why flufl.bounce's detectors read a message as a bounce ("" when they do not): for mail
     that would be challenged, so that a notice in no report format (GroupWise, Exchange,
     "Delivery failure notification", "non remis") from an ordinary sender draws no challenge.
-    Bounded as parse_bounce is (the first _FLUFL_MAX bytes of _bounded's cut); never raises."""
+    Bounded as parse_bounce is (the first _FLUFL_MAX bytes of _bounded's cut); never raises.
+    Mail that shows none of the detectors' cues (bounce_cues.may_be_bounce: ordinary mail,
+    tens of microseconds) is not given to them (milliseconds); pre_filter=False only to
+    measure that (benchmarks/bounce_detection.py)."""
     try:
-        data = _bounded(bytes(raw))[:_FLUFL_MAX]
-        msg = email.message_from_bytes(data, policy=email.policy.compat32)
-        _ensure_parsable_from(msg)
-        _unless_returned(msg)
+        msg = prepared_for_detectors(raw)
+        if pre_filter and not may_be_bounce(msg):  # no detector's cue: none can find one
+            return ""
         temporary, permanent = all_failures(msg)
     except Exception:
         # A detector raising stops flufl.bounce's scan: then the mail is treated as before.
@@ -136,6 +145,15 @@ def plain_bounce(raw: bytes) -> str:
             more = f" and {len(addresses) - 1} more" if len(addresses) > 1 else ""
             return f"flufl.bounce: {kind} failure for {_clean(addresses[0])}{more}"
     return ""
+
+
+def prepared_for_detectors(raw: bytes) -> Message:
+    """The message as plain_bounce gives it to flufl.bounce's detectors (may raise)."""
+    data = _bounded(bytes(raw))[:_FLUFL_MAX]
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    _ensure_parsable_from(msg)
+    _unless_returned(msg)
+    return msg
 
 
 def _unless_returned(msg: Message) -> None:

@@ -224,10 +224,29 @@ class GroupCommitter:
             self.on_commit([receipt])
 
 
-def _bounce_info(raw: bytes) -> BounceInfo:
+@dataclass(frozen=True)
+class BodyFindings:
+    """What reading a message's body found before it is recorded (Incoming.bounce and
+    Incoming.bounce_like)."""
+
+    bounce: BounceInfo | None = None
+    bounce_like: str = ""
+
+
+NOTHING_FOUND = BodyFindings()
+BodyReader = Callable[[bytes], BodyFindings]
+
+
+def read_report(raw: bytes) -> BodyFindings:
+    """A report sent to the bounce address: what it says of the delivery."""
     report = parse_bounce(raw)
     detail = " ".join(x for x in (report.status, report.diagnostic) if x)
-    return BounceInfo(failed=report.failed, diagnostic=detail or report.action)
+    return BodyFindings(bounce=BounceInfo(failed=report.failed, diagnostic=detail or report.action))
+
+
+def read_plain_bounce(raw: bytes) -> BodyFindings:
+    """Mail that could draw a challenge: is it a bounce in no report format (plain_bounce)?"""
+    return BodyFindings(bounce_like=plain_bounce(raw))
 
 
 def _answer_all(batch: list[_Pending], receipts: list[Receipt]) -> None:
@@ -290,32 +309,49 @@ class FilterHandler:
         self.reply_within = reply_within
         self.bounce_address = normalize_address(bounce_address)
         self.delimiter = delimiter
-        # Bounces are parsed here, one at a time, never on the commit thread: a hostile one
-        # (huge, thousands of parts) delays only itself. parse_bounce bounds its own work, as
-        # plain_bounce does (flufl.bounce's detectors on mail that may be challenged).
+        # Bodies are read here (body_reader), one at a time, never on the commit thread: a
+        # hostile one (huge, thousands of parts) delays only itself. parse_bounce bounds its
+        # own work, as plain_bounce does (flufl.bounce's detectors on mail that may be
+        # challenged).
         self.bounce_reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sa-bounce")
+        # Plain-bounce scans have their own thread: a stranger's mail never queues behind a
+        # hostile report's parse (nor a report behind a flood of scans).
+        self.scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sa-scan")
         self._scans = 0  # plain-bounce scans waiting or running (event loop only)
         self._throttle = LogThrottle()
 
-    async def _plain_bounce(self, raw: bytes) -> str:
-        """flufl.bounce's detectors cost milliseconds a message: run here, never on the commit
-        thread, only for mail that could draw a challenge, and at most PLAIN_BOUNCE_BACKLOG
-        at once."""
+    def body_reader(self, mail_from: str, recipients: Sequence[str]) -> BodyReader | None:
+        """What a message's body is read for before it is recorded (the SMTP listener and the
+        milter both ask here), on the thread reader_thread names: a report to the bounce
+        address is parsed; mail that could draw a challenge (SourceAuth.may_be_challenged,
+        memory only) is scanned for a plain bounce; anything else is not read (None)."""
+        if self.to_bounce_address(recipients):
+            return read_report
+        if self.committer.app.may_be_challenged(mail_from, recipients):
+            return read_plain_bounce
+        return None
+
+    def reader_thread(self, read: BodyReader) -> ThreadPoolExecutor:
+        return self.scanner if read is read_plain_bounce else self.bounce_reader
+
+    async def _read_body(self, read: BodyReader, raw: bytes) -> BodyFindings:
+        """Run `read` off the event loop and never on the commit thread; plain-bounce scans
+        at most PLAIN_BOUNCE_BACKLOG at once (past that the mail is taken unscanned)."""
+        loop = asyncio.get_running_loop()
+        if read is not read_plain_bounce:
+            return await loop.run_in_executor(self.bounce_reader, read, raw)
         if self._scans >= PLAIN_BOUNCE_BACKLOG:
             suppressed = self._throttle.passes("plain_bounce_skipped")
             if suppressed is not None:
-                log.warning(
-                    "plain_bounce_skipped", backlog=self._scans, suppressed=suppressed
-                )
-            return ""
+                log.warning("plain_bounce_skipped", backlog=self._scans, suppressed=suppressed)
+            return NOTHING_FOUND
         self._scans += 1
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.bounce_reader, plain_bounce, raw)
+            return await loop.run_in_executor(self.scanner, read, raw)
         finally:
             self._scans -= 1
 
-    def to_bounce_address(self, recipients: list[str]) -> bool:
+    def to_bounce_address(self, recipients: Sequence[str]) -> bool:
         for rcpt in recipients:
             try:
                 base, _ = split_extension(normalize_address(rcpt), self.delimiter)
@@ -379,13 +415,9 @@ class FilterHandler:
         if not envelope.rcpt_tos:
             return "503 5.5.1 No valid recipients"
         loop = asyncio.get_running_loop()
-        bounce = None
-        bounce_like = ""
         mail_from = envelope.mail_from or ""
-        if self.to_bounce_address(envelope.rcpt_tos):
-            bounce = await loop.run_in_executor(self.bounce_reader, _bounce_info, raw)
-        elif self.committer.app.may_be_challenged(mail_from, envelope.rcpt_tos):
-            bounce_like = await self._plain_bounce(raw)
+        read = self.body_reader(mail_from, envelope.rcpt_tos)
+        found = NOTHING_FOUND if read is None else await self._read_body(read, raw)
         future: asyncio.Future[Receipt] = loop.create_future()
         client_address, client_helo = xforward.client_of(session)
         xforward.forget(session)
@@ -396,8 +428,8 @@ class FilterHandler:
                 raw=raw,
                 future=future,
                 loop=loop,
-                bounce=bounce,
-                bounce_like=bounce_like,
+                bounce=found.bounce,
+                bounce_like=found.bounce_like,
                 client_address=client_address,
                 client_helo=client_helo,
             )

@@ -22,8 +22,7 @@ import Milter
 import milter as libmilter
 
 from sourceauth.adapters.config.values import MilterListen
-from sourceauth.adapters.smtp.dsn import plain_bounce
-from sourceauth.adapters.smtp.inbound import FilterHandler, _bounce_info, _Pending
+from sourceauth.adapters.smtp.inbound import NOTHING_FOUND, FilterHandler, _Pending
 from sourceauth.engine.addresses import AddressError, is_null_sender, normalize_address
 from sourceauth.engine.api import Decision, Receipt
 from sourceauth.engine.errors import InvalidInput
@@ -189,14 +188,11 @@ class MilterSession(Milter.Base):  # type: ignore[misc]
         """The receipt once committed, or the milter status that answers trouble."""
         handler = self.gate.handler
         addresses = [address for _, address, _ in self.recipients]
-        bounce = None
-        bounce_like = ""
-        if handler.to_bounce_address(addresses):
-            bounce = handler.bounce_reader.submit(_bounce_info, raw).result()
-        elif handler.committer.app.may_be_challenged(self.mail_from, addresses):
-            # flufl.bounce's detectors, as the SMTP listener runs them (this is a libmilter
-            # thread: waiting here delays only this session).
-            bounce_like = handler.bounce_reader.submit(plain_bounce, raw).result()
+        read = handler.body_reader(self.mail_from, addresses)
+        found = NOTHING_FOUND
+        if read is not None:  # on the SMTP listener's reader threads (this is a libmilter
+            # thread: waiting here delays only this session)
+            found = handler.reader_thread(read).submit(read, raw).result()
         future: concurrent.futures.Future[Receipt] = concurrent.futures.Future()
         handler.committer.submit(
             _Pending(
@@ -205,8 +201,8 @@ class MilterSession(Milter.Base):  # type: ignore[misc]
                 raw=raw,
                 future=future,
                 loop=None,
-                bounce=bounce,
-                bounce_like=bounce_like,
+                bounce=found.bounce,
+                bounce_like=found.bounce_like,
                 client_address=self.client_address,
                 client_helo=self.client_helo,
                 kept_by_mta=True,
