@@ -417,7 +417,7 @@ class ParentWatch:
         same token or id, as after a kill -9 of the process itself."""
 
         def tell() -> None:
-            log.warning("orphan_stop_cut_short", process=process, pid=os.getpid(), after=seconds)
+            log.warning("orphan_stop_cut_short", child=process, pid=os.getpid(), after=seconds)
 
         def cut() -> None:
             time.sleep(seconds)
@@ -483,7 +483,7 @@ def run_worker_process(cfg: Config, doorbell: Any, counts: OutboundCounts | None
     hangup = SignalFlag(signal.SIGHUP)  # forwarded by the SMTP process: reopen the log file
     configure_logging(cfg.logging.format, cfg.logging.level, file=cfg.logging.file)
     if parent.gone():  # died while this process started: no SIGTERM will ever come
-        log.warning("parent_gone", process="workers", pid=os.getpid(), parent=parent.pid)
+        log.warning("parent_gone", child="workers", pid=os.getpid(), parent=parent.pid)
         return
     app = build_engine(cfg)
     workers = Workers(app, cfg, counts)
@@ -501,7 +501,7 @@ def run_worker_process(cfg: Config, doorbell: Any, counts: OutboundCounts | None
                 reopen_log()
     finally:
         if parent.gone():
-            log.warning("parent_gone", process="workers", pid=os.getpid(), parent=parent.pid)
+            log.warning("parent_gone", child="workers", pid=os.getpid(), parent=parent.pid)
             parent.exit_after(ORPHAN_GRACE, "workers")
         begin_stop(app)
 
@@ -575,7 +575,7 @@ def run_web_process(cfg: Config, doorbell: Any) -> None:
     stop = SignalFlag(signal.SIGTERM)
     configure_logging(cfg.logging.format, cfg.logging.level)
     if parent.gone():
-        log.warning("parent_gone", process="web", pid=os.getpid(), parent=parent.pid)
+        log.warning("parent_gone", child="web", pid=os.getpid(), parent=parent.pid)
         return
     app = build_engine(cfg, transports=False)
     web = web_server(cfg, app)
@@ -960,7 +960,7 @@ def run_acceptor_process(cfg: Config, doorbell: Any, wake: Any) -> None:
     configure_logging(cfg.logging.format, cfg.logging.level, file=cfg.logging.file)
     fit_descriptor_limit(cfg.server.max_sessions)
     if parent.gone():
-        log.warning("parent_gone", process="acceptor", pid=os.getpid(), parent=parent.pid)
+        log.warning("parent_gone", child="acceptor", pid=os.getpid(), parent=parent.pid)
         return
 
     async def main() -> None:
@@ -975,7 +975,7 @@ def run_acceptor_process(cfg: Config, doorbell: Any, wake: Any) -> None:
         while not await loop.run_in_executor(None, stopped):
             pass
         if parent.gone():  # it stops taking mail at once; what it took is committed first
-            log.warning("parent_gone", process="acceptor", pid=os.getpid(), parent=parent.pid)
+            log.warning("parent_gone", child="acceptor", pid=os.getpid(), parent=parent.pid)
             parent.exit_after(ORPHAN_GRACE, "acceptor")
         await stop_within_deadline(flt.app, flt.stop(), "acceptor")
 
