@@ -22,6 +22,7 @@ from sourceauth.adapters.storage.encryption import (
 )
 from sourceauth.adapters.storage.modes import FileModes
 from sourceauth.adapters.storage.postgres import PostgresBlobStore
+from sourceauth.adapters.storage.viewcrypt import ViewSealer
 from sourceauth.adapters.storage.views import KEYRING as KEYRING_TABLE
 from sourceauth.adapters.storage.views import (
     Dialect,
@@ -128,7 +129,11 @@ def views_factory(storage: Storage) -> Callable[[ApplicationRecorder, Mapper[UUI
         else:
             connect = postgres_connector(storage.conninfo(), storage.pg_schema or None)
             dialect = PostgresDialect()
-        return SqlViews(connect, dialect, recorder, mapper)
+        key = storage.encryption_key
+        sealer = None if key is None else ViewSealer(key)
+        if sealer is not None and getattr(recorder, "cap_counter", None) is not None:
+            recorder.cap_counter.seal = sealer.lookup  # type: ignore[attr-defined]
+        return SqlViews(connect, dialect, recorder, mapper, sealer)
 
     return build
 
