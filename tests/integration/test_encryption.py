@@ -308,3 +308,33 @@ def test_postgresql_views_hold_no_address_subject_or_body_at_rest(
         assert len(readable) > 20, files
     for file in readable:
         assert_no_view_plaintext(str(file), file.read_bytes())
+
+
+def test_an_encrypted_store_whose_views_are_plaintext_has_them_sealed_at_its_next_start(
+    tmp_path: Path,
+) -> None:
+    """A store encrypted before the views were sealed: its views and cap rows are sealed once,
+    at the next start, and read as before."""
+    key = new_key(tmp_path / "encryption.key")
+    path = write_config(tmp_path, relay="smtp://127.0.0.1:9", next_hop="smtp://127.0.0.1:9")
+    path.write_text(path.read_text() + f'\n[storage]\nencryption_key_file = "{key}"\n')
+    assert cli(path, "senders", "allow", FRIEND).returncode == 0
+    assert cli(path, "senders", "list").returncode == 0  # the views caught up
+    db = tmp_path / "var" / "sourceauth.db"
+    with sqlite3.connect(db) as conn:  # what the code before sealing left in such a store
+        conn.execute("UPDATE sa_whitelist SET address = ?, via = 'cli', reason = ''", (FRIEND,))
+        conn.execute("DELETE FROM sa_tracking WHERE name = 'views:sealed'")
+        conn.execute("INSERT INTO sa_cap_counts VALUES ('allowed-secret.test', 99999999, 3)")
+        conn.execute("INSERT INTO sa_cap_mailboxes VALUES (?, 'id', 'c', 1e12)", (FRIEND,))
+    assert FRIEND.encode() in sqlite_tables(db)["sa_whitelist"]
+    listed = cli(path, "senders", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [s["address"] for s in json.loads(listed.stdout)] == [FRIEND]
+    tables = sqlite_tables(db)
+    for name, raw in tables.items():
+        assert_no_view_plaintext(f"table {name}", raw)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT SUM(n) FROM sa_cap_counts").fetchone()[0] == 3
+        assert conn.execute("SELECT COUNT(*) FROM sa_cap_mailboxes").fetchone()[0] == 1
+    verified = cli(path, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
