@@ -4,11 +4,13 @@ bound to the row where they do not, opened back to the plaintext, refused under 
 from __future__ import annotations
 
 import os
+import sqlite3
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sourceauth.adapters.storage.capcount import CapCounter, create_statements
 from sourceauth.adapters.storage.viewcrypt import (
     ADDRESS,
     LIST,
@@ -19,6 +21,7 @@ from sourceauth.adapters.storage.viewcrypt import (
     ViewSealer,
 )
 from sourceauth.engine import projections as p
+from sourceauth.engine.ports import CapClaim, CapsTaken, MailboxClaim
 from sourceauth.engine.service.caps import RATE_LIMITED
 
 SEALER = ViewSealer(os.urandom(32))
@@ -71,3 +74,43 @@ def test_rows_seal_only_the_mail_text_and_open_with_their_key_selected() -> None
     assert SEALER.open_row(p.QUARANTINE, cols, sealed) == row
     with pytest.raises(ValueError):
         SEALER.open_row(p.QUARANTINE, cols[1:], sealed[1:])
+
+
+def test_caps_counted_sealed_still_refuse_over_the_cap_and_name_the_plaintext() -> None:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    for statement in create_statements("", "REAL"):
+        conn.execute(statement)
+    counter = CapCounter()
+    counter.seal = SEALER.lookup
+
+    def claim(mailbox: str, sender_id: str) -> CapClaim:
+        return CapClaim(
+            now=100.0,
+            minute=1,
+            domains=(("remote.test", 1),),
+            per_domain=2,
+            total=10,
+            mailboxes=(MailboxClaim(mailbox, sender_id, "c-" + sender_id, 1000.0),),
+        )
+
+    cur = conn.cursor()
+
+    def count(claimed: CapClaim) -> None:  # as the recorder: a refused unit writes nothing
+        cur.execute("BEGIN")
+        try:
+            counter.count(cur, claimed)
+        except CapsTaken:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+
+    count(claim("a@remote.test", "s1"))
+    with pytest.raises(CapsTaken) as taken:  # another sender's live challenge holds a's mailbox
+        count(claim("a@remote.test", "s2"))
+    assert set(taken.value.mailboxes) == {"a@remote.test"}
+    count(claim("b@remote.test", "s3"))
+    with pytest.raises(CapsTaken) as over:  # the third challenge to remote.test this hour
+        count(claim("c@remote.test", "s4"))
+    assert over.value.counts["remote.test"] >= 2
+    raw = repr(conn.execute("SELECT * FROM sa_cap_counts, sa_cap_mailboxes").fetchall())
+    assert "remote" not in raw and SEALER.domain("remote.test") in raw
