@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from sourceauth.adapters.storage.chain import keyed
 from sourceauth.adapters.storage.encryption import derive_key
 from sourceauth.engine import projections as p
 from sourceauth.engine.service.caps import DEFERRED_PREFIXES
@@ -129,7 +128,7 @@ class ViewSealer:
     def __init__(self, key: bytes) -> None:
         sub = derive_key(key, LABEL)
         self._aead = AESGCM(derive_key(sub, "aead"))
-        self._nonce = hmac.new(derive_key(sub, "nonce"), digestmod=hashlib.sha256)
+        self._nonce = keyed(derive_key(sub, "nonce"))  # HMAC-SHA256, its keyed states hashed once
         self._sealed: dict[tuple[str, str], str] = {}
         self._opened: dict[tuple[str, str], str] = {}
         self._plans: dict[tuple[str, tuple[str, ...]], Plan] = {}
@@ -140,9 +139,7 @@ class ViewSealer:
         data = text.encode()
         data += b"\x80" + bytes(-(len(data) + 1) % 16)
         aad = context.encode()
-        mac = self._nonce.copy()
-        mac.update(len(aad).to_bytes(4, "big") + aad + data)
-        nonce = mac.digest()[:NONCE]
+        nonce = self._nonce.digest(len(aad).to_bytes(4, "big") + aad + data)[:NONCE]
         return base64.b64encode(nonce + self._aead.encrypt(nonce, data, aad)).decode()
 
     def _open(self, context: str, sealed: str) -> str:
