@@ -199,7 +199,7 @@ def compare_views(app: SourceAuth, progress: ProgressFactory = quiet) -> Fault |
             conn.execute("PRAGMA synchronous=OFF")
             return conn
 
-        fresh = SqlViews(connect, Dialect(), app.recorder, app.mapper)
+        fresh = SqlViews(connect, Dialect(), app.recorder, app.mapper, live_views.sealer)
         try:
             # The long replay first, up to where the live views stand now; then, in one read
             # snapshot of the live views (held only while comparing), the few events they

@@ -14,7 +14,8 @@ table.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from sourceauth.engine.policy import TOTAL
@@ -45,6 +46,9 @@ class CapCounter:
     def __init__(self, prefix: str = "", mark: str = "?") -> None:
         counts, mailboxes = prefix + CAP_COUNTS, prefix + CAP_MAILBOXES
         self.mark = mark
+        # With an encryption key: (context, text) -> the sealed LOOKUP value (viewcrypt.py),
+        # so the tables hold no domain or mailbox in plaintext; equal values still meet.
+        self.seal: Callable[[str, str], str] | None = None
         self._pruned = -1  # the minute this process last dropped lapsed rows
         self.prune_counts = f"DELETE FROM {counts} WHERE minute < {mark}"
         self.prune_mailboxes = f"DELETE FROM {mailboxes} WHERE expires < {mark}"
@@ -72,6 +76,30 @@ class CapCounter:
 
     def count(self, cur: Any, claim: CapClaim) -> None:
         """Count `claim` (call holding the store's write lock); CapsTaken if it cannot be."""
+        if self.seal is not None:
+            self._count_sealed(cur, claim, self.seal)
+        else:
+            self._count(cur, claim)
+
+    def _count_sealed(self, cur: Any, claim: CapClaim, seal: Callable[[str, str], str]) -> None:
+        domains = {seal("domain", d): d for d, _ in claim.domains}
+        mailboxes = {seal("address", m.mailbox): m.mailbox for m in claim.mailboxes}
+        sealed = replace(
+            claim,
+            domains=tuple((seal("domain", d), n) for d, n in claim.domains),
+            mailboxes=tuple(
+                replace(m, mailbox=seal("address", m.mailbox)) for m in claim.mailboxes
+            ),
+        )
+        try:
+            self._count(cur, sealed)
+        except CapsTaken as taken:  # the engine decides again on the plaintext names
+            raise CapsTaken(
+                {domains.get(d, d): n for d, n in taken.counts.items()},
+                {mailboxes.get(m, m): v for m, v in taken.mailboxes.items()},
+            ) from None
+
+    def _count(self, cur: Any, claim: CapClaim) -> None:
         if claim.minute > self._pruned:  # once a minute per process: lapsed rows go
             cur.execute(self.prune_counts, (claim.minute - WINDOW_MINUTES,))
             cur.execute(self.prune_mailboxes, (claim.now,))

@@ -371,3 +371,12 @@ class EncryptedBlobStore:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)  # close(), cleanup_temp(), root, ...
+
+
+def derive_key(key: bytes, label: str) -> bytes:
+    """A 32-byte subkey of the encryption key for one purpose (HKDF-SHA256, `label` as info):
+    the views' sealing (viewcrypt.py) never uses the key of the events and originals itself."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(hashes.SHA256(), 32, salt=None, info=label.encode()).derive(key)

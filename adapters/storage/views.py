@@ -17,14 +17,17 @@ from uuid import UUID
 
 from eventsourcing.persistence import ApplicationRecorder, Mapper
 
+from sourceauth.adapters.storage.capcount import CAP_COUNTS, CAP_MAILBOXES, create_statements
 from sourceauth.adapters.storage.fold import (  # log_pages: audit.py and tests read it here
     MemoryTables,
     decoded_pages,
     log_pages,  # noqa: F401
 )
+from sourceauth.adapters.storage.viewcrypt import ViewSealer
 from sourceauth.engine import projections as p
 from sourceauth.engine.api import ChallengeRow, DeliveryRow, HeldMessage, SenderView
 from sourceauth.engine.logs import get_logger
+from sourceauth.engine.policy import TOTAL
 from sourceauth.engine.rules import RuleView
 from sourceauth.engine.service.caps import CHALLENGEABLE, CHALLENGED, DEFERRED_PREFIXES, HELD
 
@@ -36,6 +39,7 @@ CONNECT_TIMEOUT = 5  # seconds to reach PostgreSQL (a hung network: an error, no
 KEYRING = "sa_keyring"  # fingerprints of the keyring every node on this store must share
 LEASES = "sa_leases"  # outbound work claimed by one worker of one node until `until`
 TRACKING_NAME = "views"
+SEALED = "views:sealed"  # a tracking row: the views of this encrypted store are sealed
 DDL_LOCK = "sourceauth-ddl:"  # + the schema: the advisory lock creating tables takes
 PAGE = 2000
 REBUILD_PAGE = 10000
@@ -120,8 +124,11 @@ class SqlViews:
         dialect: Dialect,
         recorder: ApplicationRecorder,
         mapper: Mapper[UUID],
+        sealer: ViewSealer | None = None,
     ) -> None:
         self._connect = connect
+        # With an encryption key: mail text sealed at rest (viewcrypt.py); None costs nothing.
+        self.sealer = sealer
         self.dialect = dialect
         self.recorder = recorder
         self.mapper = mapper
@@ -131,6 +138,8 @@ class SqlViews:
         self._cur: Any = None
         self._statements: dict[tuple[str, str, tuple[str, ...]], str] = {}
         self.create_tables()
+        if sealer is not None:
+            self._adopt_sealing(sealer)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -220,6 +229,47 @@ class SqlViews:
                 f"until {self.dialect.types['real']} NOT NULL)",
             )
 
+    def _adopt_sealing(self, sealer: ViewSealer) -> None:
+        """An encrypted store whose views were written before they were sealed (encryption
+        at rest came first for the events): rebuild them sealed, and seal the cap counts in
+        place, once (a tracking row records it). The pages the plaintext rows freed are
+        overwritten only as the file is reused: VACUUM removes them at once."""
+        with self._tx(write=True) as cur:
+            self._x(cur, self.dialect.lock_tracking(), (TRACKING_NAME,))
+            if self._x(cur, f"SELECT 1 FROM {TRACKING} WHERE name = ?", (SEALED,)).fetchone():
+                return
+            self._x(cur, f"INSERT INTO {TRACKING} (name, position) VALUES (?, 1)", (SEALED,))
+            row = self._x(cur, f"SELECT position FROM {TRACKING} WHERE name = ?", (TRACKING_NAME,))
+            stale = int(row.fetchone()[0]) > 0
+            for statement in create_statements("", self.dialect.types["real"]):
+                self._x(cur, statement)
+            counts = self._x(cur, f"SELECT domain, minute, n FROM {CAP_COUNTS}").fetchall()
+            held = self._x(
+                cur, f"SELECT mailbox, sender_id, challenge_id, expires FROM {CAP_MAILBOXES}"
+            ).fetchall()
+            if counts or held:
+                self._x(cur, f"DELETE FROM {CAP_COUNTS}")
+                self._x(cur, f"DELETE FROM {CAP_MAILBOXES}")
+                sealed_counts: dict[tuple[str, int], int] = {}
+                for domain, minute, n in counts:
+                    name = domain if domain == TOTAL else sealer.domain(domain)
+                    sealed_counts[(name, minute)] = sealed_counts.get((name, minute), 0) + n
+                cur.executemany(
+                    self.dialect.sql(
+                        f"INSERT INTO {CAP_COUNTS} (domain, minute, n) VALUES (?, ?, ?)"
+                    ),
+                    [(d, m, n) for (d, m), n in sealed_counts.items()],
+                )
+                cur.executemany(
+                    self.dialect.sql(
+                        f"INSERT INTO {CAP_MAILBOXES} (mailbox, sender_id, challenge_id, expires) VALUES (?, ?, ?, ?)"
+                    ),
+                    [(sealer.address(m), *rest) for m, *rest in held],
+                )
+        if stale:
+            log.warning("views_sealing_rebuild")
+            self.rebuild()
+
     def _create_indexes(self, cur: Any) -> None:
         for name, table, cols in p.INDEXES:
             self._x(cur, f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({', '.join(cols)})")
@@ -259,6 +309,9 @@ class SqlViews:
                     cols = ", ".join(f"{c} {self.dialect.types[k]}" for c, k in columns)
                     self._x(cur, f"CREATE TABLE {table} ({cols}, PRIMARY KEY ({columns[0][0]}))")
                     rows = memory.rows(table)
+                    if rows and self.sealer is not None:
+                        names_of = tuple(c for c, _ in columns)
+                        rows = [self.sealer.seal_row(table, names_of, r) for r in rows]
                     if rows:
                         marks = ", ".join("?" * len(columns))
                         names = ", ".join(c for c, _ in columns)
@@ -336,6 +389,8 @@ class SqlViews:
 
     def _apply(self, cur: Any, op: p.Op) -> None:
         kind = type(op)
+        if self.sealer is not None:
+            op = self._sealed_op(op)
         if kind is p.Upsert:
             sql = self._sql("upsert", op.table, tuple(op.values))  # type: ignore[union-attr]
             cur.execute(sql, (op.key, *op.values.values()))  # type: ignore[union-attr]
@@ -414,9 +469,11 @@ class SqlViews:
         elif isinstance(op, p.ChallengeFromSender):
             row = self._x(
                 cur,
-                f"SELECT address, scope FROM {p.WHITELIST} WHERE sender_id = ?",
+                f"SELECT address, scope, sender_id FROM {p.WHITELIST} WHERE sender_id = ?",
                 (op.sender_id,),
             ).fetchone()
+            if row is not None and self.sealer is not None:
+                row = self.sealer.open_row(p.WHITELIST, ("address", "scope", "sender_id"), row)
             address, scope = (row[0], row[1]) if row else ("", "")
             values = {
                 "sender_id": op.sender_id,
@@ -429,6 +486,33 @@ class SqlViews:
         else:  # pragma: no cover - the projector emits only the kinds above
             raise TypeError(f"unknown view operation {op!r}")
 
+    def _sealed_op(self, op: p.Op) -> p.Op:
+        """The operation with its mail text sealed (only row values and recipient lists: the
+        kinds that read other rows meet them sealed already)."""
+        sealer = self.sealer
+        assert sealer is not None
+        if isinstance(op, (p.Upsert, p.Update)):
+            values = sealer.values(op.table, op.key, op.values)
+            if values is not op.values:
+                return type(op)(op.table, op.key, values)
+        elif isinstance(op, p.HeldDelta):
+            return type(op)(tuple(map(sealer.address, op.recipients)), op.delta)
+        elif isinstance(op, p.DropRecipients):
+            return type(op)(op.message_id, tuple(map(sealer.address, op.recipients)))
+        elif isinstance(op, p.FailedCopy):
+            reason = sealer.value(p.QUARANTINE, "reason", op.message_id, op.reason)
+            return type(op)(op.message_id, op.at, reason)
+        return op
+
+    def _open(self, table: str, columns: tuple[str, ...], rows: list[Any]) -> list[Any]:
+        """Rows read from a view, their sealed columns opened (as read without a key)."""
+        if self.sealer is None:
+            return rows
+        return [self.sealer.open_row(table, columns, r) for r in rows]
+
+    def _seal_address(self, address: str) -> str:
+        return address if self.sealer is None else self.sealer.address(address)
+
     def _held_delta(self, cur: Any, recipients: Sequence[str], delta: int) -> None:
         for rcpt in recipients:
             self._x(
@@ -440,10 +524,13 @@ class SqlViews:
 
     def recipients_holding(self, at_least: int) -> set[str]:
         rows = self._rows(f"SELECT recipient FROM {p.HELD_COUNTS} WHERE held >= ?", (at_least,))
-        return {str(r[0]) for r in rows}
+        return {str(r[0]) for r in self._open(p.HELD_COUNTS, ("recipient",), rows)}
 
     def held_count(self, recipient: str) -> int:
-        rows = self._rows(f"SELECT held FROM {p.HELD_COUNTS} WHERE recipient = ?", (recipient,))
+        rows = self._rows(
+            f"SELECT held FROM {p.HELD_COUNTS} WHERE recipient = ?",
+            (self._seal_address(recipient),),
+        )
         return int(rows[0][0]) if rows else 0
 
     def _receipt_of(self, cur: Any, message_id: str) -> str | None:
@@ -462,8 +549,11 @@ class SqlViews:
         "next_attempt, outcome, subject, in_reply_to, recipient"
     )
 
+    _CH_NAMES = tuple(c.strip() for c in _CH_COLS.split(","))
+
     def _challenges(self, where: str, params: Sequence[Any]) -> list[ChallengeRow]:
         rows = self._rows(f"SELECT {self._CH_COLS} FROM {p.CHALLENGES} WHERE {where}", params)
+        rows = self._open(p.CHALLENGES, self._CH_NAMES, rows)
         return [
             ChallengeRow(
                 challenge_id=r[0],
@@ -525,8 +615,10 @@ class SqlViews:
 
     def recent_challenges(self, since: float) -> list[tuple[str, float]]:
         rows = self._rows(
-            f"SELECT domain, created FROM {p.CHALLENGES} WHERE created >= ?", (since,)
+            f"SELECT domain, created, challenge_id FROM {p.CHALLENGES} WHERE created >= ?",
+            (since,),
         )
+        rows = self._open(p.CHALLENGES, ("domain", "created", "challenge_id"), rows)
         return [(str(r[0]), float(r[1])) for r in rows]
 
     def held_of_sender(self, sender_id: str) -> list[str]:
@@ -554,6 +646,7 @@ class SqlViews:
         return [str(r[0]) for r in rows]
 
     def held_evictable(self, recipient: str, limit: int) -> list[str]:
+        sealed = self._seal_address(recipient)  # base64 when sealed: no LIKE wildcard in it
         # recipients is newline-joined; LIKE may over-match (_ and %), the check below won't.
         rows = self._rows(
             f"SELECT q.message_id, q.recipients FROM {p.QUARANTINE} q LEFT JOIN {p.WHITELIST} w "
@@ -561,9 +654,9 @@ class SqlViews:
             f"AND (? || q.recipients || ?) LIKE ? "
             f"AND (w.state IS NULL OR w.state <> ?) "
             f"ORDER BY CASE WHEN w.state = ? THEN 1 ELSE 0 END, q.received, q.message_id LIMIT ?",
-            ("\n", "\n", f"%\n{recipient}\n%", p.AUTHORIZED_SENDER, CHALLENGED, limit),
+            ("\n", "\n", f"%\n{sealed}\n%", p.AUTHORIZED_SENDER, CHALLENGED, limit),
         )
-        return [str(r[0]) for r in rows if recipient in _split(r[1])]
+        return [str(r[0]) for r in rows if sealed in _split(r[1])]
 
     def held_awaiting_challenge(self, now: float, limit: int) -> list[str]:
         reasons = " OR ".join("q.reason LIKE ?" for _ in DEFERRED_PREFIXES)
@@ -584,12 +677,23 @@ class SqlViews:
         )
         return [str(r[0]) for r in rows]
 
+    _D_NAMES = (
+        "message_id",
+        "receipt_id",
+        "sender",
+        "recipients",
+        "attempts",
+        "next_attempt",
+        "queued_at",
+    )
+
     def deliveries_due(self, now: float, limit: int) -> list[DeliveryRow]:
         rows = self._rows(
             f"SELECT message_id, receipt_id, sender, recipients, attempts, next_attempt, queued_at FROM {p.DELIVERY} "
             f"WHERE next_attempt <= ? ORDER BY next_attempt, queued_at LIMIT ?",
             (now, limit),
         )
+        rows = self._open(p.DELIVERY, self._D_NAMES, rows)
         return [
             DeliveryRow(
                 str(r[0]), str(r[1]), str(r[2]), _split(r[3]), int(r[4]), float(r[5]), float(r[6])
@@ -683,6 +787,8 @@ class SqlViews:
         rows = self._rows(f"SELECT live FROM {p.BLOBS} WHERE receipt_id = ?", (receipt_id,))
         return int(rows[0][0]) if rows else 0
 
+    _W_NAMES = ("sender_id", "address", "scope", "state", "since", "via", "reason")
+
     def senders(
         self, *, state: str | None = None, address: str | None = None, limit: int | None = None
     ) -> list[SenderView]:
@@ -692,11 +798,20 @@ class SqlViews:
             params.append(state)
         if address:
             where.append("address = ?")
-            params.append(address)
-        sql = f"SELECT sender_id, address, scope, state, since, via, reason FROM {p.WHITELIST} WHERE {' AND '.join(where)} ORDER BY address, scope"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
+            params.append(self._seal_address(address))
+        sql = f"SELECT sender_id, address, scope, state, since, via, reason FROM {p.WHITELIST} WHERE {' AND '.join(where)}"
+        if self.sealer is None:
+            sql += " ORDER BY address, scope"
+            if limit is not None:
+                sql += " LIMIT ?"
+                params.append(limit)
+            rows = self._rows(sql, params)
+        else:
+            # Sealed addresses do not sort as the plaintext: every matching row is read,
+            # opened and sorted here (O(senders) per call; docs/security.md).
+            rows = self._open(p.WHITELIST, self._W_NAMES, self._rows(sql, params))
+            rows.sort(key=lambda r: (str(r[1]), str(r[2])))
+            rows = rows if limit is None else rows[: max(limit, 0)]
         return [
             SenderView(
                 str(r[0]),
@@ -707,10 +822,11 @@ class SqlViews:
                 str(r[5] or ""),
                 str(r[6] or ""),
             )
-            for r in self._rows(sql, params)
+            for r in rows
         ]
 
     _Q_COLS = "message_id, receipt_id, sender, sender_id, recipients, subject, size, received, expires, state, reason"
+    _Q_NAMES = tuple(c.strip() for c in _Q_COLS.split(","))
 
     @staticmethod
     def _held(r: Any) -> HeldMessage:
@@ -747,23 +863,27 @@ class SqlViews:
             params.extend(sorted(states))
         if sender:
             where.append("sender = ?")
-            params.append(sender)
+            params.append(self._seal_address(sender))
         if recipient:
             # recipients is one address per line: match a whole line (LIKE, its wildcards escaped)
             where.append("(? || recipients || ?) LIKE ? ESCAPE '!'")
-            escaped = re.sub(r"([!%_])", r"!\1", recipient)
+            escaped = re.sub(r"([!%_])", r"!\1", self._seal_address(recipient))
             params.extend(["\n", "\n", f"%\n{escaped}\n%"])
         sql = f"SELECT {self._Q_COLS} FROM {p.QUARANTINE} WHERE {' AND '.join(where)} ORDER BY received, message_id"
         if limit is not None:
             sql += " LIMIT ? OFFSET ?"
             params.extend([limit, offset])
-        return [self._held(r) for r in self._rows(sql, params)]
+        return [
+            self._held(r) for r in self._open(p.QUARANTINE, self._Q_NAMES, self._rows(sql, params))
+        ]
 
     _R_COLS = "rule_id, action, pattern, scope, kind, state, reason, actor, created, updated"
+    _R_NAMES = tuple(c.strip() for c in _R_COLS.split(","))
 
     def rules(self) -> list[RuleView]:
         """Every rule, removed ones included, oldest first."""
         rows = self._rows(f"SELECT {self._R_COLS} FROM {p.RULES} ORDER BY created, rule_id")
+        rows = self._open(p.RULES, self._R_NAMES, rows)
         return [
             RuleView(*(str(v or "") for v in r[:8]), created=float(r[8]), updated=float(r[9]))
             for r in rows
@@ -779,6 +899,7 @@ class SqlViews:
         rows = self._rows(
             f"SELECT {self._Q_COLS} FROM {p.QUARANTINE} WHERE message_id = ?", (message_id,)
         )
+        rows = self._open(p.QUARANTINE, self._Q_NAMES, rows)
         return self._held(rows[0]) if rows else None
 
     def dump(self) -> dict[str, list[tuple[Any, ...]]]:

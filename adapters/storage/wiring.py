@@ -23,6 +23,7 @@ from sourceauth.adapters.storage.encryption import (
 )
 from sourceauth.adapters.storage.modes import FileModes
 from sourceauth.adapters.storage.postgres import PostgresBlobStore
+from sourceauth.adapters.storage.viewcrypt import ViewSealer
 from sourceauth.adapters.storage.views import KEYRING as KEYRING_TABLE
 from sourceauth.adapters.storage.views import (
     Dialect,
@@ -129,7 +130,13 @@ def views_factory(storage: Storage) -> Callable[[ApplicationRecorder, Mapper[UUI
         else:
             connect = postgres_connector(storage.conninfo(), storage.pg_schema or None)
             dialect = PostgresDialect()
-        return SqlViews(connect, dialect, recorder, mapper)
+        # From the store's FIRST key, not the current one: sealed lookup values stay the same
+        # through every rotation and on every node during a rolling one (docs/security.md).
+        key = first_key(storage)
+        sealer = None if key is None else ViewSealer(key.secret)
+        if sealer is not None and getattr(recorder, "cap_counter", None) is not None:
+            recorder.cap_counter.seal = sealer.lookup  # type: ignore[attr-defined]
+        return SqlViews(connect, dialect, recorder, mapper, sealer)
 
     return build
 

@@ -4,6 +4,7 @@ sinks): every route, and every refusal, with what each one records (or does not)
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import subprocess
@@ -250,6 +251,24 @@ def test_review_shows_only_this_recipients_held_mail_escaped(web: Web) -> None:
     assert SENDER in page.text and "not for bob" not in page.text
     assert "dave@sender.test" not in page.text
     assert "Hi there" not in page.text  # never a body
+
+
+def test_review_on_an_encrypted_store_shows_the_plaintext_its_views_hold_sealed(
+    tmp_path: Path,
+) -> None:
+    key = tmp_path / "encryption.key"
+    key.write_text(base64.b64encode(os.urandom(32)).decode())
+    key.chmod(0o600)
+    with running_web(tmp_path, f'\n[storage]\nencryption_key_file = "{key}"\n') as web:
+        web.send(SENDER, RCPT, subject="Sealed subject & more")
+        web.send("dave@sender.test", "erin@example.test", subject="not for bob")
+        wait_until(lambda: len(web.app.quarantine()) == 2)
+        page = Browser().get(web.review_link())  # the recipient's messages: a sealed lookup
+        assert page.status == 200
+        assert "Sealed subject &amp; more" in page.text and SENDER in page.text
+        assert "not for bob" not in page.text
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "var").glob("sourceauth.db*"))
+    assert b"Sealed subject" not in stored and SENDER.encode() not in stored
 
 
 def test_review_release_and_block_are_engine_inputs_recorded_with_the_recipient(web: Web) -> None:

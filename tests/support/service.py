@@ -7,6 +7,7 @@ Tests drive it only through the library API (`SourceAuth`'s methods and engine/a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import ApplicationRecorder, Mapper
 
+from sourceauth.adapters.storage.viewcrypt import ViewSealer
 from sourceauth.adapters.storage.views import Dialect, SqlViews, sqlite_connector
 from sourceauth.engine import tokens
 from sourceauth.engine.api import (
@@ -35,8 +37,10 @@ IN_MEMORY = {
 
 def memory_views(recorder: ApplicationRecorder, mapper: Mapper[UUID]) -> SqlViews:
     """The production view tables, in a private in-memory SQLite database, fed from the
-    in-memory event log by the same pull loop as on a file."""
-    return SqlViews(sqlite_connector(":memory:"), Dialect(), recorder, mapper)
+    in-memory event log by the same pull loop as on a file. With SOURCEAUTH_TEST_SEALED_VIEWS=1
+    the views are sealed as on an encrypted store (the whole unit layer runs both ways)."""
+    sealer = ViewSealer(bytes(32)) if os.environ.get("SOURCEAUTH_TEST_SEALED_VIEWS") else None
+    return SqlViews(sqlite_connector(":memory:"), Dialect(), recorder, mapper, sealer)
 
 
 def _with_extension(address: str, token: str) -> str:

@@ -216,7 +216,12 @@ def test_rule_events_are_legal_and_the_view_equals_a_rebuild(service: Service) -
         for op in projector.ops(event):
             memory.apply(op)
     live = app.views.dump()[p.RULES]  # type: ignore[attr-defined]
-    assert sorted(memory.rows(p.RULES)) == live and len(live) == 2
+    rows = sorted(memory.rows(p.RULES))
+    sealer = app.views.sealer  # type: ignore[attr-defined]
+    if sealer is not None:  # SOURCEAUTH_TEST_SEALED_VIEWS: the view holds the rows sealed
+        names = tuple(c for c, _ in p.TABLES[p.RULES])
+        rows = [sealer.seal_row(p.RULES, names, r) for r in rows]
+    assert rows == live and len(live) == 2
 
 
 @pytest.mark.parametrize(
