@@ -121,6 +121,16 @@ def test_two_engines_rotate_a_live_store_and_read_each_other_under_either_key(
         assert app.blobs is not None
         assert [app.blobs.get(k) for k in (key1, key2, key3)] == [data1, data2, data3]
     assert counts(store, K2, K1)[kid(K1)][1] == 2
+    # The sealed views are keyed from the store's first key, not the current one: a sender
+    # allowed at A (current K2) is found at B (current K1) by the same sealed lookup value,
+    # and a held recipient's count is one row, whichever node wrote it.
+    a.authorize("friend@partner.test", actor="test")
+    a.catch_up()
+    b.catch_up()
+    for app in (a, b):
+        assert app.sender("friend@partner.test").state == "authorized"
+        assert app.quarantine_full("x@remote.test", PROTECTED) is False
+    assert held_senders(b) == held_senders(a)
     # A node that lacks a key the store has met is refused, naming the key.
     with pytest.raises(EncryptionMismatch, match=f"lacks key.*{kid(K2)}"):
         engine(store, keyring, K1).close()
