@@ -101,12 +101,22 @@ class _Pending:
     client_address: str = ""
     client_helo: str = ""
     kept_by_mta: bool = False
+    # Whether the committer may hold this item's batch open (`wait_ms`) for more to arrive.
+    # The SMTP listeners' sessions (one event loop) keep the window. A milter session is a
+    # libmilter thread blocked on its own future: the window could only gather other
+    # sessions' messages, which the next batch takes at once anyway (they queue while this
+    # one commits), so it only delays the reply (measured: benchmarks/README.md, Postfix).
+    linger: bool = True
 
 
 class GroupCommitter:
     """One writer thread: takes what arrived meanwhile (up to `max_batch`), stages every blob
     (one group fsync, or inside the event transaction), records every decision in one
-    transaction, then answers each."""
+    transaction, then answers each.
+
+    A batch stays open up to `wait_ms` for more only while one of its items lingers
+    (_Pending.linger); a batch of items that do not (the milter's) is what the queue holds
+    when the writer takes it, committed at once."""
 
     def __init__(
         self,
@@ -148,13 +158,14 @@ class GroupCommitter:
             return [], True
         batch = [first]
         deadline = time.monotonic() + self.wait
+        linger = self.wait > 0 and first.linger
         stopping = False
         while len(batch) < self.max_batch:
             try:
                 item = (
-                    self._queue.get_nowait()
-                    if self.wait <= 0
-                    else self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    if linger
+                    else self._queue.get_nowait()
                 )
             except queue.Empty:
                 break
@@ -162,6 +173,7 @@ class GroupCommitter:
                 stopping = True
                 break
             batch.append(item)
+            linger = linger or (self.wait > 0 and item.linger)
         return batch, stopping
 
     def _run(self) -> None:

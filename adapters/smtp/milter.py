@@ -206,6 +206,9 @@ class MilterSession(Milter.Base):  # type: ignore[misc]
                 client_address=self.client_address,
                 client_helo=self.client_helo,
                 kept_by_mta=True,
+                # This thread waits for the commit: holding the batch open for others only
+                # delays its reply (GroupCommitter).
+                linger=False,
             )
         )
         try:
