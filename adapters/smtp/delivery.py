@@ -492,7 +492,16 @@ def _mailbox_name(address: str) -> str:
     return name
 
 
+# Mailboxes this process has created or found whole: a write into one of them skips the
+# mkdir attempts. A mailbox removed behind our back is made again (the write's ENOENT).
+# Bounded (a challenge outbox has a mailbox per stranger): emptied when full.
+_KNOWN_MAILDIRS: set[str] = set()
+_KNOWN_MAILDIRS_MAX = 50_000
+
+
 def _ensure_maildir(mailbox: str) -> None:
+    if mailbox in _KNOWN_MAILDIRS:
+        return
     created = False
     root = os.path.dirname(mailbox)
     if not os.path.isdir(root):
@@ -505,35 +514,59 @@ def _ensure_maildir(mailbox: str) -> None:
             if not os.path.isdir(path):
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", path) from None
     if created:
+        # the new entries (tmp/new/cur in the mailbox, the mailbox in the root) made durable
+        # once; later writes fsync only new/
         fsync_dir(mailbox)
         fsync_dir(root)
+    if len(_KNOWN_MAILDIRS) >= _KNOWN_MAILDIRS_MAX:
+        _KNOWN_MAILDIRS.clear()
+    _KNOWN_MAILDIRS.add(mailbox)
 
 
-def _already_there(mailbox: str, key: str, name: str) -> bool:
-    if os.path.exists(os.path.join(mailbox, "new", name)):
+def _already_there(mailbox: str, key: str, name: str, maybe_written: bool) -> bool:
+    """Whether <key>.* is in the mailbox. new/<name> (what this host writes) is looked up
+    always; when the copy may have been written before (a retry, a lease taken over after a
+    crash), new/ and cur/ are scanned for <key>.* too: a client moves new/<name> to
+    cur/<name>:2,FLAGS, and another host writes <key>.<its name>. A first attempt cannot have
+    been written: it skips the scans, whose cost grows with the mailbox."""
+    if os.path.lexists(os.path.join(mailbox, "new", name)):
         return True
+    if not maybe_written:
+        return False
     prefix = key + "."
     for sub in ("new", "cur"):
-        if any(n.startswith(prefix) for n in os.listdir(os.path.join(mailbox, sub))):
-            return True
+        with os.scandir(os.path.join(mailbox, sub)) as entries:
+            if any(e.name.startswith(prefix) for e in entries):
+                return True
     return False
 
 
-def _maildir_write_once(mailbox: str, key: str, content: bytes) -> str | None:
-    """Write content to mailbox/new/<key>.<host> unless <key>.* is already in new/ or cur/.
+def _maildir_write_once(
+    mailbox: str, key: str, content: bytes, *, maybe_written: bool = True
+) -> str | None:
+    """Write content to mailbox/new/<key>.<host> unless it is already there (see
+    `_already_there`: with maybe_written, <key>.* anywhere in new/ or cur/).
 
     Returns the new file's path, or None when the message was already there.
     """
-    _ensure_maildir(mailbox)
     name = f"{key}.{_maildir_hostname()}"
-    if _already_there(mailbox, key, name):
-        return None
-    tmp = os.path.join(
-        mailbox, "tmp", f"{name}.{os.getpid()}_{threading.get_ident()}_{uuid.uuid4().hex[:8]}"
-    )
     final = os.path.join(mailbox, "new", name)
-    # Linked, never renamed over: a racing writer of the same id wins.
-    return final if write_once(final, content, temp=tmp) else None
+    for again in (False, True):
+        _ensure_maildir(mailbox)
+        tmp = os.path.join(
+            mailbox, "tmp", f"{name}.{os.getpid()}_{threading.get_ident()}_{uuid.uuid4().hex[:8]}"
+        )
+        try:
+            if _already_there(mailbox, key, name, maybe_written):
+                return None
+            # Linked, never renamed over: a racing writer of the same id wins.
+            return final if write_once(final, content, temp=tmp) else None
+        except FileNotFoundError:
+            if again:
+                raise
+            # removed since we made it: make it again (its copies went with it)
+            _KNOWN_MAILDIRS.discard(mailbox)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _final_delivery_headers(mail_from: str, recipient: str, data: bytes) -> bytes:
@@ -550,7 +583,12 @@ def _final_delivery_headers(mail_from: str, recipient: str, data: bytes) -> byte
 
 
 def _deliver_maildir(
-    root: str, mail_from: str, recipients: Sequence[str], data: bytes, key: str
+    root: str,
+    mail_from: str,
+    recipients: Sequence[str],
+    data: bytes,
+    key: str,
+    maybe_written: bool = True,
 ) -> list[RecipientResult]:
     results: list[RecipientResult] = []
     try:
@@ -573,7 +611,7 @@ def _deliver_maildir(
         mailbox = os.path.join(root, _mailbox_name(addr))
         content = _final_delivery_headers(sender, addr, data) + data
         try:
-            written = _maildir_write_once(mailbox, key, content)
+            written = _maildir_write_once(mailbox, key, content, maybe_written=maybe_written)
         except OSError as exc:
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             code, status = (452, "4.3.1") if full else (451, "4.3.0")
@@ -645,12 +683,14 @@ def deliver(
     sourceauth_id: str,
     timeout: float = 30.0,
     helo: str | None = None,
+    maybe_written: bool = True,
 ) -> DeliveryResult:
     """Deliver raw, stamped with X-SourceAuth-Id, to every recipient through next_hop.
 
     Never raises for trouble at the next hop: each recipient ends up delivered, temporary
     (retry later) or rejected. Raises ValueError for programming errors (no recipients,
-    invalid id).
+    invalid id). maybe_written=False (the copy's first attempt, never handed on before) lets a
+    Maildir skip its scan of new/ and cur/ for an earlier copy.
     """
     if isinstance(recipients, str) or not recipients:
         raise ValueError("recipients must be a non-empty sequence of addresses")
@@ -658,7 +698,9 @@ def deliver(
         raise TypeError("raw must be bytes")
     data = stamp(bytes(raw), sourceauth_id)
     if next_hop.scheme == "maildir":
-        results = _deliver_maildir(next_hop.path, mail_from, recipients, data, sourceauth_id)
+        results = _deliver_maildir(
+            next_hop.path, mail_from, recipients, data, sourceauth_id, maybe_written
+        )
     else:
         results = _Session(next_hop, mail_from, recipients, data, timeout, helo).run()
     return _delivery_done(next_hop, results, sourceauth_id)
@@ -762,18 +804,20 @@ def send_message(
     raw: bytes,
     timeout: float = 30.0,
     helo: str | None = None,
+    maybe_written: bool = True,
 ) -> RecipientResult:
     """Send raw (unchanged, no X-SourceAuth-Id) to one recipient: used for challenges.
 
     A maildir relay is an outbox: <path>/<recipient>/new/<key>.<host>, key derived from the
-    Message-ID, so a re-send of the same challenge is written once.
+    Message-ID, so a re-send of the same challenge is written once (maybe_written: as for
+    `deliver`).
     """
     if not isinstance(recipient, str):
         raise TypeError("recipient must be a str")
     data = bytes(raw)
     key = _message_id_key(data)
     if relay.scheme == "maildir":
-        results = _deliver_maildir(relay.path, mail_from, [recipient], data, key)
+        results = _deliver_maildir(relay.path, mail_from, [recipient], data, key, maybe_written)
     else:
         results = _Session(relay, mail_from, [recipient], data, timeout, helo).run()
     result = results[0]

@@ -86,6 +86,7 @@ class ChallengeSender:
             raw=raw,
             timeout=self.timeout,
             helo=self.hostname,
+            maybe_written=challenge.maybe_sent,
         )
         text = f"{result.code} {result.text}".strip()
         if result.outcome == Outcome.DELIVERED:
@@ -152,6 +153,7 @@ class NextHopDelivery:
             sourceauth_id=job.message_id,
             timeout=self.timeout,
             helo=self.hostname,
+            maybe_written=job.maybe_sent,
         )
 
     def deliver_batch(self, jobs: Sequence[DeliveryJob]) -> list[DeliveryResult | None]:
