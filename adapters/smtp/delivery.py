@@ -19,7 +19,13 @@ from functools import lru_cache
 from typing import Literal
 from urllib.parse import urlsplit
 
-from sourceauth.adapters.durable import fsync_dir, write_once
+from sourceauth.adapters.durable import (
+    _LINK_UNSUPPORTED,
+    fsync_all,
+    fsync_dir,
+    unlink_quietly,
+    write_new_file,
+)
 from sourceauth.engine.api import DeliveryResult
 from sourceauth.engine.logs import get_logger
 
@@ -27,11 +33,14 @@ log = get_logger(__name__)
 
 __all__ = [
     "Connection",
+    "MaildirCopy",
     "NextHop",
     "NextHopError",
     "Outcome",
     "RecipientResult",
     "deliver",
+    "deliver_maildir_batch",
+    "delivery_done",
     "delivery_result",
     "parse_next_hop",
     "send_message",
@@ -541,32 +550,116 @@ def _already_there(mailbox: str, key: str, name: str, maybe_written: bool) -> bo
     return False
 
 
-def _maildir_write_once(
-    mailbox: str, key: str, content: bytes, *, maybe_written: bool = True
-) -> str | None:
-    """Write content to mailbox/new/<key>.<host> unless it is already there (see
-    `_already_there`: with maybe_written, <key>.* anywhere in new/ or cur/).
+@dataclass
+class _Write:
+    """One recipient's file of a Maildir batch, through its stages."""
 
-    Returns the new file's path, or None when the message was already there.
-    """
-    name = f"{key}.{_maildir_hostname()}"
-    final = os.path.join(mailbox, "new", name)
+    mailbox: str
+    name: str
+    content: bytes
+    tmp: str = ""
+    result: tuple[int, str] | None = None  # (code, text) once decided
+    linked: bool = False
+
+
+@dataclass(frozen=True)
+class MaildirCopy:
+    """One copy for `deliver_maildir_batch`: already stamped (or a challenge, unstamped)."""
+
+    mail_from: str
+    recipients: Sequence[str]
+    data: bytes
+    key: str
+    maybe_written: bool = True
+
+
+def _failed(exc: OSError, where: str) -> tuple[int, str]:
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    code, status = (452, "4.3.1") if full else (451, "4.3.0")
+    return code, f"{status} maildir {exc.filename or where}: {exc.strerror or exc}"
+
+
+def _stage(w: _Write, key: str, maybe_written: bool) -> None:
+    """Write w's bytes to a file in tmp/ (not yet fsync'd) unless the copy is there already."""
     for again in (False, True):
-        _ensure_maildir(mailbox)
+        _ensure_maildir(w.mailbox)
         tmp = os.path.join(
-            mailbox, "tmp", f"{name}.{os.getpid()}_{threading.get_ident()}_{uuid.uuid4().hex[:8]}"
+            w.mailbox,
+            "tmp",
+            f"{w.name}.{os.getpid()}_{threading.get_ident()}_{uuid.uuid4().hex[:8]}",
         )
         try:
-            if _already_there(mailbox, key, name, maybe_written):
-                return None
-            # Linked, never renamed over: a racing writer of the same id wins.
-            return final if write_once(final, content, temp=tmp) else None
+            if _already_there(w.mailbox, key, w.name, maybe_written):
+                w.result = (250, f"2.0.0 already in {w.mailbox} (exactly-once)")
+                return
+            write_new_file(tmp, w.content, fsync=False)
+            w.tmp = tmp
+            return
         except FileNotFoundError:
             if again:
                 raise
             # removed since we made it: make it again (its copies went with it)
-            _KNOWN_MAILDIRS.discard(mailbox)
-    raise AssertionError("unreachable")  # pragma: no cover
+            _KNOWN_MAILDIRS.discard(w.mailbox)
+
+
+def _fsync_each(paths: Sequence[str], *, directory: bool) -> dict[str, OSError]:
+    """fsync them all together; on trouble, one by one to learn which failed."""
+    if not paths:
+        return {}
+    try:
+        fsync_all(paths, directory=directory)
+        return {}
+    except OSError:
+        pass
+    failed: dict[str, OSError] = {}
+    for path in paths:
+        try:
+            fsync_all([path], directory=directory)
+        except OSError as exc:
+            failed[path] = exc
+    return failed
+
+
+def _write_batch(writes: Sequence[_Write], keys: Sequence[str], maybes: Sequence[bool]) -> None:
+    """Each write lands in new/ exactly once: staged in tmp/, the staged files fsync'd together,
+    each linked to new/<name> (never over a racing writer's file), then each new/ directory
+    fsync'd once for the batch. Sets every write's result."""
+    for w, key, maybe in zip(writes, keys, maybes, strict=True):
+        try:
+            _stage(w, key, maybe)
+        except OSError as exc:
+            w.result = _failed(exc, w.mailbox)
+    staged = [w for w in writes if w.result is None]
+    bad = _fsync_each([w.tmp for w in staged], directory=False)
+    for w in staged:
+        final = os.path.join(w.mailbox, "new", w.name)
+        try:
+            if w.tmp in bad:
+                raise bad[w.tmp]
+            try:
+                os.link(w.tmp, final)
+            except FileExistsError:
+                w.result = (250, f"2.0.0 already in {w.mailbox} (exactly-once)")
+                continue
+            except OSError as exc:
+                if exc.errno not in _LINK_UNSUPPORTED:
+                    raise
+                os.rename(w.tmp, final)
+            w.linked = True
+        except OSError as exc:
+            w.result = _failed(exc, w.mailbox)
+        finally:
+            unlink_quietly(w.tmp)
+    linked = [w for w in staged if w.linked]
+    dirs = sorted({os.path.join(w.mailbox, "new") for w in linked})
+    bad = _fsync_each(dirs, directory=True)
+    for w in linked:
+        new = os.path.join(w.mailbox, "new")
+        if new in bad:
+            # in new/ but not durably: a retry (maybe_written) finds it and writes no other
+            w.result = _failed(bad[new], new)
+        else:
+            w.result = (250, f"2.0.0 delivered to {os.path.join(new, w.name)}")
 
 
 def _final_delivery_headers(mail_from: str, recipient: str, data: bytes) -> bytes:
@@ -582,6 +675,61 @@ def _final_delivery_headers(mail_from: str, recipient: str, data: bytes) -> byte
     )
 
 
+def deliver_maildir_batch(root: str, copies: Sequence[MaildirCopy]) -> list[list[RecipientResult]]:
+    """Deliver several copies into the Maildirs under root, one result per recipient of each:
+    every file fsync'd before it is linked into new/, every new/ fsync'd before this returns,
+    together (the file system commits a batch in about one journal commit, not one per file).
+    A file <key>.<host> is never written twice (see `_already_there`)."""
+    out: list[list[RecipientResult | _Write]] = []
+    writes: list[_Write] = []
+    keys: list[str] = []
+    maybes: list[bool] = []
+    seen: dict[tuple[str, str], _Write] = {}
+    host = _maildir_hostname()
+    for copy in copies:
+        results: list[RecipientResult | _Write] = []
+        out.append(results)
+        try:
+            sender: str | None = _envelope_address(copy.mail_from)
+        except _BadAddress:
+            sender = None
+        for rcpt in copy.recipients:
+            if sender is None:
+                results.append(
+                    RecipientResult(rcpt, Outcome.PERMANENT, 501, "5.1.7 invalid sender address")
+                )
+                continue
+            try:
+                addr = _envelope_address(rcpt)
+                if not addr:
+                    raise _BadAddress("empty recipient address")
+            except _BadAddress as exc:
+                results.append(RecipientResult(rcpt, Outcome.PERMANENT, 501, f"5.1.3 {exc}"))
+                continue
+            mailbox = os.path.join(root, _mailbox_name(addr))
+            name = f"{copy.key}.{host}"
+            w = seen.get((mailbox, name))
+            if w is None:  # one mailbox twice in a batch is written once
+                content = _final_delivery_headers(sender, addr, copy.data) + copy.data
+                w = seen[(mailbox, name)] = _Write(mailbox, name, content)
+                writes.append(w)
+                keys.append(copy.key)
+                maybes.append(copy.maybe_written)
+            results.append(w)
+    _write_batch(writes, keys, maybes)
+    done: list[list[RecipientResult]] = []
+    for copy, results in zip(copies, out, strict=True):
+        answers: list[RecipientResult] = []
+        for rcpt, r in zip(copy.recipients, results, strict=True):
+            if isinstance(r, RecipientResult):
+                answers.append(r)
+                continue
+            code, text = r.result or (451, "4.3.0 maildir: not written")
+            answers.append(RecipientResult(rcpt, _classify(code), code, text))
+        done.append(answers)
+    return done
+
+
 def _deliver_maildir(
     root: str,
     mail_from: str,
@@ -590,48 +738,9 @@ def _deliver_maildir(
     key: str,
     maybe_written: bool = True,
 ) -> list[RecipientResult]:
-    results: list[RecipientResult] = []
-    try:
-        sender: str | None = _envelope_address(mail_from)
-    except _BadAddress:
-        sender = None
-    for rcpt in recipients:
-        if sender is None:
-            results.append(
-                RecipientResult(rcpt, Outcome.PERMANENT, 501, "5.1.7 invalid sender address")
-            )
-            continue
-        try:
-            addr = _envelope_address(rcpt)
-            if not addr:
-                raise _BadAddress("empty recipient address")
-        except _BadAddress as exc:
-            results.append(RecipientResult(rcpt, Outcome.PERMANENT, 501, f"5.1.3 {exc}"))
-            continue
-        mailbox = os.path.join(root, _mailbox_name(addr))
-        content = _final_delivery_headers(sender, addr, data) + data
-        try:
-            written = _maildir_write_once(mailbox, key, content, maybe_written=maybe_written)
-        except OSError as exc:
-            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            code, status = (452, "4.3.1") if full else (451, "4.3.0")
-            where = exc.filename or mailbox
-            results.append(
-                RecipientResult(
-                    rcpt,
-                    Outcome.TEMPORARY,
-                    code,
-                    f"{status} maildir {where}: {exc.strerror or exc}",
-                )
-            )
-            continue
-        text = (
-            f"2.0.0 delivered to {written}"
-            if written
-            else f"2.0.0 already in {mailbox} (exactly-once)"
-        )
-        results.append(RecipientResult(rcpt, Outcome.DELIVERED, 250, text))
-    return results
+    return deliver_maildir_batch(
+        root, [MaildirCopy(mail_from, recipients, data, key, maybe_written)]
+    )[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -703,12 +812,13 @@ def deliver(
         )
     else:
         results = _Session(next_hop, mail_from, recipients, data, timeout, helo).run()
-    return _delivery_done(next_hop, results, sourceauth_id)
+    return delivery_done(next_hop, results, sourceauth_id)
 
 
-def _delivery_done(
+def delivery_done(
     next_hop: NextHop, results: Sequence[RecipientResult], sourceauth_id: str
 ) -> DeliveryResult:
+    """The DeliveryResult of one copy's recipient results, refusals and the outcome logged."""
     _log_refused("delivery", next_hop, results, sourceauth_id=sourceauth_id)
     result = delivery_result(next_hop, results)
     log.info(
@@ -766,7 +876,7 @@ class Connection:
         data = stamp(bytes(raw), sourceauth_id)
         session = _Session(self.hop, mail_from, recipients, data, self.timeout, self.helo)
         status = self._send(session)
-        return _delivery_done(self.hop, session.done(), sourceauth_id), status
+        return delivery_done(self.hop, session.done(), sourceauth_id), status
 
     def _send(self, session: _Session) -> str:
         if not session.pending():

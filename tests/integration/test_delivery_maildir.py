@@ -168,3 +168,40 @@ def test_a_mailbox_removed_behind_the_cache_is_made_again(mail: Path) -> None:
         if sid == "one":
             shutil.rmtree(mail / DAVE)
     assert sorted(os.listdir(mail / DAVE)) == ["cur", "new", "tmp"]
+
+
+def test_a_batch_of_copies_fsyncs_each_new_directory_once_and_each_file_before_its_link(
+    make_engine: EngineFactory, mail: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, _ = engine_with(make_engine, mail)
+    erin = "erin@other.test"
+    for n in range(20):
+        app.receive(incoming(app, f"sender{n}@remote.test", [DAVE, erin]))
+    synced: list[tuple[tuple[str, ...], bool]] = []
+    real = delivery.fsync_all
+
+    def fsync_all(paths: Sequence[str], *, directory: bool = False) -> None:
+        if not directory:  # every staged file is still in tmp/ when it is fsync'd
+            assert all("/tmp/" in p and os.path.exists(p) for p in paths)
+        synced.append((tuple(paths), directory))
+        real(paths, directory=directory)
+
+    monkeypatch.setattr(delivery, "fsync_all", fsync_all)
+    assert app.dispatch_deliveries() == (20, 0, 0)
+    dirs = [p for paths, directory in synced if directory for p in paths]
+    assert sorted(dirs) == sorted(str(mail / who / "new") for who in (DAVE, erin))
+    assert sum(len(paths) for paths, directory in synced if not directory) == 40
+    assert len(files(mail, "new")) == 20 and len(os.listdir(mail / erin / "new")) == 20
+    assert files(mail, "tmp") == []
+
+
+def test_one_unwritable_mailbox_in_a_batch_defers_only_its_recipient(
+    make_engine: EngineFactory, mail: Path
+) -> None:
+    app, _ = engine_with(make_engine, mail)
+    mail.mkdir()
+    (mail / "erin@other.test").write_text("not a directory")
+    app.receive(incoming(app, "alice@remote.test", [DAVE, "erin@other.test"]))
+    app.receive(incoming(app, "bert@remote.test", [DAVE]))
+    assert app.dispatch_deliveries() == (1, 1, 0)
+    assert len(files(mail, "new")) == 2
