@@ -259,6 +259,10 @@ class OutgoingChallenge:
     in_reply_to: str
     recipient: str
     thread_id: str = ""  # the Message-ID's local part (tokens.thread_id): replies thread on it
+    # False only when this challenge cannot have been sent before (first attempt, lease not
+    # taken over from a lapsed holder): a Maildir outbox may then skip its scan for a copy
+    # a client already moved to cur/.
+    maybe_sent: bool = True
 
 
 class SendOutcome(StrEnum):
@@ -280,6 +284,9 @@ class DeliveryJob:
     sha256: str
     mail_from: str
     recipients: tuple[str, ...]
+    # False only when this copy cannot have been handed on before (first attempt, lease not
+    # taken over from a lapsed holder): see OutgoingChallenge.maybe_sent.
+    maybe_sent: bool = True
 
 
 @dataclass(frozen=True)

@@ -205,10 +205,18 @@ class ViewStore(Protocol):
 
     def live_copies(self, receipt_id: str) -> int: ...
 
-    def claim_work(self, work: Sequence[str], holder: str, now: float, until: float) -> set[str]:
+    def claim_work(
+        self,
+        work: Sequence[str],
+        holder: str,
+        now: float,
+        until: float,
+        taken_over: set[str] | None = None,
+    ) -> set[str]:
         """Lease outbound work (challenge sends, deliveries) to one worker across processes
         and nodes: returns the keys now held by `holder` until `until`; a key leased to
-        anyone else and not lapsed by `now` is left out."""
+        anyone else and not lapsed by `now` is left out. Keys that had a (lapsed) lease row
+        already are added to `taken_over`: their last holder may have sent them."""
         ...
 
     def release_work(self, work: Sequence[str], holder: str) -> None:

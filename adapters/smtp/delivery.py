@@ -19,7 +19,13 @@ from functools import lru_cache
 from typing import Literal
 from urllib.parse import urlsplit
 
-from sourceauth.adapters.durable import fsync_dir, write_once
+from sourceauth.adapters.durable import (
+    _LINK_UNSUPPORTED,
+    fsync_all,
+    fsync_dir,
+    unlink_quietly,
+    write_new_file,
+)
 from sourceauth.engine.api import DeliveryResult
 from sourceauth.engine.logs import get_logger
 
@@ -27,11 +33,14 @@ log = get_logger(__name__)
 
 __all__ = [
     "Connection",
+    "MaildirCopy",
     "NextHop",
     "NextHopError",
     "Outcome",
     "RecipientResult",
     "deliver",
+    "deliver_maildir_batch",
+    "delivery_done",
     "delivery_result",
     "parse_next_hop",
     "send_message",
@@ -492,7 +501,16 @@ def _mailbox_name(address: str) -> str:
     return name
 
 
+# Mailboxes this process has created or found whole: a write into one of them skips the
+# mkdir attempts. A mailbox removed behind our back is made again (the write's ENOENT).
+# Bounded (a challenge outbox has a mailbox per stranger): emptied when full.
+_KNOWN_MAILDIRS: set[str] = set()
+_KNOWN_MAILDIRS_MAX = 50_000
+
+
 def _ensure_maildir(mailbox: str) -> None:
+    if mailbox in _KNOWN_MAILDIRS:
+        return
     created = False
     root = os.path.dirname(mailbox)
     if not os.path.isdir(root):
@@ -505,35 +523,142 @@ def _ensure_maildir(mailbox: str) -> None:
             if not os.path.isdir(path):
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", path) from None
     if created:
+        # the new entries (tmp/new/cur in the mailbox, the mailbox in the root) made durable
+        # once; later writes fsync only new/
         fsync_dir(mailbox)
         fsync_dir(root)
+    if len(_KNOWN_MAILDIRS) >= _KNOWN_MAILDIRS_MAX:
+        _KNOWN_MAILDIRS.clear()
+    _KNOWN_MAILDIRS.add(mailbox)
 
 
-def _already_there(mailbox: str, key: str, name: str) -> bool:
-    if os.path.exists(os.path.join(mailbox, "new", name)):
+def _already_there(mailbox: str, key: str, name: str, maybe_written: bool) -> bool:
+    """Whether <key>.* is in the mailbox. new/<name> (what this host writes) is looked up
+    always; when the copy may have been written before (a retry, a lease taken over after a
+    crash), new/ and cur/ are scanned for <key>.* too: a client moves new/<name> to
+    cur/<name>:2,FLAGS, and another host writes <key>.<its name>. A first attempt cannot have
+    been written: it skips the scans, whose cost grows with the mailbox."""
+    if os.path.lexists(os.path.join(mailbox, "new", name)):
         return True
+    if not maybe_written:
+        return False
     prefix = key + "."
-    for sub in ("new", "cur"):
+    for sub in ("new", "cur"):  # listdir: names only, ~1.4x faster than scandir's entries
         if any(n.startswith(prefix) for n in os.listdir(os.path.join(mailbox, sub))):
             return True
     return False
 
 
-def _maildir_write_once(mailbox: str, key: str, content: bytes) -> str | None:
-    """Write content to mailbox/new/<key>.<host> unless <key>.* is already in new/ or cur/.
+@dataclass
+class _Write:
+    """One recipient's file of a Maildir batch, through its stages."""
 
-    Returns the new file's path, or None when the message was already there.
-    """
-    _ensure_maildir(mailbox)
-    name = f"{key}.{_maildir_hostname()}"
-    if _already_there(mailbox, key, name):
-        return None
-    tmp = os.path.join(
-        mailbox, "tmp", f"{name}.{os.getpid()}_{threading.get_ident()}_{uuid.uuid4().hex[:8]}"
-    )
-    final = os.path.join(mailbox, "new", name)
-    # Linked, never renamed over: a racing writer of the same id wins.
-    return final if write_once(final, content, temp=tmp) else None
+    mailbox: str
+    name: str
+    content: bytes
+    tmp: str = ""
+    result: tuple[int, str] | None = None  # (code, text) once decided
+    linked: bool = False
+
+
+@dataclass(frozen=True)
+class MaildirCopy:
+    """One copy for `deliver_maildir_batch`: already stamped (or a challenge, unstamped)."""
+
+    mail_from: str
+    recipients: Sequence[str]
+    data: bytes
+    key: str
+    maybe_written: bool = True
+
+
+def _failed(exc: OSError, where: str) -> tuple[int, str]:
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    code, status = (452, "4.3.1") if full else (451, "4.3.0")
+    return code, f"{status} maildir {exc.filename or where}: {exc.strerror or exc}"
+
+
+def _stage(w: _Write, key: str, maybe_written: bool) -> None:
+    """Write w's bytes to a file in tmp/ (not yet fsync'd) unless the copy is there already."""
+    for again in (False, True):
+        _ensure_maildir(w.mailbox)
+        tmp = os.path.join(
+            w.mailbox,
+            "tmp",
+            f"{w.name}.{os.getpid()}_{threading.get_ident()}_{uuid.uuid4().hex[:8]}",
+        )
+        try:
+            if _already_there(w.mailbox, key, w.name, maybe_written):
+                w.result = (250, f"2.0.0 already in {w.mailbox} (exactly-once)")
+                return
+            write_new_file(tmp, w.content, fsync=False)
+            w.tmp = tmp
+            return
+        except FileNotFoundError:
+            if again:
+                raise
+            # removed since we made it: make it again (its copies went with it)
+            _KNOWN_MAILDIRS.discard(w.mailbox)
+
+
+def _fsync_each(paths: Sequence[str], *, directory: bool) -> dict[str, OSError]:
+    """fsync them all together; on trouble, one by one to learn which failed."""
+    if not paths:
+        return {}
+    try:
+        fsync_all(paths, directory=directory)
+        return {}
+    except OSError:
+        pass
+    failed: dict[str, OSError] = {}
+    for path in paths:
+        try:
+            fsync_all([path], directory=directory)
+        except OSError as exc:
+            failed[path] = exc
+    return failed
+
+
+def _write_batch(writes: Sequence[_Write], keys: Sequence[str], maybes: Sequence[bool]) -> None:
+    """Each write lands in new/ exactly once: staged in tmp/, the staged files fsync'd together,
+    each linked to new/<name> (never over a racing writer's file), then each new/ directory
+    fsync'd once for the batch. Sets every write's result."""
+    for w, key, maybe in zip(writes, keys, maybes, strict=True):
+        try:
+            _stage(w, key, maybe)
+        except OSError as exc:
+            w.result = _failed(exc, w.mailbox)
+    staged = [w for w in writes if w.result is None]
+    bad = _fsync_each([w.tmp for w in staged], directory=False)
+    for w in staged:
+        final = os.path.join(w.mailbox, "new", w.name)
+        try:
+            if w.tmp in bad:
+                raise bad[w.tmp]
+            try:
+                os.link(w.tmp, final)
+            except FileExistsError:
+                w.result = (250, f"2.0.0 already in {w.mailbox} (exactly-once)")
+                continue
+            except OSError as exc:
+                if exc.errno not in _LINK_UNSUPPORTED:
+                    raise
+                os.rename(w.tmp, final)
+            w.linked = True
+        except OSError as exc:
+            w.result = _failed(exc, w.mailbox)
+        finally:
+            unlink_quietly(w.tmp)
+    linked = [w for w in staged if w.linked]
+    dirs = sorted({os.path.join(w.mailbox, "new") for w in linked})
+    bad = _fsync_each(dirs, directory=True)
+    for w in linked:
+        new = os.path.join(w.mailbox, "new")
+        if new in bad:
+            # in new/ but not durably: a retry (maybe_written) finds it and writes no other
+            w.result = _failed(bad[new], new)
+        else:
+            w.result = (250, f"2.0.0 delivered to {os.path.join(new, w.name)}")
 
 
 def _final_delivery_headers(mail_from: str, recipient: str, data: bytes) -> bytes:
@@ -549,51 +674,72 @@ def _final_delivery_headers(mail_from: str, recipient: str, data: bytes) -> byte
     )
 
 
-def _deliver_maildir(
-    root: str, mail_from: str, recipients: Sequence[str], data: bytes, key: str
-) -> list[RecipientResult]:
-    results: list[RecipientResult] = []
-    try:
-        sender: str | None = _envelope_address(mail_from)
-    except _BadAddress:
-        sender = None
-    for rcpt in recipients:
-        if sender is None:
-            results.append(
-                RecipientResult(rcpt, Outcome.PERMANENT, 501, "5.1.7 invalid sender address")
-            )
-            continue
+def deliver_maildir_batch(root: str, copies: Sequence[MaildirCopy]) -> list[list[RecipientResult]]:
+    """Deliver several copies into the Maildirs under root, one result per recipient of each:
+    every file fsync'd before it is linked into new/, every new/ fsync'd before this returns,
+    together (the file system commits a batch in about one journal commit, not one per file).
+    A file <key>.<host> is never written twice (see `_already_there`)."""
+    out: list[list[RecipientResult | _Write]] = []
+    writes: list[_Write] = []
+    keys: list[str] = []
+    maybes: list[bool] = []
+    seen: dict[tuple[str, str], _Write] = {}
+    host = _maildir_hostname()
+    for copy in copies:
+        results: list[RecipientResult | _Write] = []
+        out.append(results)
         try:
-            addr = _envelope_address(rcpt)
-            if not addr:
-                raise _BadAddress("empty recipient address")
-        except _BadAddress as exc:
-            results.append(RecipientResult(rcpt, Outcome.PERMANENT, 501, f"5.1.3 {exc}"))
-            continue
-        mailbox = os.path.join(root, _mailbox_name(addr))
-        content = _final_delivery_headers(sender, addr, data) + data
-        try:
-            written = _maildir_write_once(mailbox, key, content)
-        except OSError as exc:
-            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            code, status = (452, "4.3.1") if full else (451, "4.3.0")
-            where = exc.filename or mailbox
-            results.append(
-                RecipientResult(
-                    rcpt,
-                    Outcome.TEMPORARY,
-                    code,
-                    f"{status} maildir {where}: {exc.strerror or exc}",
+            sender: str | None = _envelope_address(copy.mail_from)
+        except _BadAddress:
+            sender = None
+        for rcpt in copy.recipients:
+            if sender is None:
+                results.append(
+                    RecipientResult(rcpt, Outcome.PERMANENT, 501, "5.1.7 invalid sender address")
                 )
-            )
-            continue
-        text = (
-            f"2.0.0 delivered to {written}"
-            if written
-            else f"2.0.0 already in {mailbox} (exactly-once)"
-        )
-        results.append(RecipientResult(rcpt, Outcome.DELIVERED, 250, text))
-    return results
+                continue
+            try:
+                addr = _envelope_address(rcpt)
+                if not addr:
+                    raise _BadAddress("empty recipient address")
+            except _BadAddress as exc:
+                results.append(RecipientResult(rcpt, Outcome.PERMANENT, 501, f"5.1.3 {exc}"))
+                continue
+            mailbox = os.path.join(root, _mailbox_name(addr))
+            name = f"{copy.key}.{host}"
+            w = seen.get((mailbox, name))
+            if w is None:  # one mailbox twice in a batch is written once
+                content = _final_delivery_headers(sender, addr, copy.data) + copy.data
+                w = seen[(mailbox, name)] = _Write(mailbox, name, content)
+                writes.append(w)
+                keys.append(copy.key)
+                maybes.append(copy.maybe_written)
+            results.append(w)
+    _write_batch(writes, keys, maybes)
+    done: list[list[RecipientResult]] = []
+    for copy, results in zip(copies, out, strict=True):
+        answers: list[RecipientResult] = []
+        for rcpt, r in zip(copy.recipients, results, strict=True):
+            if isinstance(r, RecipientResult):
+                answers.append(r)
+                continue
+            code, text = r.result or (451, "4.3.0 maildir: not written")
+            answers.append(RecipientResult(rcpt, _classify(code), code, text))
+        done.append(answers)
+    return done
+
+
+def _deliver_maildir(
+    root: str,
+    mail_from: str,
+    recipients: Sequence[str],
+    data: bytes,
+    key: str,
+    maybe_written: bool = True,
+) -> list[RecipientResult]:
+    return deliver_maildir_batch(
+        root, [MaildirCopy(mail_from, recipients, data, key, maybe_written)]
+    )[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -645,12 +791,14 @@ def deliver(
     sourceauth_id: str,
     timeout: float = 30.0,
     helo: str | None = None,
+    maybe_written: bool = True,
 ) -> DeliveryResult:
     """Deliver raw, stamped with X-SourceAuth-Id, to every recipient through next_hop.
 
     Never raises for trouble at the next hop: each recipient ends up delivered, temporary
     (retry later) or rejected. Raises ValueError for programming errors (no recipients,
-    invalid id).
+    invalid id). maybe_written=False (the copy's first attempt, never handed on before) lets a
+    Maildir skip its scan of new/ and cur/ for an earlier copy.
     """
     if isinstance(recipients, str) or not recipients:
         raise ValueError("recipients must be a non-empty sequence of addresses")
@@ -658,15 +806,18 @@ def deliver(
         raise TypeError("raw must be bytes")
     data = stamp(bytes(raw), sourceauth_id)
     if next_hop.scheme == "maildir":
-        results = _deliver_maildir(next_hop.path, mail_from, recipients, data, sourceauth_id)
+        results = _deliver_maildir(
+            next_hop.path, mail_from, recipients, data, sourceauth_id, maybe_written
+        )
     else:
         results = _Session(next_hop, mail_from, recipients, data, timeout, helo).run()
-    return _delivery_done(next_hop, results, sourceauth_id)
+    return delivery_done(next_hop, results, sourceauth_id)
 
 
-def _delivery_done(
+def delivery_done(
     next_hop: NextHop, results: Sequence[RecipientResult], sourceauth_id: str
 ) -> DeliveryResult:
+    """The DeliveryResult of one copy's recipient results, refusals and the outcome logged."""
     _log_refused("delivery", next_hop, results, sourceauth_id=sourceauth_id)
     result = delivery_result(next_hop, results)
     log.info(
@@ -724,7 +875,7 @@ class Connection:
         data = stamp(bytes(raw), sourceauth_id)
         session = _Session(self.hop, mail_from, recipients, data, self.timeout, self.helo)
         status = self._send(session)
-        return _delivery_done(self.hop, session.done(), sourceauth_id), status
+        return delivery_done(self.hop, session.done(), sourceauth_id), status
 
     def _send(self, session: _Session) -> str:
         if not session.pending():
@@ -762,18 +913,20 @@ def send_message(
     raw: bytes,
     timeout: float = 30.0,
     helo: str | None = None,
+    maybe_written: bool = True,
 ) -> RecipientResult:
     """Send raw (unchanged, no X-SourceAuth-Id) to one recipient: used for challenges.
 
     A maildir relay is an outbox: <path>/<recipient>/new/<key>.<host>, key derived from the
-    Message-ID, so a re-send of the same challenge is written once.
+    Message-ID, so a re-send of the same challenge is written once (maybe_written: as for
+    `deliver`).
     """
     if not isinstance(recipient, str):
         raise TypeError("recipient must be a str")
     data = bytes(raw)
     key = _message_id_key(data)
     if relay.scheme == "maildir":
-        results = _deliver_maildir(relay.path, mail_from, [recipient], data, key)
+        results = _deliver_maildir(relay.path, mail_from, [recipient], data, key, maybe_written)
     else:
         results = _Session(relay, mail_from, [recipient], data, timeout, helo).run()
     result = results[0]

@@ -21,10 +21,14 @@ from sourceauth.adapters.smtp.challenge import (
 )
 from sourceauth.adapters.smtp.delivery import (
     Connection,
+    MaildirCopy,
     NextHop,
     Outcome,
     deliver,
+    deliver_maildir_batch,
+    delivery_done,
     send_message,
+    stamp,
 )
 from sourceauth.engine.api import (
     DeliveryJob,
@@ -86,6 +90,7 @@ class ChallengeSender:
             raw=raw,
             timeout=self.timeout,
             helo=self.hostname,
+            maybe_written=challenge.maybe_sent,
         )
         text = f"{result.code} {result.text}".strip()
         if result.outcome == Outcome.DELIVERED:
@@ -96,6 +101,7 @@ class ChallengeSender:
 
 
 IDLE_CLOSE = 10.0  # seconds a kept-open next-hop connection may sit unused before it is closed
+MAILDIR_CHUNK = 64  # copies written into Maildirs and fsync'd together
 
 
 @dataclass
@@ -152,6 +158,7 @@ class NextHopDelivery:
             sourceauth_id=job.message_id,
             timeout=self.timeout,
             helo=self.hostname,
+            maybe_written=job.maybe_sent,
         )
 
     def deliver_batch(self, jobs: Sequence[DeliveryJob]) -> list[DeliveryResult | None]:
@@ -159,7 +166,9 @@ class NextHopDelivery:
         and no other was left to take it, or `halt` came first): it stays queued, untouched,
         for the next round.
         A next hop that cannot be reached at all makes every copy not yet tried temporary."""
-        if self.next_hop.scheme == "maildir" or (self.connections == 1 and self.batch == 1):
+        if self.next_hop.scheme == "maildir":
+            return self._maildir_batch(jobs)
+        if self.connections == 1 and self.batch == 1:
             return [None if self._halted.is_set() else self.deliver(job) for job in jobs]
         results: list[DeliveryResult | None] = [None] * len(jobs)
         todo = deque(range(len(jobs)))
@@ -211,6 +220,36 @@ class NextHopDelivery:
         pool = self._executor()
         for future in [pool.submit(work) for _ in range(width)]:
             future.result()
+        return results
+
+    def _maildir_batch(self, jobs: Sequence[DeliveryJob]) -> list[DeliveryResult | None]:
+        """Into the Maildirs in chunks, each written and fsync'd together (one commit of the
+        file system for a chunk, not two a copy); a halt leaves the chunks not begun queued."""
+        results: list[DeliveryResult | None] = [None] * len(jobs)
+        for start in range(0, len(jobs), MAILDIR_CHUNK):
+            if self._halted.is_set():
+                break
+            todo: list[int] = []
+            copies: list[MaildirCopy] = []
+            for i in range(start, min(start + MAILDIR_CHUNK, len(jobs))):
+                job = jobs[i]
+                raw = self._original(job)
+                if isinstance(raw, DeliveryResult):
+                    results[i] = raw
+                    continue
+                todo.append(i)
+                copies.append(
+                    MaildirCopy(
+                        job.mail_from,
+                        job.recipients,
+                        stamp(raw, job.message_id),
+                        job.message_id,
+                        job.maybe_sent,
+                    )
+                )
+            answers = deliver_maildir_batch(self.next_hop.path, copies)
+            for i, answer in zip(todo, answers, strict=True):
+                results[i] = delivery_done(self.next_hop, answer, jobs[i].message_id)
         return results
 
     def _executor(self) -> ThreadPoolExecutor:

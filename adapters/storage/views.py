@@ -725,11 +725,20 @@ class SqlViews:
                 [(r, now) for r in receipt_ids],
             )
 
-    def claim_work(self, work: Sequence[str], holder: str, now: float, until: float) -> set[str]:
+    def claim_work(
+        self,
+        work: Sequence[str],
+        holder: str,
+        now: float,
+        until: float,
+        taken_over: set[str] | None = None,
+    ) -> set[str]:
         """Lease each unleased (or lapsed) piece of outbound work to `holder` until `until`;
         returns what this call leased. One atomic statement: of workers racing for one key,
         on any node, exactly one gets it (PostgreSQL's ON CONFLICT DO UPDATE locks the row;
-        SQLite runs it in a write transaction)."""
+        SQLite runs it in a write transaction). Into `taken_over` go the keys that had a
+        lease row already (a lapsed lease: its holder may have sent the work and died before
+        recording the outcome)."""
         keys = sorted(set(work))  # one lock order for every worker: no deadlock between nodes
         claimed: set[str] = set()
         for i in range(0, len(keys), 500):
@@ -737,6 +746,13 @@ class SqlViews:
             marks = ", ".join(["(?, ?, ?)"] * len(chunk))
             params: list[Any] = [v for key in chunk for v in (key, holder, until)]
             with self._tx(write=True) as cur:
+                if taken_over is not None:
+                    held = self._x(
+                        cur,
+                        f"SELECT work FROM {LEASES} WHERE work IN ({', '.join('?' * len(chunk))})",
+                        tuple(chunk),
+                    ).fetchall()
+                    taken_over.update(str(r[0]) for r in held)
                 rows = self._x(
                     cur,
                     f"INSERT INTO {LEASES} (work, holder, until) VALUES {marks} "

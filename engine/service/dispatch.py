@@ -55,22 +55,29 @@ R = TypeVar("R")
 @contextmanager
 def _claimed(
     ctx: Context, kind: str, fetch: Callable[[], list[R]], key: Callable[[R], str]
-) -> Iterator[list[R]]:
+) -> Iterator[tuple[list[R], set[str]]]:
     """Due rows leased to this engine until their outcomes are recorded: no other thread,
     process or node sends them meanwhile. A crashed holder's lease lapses after settings.work_lease
-    seconds; whoever takes the work over then sends it again (same token, same id)."""
+    seconds; whoever takes the work over then sends it again (same token, same id).
+
+    Yields the rows and the keys of those taken over from a lapsed lease (their last holder
+    may have sent them: the transport then checks harder for an earlier copy). When the body
+    raises (an outcome not recorded after a send), the leases are not released but left to
+    lapse, so that whoever sends the work next knows it may have gone out already."""
+    taken: set[str] = set()
     with ctx.lock:
         ctx.catch_up()
         due = [r for r in fetch() if key(r) not in ctx.in_flight]
         ctx.in_flight.update(key(r) for r in due)
     leased: set[str] = set()
+    work: dict[str, R] = {}
     try:
         mine: list[R] = []
         if due:
             now = ctx.clock()
             work = {f"{kind}:{key(r)}": r for r in due}
             leased = ctx.views.claim_work(
-                list(work), ctx.holder, now, now + ctx.settings.work_lease
+                list(work), ctx.holder, now, now + ctx.settings.work_lease, taken
             )
             if leased:
                 # Another worker may have finished some of these between our read and our
@@ -79,10 +86,10 @@ def _claimed(
                     ctx.catch_up()
                     still = {key(r) for r in fetch()}
                 mine = [r for k, r in work.items() if k in leased and key(r) in still]
-        yield mine
-    finally:
+        yield mine, {key(r) for k, r in work.items() if k in taken}
         if leased:
             ctx.views.release_work(sorted(leased), ctx.holder)
+    finally:
         with ctx.lock:
             ctx.in_flight.difference_update(key(r) for r in due)
 
@@ -115,7 +122,7 @@ def dispatch_challenges(
     def due_now() -> list[ChallengeRow]:
         return ctx.views.challenges_due(ctx.clock(), limit)
 
-    with _claimed(ctx, "challenge", due_now, _challenge_key) as due:
+    with _claimed(ctx, "challenge", due_now, _challenge_key) as (due, taken):
         results: list[tuple[ChallengeRow, SendResult]] = []
         for row in due:  # network I/O, outside the lock
             if stop():
@@ -136,6 +143,7 @@ def dispatch_challenges(
                     scope=row.scope,
                     kid=row.kid,
                 ),
+                maybe_sent=row.attempts > 0 or row.challenge_id in taken,
             )
             results.append((row, transport.send(challenge)))
         outcomes = ctx.run("challenge_send", lambda unit: _record_sends(ctx, unit, results))
@@ -221,9 +229,10 @@ def dispatch_deliveries(
     def due_now() -> list[DeliveryRow]:
         return ctx.views.deliveries_due(ctx.clock(), limit)
 
-    with _claimed(ctx, "delivery", due_now, _copy_key) as due:
+    with _claimed(ctx, "delivery", due_now, _copy_key) as (due, taken):
         with ctx.lock:
             copies = [ctx.load_message(UUID(r.message_id)) for r in due]
+        taken_ids = {UUID(k) for k in taken}
         jobs = [
             DeliveryJob(
                 message_id=msg.id.hex,
@@ -231,6 +240,7 @@ def dispatch_deliveries(
                 sha256=msg.sha256,
                 mail_from=msg.sender,
                 recipients=tuple(msg.pending),
+                maybe_sent=msg.attempts > 0 or msg.id in taken_ids,
             )
             for msg in copies
             if msg is not None and msg.state == QUEUED and msg.pending
