@@ -50,6 +50,7 @@ from sourceauth.adapters.storage.wiring import (
     EncryptionMismatch,
     KeyringMismatch,
     Storage,
+    StorageUnreachable,
     open_blobs,
     open_engine,
 )
@@ -473,6 +474,38 @@ async def stop_within_deadline(app: SourceAuth, stopping: Awaitable[None], what:
     task.result()
 
 
+CHILD_RETRY = 1.0  # seconds between a child's attempts to open a database it cannot reach
+CHILD_RETRY_LOG = 30.0  # seconds between its log lines about it
+
+
+def child_engine(
+    cfg: Config, child: str, give_up: Callable[[float], bool], **kwargs: Any
+) -> SourceAuth | None:
+    """A child process's engine (worker, web, acceptor). The database may have gone while the
+    child was starting (a spawned child spends seconds importing under load): then it logs
+    one line (`child_storage_unreachable`, again every 30 s), never a traceback, and tries again
+    every second until the database answers, or `give_up(seconds)` (which waits that long)
+    says the child is to stop: None then. The SMTP process meanwhile answers 4xx, and nothing
+    is lost (a 250 only follows a commit)."""
+    since = time.monotonic()
+    told = None
+    while True:
+        try:
+            return build_engine(cfg, **kwargs)
+        except StorageUnreachable as exc:
+            now = time.monotonic()
+            if told is None or now - told >= CHILD_RETRY_LOG:
+                told = now
+                log.error(
+                    "child_storage_unreachable",
+                    child=child,
+                    error=str(exc),
+                    waited_s=round(now - since, 1),
+                )
+        if give_up(CHILD_RETRY):
+            return None
+
+
 def run_worker_process(cfg: Config, doorbell: Any, counts: OutboundCounts | None = None) -> None:
     """Entry point of the worker process: its own engine on the same storage; the event log
     (and, with [metrics], the outbound counts) is all it shares with the SMTP process, which
@@ -485,7 +518,13 @@ def run_worker_process(cfg: Config, doorbell: Any, counts: OutboundCounts | None
     if parent.gone():  # died while this process started: no SIGTERM will ever come
         log.warning("parent_gone", child="workers", pid=os.getpid(), parent=parent.pid)
         return
-    app = build_engine(cfg)
+
+    def give_up(seconds: float) -> bool:
+        return stop.is_set() or parent.gone() or await_doorbell(doorbell, seconds) == "stop"
+
+    app = child_engine(cfg, "workers", give_up)
+    if app is None:
+        return
     workers = Workers(app, cfg, counts)
     workers.start()
     log.info("workers_started", pid=os.getpid())
@@ -588,7 +627,13 @@ def run_web_process(cfg: Config, doorbell: Any) -> None:
     if parent.gone():
         log.warning("parent_gone", child="web", pid=os.getpid(), parent=parent.pid)
         return
-    app = build_engine(cfg, transports=False)
+
+    def give_up(seconds: float) -> bool:
+        return stop.is_set() or parent.gone() or await_doorbell(doorbell, seconds) == "stop"
+
+    app = child_engine(cfg, "web", give_up, transports=False)
+    if app is None:
+        return
     web = web_server(cfg, app)
     try:
         web.start()
@@ -974,8 +1019,15 @@ def run_acceptor_process(cfg: Config, doorbell: Any, wake: Any) -> None:
         log.warning("parent_gone", child="acceptor", pid=os.getpid(), parent=parent.pid)
         return
 
+    def give_up(seconds: float) -> bool:
+        return stop.is_set() or parent.gone() or await_doorbell(doorbell, seconds) == "stop"
+
+    app = child_engine(cfg, "acceptor", give_up)
+    if app is None:
+        return
+
     async def main() -> None:
-        flt = Filter(cfg, workers="none", wake=wake, reuse_port=True)
+        flt = Filter(cfg, app=app, workers="none", wake=wake, reuse_port=True)
         await flt.start()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, reopen_log)

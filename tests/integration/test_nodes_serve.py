@@ -354,3 +354,40 @@ def test_stopping_serve_with_the_database_gone_takes_seconds_and_loses_nothing(
         assert node.proc.returncode == 1 and "stop_abandoned" in log, log[-3000:]
     held = {r[0] for r in pg.query("SELECT count(*) FROM sa_blob_data")}
     assert held == {len(accepted)}, held  # the two 250s, and not the 4xx
+
+
+def test_a_child_starting_while_the_database_is_gone_waits_in_one_line_not_a_traceback(
+    tmp_path: Path, pg: PgSchema, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker, web or acceptor process opens its own engine seconds after `serve` started
+    (a spawned child imports first); the database may be gone by then (CI met it: the
+    acceptor's and the worker's `StorageUnreachable` tracebacks in the log). The child logs
+    one line and tries again every second until the database answers or it is told to stop;
+    once the database answers, it has its engine."""
+    from sourceauth.adapters.config import load_config
+    from sourceauth.adapters.runtime import child_engine
+
+    with FreezableProxy((pg.host, pg.port)) as proxy:
+        path = write_config(tmp_path, relay="smtp://127.0.0.1:9", next_hop="smtp://127.0.0.1:9")
+        url = f"postgresql://{pg.user}@127.0.0.1:{proxy.port}/{pg.dbname}?schema={pg.schema}"
+        path.write_text(path.read_text() + f'\n[storage]\nurl = "{url}"\n', encoding="utf-8")
+        cfg = load_config(path)
+        app = child_engine(cfg, "workers", lambda seconds: False)  # the database answers
+        assert app is not None
+        app.close()
+        proxy.close()  # gone for good: refused
+        asked: list[float] = []
+
+        def give_up(seconds: float) -> bool:
+            asked.append(seconds)
+            time.sleep(seconds)
+            return len(asked) == 3  # told to stop on the third wait
+
+        started = time.monotonic()
+        assert child_engine(cfg, "workers", give_up) is None
+        took = time.monotonic() - started
+    assert asked == [1.0, 1.0, 1.0] and took < 20, (asked, took)
+    told = [r for r in caplog.records if r.getMessage() == "child_storage_unreachable"]
+    assert len(told) == 1, caplog.text  # one line per 30 s
+    assert told[0].levelname == "ERROR" and told[0].exc_info is None
+    assert f"127.0.0.1:{proxy.port}" in str(told[0].__dict__["error"]), told[0].__dict__
