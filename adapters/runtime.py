@@ -474,6 +474,16 @@ async def stop_within_deadline(app: SourceAuth, stopping: Awaitable[None], what:
     task.result()
 
 
+def told_to_stop(stop: SignalFlag, parent: ParentWatch, doorbell: Any) -> Callable[[float], bool]:
+    """A child's wait: True once it is to stop (SIGTERM, its parent gone or its Doorbell
+    closed), after waiting up to `seconds` for that."""
+
+    def wait(seconds: float) -> bool:
+        return stop.is_set() or parent.gone() or await_doorbell(doorbell, seconds) == "stop"
+
+    return wait
+
+
 CHILD_RETRY = 1.0  # seconds between a child's attempts to open a database it cannot reach
 CHILD_RETRY_LOG = 30.0  # seconds between its log lines about it
 
@@ -519,10 +529,7 @@ def run_worker_process(cfg: Config, doorbell: Any, counts: OutboundCounts | None
         log.warning("parent_gone", child="workers", pid=os.getpid(), parent=parent.pid)
         return
 
-    def give_up(seconds: float) -> bool:
-        return stop.is_set() or parent.gone() or await_doorbell(doorbell, seconds) == "stop"
-
-    app = child_engine(cfg, "workers", give_up)
+    app = child_engine(cfg, "workers", told_to_stop(stop, parent, doorbell))
     if app is None:
         return
     workers = Workers(app, cfg, counts)
@@ -628,10 +635,7 @@ def run_web_process(cfg: Config, doorbell: Any) -> None:
         log.warning("parent_gone", child="web", pid=os.getpid(), parent=parent.pid)
         return
 
-    def give_up(seconds: float) -> bool:
-        return stop.is_set() or parent.gone() or await_doorbell(doorbell, seconds) == "stop"
-
-    app = child_engine(cfg, "web", give_up, transports=False)
+    app = child_engine(cfg, "web", told_to_stop(stop, parent, doorbell), transports=False)
     if app is None:
         return
     web = web_server(cfg, app)
@@ -1019,10 +1023,7 @@ def run_acceptor_process(cfg: Config, doorbell: Any, wake: Any) -> None:
         log.warning("parent_gone", child="acceptor", pid=os.getpid(), parent=parent.pid)
         return
 
-    def give_up(seconds: float) -> bool:
-        return stop.is_set() or parent.gone() or await_doorbell(doorbell, seconds) == "stop"
-
-    app = child_engine(cfg, "acceptor", give_up)
+    app = child_engine(cfg, "acceptor", told_to_stop(stop, parent, doorbell))
     if app is None:
         return
 
