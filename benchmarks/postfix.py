@@ -86,6 +86,7 @@ import sys, Milter
 class Noop(Milter.Base):
     def envfrom(self, f, *p): self.parts = []; return Milter.CONTINUE
     def envrcpt(self, t, *p): return Milter.CONTINUE
+    def data(self): return Milter.CONTINUE
     @Milter.noreply
     @Milter.decode("bytes")
     def header(self, k, v): self.parts.append(v); return Milter.CONTINUE
