@@ -213,9 +213,40 @@ def _wait_for(what: str, ready: object, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def measure(port: int, count: int) -> dict[str, float]:
-    """smtp-source into `port`; acceptance and end-to-end rates (messages per second)."""
+_TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy() -> int:
+    """CPU time spent by the whole machine (every core), in clock ticks, from /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        ticks = [int(t) for t in stat.readline().split()[1:]]
+    return sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+
+
+def _tree_cpu(root_pid: int) -> int:
+    """CPU time of a process and its descendants still alive (their exited threads count), in
+    clock ticks."""
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as children:
+                todo.extend(int(c) for c in children.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total
+
+
+def measure(port: int, count: int, filter_pid: int | None = None) -> dict[str, float]:
+    """smtp-source into `port`; acceptance and end-to-end rates (messages per second), the
+    machine's CPU time per message (every process: Postfix, smtp-source, the filter) and the
+    filter's own (filter_pid and its children), in milliseconds."""
     _clean()
+    busy = _machine_busy()
+    filter_cpu = _tree_cpu(filter_pid) if filter_pid else 0
     load = f"-s {SESSIONS} -l {MESSAGE_SIZE} -m {count} -f {SENDER} -t {RECIPIENT}".split()
     started = time.perf_counter()
     sent = subprocess.run(
@@ -234,15 +265,19 @@ def measure(port: int, count: int) -> dict[str, float]:
             raise TimeoutError(f"{_in_maildir()} of {count} in the Maildir after 600 s")
         time.sleep(0.01)
     done = time.perf_counter()
+    busy = _machine_busy() - busy
+    filter_cpu = (_tree_cpu(filter_pid) - filter_cpu) if filter_pid else 0
     return {
         "accept": count / (accepted - started),
         "e2e": count / (done - started),
         "in_maildir": _in_maildir(),
+        "cpu_ms": busy * _TICK_MS / count,
+        "filter_cpu_ms": filter_cpu * _TICK_MS / count,
     }
 
 
 @contextmanager
-def _process(args: list[str], ports: tuple[int, ...], log: Path) -> Iterator[None]:
+def _process(args: list[str], ports: tuple[int, ...], log: Path) -> Iterator[int]:
     for port in ports:
         if _accepts(port):
             raise RuntimeError(f"{HOST}:{port} is taken: stop what listens there first")
@@ -250,7 +285,7 @@ def _process(args: list[str], ports: tuple[int, ...], log: Path) -> Iterator[Non
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         try:
             _wait_for(f"{args[:4]} on {ports}", lambda: all(_accepts(p) for p in ports))
-            yield
+            yield proc.pid
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -300,24 +335,24 @@ def _started(root: Path, timeout: float = 120.0) -> None:
 def one_round(root: Path, count: int) -> dict[str, dict[str, float]]:
     got: dict[str, dict[str, float]] = {"alone": measure(ALONE, count)}
     noop = [sys.executable, "-c", NOOP_MILTER, f"inet:{MILTER}@{HOST}"]
-    with _process(noop, (MILTER,), root / "noop.log"):
-        got["noop_milter"] = measure(MILTER_SMTPD, count)
+    with _process(noop, (MILTER,), root / "noop.log") as pid:
+        got["noop_milter"] = measure(MILTER_SMTPD, count, pid)
     if _has("purepythonmilter"):
         pure = [sys.executable, "-c", NOOP_PURE_PYTHON, HOST, str(MILTER)]
-        with _process(pure, (MILTER,), root / "noop_pure_python.log"):
-            got["noop_pure_python"] = measure(MILTER_SMTPD, count)
+        with _process(pure, (MILTER,), root / "noop_pure_python.log") as pid:
+            got["noop_pure_python"] = measure(MILTER_SMTPD, count, pid)
     serve = _sourceauth(root)
-    with _process(serve, (FILTER, MILTER), root / "serve.out"):
+    with _process(serve, (FILTER, MILTER), root / "serve.out") as pid:
         _started(root)
-        got["content_filter"] = measure(CONTENT_FILTER, count)
-        got["milter"] = measure(MILTER_SMTPD, count)
+        got["content_filter"] = measure(CONTENT_FILTER, count, pid)
+        got["milter"] = measure(MILTER_SMTPD, count, pid)
         _wait_for("the filter's delivery queue to drain", _queue_empty, 120)
     if _has_unix_path():
         serve = _sourceauth(root / "unix", milter=f"unix:{MILTER_SOCKET}")
-        with _process(serve, (FILTER,), root / "serve-unix.out"):
+        with _process(serve, (FILTER,), root / "serve-unix.out") as pid:
             _wait_for("the milter's UNIX socket", MILTER_SOCKET.exists)
             _started(root / "unix")
-            got["milter_unix"] = measure(MILTER_UNIX_SMTPD, count)
+            got["milter_unix"] = measure(MILTER_UNIX_SMTPD, count, pid)
     return got
 
 
@@ -357,6 +392,13 @@ def run(scale: float = 1.0) -> list[BenchResult]:
         ),
         "runs_accept_msgs_per_s": "; ".join(
             f"{p}=" + "/".join(f"{r[p]['accept']:.0f}" for r in runs) for p in paths
+        ),
+        # CPU time per message, every round: the whole machine's, then (in brackets) the
+        # filter process tree's own; the rest is Postfix's and smtp-source's.
+        "runs_cpu_ms_per_msg": "; ".join(
+            f"{p}="
+            + "/".join(f"{r[p]['cpu_ms']:.2f}({r[p]['filter_cpu_ms']:.2f})" for r in runs)
+            for p in paths
         ),
     }
     results = [
