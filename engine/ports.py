@@ -34,6 +34,17 @@ class ChallengeTransport(Protocol):
     def send(self, challenge: OutgoingChallenge) -> SendResult: ...
 
 
+@runtime_checkable
+class BatchChallengeTransport(ChallengeTransport, Protocol):
+    """A challenge transport that sends many at once (one kept-open session to the relay, or
+    one fsync for a chunk of an outbox). One result per challenge, in order; None for one it
+    did not try because `stop()` became true first: that challenge stays due, untouched."""
+
+    def send_batch(
+        self, challenges: Sequence[OutgoingChallenge], stop: Callable[[], bool]
+    ) -> list[SendResult | None]: ...
+
+
 class DeliveryTransport(Protocol):
     """Hands one message copy to the next hop (blocking; called outside the engine's lock)."""
 

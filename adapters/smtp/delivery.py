@@ -37,6 +37,7 @@ __all__ = [
     "NextHop",
     "NextHopError",
     "Outcome",
+    "Outgoing",
     "RecipientResult",
     "deliver",
     "deliver_maildir_batch",
@@ -44,10 +45,12 @@ __all__ = [
     "delivery_result",
     "parse_next_hop",
     "send_message",
+    "send_messages",
     "stamp",
 ]
 
 HEADER_NAME = b"X-SourceAuth-Id"
+MAILDIR_CHUNK = 64  # copies written into Maildirs and fsync'd together
 _HEADER_NAME_LOWER = HEADER_NAME.lower()
 
 # An id is used verbatim in a header and as the first part of a Maildir file name, and the
@@ -873,9 +876,18 @@ class Connection:
         if isinstance(recipients, str) or not recipients:
             raise ValueError("recipients must be a non-empty sequence of addresses")
         data = stamp(bytes(raw), sourceauth_id)
+        answers, status = self.send(mail_from=mail_from, recipients=recipients, data=data)
+        return delivery_done(self.hop, answers, sourceauth_id), status
+
+    def send(
+        self, *, mail_from: str, recipients: Sequence[str], data: bytes
+    ) -> tuple[list[RecipientResult], str]:
+        """One transaction of data as it is (not stamped) over this connection: a result per
+        recipient, and how the connection fared ("sent", "down" or "broken", as for
+        `deliver`)."""
         session = _Session(self.hop, mail_from, recipients, data, self.timeout, self.helo)
         status = self._send(session)
-        return delivery_done(self.hop, session.done(), sourceauth_id), status
+        return session.done(), status
 
     def _send(self, session: _Session) -> str:
         if not session.pending():
@@ -903,6 +915,84 @@ class Connection:
         client, self._client = self._client, None
         if client is not None:
             _quit(client)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message for `send_messages`: sent as it is (not stamped) to one recipient."""
+
+    mail_from: str
+    recipient: str
+    raw: bytes
+    maybe_written: bool = True  # as for `deliver`
+
+
+def send_messages(
+    relay: NextHop,
+    messages: Sequence[Outgoing],
+    *,
+    timeout: float = 30.0,
+    helo: str | None = None,
+    stop: Callable[[], bool] = lambda: False,
+) -> list[RecipientResult | None]:
+    """Send several messages through the relay at once (challenges): over one kept-open
+    SMTP/LMTP connection, RSET between transactions, or into a Maildir outbox in chunks written
+    and fsync'd together. One result per message, in order; None for a message not tried
+    because `stop()` became true first (the caller leaves it for the next round).
+
+    A relay that cannot be reached answers every message not tried yet with the same
+    temporary result (no connection attempt per message); a session lost mid-transaction
+    makes that message temporary and the next one opens a new session."""
+    results: list[RecipientResult | None] = [None] * len(messages)
+    keys = [_message_id_key(bytes(m.raw)) for m in messages]
+    if relay.scheme == "maildir":
+        for start in range(0, len(messages), MAILDIR_CHUNK):
+            if stop():
+                break
+            chunk = range(start, min(start + MAILDIR_CHUNK, len(messages)))
+            copies = [
+                MaildirCopy(
+                    messages[i].mail_from,
+                    [messages[i].recipient],
+                    bytes(messages[i].raw),
+                    keys[i],
+                    messages[i].maybe_written,
+                )
+                for i in chunk
+            ]
+            for i, answers in zip(chunk, deliver_maildir_batch(relay.path, copies), strict=True):
+                results[i] = answers[0]
+    else:
+        conn = Connection(relay, timeout=timeout, helo=helo, max_messages=len(messages))
+        try:
+            down: RecipientResult | None = None
+            for i, m in enumerate(messages):
+                if down is not None:
+                    results[i] = RecipientResult(m.recipient, down.outcome, down.code, down.text)
+                    continue
+                if stop():
+                    break
+                answers, status = conn.send(
+                    mail_from=m.mail_from, recipients=[m.recipient], data=bytes(m.raw)
+                )
+                results[i] = answers[0]
+                if status == "down":
+                    down = answers[0]
+        finally:
+            conn.close()
+    for result, key in zip(results, keys, strict=True):
+        if result is None:
+            continue
+        _log_refused("challenge", relay, [result], message_key=key)
+        log.info(
+            "send_done",
+            relay=str(relay),
+            message_key=key,
+            recipient=result.recipient,
+            outcome=str(result.outcome),
+            code=result.code,
+        )
+    return results
 
 
 def send_message(

@@ -20,14 +20,18 @@ from sourceauth.adapters.smtp.challenge import (
     verp_address,
 )
 from sourceauth.adapters.smtp.delivery import (
+    MAILDIR_CHUNK,
     Connection,
     MaildirCopy,
     NextHop,
     Outcome,
+    Outgoing,
+    RecipientResult,
     deliver,
     deliver_maildir_batch,
     delivery_done,
     send_message,
+    send_messages,
     stamp,
 )
 from sourceauth.engine.api import (
@@ -92,6 +96,29 @@ class ChallengeSender:
             helo=self.hostname,
             maybe_written=challenge.maybe_sent,
         )
+        return self._outcome(result)
+
+    def send_batch(
+        self, challenges: Sequence[OutgoingChallenge], stop: Callable[[], bool]
+    ) -> list[SendResult | None]:
+        """Several challenges at once: over one SMTP session to the relay (RSET between), or
+        into a Maildir outbox in chunks fsync'd together. None for one not tried because
+        `stop()` became true first."""
+        messages = [
+            Outgoing(
+                mail_from=verp_address(self.bounce_address, c.token, self.delimiter),
+                recipient=c.to,
+                raw=self.compose(c),
+                maybe_written=c.maybe_sent,
+            )
+            for c in challenges
+        ]
+        results = send_messages(
+            self.relay, messages, timeout=self.timeout, helo=self.hostname, stop=stop
+        )
+        return [None if r is None else self._outcome(r) for r in results]
+
+    def _outcome(self, result: RecipientResult) -> SendResult:
         text = f"{result.code} {result.text}".strip()
         if result.outcome == Outcome.DELIVERED:
             return SendResult(SendOutcome.SENT, f"{self.relay}: {text}")
@@ -101,7 +128,6 @@ class ChallengeSender:
 
 
 IDLE_CLOSE = 10.0  # seconds a kept-open next-hop connection may sit unused before it is closed
-MAILDIR_CHUNK = 64  # copies written into Maildirs and fsync'd together
 
 
 @dataclass

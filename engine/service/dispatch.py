@@ -20,7 +20,7 @@ from sourceauth.engine.api import (
 )
 from sourceauth.engine.errors import ChallengeNotPending, NotAwaitingDelivery, TemporaryFailure
 from sourceauth.engine.message import QUEUED, Message
-from sourceauth.engine.ports import BatchDeliveryTransport
+from sourceauth.engine.ports import BatchChallengeTransport, BatchDeliveryTransport
 from sourceauth.engine.service import replies
 from sourceauth.engine.service.context import BATCH_LIMIT, Context, Unit, ts
 from sourceauth.engine.settings import EngineSettings
@@ -122,30 +122,38 @@ def dispatch_challenges(
     def due_now() -> list[ChallengeRow]:
         return ctx.views.challenges_due(ctx.clock(), limit)
 
+    def outgoing(row: ChallengeRow, taken: set[str]) -> OutgoingChallenge:
+        return OutgoingChallenge(
+            challenge_id=row.challenge_id,
+            token=mint_with(ctx, row),
+            to=row.address,
+            scope=row.scope,
+            expires_at=row.expires,
+            subject=row.subject,
+            in_reply_to=row.in_reply_to,
+            recipient=row.recipient,
+            thread_id=tokens.thread_id(
+                ctx.keyring,
+                challenge_id=bytes.fromhex(row.challenge_id),
+                sender=row.address,
+                scope=row.scope,
+                kid=row.kid,
+            ),
+            maybe_sent=row.attempts > 0 or row.challenge_id in taken,
+        )
+
     with _claimed(ctx, "challenge", due_now, _challenge_key) as (due, taken):
         results: list[tuple[ChallengeRow, SendResult]] = []
-        for row in due:  # network I/O, outside the lock
-            if stop():
-                break  # the rest stay due: their leases are released below, for the next taker
-            challenge = OutgoingChallenge(
-                challenge_id=row.challenge_id,
-                token=mint_with(ctx, row),
-                to=row.address,
-                scope=row.scope,
-                expires_at=row.expires,
-                subject=row.subject,
-                in_reply_to=row.in_reply_to,
-                recipient=row.recipient,
-                thread_id=tokens.thread_id(
-                    ctx.keyring,
-                    challenge_id=bytes.fromhex(row.challenge_id),
-                    sender=row.address,
-                    scope=row.scope,
-                    kid=row.kid,
-                ),
-                maybe_sent=row.attempts > 0 or row.challenge_id in taken,
-            )
-            results.append((row, transport.send(challenge)))
+        # Network I/O, outside the lock. Those not sent once stop() is true stay due: their
+        # leases are released below, for the next taker.
+        if isinstance(transport, BatchChallengeTransport):
+            sent = transport.send_batch([outgoing(row, taken) for row in due], stop)
+            results = [(row, r) for row, r in zip(due, sent, strict=True) if r is not None]
+        else:
+            for row in due:
+                if stop():
+                    break
+                results.append((row, transport.send(outgoing(row, taken))))
         outcomes = ctx.run("challenge_send", lambda unit: _record_sends(ctx, unit, results))
     return outcomes.count("sent"), outcomes.count("deferred"), outcomes.count("failed")
 
