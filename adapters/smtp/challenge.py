@@ -292,11 +292,12 @@ def _encode_body(body: str) -> tuple[bytes, str]:
 def _clean_body(body: str) -> str:
     """Control characters other than line breaks and tabs removed; surrogates replaced."""
     text = body.encode("utf-8", "replace").decode("utf-8", "replace")
-    return "".join(
-        char
-        for char in text
-        if char in "\r\n\t" or unicodedata.category(char) not in ("Cc", "Cs", "Zl", "Zp")
-    )
+    return _UNWANTED_RE.sub("", text)
+
+
+# Exactly the characters of Unicode categories Cc, Cs, Zl and Zp but CR, LF and TAB: one regex
+# pass instead of a category lookup per character (a challenge body is ~1,500 of them).
+_UNWANTED_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 def _as_utc(moment: datetime) -> datetime:

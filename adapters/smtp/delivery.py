@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
@@ -511,9 +511,8 @@ _KNOWN_MAILDIRS: set[str] = set()
 _KNOWN_MAILDIRS_MAX = 50_000
 
 
-def _ensure_maildir(mailbox: str) -> None:
-    if mailbox in _KNOWN_MAILDIRS:
-        return
+def _make_maildir(mailbox: str) -> bool:
+    """mkdir the mailbox and its tmp/, new/ and cur/ where missing; whether any was made."""
     created = False
     root = os.path.dirname(mailbox)
     if not os.path.isdir(root):
@@ -525,14 +524,52 @@ def _ensure_maildir(mailbox: str) -> None:
         except FileExistsError:
             if not os.path.isdir(path):
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", path) from None
-    if created:
-        # the new entries (tmp/new/cur in the mailbox, the mailbox in the root) made durable
-        # once; later writes fsync only new/
-        fsync_dir(mailbox)
-        fsync_dir(root)
+    return created
+
+
+def _known(mailbox: str) -> None:
     if len(_KNOWN_MAILDIRS) >= _KNOWN_MAILDIRS_MAX:
         _KNOWN_MAILDIRS.clear()
     _KNOWN_MAILDIRS.add(mailbox)
+
+
+def _ensure_maildir(mailbox: str) -> None:
+    if mailbox in _KNOWN_MAILDIRS:
+        return
+    if _make_maildir(mailbox):
+        # the new entries (tmp/new/cur in the mailbox, the mailbox in the root) made durable
+        # once; later writes fsync only new/
+        fsync_dir(mailbox)
+        fsync_dir(os.path.dirname(mailbox))
+    _known(mailbox)
+
+
+def _ensure_maildirs(mailboxes: Iterable[str]) -> dict[str, OSError]:
+    """`_ensure_maildir` for every mailbox of a batch, the directories of those made now
+    fsync'd together (a challenge outbox makes a mailbox per new stranger: two fsyncs each, one
+    after the other, were most of a challenge's cost). The mailboxes that could not be made
+    durable, with the reason; their writes fail, the others go on."""
+    made: list[str] = []
+    failed: dict[str, OSError] = {}
+    for mailbox in dict.fromkeys(mailboxes):
+        if mailbox in _KNOWN_MAILDIRS:
+            continue
+        try:
+            if _make_maildir(mailbox):
+                made.append(mailbox)
+            else:
+                _known(mailbox)
+        except OSError as exc:
+            failed[mailbox] = exc
+    if made:
+        bad = _fsync_each(sorted({*made, *(os.path.dirname(m) for m in made)}), directory=True)
+        for mailbox in made:
+            trouble = bad.get(mailbox) or bad.get(os.path.dirname(mailbox))
+            if trouble is None:
+                _known(mailbox)
+            else:
+                failed[mailbox] = trouble
+    return failed
 
 
 def _already_there(mailbox: str, key: str, name: str, maybe_written: bool) -> bool:
@@ -626,7 +663,11 @@ def _write_batch(writes: Sequence[_Write], keys: Sequence[str], maybes: Sequence
     """Each write lands in new/ exactly once: staged in tmp/, the staged files fsync'd together,
     each linked to new/<name> (never over a racing writer's file), then each new/ directory
     fsync'd once for the batch. Sets every write's result."""
+    unusable = _ensure_maildirs(w.mailbox for w in writes)
     for w, key, maybe in zip(writes, keys, maybes, strict=True):
+        if w.mailbox in unusable:
+            w.result = _failed(unusable[w.mailbox], w.mailbox)
+            continue
         try:
             _stage(w, key, maybe)
         except OSError as exc:

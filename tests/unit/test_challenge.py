@@ -530,3 +530,17 @@ def test_with_the_web_on_the_body_carries_the_confirmation_link_else_reads_as_be
     without = body_text(parse(compose())).replace("\r\n", "\n")
     assert f"\n{url}\n" in with_link and "press its button" in with_link
     assert "http" not in without and "write anything in the reply.\n\nThis request" in without
+
+
+def test_body_cleaning_drops_exactly_the_control_separator_and_surrogate_categories() -> None:
+    import unicodedata
+
+    from sourceauth.adapters.smtp.challenge import _UNWANTED_RE
+
+    every = "".join(chr(c) for c in range(0x110000))
+    expected = "".join(
+        ch
+        for ch in every
+        if ch in "\r\n\t" or unicodedata.category(ch) not in ("Cc", "Cs", "Zl", "Zp")
+    )
+    assert _UNWANTED_RE.sub("", every) == expected
