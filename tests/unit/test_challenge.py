@@ -544,3 +544,26 @@ def test_body_cleaning_drops_exactly_the_control_separator_and_surrogate_categor
         if ch in "\r\n\t" or unicodedata.category(ch) not in ("Cc", "Cs", "Zl", "Zp")
     )
     assert _UNWANTED_RE.sub("", every) == expected
+
+
+def test_single_line_folds_exactly_whitespace_and_the_breaking_categories() -> None:
+    import unicodedata
+
+    from sourceauth.adapters.smtp.challenge import _single_line
+
+    def by_category(value: str) -> str:
+        out: list[str] = []
+        space = False
+        for char in value:
+            if char.isspace() or unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp"):
+                if not space:
+                    out.append(" ")
+                    space = True
+                continue
+            out.append(char)
+            space = False
+        return "".join(out).strip()
+
+    every = "".join(f"a{chr(c)}{chr(c)}" for c in range(0x110000))
+    assert _single_line(every) == by_category(every)
+    assert _single_line(" \t x\r\n\u2028\x85y  ") == "x y"
