@@ -3,7 +3,6 @@ messages per transaction (group commit: every 250 waits for its own commit)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from uuid import UUID
@@ -18,6 +17,7 @@ from sourceauth.engine.api import (
     RecipientDecision,
 )
 from sourceauth.engine.errors import InvalidInput
+from sourceauth.engine.ids import new_uuid4
 from sourceauth.engine.logs import get_logger
 from sourceauth.engine.message import Message
 from sourceauth.engine.policy import check_auth_gate
@@ -171,7 +171,7 @@ def decide(
         expires: float,
         policy: RecipientPolicy | None = None,
     ) -> UUID:
-        mid = uuid.uuid4()
+        mid = new_uuid4()
         # A held copy names the policy that set its deadline and its fate if the challenge fails.
         held = {"policy": policy.source, "failed_action": policy.failed_action} if policy else {}
         unit.messages.append(
