@@ -758,11 +758,15 @@ def _envelope_local_part(mail_from: str) -> str:
         return _bare_local_part(mail_from.strip().strip("<>"))
 
 
+_ANGLE_ADDR = re.compile(r"<([^<>]*)>")
+_ADDRESS_SEPARATORS = re.compile(r"[\s,]+")
+
+
 def _header_local_parts(value: str) -> list[str]:
     """Lower-cased local parts of the addresses in an address header, found leniently."""
     text = _strip_comments(value[:_PARSED_CHARS])
-    candidates = re.findall(r"<([^<>]*)>", text) or [
-        word for word in re.split(r"[\s,]+", text) if "@" in word
+    candidates = _ANGLE_ADDR.findall(text) or [
+        word for word in _ADDRESS_SEPARATORS.split(text) if "@" in word
     ]
     return [_bare_local_part(candidate) for candidate in candidates]
 

@@ -224,10 +224,10 @@ def aggregate_id(keyring: Keyring, kind: str, *parts: str) -> uuid.UUID:
     """
     if not parts:
         raise ValueError("aggregate_id needs at least one part")
-    if "\0" in kind or any("\0" in part for part in parts):
+    joined = "\0".join((kind, *parts))
+    if joined.count("\0") != len(parts):  # one NUL between each two: none inside
         raise ValueError("aggregate_id kind and parts must not contain NUL")
-    message = "\0".join((kind, *parts)).encode("utf-8", "surrogatepass")
-    digest = hmac.new(keyring.id_key, message, hashlib.sha256).digest()
+    digest = hmac.digest(keyring.id_key, joined.encode("utf-8", "surrogatepass"), "sha256")
     return uuid.UUID(bytes=digest[:16], version=4)
 
 
