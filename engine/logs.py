@@ -92,7 +92,8 @@ class LibraryLogger:
 
     def _log(self, level: int, method: str, event: str, fields: dict[str, Any]) -> Any:
         if structlog.is_configured():
-            return getattr(self._structlog, method)(event, **fields)
+            # bind() first: the proxy's __getattr__ is reached only after a failed lookup.
+            return getattr(self._structlog.bind(), method)(event, **fields)
         if self._logging.isEnabledFor(level):  # the silent default costs one cached lookup
             return getattr(self._stdlib, method)(event, **fields)
         return None
