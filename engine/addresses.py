@@ -226,7 +226,7 @@ def _normalize_local(local: str) -> str:
             local = content  # '"ab"@x' is ab@x: one mailbox, one spelling
         else:
             local = '"' + content.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    elif any(char in _LOCAL_SPECIALS for char in local):
+    elif not _LOCAL_SPECIALS.isdisjoint(local):
         raise AddressError("local part contains special characters; quote it")
     else:
         local = local.lower()
