@@ -125,6 +125,20 @@ def _header(headers: Headers, name: str) -> str:
     return ""
 
 
+def _subject_and_id(headers: Headers) -> tuple[str, str]:
+    """The first Subject and Message-ID (each "" when absent), in one pass over the headers."""
+    subject: str | None = None
+    message_id: str | None = None
+    for key, value in headers:
+        lname = key.lower()
+        if lname == "subject":
+            if subject is None:
+                subject = value
+        elif lname == "message-id" and message_id is None:
+            message_id = value
+    return subject or "", message_id or ""
+
+
 def decide(
     ctx: Context, unit: Unit, incoming: Incoming, p: Plan, rules: RuleBook = EMPTY_BOOK
 ) -> Receipt:
@@ -160,8 +174,8 @@ def decide(
 
     decisions: list[RecipientDecision] = []
     challenges: list[str] = []
-    subject = _header(incoming.headers, "Subject")[:300]
-    message_id_header = _header(incoming.headers, "Message-ID")[:300]
+    subject, message_id_header = _subject_and_id(incoming.headers)
+    subject, message_id_header = subject[:300], message_id_header[:300]
 
     def record(
         kind: type[Message.Arrived],
@@ -218,7 +232,17 @@ def decide(
     for (scope, policy), rcpts in awaiting.items():
         sid = ctx.sender_id(p.sender, scope)
         hold = _hold_for(
-            ctx, unit, sid, scope, policy, p.sender, rcpts, incoming, now, may_challenge
+            ctx,
+            unit,
+            sid,
+            scope,
+            policy,
+            p.sender,
+            rcpts,
+            incoming,
+            now,
+            may_challenge,
+            (subject, message_id_header),
         )
         if hold.new_challenge:
             challenges.append(hold.new_challenge)
@@ -278,10 +302,13 @@ def _hold_for(
     incoming: Incoming,
     now: float,
     may_challenge: bool,
+    prompted_by: tuple[str, str],
 ) -> Hold:
     """Hold mail from a sender not yet authorized; challenge it at most once, and only if
     this message has not caused a challenge already (`may_challenge`) and no cap stands in
-    the way (engine/service/caps.py); mail held over a cap is challenged later."""
+    the way (engine/service/caps.py); mail held over a cap is challenged later.
+    `prompted_by`: the message's Subject and Message-ID (cut to 300 characters, as the
+    challenge records them)."""
     s = ctx.settings
     current = ctx.load_sender(unit, sid)
     hold_deadline = now + policy.hold_lifetime
@@ -310,8 +337,8 @@ def _hold_for(
         scope=scope,
         sender=sender,
         current=current,
-        subject=_header(incoming.headers, "Subject"),
-        in_reply_to=_header(incoming.headers, "Message-ID"),
+        subject=prompted_by[0],
+        in_reply_to=prompted_by[1],
         recipient=rcpts[0],
         now=now,
         reason="",
