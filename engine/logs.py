@@ -98,6 +98,15 @@ class LibraryLogger:
             return getattr(self._stdlib, method)(event, **fields)
         return None
 
+    def resolved(self, level: int = logging.INFO) -> Any:
+        """What a call at `level` goes to now (call its method of that level), or None when
+        such a call would log nothing: a loop logging many lines resolves it once."""
+        if structlog.is_configured():
+            return self._structlog.bind()
+        if self._logging.isEnabledFor(level):
+            return self._stdlib
+        return None
+
     def bind(self, **context: Any) -> Any:
         """A bound logger for the current configuration (bind inside functions, not at import)."""
         return (self._structlog if structlog.is_configured() else self._stdlib).bind(**context)

@@ -903,6 +903,10 @@ class _Recorder:
 
         return record
 
+    def resolved(self, level: int) -> _Recorder:
+        """As LibraryLogger.resolved: what a loop logging many lines calls (this recorder)."""
+        return self
+
     def events(self) -> list[str]:
         return [event for _, event, _ in self.lines]
 

@@ -69,6 +69,33 @@ def test_a_logger_made_before_structlog_is_configured_follows_the_configuration(
     ]
 
 
+def test_resolved_is_where_a_call_goes_now_or_none_when_it_would_log_nothing(
+    unconfigured: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = get_logger(NAME)
+    logging.getLogger(NAME).setLevel(logging.WARNING)
+    try:
+        assert log.resolved(logging.INFO) is None  # silent: a loop of lines can be skipped
+        with caplog.at_level(logging.INFO, logger=NAME):
+            logger = log.resolved(logging.INFO)
+            assert logger is not None
+            logger.info("message_decided", recipient="bob@example.test")
+    finally:
+        logging.getLogger(NAME).setLevel(logging.NOTSET)
+    assert [(r.getMessage(), r.recipient) for r in caplog.records if r.name == NAME] == [  # type: ignore[attr-defined]
+        ("message_decided", "bob@example.test")
+    ]
+    capture = LogCapture()
+    structlog.configure(processors=[capture])
+    logger = log.resolved(logging.INFO)
+    for n in range(2):
+        logger.info("message_decided", n=n)
+    assert capture.entries == [
+        {"event": "message_decided", "n": 0, "log_level": "info"},
+        {"event": "message_decided", "n": 1, "log_level": "info"},
+    ]
+
+
 def test_log_throttle_lets_one_line_per_kind_per_interval_and_counts_the_rest() -> None:
     now = [0.0]
     throttle = LogThrottle(10.0, clock=lambda: now[0])
