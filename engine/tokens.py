@@ -17,8 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from sourceauth.engine.ids import random_bytes
-
 TOKEN_VERSION = 1
 CHALLENGE_ID_BYTES = 10
 MAC_BYTES = 10
@@ -94,7 +92,7 @@ class TokenClaims:
 
 def new_challenge_id() -> bytes:
     """Return a fresh random challenge id."""
-    return random_bytes(CHALLENGE_ID_BYTES)
+    return secrets.token_bytes(CHALLENGE_ID_BYTES)
 
 
 def mint(keyring: Keyring, *, challenge_id: bytes, sender: str, scope: str, expires_at: int) -> str:

@@ -4,11 +4,11 @@ user's whitelist scope, so their answers are never challenged."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 
 from sourceauth.engine.addresses import is_null_sender, normalize_address, split_extension
 from sourceauth.engine.api import Decision, Incoming, Receipt, RecipientDecision
-from sourceauth.engine.ids import new_uuid4
 from sourceauth.engine.message import Message
 from sourceauth.engine.policy import is_protected
 from sourceauth.engine.service import operator, replies
@@ -48,7 +48,7 @@ def _submit(ctx: Context, unit: Unit, incoming: Incoming, learn: bool) -> Receip
     if learn and sender and is_protected(sender, s.protected, s.recipient_delimiter):
         local = split_extension(sender, s.recipient_delimiter)[0]
     reason = f"{OUTBOUND}: from {local}" if local else OUTBOUND
-    mid = new_uuid4()
+    mid = uuid.uuid4()
     unit.messages.append(
         Message.Accepted.record(
             mid,

@@ -4,6 +4,7 @@ messages per transaction (group commit: every 250 waits for its own commit)."""
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from uuid import UUID
@@ -18,7 +19,6 @@ from sourceauth.engine.api import (
     RecipientDecision,
 )
 from sourceauth.engine.errors import InvalidInput
-from sourceauth.engine.ids import new_uuid4
 from sourceauth.engine.logs import get_logger
 from sourceauth.engine.message import Message
 from sourceauth.engine.policy import check_auth_gate
@@ -189,7 +189,7 @@ def decide(
         expires: float,
         policy: RecipientPolicy | None = None,
     ) -> UUID:
-        mid = new_uuid4()
+        mid = uuid.uuid4()
         # A held copy names the policy that set its deadline and its fate if the challenge fails.
         held = {"policy": policy.source, "failed_action": policy.failed_action} if policy else {}
         unit.messages.append(
