@@ -128,3 +128,44 @@ def test_console_logs_keep_plain_tracebacks_with_rich_installed() -> None:
     assert "it_failed" in text and "Traceback (most recent call last):" in text
     assert "ZeroDivisionError: division by zero" in text
     assert not set(text) & set("╭╮╰╯│─"), text
+
+
+@pytest.mark.parametrize(
+    "ns",
+    [
+        1_764_615_600_000_000_000,  # a whole second: no fraction, as isoformat writes it
+        1_764_615_600_000_001_999,  # 1 us (floored, as datetime.now)
+        1_764_615_659_999_999_999,
+        1_764_615_600_123_456_789,
+        951_782_400_500_000_000,  # 2000-02-29
+    ],
+)
+def test_stamp_iso_utc_writes_what_structlogs_iso_utc_timestamper_writes(
+    ns: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime
+
+    from sourceauth.engine import logs
+
+    seconds, micros = divmod(ns // 1000, 1_000_000)
+    at = datetime.fromtimestamp(seconds, UTC).replace(microsecond=micros)
+    # structlog's stamper_iso_utc: datetime.now(tz=utc).isoformat().replace("+00:00", "Z")
+    expected = at.isoformat().replace("+00:00", "Z")
+    monkeypatch.setattr(logs.time, "time_ns", lambda: ns)
+    assert logs.stamp_iso_utc(None, "info", {})["timestamp"] == expected
+    assert logs.stamp_iso_utc(None, "info", {})["timestamp"] == expected  # the cached second
+
+
+def test_stamp_iso_utc_reads_the_clock_structlogs_timestamper_reads() -> None:
+    from datetime import datetime
+
+    from sourceauth.engine.logs import stamp_iso_utc
+
+    before = structlog.processors.TimeStamper(fmt="iso", utc=True)(None, "info", {})["timestamp"]
+    ours = stamp_iso_utc(None, "info", {})["timestamp"]
+    after = structlog.processors.TimeStamper(fmt="iso", utc=True)(None, "info", {})["timestamp"]
+
+    def parse(text: str) -> datetime:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+    assert ours.endswith("Z") and parse(before) <= parse(ours) <= parse(after)
