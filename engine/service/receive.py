@@ -215,7 +215,11 @@ def decide(
         return mid
 
     if deliver_now:
-        reasons = "; ".join(sorted({r for _, r in deliver_now}))
+        reasons = (
+            deliver_now[0][1]  # one recipient, one reason (most mail)
+            if len(deliver_now) == 1
+            else "; ".join(sorted({r for _, r in deliver_now}))
+        )
         mid = record(Message.Accepted, [r for r, _ in deliver_now], reasons, "", 0.0)
         if incoming.kept_by_mta:
             _kept_by_mta(unit, now)
