@@ -56,7 +56,10 @@ def link(
     """The digest of one stored event at `position`, chained to `previous`."""
     oid = originator_id if isinstance(originator_id, UUID) else UUID(originator_id)
     head = _HEAD.pack(position, version, len(topic))
-    return mac.digest(b"".join((previous, head, oid.bytes, topic.encode(), state)))
+    # oid.int.to_bytes: UUID.bytes itself, without the property's Python frame
+    return mac.digest(
+        b"".join((previous, head, oid.int.to_bytes(16, "big"), topic.encode(), state))
+    )
 
 
 def links(
