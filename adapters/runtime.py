@@ -58,7 +58,7 @@ from sourceauth.adapters.web.digest import Digest
 from sourceauth.adapters.web.server import WebServer
 from sourceauth.engine.api import Incoming, Receipt
 from sourceauth.engine.application import SourceAuth, system_clock
-from sourceauth.engine.logs import LogThrottle, get_logger, redact_tokens
+from sourceauth.engine.logs import LogThrottle, get_logger, redact_tokens, stamp_iso_utc
 from sourceauth.engine.ports import Clock
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def configure_logging(
     processors: list[Any] = [
         redact_tokens,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        stamp_iso_utc,  # structlog's TimeStamper(fmt="iso", utc=True), cheaper
     ]
     if file is not None:
         _log_file = stream = LogFile(file)

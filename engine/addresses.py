@@ -134,6 +134,9 @@ def matches(address: str, patterns: Iterable[str], delimiter: str = "+") -> bool
 
 
 def _check_characters(text: str, *, space: bool = False) -> None:
+    # Printable ASCII holds no control character and no whitespace but the space itself.
+    if text.isascii() and text.isprintable() and (space or " " not in text):
+        return
     for char in text:
         if char.isspace() and not (space and char == " "):
             raise AddressError("address contains whitespace")
@@ -223,7 +226,7 @@ def _normalize_local(local: str) -> str:
             local = content  # '"ab"@x' is ab@x: one mailbox, one spelling
         else:
             local = '"' + content.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    elif any(char in _LOCAL_SPECIALS for char in local):
+    elif not _LOCAL_SPECIALS.isdisjoint(local):
         raise AddressError("local part contains special characters; quote it")
     else:
         local = local.lower()

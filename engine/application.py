@@ -118,6 +118,24 @@ class SourceAuth(Application[UUID]):
         self._notify(recordings)
         return recordings
 
+    def save_unit(self, *objs: Aggregate | DomainEvent, **kwargs: Any) -> None:
+        """What the engine's units of work save through (service/context.py): `save`'s events
+        in one transaction, without the Recording and Notification of each event, which
+        nobody reads (SourceAuth has no `_notify` subscriber). With eventsourcing's aggregate
+        cache on, it is `save` (the cache learns the saved aggregates there)."""
+        if self.repository.cache:
+            self.save(*objs, **kwargs)
+            return
+        events: list[Any] = []
+        for obj in objs:
+            if isinstance(obj, DomainEvent):
+                events.append(obj)
+            else:
+                events.extend(obj.collect_events())
+        to_stored = self.mapper.to_stored_event
+        stored = [to_stored(event) for event in events]
+        self.recorder.insert_events(stored, tracking=None, **kwargs)  # as EventStore.put
+
     # ----------------------------------------------------------------- what it runs with
 
     @property

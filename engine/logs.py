@@ -11,13 +11,14 @@ import logging
 import re
 import time
 from collections.abc import Callable, MutableMapping
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
 from sourceauth.engine.tokens import TOKEN_LENGTH
 
-__all__ = ["LibraryLogger", "LogThrottle", "get_logger", "redact_tokens"]
+__all__ = ["LibraryLogger", "LogThrottle", "get_logger", "redact_tokens", "stamp_iso_utc"]
 
 # The library's convention (logging HOWTO, "Configuring Logging for a Library"): without it,
 # Python's last-resort handler would print warnings to stderr.
@@ -35,6 +36,25 @@ def redact_tokens(
     for key, value in event_dict.items():
         if isinstance(value, str) and len(value) >= TOKEN_LENGTH:
             event_dict[key] = _TOKEN.sub("[token]", value)
+    return event_dict
+
+
+_SECOND: tuple[int, str] = (-1, "")  # (Unix second, its "YYYY-MM-DDTHH:MM:SS" in UTC)
+
+
+def stamp_iso_utc(
+    logger: Any, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: `timestamp` as structlog's TimeStamper(fmt="iso", utc=True) writes
+    it ("2026-12-01T19:30:00.123456Z", no fraction at .000000), the date and time formatted
+    once per second rather than once per line."""
+    global _SECOND
+    seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)  # floored, as datetime.now
+    second, text = _SECOND
+    if second != seconds:
+        text = datetime.fromtimestamp(seconds, UTC).isoformat()[:-6]  # "+00:00" cut
+        _SECOND = (seconds, text)
+    event_dict["timestamp"] = f"{text}.{micros:06d}Z" if micros else f"{text}Z"
     return event_dict
 
 
@@ -92,9 +112,19 @@ class LibraryLogger:
 
     def _log(self, level: int, method: str, event: str, fields: dict[str, Any]) -> Any:
         if structlog.is_configured():
-            return getattr(self._structlog, method)(event, **fields)
+            # bind() first: the proxy's __getattr__ is reached only after a failed lookup.
+            return getattr(self._structlog.bind(), method)(event, **fields)
         if self._logging.isEnabledFor(level):  # the silent default costs one cached lookup
             return getattr(self._stdlib, method)(event, **fields)
+        return None
+
+    def resolved(self, level: int = logging.INFO) -> Any:
+        """What a call at `level` goes to now (call its method of that level), or None when
+        such a call would log nothing: a loop logging many lines resolves it once."""
+        if structlog.is_configured():
+            return self._structlog.bind()
+        if self._logging.isEnabledFor(level):
+            return self._stdlib
         return None
 
     def bind(self, **context: Any) -> Any:

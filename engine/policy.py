@@ -83,6 +83,8 @@ _AUTOREPLY_HEADERS = (
     "x-mail-autoreply",
 )
 _AUTOREPLY_PRECEDENCES = frozenset({"auto_reply", "auto-reply"})
+_LIST_SET = frozenset(_LIST_HEADERS)
+_AUTOREPLY_SET = frozenset(_AUTOREPLY_HEADERS)
 _CLASSIFY_HEADERS = frozenset(
     {"from", "auto-submitted", "precedence", "content-type", *_LIST_HEADERS, *_AUTOREPLY_HEADERS}
 )
@@ -151,8 +153,7 @@ def classify(
     and an empty prefix matches the header's mere presence. bounce_like is the inbound
     adapter's finding that the body is a bounce in no report format (Incoming.bounce_like).
     """
-    wanted = _CLASSIFY_HEADERS | {name.strip().lower() for name, _ in spam_headers}
-    message = _Message(mail_from, headers, wanted)
+    message = _Message(mail_from, headers, _classify_headers(tuple(spam_headers)))
     for test in _CLASSIFY_TESTS:
         found = test(message)
         if found is not None:
@@ -160,6 +161,12 @@ def classify(
     if bounce_like:
         return Classification(Exemption.PLAIN_BOUNCE, _shown(bounce_like))
     return _spam(message.fields, spam_headers)
+
+
+@functools.lru_cache(maxsize=64)
+def _classify_headers(spam_headers: tuple[tuple[str, str], ...]) -> frozenset[str]:
+    """The headers classify reads: its own and the spam tests' (one set per configuration)."""
+    return _CLASSIFY_HEADERS | {name.strip().lower() for name, _ in spam_headers}
 
 
 def spam_flag(
@@ -226,6 +233,8 @@ def _autoreply(message: _Message) -> Classification | None:
     for value in message.fields.get("precedence", ()):
         if _first_token(value) in _AUTOREPLY_PRECEDENCES:
             return Classification(Exemption.AUTO_SUBMITTED, f"Precedence: {_shown(value)}")
+    if _AUTOREPLY_SET.isdisjoint(message.fields):
+        return None
     for name in _AUTOREPLY_HEADERS:
         for value in message.fields.get(name, ()):
             return Classification(
@@ -235,9 +244,12 @@ def _autoreply(message: _Message) -> Classification | None:
 
 
 def _mailing_list(message: _Message) -> Classification | None:
-    for name in _LIST_HEADERS:
-        for value in message.fields.get(name, ()):
-            return Classification(Exemption.MAILING_LIST, f"{_header_name(name)}: {_shown(value)}")
+    if not _LIST_SET.isdisjoint(message.fields):  # one set test for mail of no list
+        for name in _LIST_HEADERS:
+            for value in message.fields.get(name, ()):
+                return Classification(
+                    Exemption.MAILING_LIST, f"{_header_name(name)}: {_shown(value)}"
+                )
     local = message.sender_local
     if local.endswith(_LIST_LOCAL_SUFFIXES) or local.startswith(_LIST_LOCAL_PREFIXES):
         return Classification(Exemption.MAILING_LIST, message.envelope_detail())
@@ -758,11 +770,15 @@ def _envelope_local_part(mail_from: str) -> str:
         return _bare_local_part(mail_from.strip().strip("<>"))
 
 
+_ANGLE_ADDR = re.compile(r"<([^<>]*)>")
+_ADDRESS_SEPARATORS = re.compile(r"[\s,]+")
+
+
 def _header_local_parts(value: str) -> list[str]:
     """Lower-cased local parts of the addresses in an address header, found leniently."""
     text = _strip_comments(value[:_PARSED_CHARS])
-    candidates = re.findall(r"<([^<>]*)>", text) or [
-        word for word in re.split(r"[\s,]+", text) if "@" in word
+    candidates = _ANGLE_ADDR.findall(text) or [
+        word for word in _ADDRESS_SEPARATORS.split(text) if "@" in word
     ]
     return [_bare_local_part(candidate) for candidate in candidates]
 

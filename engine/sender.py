@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
+from eventsourcing.utils import get_topic
 
 from sourceauth.engine.errors import ChallengeNotPending
 from sourceauth.engine.statemachine import CHALLENGE, SENDER
@@ -244,9 +245,9 @@ class Sender(Aggregate):
         challenge: ChallengeDetails,
     ) -> Sender:
         """The first message from an unknown sender: the sender and its challenge, queued."""
-        return cls._create(
+        return cls._first(
             cls.FirstChallenged,
-            id=sender_id,
+            sender_id,
             timestamp=timestamp,
             address=address,
             scope=scope,
@@ -269,15 +270,31 @@ class Sender(Aggregate):
     ) -> Sender:
         """An operator's verdict (`authorize` or `block`) on a sender never seen before."""
         created = {"authorize": cls.FirstAuthorized, "block": cls.FirstBlocked}[trigger]
-        return cls._create(
+        return cls._first(
             created,
-            id=sender_id,
+            sender_id,
             timestamp=timestamp,
             address=address,
             scope=scope,
             actor=actor,
             reason=reason,
         )
+
+    @classmethod
+    def _first(cls, created: type[Sender.FirstSeen], sender_id: UUID, **fields: Any) -> Sender:
+        """eventsourcing's `_create` without its generic steps (an id to make, a timestamp to
+        default, the created event's fields to look up): the same event, applied, pending."""
+        if not isinstance(sender_id, UUID):
+            raise TypeError(f"a sender id is a UUID, not {sender_id!r}")
+        event = created(
+            originator_topic=_SENDER_TOPIC,
+            originator_id=sender_id,
+            originator_version=cls.INITIAL_VERSION,
+            **fields,
+        )
+        sender: Sender = event.mutate(None)
+        sender.pending_events.append(event)
+        return sender
 
     # ------------------------------------------------------------------ guards
 
@@ -383,6 +400,9 @@ class Sender(Aggregate):
 
     def forget(self, *, timestamp: datetime, actor: str, reason: str) -> None:
         self.trigger_event(self.Forgotten, timestamp=timestamp, actor=actor, reason=reason)
+
+
+_SENDER_TOPIC = get_topic(Sender)
 
 
 @dataclass(frozen=True, slots=True)

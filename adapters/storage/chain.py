@@ -9,13 +9,14 @@ with digest(0) = 32 zero bytes, the key from `tokens.audit_chain_key` (never in 
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
 from eventsourcing.persistence import PersistenceError, StoredEvent
+
+from sourceauth.engine.tokens import Mac
 
 CHAIN_TABLE = "sa_audit_chain"
 GENESIS = bytes(32)
@@ -39,25 +40,6 @@ class Seal:
         return {"position": self.position, "digest": self.digest}
 
 
-class Mac:
-    """HMAC-SHA256 (RFC 2104) under one key, with the padded key hashed once: each digest
-    copies the two keyed SHA-256 states (the hmac module's copy() costs more than hashing)."""
-
-    def __init__(self, key: bytes) -> None:
-        if len(key) > 64:
-            key = hashlib.sha256(key).digest()
-        block = key.ljust(64, b"\0")
-        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
-        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
-
-    def digest(self, message: bytes) -> bytes:
-        inner = self._inner.copy()
-        inner.update(message)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.digest()
-
-
 def keyed(key: bytes) -> Mac:
     return Mac(key)
 
@@ -74,7 +56,10 @@ def link(
     """The digest of one stored event at `position`, chained to `previous`."""
     oid = originator_id if isinstance(originator_id, UUID) else UUID(originator_id)
     head = _HEAD.pack(position, version, len(topic))
-    return mac.digest(b"".join((previous, head, oid.bytes, topic.encode(), state)))
+    # oid.int.to_bytes: UUID.bytes itself, without the property's Python frame
+    return mac.digest(
+        b"".join((previous, head, oid.int.to_bytes(16, "big"), topic.encode(), state))
+    )
 
 
 def links(

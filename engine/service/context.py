@@ -290,7 +290,7 @@ class Context:
         if unit.challenges:
             save_kwargs = {**save_kwargs, "caps": self.cap_claim(unit, self.clock())}
         try:
-            self.app.save(*aggregates, **save_kwargs)
+            self.app.save_unit(*aggregates, **save_kwargs)
         except Exception:
             # In-memory state ran ahead of the log: forget it, reload on the retry.
             for sid in unit.senders:

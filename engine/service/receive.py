@@ -3,6 +3,7 @@ messages per transaction (group commit: every 250 waits for its own commit)."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,9 +74,12 @@ def receive_many(
 
 def log_decisions(receipts: Sequence[Receipt]) -> None:
     """Logged from the committed result: a unit redone after a conflict logs once."""
+    logger = log.resolved(logging.INFO)  # once per batch, not once per line
+    if logger is None:
+        return
     for receipt in receipts:
         for d in receipt.decisions:
-            log.info(
+            logger.info(
                 "message_decided",
                 receipt_id=receipt.receipt_id,
                 message_id=d.message_id.hex if d.message_id else None,
@@ -125,6 +129,20 @@ def _header(headers: Headers, name: str) -> str:
     return ""
 
 
+def _subject_and_id(headers: Headers) -> tuple[str, str]:
+    """The first Subject and Message-ID (each "" when absent), in one pass over the headers."""
+    subject: str | None = None
+    message_id: str | None = None
+    for key, value in headers:
+        lname = key.lower()
+        if lname == "subject":
+            if subject is None:
+                subject = value
+        elif lname == "message-id" and message_id is None:
+            message_id = value
+    return subject or "", message_id or ""
+
+
 def decide(
     ctx: Context, unit: Unit, incoming: Incoming, p: Plan, rules: RuleBook = EMPTY_BOOK
 ) -> Receipt:
@@ -160,8 +178,8 @@ def decide(
 
     decisions: list[RecipientDecision] = []
     challenges: list[str] = []
-    subject = _header(incoming.headers, "Subject")[:300]
-    message_id_header = _header(incoming.headers, "Message-ID")[:300]
+    subject, message_id_header = _subject_and_id(incoming.headers)
+    subject, message_id_header = subject[:300], message_id_header[:300]
 
     def record(
         kind: type[Message.Arrived],
@@ -197,7 +215,11 @@ def decide(
         return mid
 
     if deliver_now:
-        reasons = "; ".join(sorted({r for _, r in deliver_now}))
+        reasons = (
+            deliver_now[0][1]  # one recipient, one reason (most mail)
+            if len(deliver_now) == 1
+            else "; ".join(sorted({r for _, r in deliver_now}))
+        )
         mid = record(Message.Accepted, [r for r, _ in deliver_now], reasons, "", 0.0)
         if incoming.kept_by_mta:
             _kept_by_mta(unit, now)
@@ -218,7 +240,17 @@ def decide(
     for (scope, policy), rcpts in awaiting.items():
         sid = ctx.sender_id(p.sender, scope)
         hold = _hold_for(
-            ctx, unit, sid, scope, policy, p.sender, rcpts, incoming, now, may_challenge
+            ctx,
+            unit,
+            sid,
+            scope,
+            policy,
+            p.sender,
+            rcpts,
+            incoming,
+            now,
+            may_challenge,
+            (subject, message_id_header),
         )
         if hold.new_challenge:
             challenges.append(hold.new_challenge)
@@ -278,10 +310,13 @@ def _hold_for(
     incoming: Incoming,
     now: float,
     may_challenge: bool,
+    prompted_by: tuple[str, str],
 ) -> Hold:
     """Hold mail from a sender not yet authorized; challenge it at most once, and only if
     this message has not caused a challenge already (`may_challenge`) and no cap stands in
-    the way (engine/service/caps.py); mail held over a cap is challenged later."""
+    the way (engine/service/caps.py); mail held over a cap is challenged later.
+    `prompted_by`: the message's Subject and Message-ID (cut to 300 characters, as the
+    challenge records them)."""
     s = ctx.settings
     current = ctx.load_sender(unit, sid)
     hold_deadline = now + policy.hold_lifetime
@@ -310,8 +345,8 @@ def _hold_for(
         scope=scope,
         sender=sender,
         current=current,
-        subject=_header(incoming.headers, "Subject"),
-        in_reply_to=_header(incoming.headers, "Message-ID"),
+        subject=prompted_by[0],
+        in_reply_to=prompted_by[1],
         recipient=rcpts[0],
         now=now,
         reason="",

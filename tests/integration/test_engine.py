@@ -903,6 +903,10 @@ class _Recorder:
 
         return record
 
+    def resolved(self, level: int) -> _Recorder:
+        """As LibraryLogger.resolved: what a loop logging many lines calls (this recorder)."""
+        return self
+
     def events(self) -> list[str]:
         return [event for _, event, _ in self.lines]
 
@@ -917,7 +921,7 @@ def test_a_unit_retried_after_a_conflict_logs_each_decision_once(
     logged = _Recorder()
     monkeypatch.setattr(context, "log", logged)
     monkeypatch.setattr(receive, "log", logged)
-    real_save, attempts = app.save, []
+    real_save, attempts = app.save_unit, []
 
     def conflicting_once(*objs: Any, **kwargs: Any) -> Any:
         attempts.append(len(objs))
@@ -925,7 +929,7 @@ def test_a_unit_retried_after_a_conflict_logs_each_decision_once(
             raise IntegrityError("another writer got there first")
         return real_save(*objs, **kwargs)
 
-    monkeypatch.setattr(app, "save", conflicting_once)
+    monkeypatch.setattr(app, "save_unit", conflicting_once)
     receipt = send(app, to=[BOB, DAVE])
     assert len(attempts) == 2, "the unit was redone once"
     assert decisions(receipt) == {BOB: Decision.CHALLENGE, DAVE: Decision.DELIVER}

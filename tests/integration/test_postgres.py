@@ -273,7 +273,7 @@ def test_two_nodes_racing_the_first_message_from_one_sender_record_one_challenge
     gate = threading.Barrier(2)
     conflicts: Counter[str] = Counter()
     for app, name in ((a, "a"), (b, "b")):
-        original = app.save
+        original = app.save_unit
         first = [True]
 
         def save(
@@ -292,7 +292,7 @@ def test_two_nodes_racing_the_first_message_from_one_sender_record_one_challenge
                 conflicts[_name] += 1
                 raise
 
-        app.save = save  # type: ignore[method-assign]
+        app.save_unit = save  # type: ignore[method-assign]
 
     ra, rb = run_together(
         lambda: a.receive(incoming(a, ALICE, BOB, subject="via a")),

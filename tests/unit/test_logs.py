@@ -69,6 +69,33 @@ def test_a_logger_made_before_structlog_is_configured_follows_the_configuration(
     ]
 
 
+def test_resolved_is_where_a_call_goes_now_or_none_when_it_would_log_nothing(
+    unconfigured: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = get_logger(NAME)
+    logging.getLogger(NAME).setLevel(logging.WARNING)
+    try:
+        assert log.resolved(logging.INFO) is None  # silent: a loop of lines can be skipped
+        with caplog.at_level(logging.INFO, logger=NAME):
+            logger = log.resolved(logging.INFO)
+            assert logger is not None
+            logger.info("message_decided", recipient="bob@example.test")
+    finally:
+        logging.getLogger(NAME).setLevel(logging.NOTSET)
+    assert [(r.getMessage(), r.recipient) for r in caplog.records if r.name == NAME] == [  # type: ignore[attr-defined]
+        ("message_decided", "bob@example.test")
+    ]
+    capture = LogCapture()
+    structlog.configure(processors=[capture])
+    logger = log.resolved(logging.INFO)
+    for n in range(2):
+        logger.info("message_decided", n=n)
+    assert capture.entries == [
+        {"event": "message_decided", "n": 0, "log_level": "info"},
+        {"event": "message_decided", "n": 1, "log_level": "info"},
+    ]
+
+
 def test_log_throttle_lets_one_line_per_kind_per_interval_and_counts_the_rest() -> None:
     now = [0.0]
     throttle = LogThrottle(10.0, clock=lambda: now[0])
@@ -101,3 +128,44 @@ def test_console_logs_keep_plain_tracebacks_with_rich_installed() -> None:
     assert "it_failed" in text and "Traceback (most recent call last):" in text
     assert "ZeroDivisionError: division by zero" in text
     assert not set(text) & set("╭╮╰╯│─"), text
+
+
+@pytest.mark.parametrize(
+    "ns",
+    [
+        1_764_615_600_000_000_000,  # a whole second: no fraction, as isoformat writes it
+        1_764_615_600_000_001_999,  # 1 us (floored, as datetime.now)
+        1_764_615_659_999_999_999,
+        1_764_615_600_123_456_789,
+        951_782_400_500_000_000,  # 2000-02-29
+    ],
+)
+def test_stamp_iso_utc_writes_what_structlogs_iso_utc_timestamper_writes(
+    ns: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime
+
+    from sourceauth.engine import logs
+
+    seconds, micros = divmod(ns // 1000, 1_000_000)
+    at = datetime.fromtimestamp(seconds, UTC).replace(microsecond=micros)
+    # structlog's stamper_iso_utc: datetime.now(tz=utc).isoformat().replace("+00:00", "Z")
+    expected = at.isoformat().replace("+00:00", "Z")
+    monkeypatch.setattr(logs.time, "time_ns", lambda: ns)
+    assert logs.stamp_iso_utc(None, "info", {})["timestamp"] == expected
+    assert logs.stamp_iso_utc(None, "info", {})["timestamp"] == expected  # the cached second
+
+
+def test_stamp_iso_utc_reads_the_clock_structlogs_timestamper_reads() -> None:
+    from datetime import datetime
+
+    from sourceauth.engine.logs import stamp_iso_utc
+
+    before = structlog.processors.TimeStamper(fmt="iso", utc=True)(None, "info", {})["timestamp"]
+    ours = stamp_iso_utc(None, "info", {})["timestamp"]
+    after = structlog.processors.TimeStamper(fmt="iso", utc=True)(None, "info", {})["timestamp"]
+
+    def parse(text: str) -> datetime:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+    assert ours.endswith("Z") and parse(before) <= parse(ours) <= parse(after)

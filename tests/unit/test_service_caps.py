@@ -59,7 +59,7 @@ def test_a_unit_redone_after_a_conflict_counts_its_challenge_once(
 ) -> None:
     service = make_service(limits=Limits(challenges_per_domain_per_hour=2))
     app: Any = service.app
-    save = app.save
+    save = app.save_unit
     conflicts = [IntegrityError("another writer got there first")]
 
     def conflicting_save(*objs: Any, **kwargs: Any) -> Any:
@@ -67,7 +67,7 @@ def test_a_unit_redone_after_a_conflict_counts_its_challenge_once(
             raise conflicts.pop()
         return save(*objs, **kwargs)
 
-    app.save = conflicting_save
+    app.save_unit = conflicting_save
     first = service.receive("a@remote.test", BOB).decision_for(BOB)
     assert first.reason == "challenge_queued" and not conflicts
     second = service.receive("b@remote.test", BOB).decision_for(BOB)

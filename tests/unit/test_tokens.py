@@ -375,6 +375,23 @@ def test_aggregate_id_is_deterministic() -> None:
     assert isinstance(aggregate_id(KEYRING, "sender", SCOPE, SENDER), uuid.UUID)
 
 
+@given(st.lists(st.text().filter(lambda t: "\0" not in t), min_size=1, max_size=3))
+def test_aggregate_id_is_the_keyed_hmac_sha256_of_its_nul_joined_parts(parts: list[str]) -> None:
+    """Stored ids depend on this formula: a faster HMAC must give the same ids."""
+    import hashlib
+    import hmac
+
+    message = "\0".join(("sender", *parts)).encode("utf-8", "surrogatepass")
+    digest = hmac.new(KEYRING.id_key, message, hashlib.sha256).digest()
+    assert aggregate_id(KEYRING, "sender", *parts) == uuid.UUID(bytes=digest[:16], version=4)
+
+
+def test_aggregate_id_refuses_nul_in_its_kind_or_parts() -> None:
+    for kind, parts in (("sen\0der", ("a",)), ("sender", ("a\0", "b")), ("sender", ("a", "\0"))):
+        with pytest.raises(ValueError, match="NUL"):
+            aggregate_id(KEYRING, kind, *parts)
+
+
 def test_aggregate_id_differs_per_id_key() -> None:
     other = Keyring(token_keys={1: KEY_1}, active_kid=1, id_key=KEY_2)
     assert aggregate_id(KEYRING, "sender", SCOPE, SENDER) != aggregate_id(
