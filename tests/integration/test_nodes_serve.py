@@ -266,7 +266,14 @@ def test_kill_9_of_one_node_under_load_the_other_serves_takes_its_leases_loses_n
         loader = threading.Thread(target=load, args=(a, b))
         loader.start()
         try:
-            holders = wait_until(both_nodes_holding, timeout=60, message="both workers busy")
+            try:
+                holders = wait_until(both_nodes_holding, timeout=60, message="both workers busy")
+            except AssertionError as exc:
+                # An intermittent CI failure (2026-12-01) left no clue: say what each node logged.
+                tails = {n.name: n.log.read_text(errors="replace")[-3000:] for n in (a, b)}
+                raise AssertionError(
+                    f"{exc}; leases {leases()}; {len(accepted)} accepted; node logs: {tails}"
+                ) from None
             a.kill()
             killed_at = time.time()
             killed.set()
