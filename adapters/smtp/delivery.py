@@ -1054,20 +1054,8 @@ def send_message(
     """
     if not isinstance(recipient, str):
         raise TypeError("recipient must be a str")
-    data = bytes(raw)
-    key = _message_id_key(data)
-    if relay.scheme == "maildir":
-        results = _deliver_maildir(relay.path, mail_from, [recipient], data, key, maybe_written)
-    else:
-        results = _Session(relay, mail_from, [recipient], data, timeout, helo).run()
-    result = results[0]
-    _log_refused("challenge", relay, results, message_key=key)
-    log.info(
-        "send_done",
-        relay=str(relay),
-        message_key=key,
-        recipient=recipient,
-        outcome=str(result.outcome),
-        code=result.code,
-    )
+    one = Outgoing(mail_from, recipient, bytes(raw), maybe_written)
+    (result,) = send_messages(relay, [one], timeout=timeout, helo=helo)
+    if result is None:  # cannot happen: nothing asked it to stop
+        raise RuntimeError("send_messages left the message untried")
     return result

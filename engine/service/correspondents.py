@@ -14,7 +14,7 @@ from sourceauth.engine.policy import is_protected
 from sourceauth.engine.service import operator, replies
 from sourceauth.engine.service.caps import CHALLENGEABLE
 from sourceauth.engine.service.context import ENGINE, Context, Unit, ts
-from sourceauth.engine.service.receive import _header, log_decisions, validate
+from sourceauth.engine.service.receive import _subject_and_id, log_decisions, validate
 from sourceauth.engine.service.routing import _answer_bases, scope_for
 
 OUTBOUND = "outbound_submission"  # the reason an outgoing copy is queued with
@@ -49,6 +49,7 @@ def _submit(ctx: Context, unit: Unit, incoming: Incoming, learn: bool) -> Receip
         local = split_extension(sender, s.recipient_delimiter)[0]
     reason = f"{OUTBOUND}: from {local}" if local else OUTBOUND
     mid = uuid.uuid4()
+    subject, message_id_header = _subject_and_id(incoming.headers)
     unit.messages.append(
         Message.Accepted.record(
             mid,
@@ -59,8 +60,8 @@ def _submit(ctx: Context, unit: Unit, incoming: Incoming, learn: bool) -> Receip
             sender=sender,
             sender_id="",
             recipients=recipients,
-            subject=_header(incoming.headers, "Subject")[:300],
-            message_id_header=_header(incoming.headers, "Message-ID")[:300],
+            subject=subject[:300],
+            message_id_header=message_id_header[:300],
             actor=ENGINE,
             reason=reason,
             expires_at=0.0,

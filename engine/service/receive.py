@@ -121,14 +121,6 @@ def _prefetch_senders(ctx: Context, unit: Unit, plans: Sequence[Plan]) -> None:
         unit.absent = {w for w in wanted if w.hex not in known}
 
 
-def _header(headers: Headers, name: str) -> str:
-    lname = name.lower()
-    for key, value in headers:
-        if key.lower() == lname:
-            return value
-    return ""
-
-
 def _subject_and_id(headers: Headers) -> tuple[str, str]:
     """The first Subject and Message-ID (each "" when absent), in one pass over the headers."""
     subject: str | None = None

@@ -8,7 +8,6 @@ Postfix's DSN for a refused challenge still reaches the filter's SMTP listener (
 from __future__ import annotations
 
 import json
-import os
 import smtplib
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from tests.e2e.test_postfix_flow import (
     _settled,
     serving,
 )
+from tests.support.milter import need_pymilter
 
 pytestmark = pytest.mark.postfix
 
@@ -35,20 +35,10 @@ MILTER_UNIX_SMTPD = 10028  # the same, smtpd_milters = unix:MILTER_SOCKET
 MILTER_SOCKET = Path("/run/sourceauth-milter.sock")
 
 
-def _need_pymilter() -> None:
-    try:
-        import Milter  # noqa: F401
-    except ImportError:
-        why = "pymilter missing: apt-get install libmilter-dev, then pip install -e '.[milter]'"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{why} (.ci/run installs both)", pytrace=False)
-        pytest.skip(why)
-
-
 @pytest.fixture
 def milter_mode(postfix: PostfixHarness, tmp_path: Path) -> Iterator[Path]:
     """`sourceauth serve` with its SMTP listener on 10030 and its milter on 10032."""
-    _need_pymilter()
+    need_pymilter()
     config = _config(tmp_path)
     with config.open("a", encoding="utf-8") as f:
         f.write(f'\n[milter]\nlisten = "127.0.0.1:{MILTER}"\n')
@@ -195,7 +185,7 @@ def test_milter_on_a_unix_socket(
 ) -> None:
     """`[milter] listen = "unix:/path"`: Postfix's smtpd on 10028 talks to it over a UNIX
     socket; the unprotected copy stays with Postfix, the protected one is held."""
-    _need_pymilter()
+    need_pymilter()
     config = _config(tmp_path)
     with config.open("a", encoding="utf-8") as f:
         f.write(f'\n[milter]\nlisten = "unix:{MILTER_SOCKET}"\n')

@@ -6,19 +6,13 @@ for the delayed ACK of that packet, 40 ms a message (docs/postfix.md)."""
 
 from __future__ import annotations
 
-import os
-
-import pytest
+from tests.support.milter import need_pymilter
 
 
 def _milter() -> object:
-    try:
-        import Milter
-    except ImportError:
-        why = "pymilter missing: apt-get install libmilter-dev, then pip install -e '.[milter]'"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{why} (.ci/run installs both)", pytrace=False)
-        pytest.skip(why)
+    need_pymilter()
+    import Milter
+
     return Milter
 
 
