@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,13 +17,8 @@ from typing import Any
 
 from sourceauth.adapters.config import Config, load_config
 from sourceauth.adapters.runtime import Filter
+from tests.support.ports import free_port
 from tests.support.smtp_sink import Received, Sink
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(

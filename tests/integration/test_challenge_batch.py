@@ -4,7 +4,6 @@ messages; a relay that is down answers the batch at once; the engine records eve
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from sourceauth.engine.application import SourceAuth
 from sourceauth.engine.ports import BatchChallengeTransport
 from tests.conftest import describe, settings_for
 from tests.support.fakes import FakeBlobs, FakeClock, FakeDeliveries
+from tests.support.ports import free_port
 from tests.support.service import IN_MEMORY, memory_views
 from tests.support.smtp_sink import Sink
 
@@ -87,9 +87,7 @@ def test_stop_leaves_the_rest_untried(sink: Sink) -> None:
 
 
 def test_a_relay_that_is_down_answers_the_whole_batch_temporary_at_once() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens once closed
+    port = free_port()  # nothing listens there
     sender = sender_for(f"smtp://127.0.0.1:{port}")
     results = sender.send_batch([challenge(n) for n in range(20)], lambda: False)
     assert all(r is not None and r.outcome is SendOutcome.TEMPORARY for r in results)

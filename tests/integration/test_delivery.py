@@ -29,6 +29,7 @@ from sourceauth.adapters.smtp.outbound import NextHopDelivery
 from sourceauth.adapters.storage.blobs import FileBlobStore
 from sourceauth.adapters.storage.dbblobs import DatabaseBlobStore
 from sourceauth.engine.api import DeliveryJob, DeliveryResult
+from tests.support.ports import free_port
 from tests.support.smtp_sink import Sink
 
 pytestmark = pytest.mark.timeout(60)
@@ -51,13 +52,6 @@ RAW = (
 
 def header(sid: str = SID) -> bytes:
     return f"X-SourceAuth-Id: {sid}\r\n".encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture
