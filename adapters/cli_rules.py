@@ -89,9 +89,7 @@ def senders_import(cfg: Config, file: Path, fmt: str, state: str, scope: str, re
         sys.exit(1)
     started = time.perf_counter()
     # A bar on a terminal (quiet otherwise), counting the addresses handled.
-    with h.progress("imported", len(addresses), unit="senders") as ticker, h.engine_for(
-        cfg
-    ) as app:
+    with h.progress("imported", len(addresses), unit="senders") as ticker, h.engine_for(cfg) as app:
         result = app.import_senders(
             addresses,
             patterns,

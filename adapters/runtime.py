@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -58,7 +58,14 @@ from sourceauth.adapters.web.digest import Digest
 from sourceauth.adapters.web.server import WebServer
 from sourceauth.engine.api import Incoming, Receipt
 from sourceauth.engine.application import SourceAuth, system_clock
-from sourceauth.engine.logs import LogThrottle, get_logger, redact_tokens, stamp_iso_utc
+from sourceauth.engine.logs import (
+    BatchWriter,
+    LogThrottle,
+    get_logger,
+    install_batch_writer,
+    redact_tokens,
+    stamp_iso_utc,
+)
 from sourceauth.engine.ports import Clock
 
 if TYPE_CHECKING:
@@ -124,9 +131,11 @@ def configure_logging(
         _log_file = stream = LogFile(file)
     out = stream or sys.stderr
     factory: Any
+    batch: BatchWriter | None = None
     if fmt == "json":
         processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps))
         factory = structlog.BytesLoggerFactory(file=getattr(out, "buffer", out))
+        batch = _json_batch_writer(processors, factory())
     else:
         # plain tracebacks, as before rich was a dependency (structlog picks rich's boxed
         # ones whenever rich is installed): log files stay plain text
@@ -142,6 +151,25 @@ def configure_logging(
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    install_batch_writer(processors, lvl, batch)
+
+
+def _json_batch_writer(processors: list[Any], sink: Any) -> BatchWriter:
+    """Many JSON lines rendered by `processors` (as structlog renders each: the fields, then
+    `event`, through the chain) and written to `sink` (a BytesLogger: structlog's lock for its
+    file) in one write: the decisions of a whole group commit cost one system call."""
+
+    def write(method: str, event: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        lines = []
+        for row in rows:
+            line: Any = dict(row)
+            line["event"] = event
+            for processor in processors:
+                line = processor(sink, method, line)
+            lines.append(line)
+        sink.msg(b"\n".join(lines))
+
+    return write
 
 
 def storage_of(cfg: Config) -> Storage:
@@ -641,9 +669,7 @@ def run_web_process(cfg: Config, doorbell: Any) -> None:
     web = web_server(cfg, app)
     try:
         web.start()
-        while (
-            not stop.is_set() and not parent.gone() and await_doorbell(doorbell, 0.2) != "stop"
-        ):
+        while not stop.is_set() and not parent.gone() and await_doorbell(doorbell, 0.2) != "stop":
             pass
     finally:
         if parent.gone():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +18,15 @@ import structlog
 
 from sourceauth.engine.tokens import TOKEN_LENGTH
 
-__all__ = ["LibraryLogger", "LogThrottle", "get_logger", "redact_tokens", "stamp_iso_utc"]
+__all__ = [
+    "BatchWriter",
+    "LibraryLogger",
+    "LogThrottle",
+    "get_logger",
+    "install_batch_writer",
+    "redact_tokens",
+    "stamp_iso_utc",
+]
 
 # The library's convention (logging HOWTO, "Configuring Logging for a Library"): without it,
 # Python's last-resort handler would print warnings to stderr.
@@ -89,6 +97,33 @@ class LogThrottle:
         return self._dropped.pop(key, 0)
 
 
+# writer(method, event, rows): the lines `getattr(logger, method)(event, **row)` would write,
+# one per row, in order, rendered by the configured processors and written at once.
+BatchWriter = Callable[[str, str, Sequence[Mapping[str, Any]]], None]
+# (the structlog processors list it renders with, the least level it writes, the writer)
+_batch: tuple[object, int, BatchWriter] | None = None
+
+
+def install_batch_writer(processors: object, level: int, writer: BatchWriter | None) -> None:
+    """For whoever configured structlog with `processors` (the very list object) and a
+    filtering level: a writer that renders many lines as those processors would, one by one,
+    and writes them at once (`LibraryLogger.info_many`). It is used only while structlog's
+    configuration still holds that list; None uninstalls it."""
+    global _batch
+    _batch = None if writer is None else (processors, level, writer)
+
+
+def _installed_batch() -> tuple[object, int, BatchWriter] | None:
+    installed = _batch
+    if (
+        installed is not None
+        and structlog.is_configured()
+        and structlog.get_config()["processors"] is installed[0]
+    ):
+        return installed
+    return None
+
+
 def get_logger(name: str) -> LibraryLogger:
     """The logger for one module (`get_logger(__name__)`); call it at import time."""
     return LibraryLogger(name)
@@ -126,6 +161,27 @@ class LibraryLogger:
         if self._logging.isEnabledFor(level):
             return self._stdlib
         return None
+
+    def enabled(self, level: int = logging.INFO) -> bool:
+        """Whether a call at `level` would log anything now (check before building many rows)."""
+        installed = _installed_batch()
+        if installed is not None:
+            return level >= installed[1]
+        return self.resolved(level) is not None
+
+    def info_many(self, event: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """`info(event, **row)` for each row, in order: with an installed batch writer
+        (`sourceauth serve`'s JSON logging), the lines rendered by the same processors and
+        written at once, one write for a whole group commit's decisions."""
+        installed = _installed_batch()
+        if installed is not None:
+            if logging.INFO >= installed[1] and rows:
+                installed[2]("info", event, rows)
+            return
+        logger = self.resolved(logging.INFO)
+        if logger is not None:
+            for row in rows:
+                logger.info(event, **row)
 
     def bind(self, **context: Any) -> Any:
         """A bound logger for the current configuration (bind inside functions, not at import)."""

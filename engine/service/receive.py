@@ -74,19 +74,22 @@ def receive_many(
 
 def log_decisions(receipts: Sequence[Receipt]) -> None:
     """Logged from the committed result: a unit redone after a conflict logs once."""
-    logger = log.resolved(logging.INFO)  # once per batch, not once per line
-    if logger is None:
+    if not log.enabled(logging.INFO):
         return
-    for receipt in receipts:
-        for d in receipt.decisions:
-            logger.info(
-                "message_decided",
-                receipt_id=receipt.receipt_id,
-                message_id=d.message_id.hex if d.message_id else None,
-                recipient=d.recipient,
-                decision=d.decision.value,
-                reason=d.reason,
-            )
+    log.info_many(
+        "message_decided",
+        [
+            {
+                "receipt_id": receipt.receipt_id,
+                "message_id": d.message_id.hex if d.message_id else None,
+                "recipient": d.recipient,
+                "decision": d.decision.value,
+                "reason": d.reason,
+            }
+            for receipt in receipts
+            for d in receipt.decisions
+        ],
+    )
 
 
 def validate(ctx: Context, incoming: Incoming) -> None:

@@ -907,6 +907,13 @@ class _Recorder:
         """As LibraryLogger.resolved: what a loop logging many lines calls (this recorder)."""
         return self
 
+    def enabled(self, level: int) -> bool:
+        return True
+
+    def info_many(self, event: str, rows: list[dict[str, Any]]) -> None:
+        """As LibraryLogger.info_many: one info line per row."""
+        self.lines.extend(("info", event, dict(row)) for row in rows)
+
     def events(self) -> list[str]:
         return [event for _, event, _ in self.lines]
 

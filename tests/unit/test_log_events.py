@@ -27,14 +27,26 @@ class LogCall:
 
 
 def _flush_sites() -> frozenset[str]:
-    """The one place that logs what units noted (engine/service/context.py: `log.info(event, …)`)."""
-    path = ROOT / "engine" / "service" / "context.py"
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return frozenset(
-        f"engine/service/context.py:{n}"
-        for n, line in enumerate(lines, 1)
-        if line.strip() == "log.info(event, **fields)"
-    )
+    """The places that log lines named elsewhere: what units noted (engine/service/context.py:
+    `log.info(event, …)`) and the rows of `info_many` (engine/logs.py), whose names and fields
+    are checked where they are noted or passed."""
+    sites = set()
+    for name, text in (
+        ("engine/service/context.py", "log.info(event, **fields)"),
+        ("engine/logs.py", "logger.info(event, **row)"),
+    ):
+        lines = (ROOT / name).read_text(encoding="utf-8").splitlines()
+        sites |= {f"{name}:{n}" for n, line in enumerate(lines, 1) if line.strip() == text}
+    return frozenset(sites)
+
+
+def _row_fields(rows: ast.expr | None) -> frozenset[str]:
+    """The keys of the dict literal that builds info_many's rows (a list or a comprehension)."""
+    found: set[str] = set()
+    for node in ast.walk(rows) if rows is not None else ():
+        if isinstance(node, ast.Dict):
+            found |= {k.value for k in node.keys if isinstance(k, ast.Constant)}
+    return frozenset(found)
 
 
 DEFERRED_FLUSH = _flush_sites()
@@ -48,6 +60,8 @@ def log_calls(path: Path) -> list[LogCall]:
         receiver = node.func.value
         if node.func.attr == "note" and isinstance(receiver, ast.Name) and receiver.id == "unit":
             level = "info"  # engine units note their log lines, logged at info after the commit
+        elif node.func.attr == "info_many" and isinstance(receiver, ast.Name):
+            level = "info"  # one line per row: `info(event, **row)`
         elif (
             node.func.attr in LEVELS
             and isinstance(receiver, ast.Name)
@@ -65,7 +79,11 @@ def log_calls(path: Path) -> list[LogCall]:
                 where=f"{path.relative_to(ROOT)}:{node.lineno}",
                 level=level,
                 event=first.value if literal else None,  # type: ignore[union-attr]
-                fields=frozenset(k.arg for k in node.keywords if k.arg is not None) - DIRECTIVES,
+                fields=(
+                    frozenset(k.arg for k in node.keywords if k.arg is not None)
+                    | (_row_fields(node.args[1]) if node.func.attr == "info_many" else frozenset())
+                )
+                - DIRECTIVES,
             )
         )
     return calls

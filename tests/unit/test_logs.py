@@ -169,3 +169,70 @@ def test_stamp_iso_utc_reads_the_clock_structlogs_timestamper_reads() -> None:
         return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
     assert ours.endswith("Z") and parse(before) <= parse(ours) <= parse(after)
+
+
+def _json_lines(data: bytes) -> list[dict[str, object]]:
+    import json
+
+    lines = [json.loads(line) for line in data.decode().splitlines()]
+    for line in lines:
+        assert str(line.pop("timestamp")).endswith("Z")
+    return lines
+
+
+ROWS = [
+    {"receipt_id": "r1", "recipient": "bob@example.test", "decision": "deliver", "n": 1},
+    {"receipt_id": "r2", "recipient": "confirm+" + "a" * 40 + "@example.test", "n": None},
+]
+
+
+def test_info_many_writes_what_info_writes_line_by_line_in_one_write(
+    unconfigured: None,
+) -> None:
+    """serve's JSON logging: a group commit's decisions rendered by the same processors (token
+    redaction included) and written with one call, the same lines as one `info` each."""
+    import io
+
+    from sourceauth.adapters.runtime import configure_logging
+
+    class Counting(io.BytesIO):
+        writes = 0
+
+        def write(self, data: object) -> int:
+            self.writes += 1
+            return super().write(data)  # type: ignore[arg-type]
+
+    one, many = Counting(), Counting()
+    log = get_logger(NAME)
+    configure_logging("json", "info", stream=one)
+    for row in ROWS:
+        log.info("message_decided", **row)
+    configure_logging("json", "info", stream=many)
+    assert log.enabled(logging.INFO) and not log.enabled(logging.DEBUG)
+    log.info_many("message_decided", ROWS)
+    assert many.writes == 1 and one.writes == len(ROWS)
+    assert many.getvalue().count(b"\n") == len(ROWS)
+    assert _json_lines(many.getvalue()) == _json_lines(one.getvalue())
+    assert list(_json_lines(many.getvalue())[1]) == list(_json_lines(one.getvalue())[1])
+    assert _json_lines(many.getvalue())[1]["recipient"] == "confirm+[token]@example.test"
+
+
+def test_info_many_follows_the_level_and_any_other_configuration(unconfigured: None) -> None:
+    import io
+
+    from sourceauth.adapters.runtime import configure_logging
+
+    log = get_logger(NAME)
+    quiet = io.BytesIO()
+    configure_logging("json", "warning", stream=quiet)
+    assert not log.enabled(logging.INFO) and log.enabled(logging.WARNING)
+    log.info_many("message_decided", ROWS)
+    assert quiet.getvalue() == b""
+    configure_logging("json", "info", stream=io.BytesIO())
+    capture = LogCapture()  # an integrator's own configuration replaces serve's
+    structlog.configure(processors=[capture])
+    log.info_many("message_decided", ROWS[:1])
+    assert capture.entries == [{**ROWS[0], "event": "message_decided", "log_level": "info"}]
+    structlog.reset_defaults()  # the silent library default: nothing, and no error
+    assert not log.enabled(logging.INFO)
+    log.info_many("message_decided", ROWS)
