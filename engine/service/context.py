@@ -20,6 +20,7 @@ from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
 
 from sourceauth.engine import tokens
+from sourceauth.engine.api import Incoming
 from sourceauth.engine.errors import TemporaryFailure
 from sourceauth.engine.logs import get_logger
 from sourceauth.engine.message import Message
@@ -34,8 +35,9 @@ from sourceauth.engine.ports import (
     MailboxClaim,
     ViewStore,
 )
-from sourceauth.engine.rules import Rule, RuleCache
+from sourceauth.engine.rules import Rule, RuleBook, RuleCache
 from sourceauth.engine.sender import Sender
+from sourceauth.engine.service.routing import Plan, plan
 from sourceauth.engine.settings import EngineSettings
 
 if TYPE_CHECKING:
@@ -47,6 +49,7 @@ T = TypeVar("T")
 ENGINE = "engine"  # the actor of every decision the engine takes by itself
 MAX_CONFLICT_RETRIES = 8
 SENDER_CACHE_SIZE = 20_000
+PLAN_CACHE_SIZE = 4_096  # envelopes whose routing plan is remembered (Context.plan)
 SENDER_CACHE_TTL = 2.0  # seconds a cached sender is trusted before a check for newer events
 BATCH_LIMIT = 500
 MAILBOXES_PRUNE_MIN = 10_000  # pending-challenge mailboxes kept before lapsed ones are dropped
@@ -136,6 +139,9 @@ class Context:
         self._sender_ids: dict[tuple[str, str], UUID] = {}
         self._checked: dict[UUID, float] = {}  # when each cached sender was last read
         self.rule_cache = RuleCache()  # the compiled rules routing consults (service/rules.py)
+        # Envelope -> its routing plan, for the settings and rules it was planned with.
+        self._plans: dict[tuple[str, tuple[str, ...]], Plan] = {}
+        self._plans_for: tuple[EngineSettings, RuleBook] | None = None
         self.rehearsal: Rehearsal | None = None  # set while units record nothing
 
     # ----------------------------------------------------------------- ids and views
@@ -168,6 +174,25 @@ class Context:
         """The cached sender's state, None when not cached (memory only: no read, no refresh)."""
         cached = self._senders.get(sender_id)
         return None if cached is None else cached.state
+
+    def plan(self, incoming: Incoming, rules: RuleBook) -> Plan:
+        """routing.plan of this envelope, remembered: a plan is a pure function of the
+        envelope, the settings and the rules, and envelopes repeat (a whitelisted
+        correspondent writes to the same people again). Forgotten when the settings or the
+        rules change (another object) and when PLAN_CACHE_SIZE envelopes are held."""
+        settings = self.settings
+        held = self._plans_for
+        if held is None or held[0] is not settings or held[1] is not rules:
+            self._plans = {}
+            self._plans_for = (settings, rules)
+        key = (incoming.mail_from, tuple(incoming.recipients))
+        found = self._plans.get(key)
+        if found is None:
+            found = plan(incoming, settings, rules)
+            if len(self._plans) >= PLAN_CACHE_SIZE:
+                self._plans.clear()
+            self._plans[key] = found
+        return found
 
     # ----------------------------------------------------------------- loading
 

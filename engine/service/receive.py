@@ -35,7 +35,6 @@ from sourceauth.engine.service.routing import (
     DeliverNow,
     HoldSilently,
     Plan,
-    plan,
     route,
 )
 from sourceauth.engine.statemachine import SENDER
@@ -60,7 +59,7 @@ def receive_many(
     for incoming in batch:
         validate(ctx, incoming)
     rules = rulebook.book(ctx)
-    plans = [plan(incoming, ctx.settings, rules) for incoming in batch]
+    plans = [ctx.plan(incoming, rules) for incoming in batch]
 
     def work(unit: Unit) -> list[Receipt]:
         _prefetch_senders(ctx, unit, plans)
@@ -159,7 +158,12 @@ def decide(
             # a sender about to be held pays for the read (authorized is the hot path).
             ctx.refresh_sender(found)
         states[scope] = SENDER.initial if found is None else found.state
-    for rcpt, r in route(p, incoming, ctx.settings, states, rules):
+    routes = route(p, incoming, ctx.settings, states, rules)
+    if not p.answers and len(routes) == 1:
+        only, first = routes[0]
+        if isinstance(first, DeliverNow):
+            return _deliver_one(ctx, unit, incoming, p, only, first, now)  # most mail
+    for rcpt, r in routes:
         if isinstance(r, DeliverNow):
             deliver_now.append((rcpt, r.reason))
         elif isinstance(r, AwaitSender):
@@ -258,6 +262,38 @@ def decide(
         order = {r: i for i, r in enumerate(p.recipients)}
         decisions.sort(key=lambda d: order.get(d.recipient, 0))
     return Receipt(incoming.blob.key, tuple(decisions), tuple(challenges), incoming.kept_by_mta)
+
+
+def _deliver_one(
+    ctx: Context, unit: Unit, incoming: Incoming, p: Plan, rcpt: str, r: DeliverNow, now: float
+) -> Receipt:
+    """`decide` for a message whose one recipient is delivered now (an authorized sender, an
+    unprotected recipient): the same event and receipt, without the general case's groupings."""
+    subject, message_id_header = _subject_and_id(incoming.headers)
+    mid = uuid.uuid4()
+    unit.messages.append(
+        Message.Accepted.record(
+            mid,
+            timestamp=ts(now),
+            receipt_id=incoming.blob.key,
+            size=incoming.blob.size,
+            sha256=incoming.blob.sha256,
+            sender=p.sender,
+            sender_id="",
+            recipients=[rcpt],
+            subject=subject[:300],
+            message_id_header=message_id_header[:300],
+            actor=ENGINE,
+            reason=r.reason,
+            expires_at=0.0,
+            client_address=incoming.client_address,
+            client_helo=incoming.client_helo,
+        )
+    )
+    if incoming.kept_by_mta:
+        _kept_by_mta(unit, now)
+    decision = RecipientDecision(rcpt, Decision.DELIVER, r.reason, mid)
+    return Receipt(incoming.blob.key, (decision,), (), incoming.kept_by_mta)
 
 
 def _kept_by_mta(unit: Unit, now: float) -> None:

@@ -377,3 +377,36 @@ def test_the_compiled_levels_answer_as_each_rule_tried_alone(
         if expected is not None:
             break
     assert RuleBook(views).sender_rule(address, BOB) == expected
+
+
+def test_a_remembered_plan_follows_every_rule_change_for_the_same_envelope(
+    service: Service,
+) -> None:
+    """Routing plans are remembered per envelope (Context.plan): one sender writing to one
+    recipient again and again must still see each rule change at its next message."""
+    sender = "x@partner.test"
+    assert decision(service, sender, ALICE)[0] is Decision.CHALLENGE
+    exempt = service.app.add_rule("exempt", ALICE)
+    assert decision(service, sender, ALICE) == (Decision.DELIVER, f"rule_exempt:{exempt.rule_id}")
+    service.app.remove_rule(exempt.rule_id)
+    assert decision(service, sender, ALICE)[0] is Decision.CHALLENGE
+
+
+def test_a_remembered_plan_is_the_plan_and_follows_the_settings(service: Service) -> None:
+    from dataclasses import replace
+
+    from sourceauth.engine.api import Blob, Incoming
+    from sourceauth.engine.service import rules as rulebook
+    from sourceauth.engine.service.routing import plan
+
+    ctx = service.app._ctx
+    incoming = Incoming("<X@Partner.test>", ("Alice@example.test", BOB), Blob("k", 1, "s"))
+    book = rulebook.book(ctx)
+    first = ctx.plan(incoming, book)
+    assert first == plan(incoming, ctx.settings, book)
+    again = Incoming("<X@Partner.test>", ["Alice@example.test", BOB], Blob("k2", 1, "s"))  # type: ignore[arg-type]
+    assert ctx.plan(again, book) is first  # a list of recipients is the same envelope
+    service.app.settings = replace(ctx.settings, protected=("other.test",))
+    unprotected = ctx.plan(incoming, book)
+    assert unprotected == plan(incoming, ctx.settings, book) != first
+    assert not any(t.protected for t in unprotected.targets)
