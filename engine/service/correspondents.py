@@ -4,7 +4,6 @@ user's whitelist scope, so their answers are never challenged."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 
 from sourceauth.engine.addresses import is_null_sender, normalize_address, split_extension
@@ -13,8 +12,13 @@ from sourceauth.engine.message import Message
 from sourceauth.engine.policy import is_protected
 from sourceauth.engine.service import operator, replies
 from sourceauth.engine.service.caps import CHALLENGEABLE
-from sourceauth.engine.service.context import ENGINE, Context, Unit, ts
-from sourceauth.engine.service.receive import _subject_and_id, log_decisions, validate
+from sourceauth.engine.service.context import Context, Unit, ts
+from sourceauth.engine.service.receive import (
+    _prompted_by,
+    log_decisions,
+    record_arrival,
+    validate,
+)
 from sourceauth.engine.service.routing import _answer_bases, scope_for
 
 OUTBOUND = "outbound_submission"  # the reason an outgoing copy is queued with
@@ -48,26 +52,9 @@ def _submit(ctx: Context, unit: Unit, incoming: Incoming, learn: bool) -> Receip
     if learn and sender and is_protected(sender, s.protected, s.recipient_delimiter):
         local = split_extension(sender, s.recipient_delimiter)[0]
     reason = f"{OUTBOUND}: from {local}" if local else OUTBOUND
-    mid = uuid.uuid4()
-    subject, message_id_header = _subject_and_id(incoming.headers)
-    unit.messages.append(
-        Message.Accepted.record(
-            mid,
-            timestamp=ts(now),
-            receipt_id=incoming.blob.key,
-            size=incoming.blob.size,
-            sha256=incoming.blob.sha256,
-            sender=sender,
-            sender_id="",
-            recipients=recipients,
-            subject=subject[:300],
-            message_id_header=message_id_header[:300],
-            actor=ENGINE,
-            reason=reason,
-            expires_at=0.0,
-            client_address=incoming.client_address,
-            client_helo=incoming.client_helo,
-        )
+    prompted = _prompted_by(incoming.headers)
+    mid = record_arrival(
+        unit, Message.Accepted, incoming, sender, recipients, reason, now, prompted
     )
     if local:
         for rcpt in recipients:

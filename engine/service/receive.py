@@ -177,8 +177,7 @@ def decide(
 
     decisions: list[RecipientDecision] = []
     challenges: list[str] = []
-    subject, message_id_header = _subject_and_id(incoming.headers)
-    subject, message_id_header = subject[:300], message_id_header[:300]
+    prompted = _prompted_by(incoming.headers)
 
     def record(
         kind: type[Message.Arrived],
@@ -188,30 +187,9 @@ def decide(
         expires: float,
         policy: RecipientPolicy | None = None,
     ) -> UUID:
-        mid = uuid.uuid4()
-        # A held copy names the policy that set its deadline and its fate if the challenge fails.
-        held = {"policy": policy.source, "failed_action": policy.failed_action} if policy else {}
-        unit.messages.append(
-            kind.record(
-                mid,
-                timestamp=ts(now),
-                receipt_id=incoming.blob.key,
-                size=incoming.blob.size,
-                sha256=incoming.blob.sha256,
-                sender=p.sender,
-                sender_id=sid,
-                recipients=rcpts,
-                subject=subject,
-                message_id_header=message_id_header,
-                actor=ENGINE,
-                reason=reason,
-                expires_at=expires,
-                client_address=incoming.client_address,
-                client_helo=incoming.client_helo,
-                **held,
-            )
+        return record_arrival(
+            unit, kind, incoming, p.sender, rcpts, reason, now, prompted, sid, expires, policy
         )
-        return mid
 
     if deliver_now:
         reasons = (
@@ -249,7 +227,7 @@ def decide(
             incoming,
             now,
             may_challenge,
-            (subject, message_id_header),
+            prompted,
         )
         if hold.new_challenge:
             challenges.append(hold.new_challenge)
@@ -269,31 +247,61 @@ def _deliver_one(
 ) -> Receipt:
     """`decide` for a message whose one recipient is delivered now (an authorized sender, an
     unprotected recipient): the same event and receipt, without the general case's groupings."""
-    subject, message_id_header = _subject_and_id(incoming.headers)
-    mid = uuid.uuid4()
-    unit.messages.append(
-        Message.Accepted.record(
-            mid,
-            timestamp=ts(now),
-            receipt_id=incoming.blob.key,
-            size=incoming.blob.size,
-            sha256=incoming.blob.sha256,
-            sender=p.sender,
-            sender_id="",
-            recipients=[rcpt],
-            subject=subject[:300],
-            message_id_header=message_id_header[:300],
-            actor=ENGINE,
-            reason=r.reason,
-            expires_at=0.0,
-            client_address=incoming.client_address,
-            client_helo=incoming.client_helo,
-        )
+    prompted = _prompted_by(incoming.headers)
+    mid = record_arrival(
+        unit, Message.Accepted, incoming, p.sender, [rcpt], r.reason, now, prompted
     )
     if incoming.kept_by_mta:
         _kept_by_mta(unit, now)
     decision = RecipientDecision(rcpt, Decision.DELIVER, r.reason, mid)
     return Receipt(incoming.blob.key, (decision,), (), incoming.kept_by_mta)
+
+
+def _prompted_by(headers: Headers) -> tuple[str, str]:
+    """The Subject and Message-ID a copy records (and a challenge quotes), cut to 300."""
+    subject, message_id = _subject_and_id(headers)
+    return subject[:300], message_id[:300]
+
+
+def record_arrival(
+    unit: Unit,
+    kind: type[Message.Arrived],
+    incoming: Incoming,
+    sender: str,
+    rcpts: list[str],
+    reason: str,
+    now: float,
+    prompted: tuple[str, str],
+    sid: str = "",
+    expires: float = 0.0,
+    policy: RecipientPolicy | None = None,
+) -> UUID:
+    """Record one copy of `incoming` for `rcpts` (its creation event alone) and return its id.
+    `prompted`: `_prompted_by(incoming.headers)`. A held copy names the policy that set its
+    deadline and its fate if the challenge fails (`policy`); other copies leave both empty."""
+    mid = uuid.uuid4()
+    unit.messages.append(
+        kind.record(
+            mid,
+            timestamp=ts(now),
+            receipt_id=incoming.blob.key,
+            size=incoming.blob.size,
+            sha256=incoming.blob.sha256,
+            sender=sender,
+            sender_id=sid,
+            recipients=rcpts,
+            subject=prompted[0],
+            message_id_header=prompted[1],
+            actor=ENGINE,
+            reason=reason,
+            expires_at=expires,
+            client_address=incoming.client_address,
+            client_helo=incoming.client_helo,
+            policy=policy.source if policy else "",
+            failed_action=policy.failed_action if policy else "",
+        )
+    )
+    return mid
 
 
 def _kept_by_mta(unit: Unit, now: float) -> None:
