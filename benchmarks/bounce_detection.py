@@ -35,17 +35,52 @@ from sourceauth.adapters.smtp.dsn import plain_bounce, prepared_for_detectors
 from sourceauth.adapters.smtp.inbound import parse_headers
 from sourceauth.engine.policy import classify
 
-NAMES = ["Anna Berg", "Tom Price", "Marie Dubois", "Jörg Weiß", "Priya Nair", "Li Wei",
-         "Carlos Ruiz", "Jane Roe", "Sam Okafor", "Ines Costa"]
-DOMAINS = ["gmail.test", "county.test", "uni-bonn.test", "harbourbank.test", "societe.test",
-           "example.org", "mail.test"]
-MAILERS = ["", "", "Microsoft Outlook 16.0", "Novell GroupWise Internet Agent 18.4.1",
-           "Internet Mail Service (5.5.2653.19)", "Apple Mail (2.3654)", "Thunderbird 128.0",
-           "NTMail v7.02"]
-SUBJECTS = ["lunch on Friday?", "Re: quarterly figures", "Fwd: parcel returned to sender",
-            "delivery failed again", "Re: your address", "photos from the weekend",
-            "Undelivered parcel - what now?", "Re: devis du 27 novembre", "colis non remis",
-            "meeting notes", "Re: Re: new mailbox", "invoice 4471", "mail to Tom bounced"]
+NAMES = [
+    "Anna Berg",
+    "Tom Price",
+    "Marie Dubois",
+    "Jörg Weiß",
+    "Priya Nair",
+    "Li Wei",
+    "Carlos Ruiz",
+    "Jane Roe",
+    "Sam Okafor",
+    "Ines Costa",
+]
+DOMAINS = [
+    "gmail.test",
+    "county.test",
+    "uni-bonn.test",
+    "harbourbank.test",
+    "societe.test",
+    "example.org",
+    "mail.test",
+]
+MAILERS = [
+    "",
+    "",
+    "Microsoft Outlook 16.0",
+    "Novell GroupWise Internet Agent 18.4.1",
+    "Internet Mail Service (5.5.2653.19)",
+    "Apple Mail (2.3654)",
+    "Thunderbird 128.0",
+    "NTMail v7.02",
+]
+SUBJECTS = [
+    "lunch on Friday?",
+    "Re: quarterly figures",
+    "Fwd: parcel returned to sender",
+    "delivery failed again",
+    "Re: your address",
+    "photos from the weekend",
+    "Undelivered parcel - what now?",
+    "Re: devis du 27 novembre",
+    "colis non remis",
+    "meeting notes",
+    "Re: Re: new mailbox",
+    "invoice 4471",
+    "mail to Tom bounced",
+]
 SENTENCES = [
     "The courier says the delivery failed twice and the parcel was returned to the sender.",
     "My mail to {other} bounced, the address must have changed.",
@@ -110,16 +145,22 @@ def ordinary_generated(n: int, seed: int = 7) -> Iterator[tuple[str, bytes]]:
             lines += ["", f"On Mon, {other} wrote:"]
             lines += [f"> {rng.choice(SENTENCES).format(other=sender)}" for _ in range(3)]
         if rng.random() < 0.2:  # a forward
-            lines += ["", "-----Original Message-----", f"From: {other}", f"To: {sender}",
-                      f"Subject: {rng.choice(SUBJECTS)}", "", rng.choice(SENTENCES)]
+            lines += [
+                "",
+                "-----Original Message-----",
+                f"From: {other}",
+                f"To: {sender}",
+                f"Subject: {rng.choice(SUBJECTS)}",
+                "",
+                rng.choice(SENTENCES),
+            ]
         text = "\n".join(lines) + "\n"
         msg.set_content(text)
         if rng.random() < 0.3:
             msg.add_alternative(f"<html><body><p>{text}</p></body></html>", subtype="html")
         if rng.random() < 0.3:  # an attachment makes it multipart/mixed, as GroupWise sends
             blob = base64.b64encode(rng.randbytes(rng.randint(200, 4000)))
-            msg.add_attachment(blob, maintype="application", subtype="pdf",
-                               filename="figures.pdf")
+            msg.add_attachment(blob, maintype="application", subtype="pdf", filename="figures.pdf")
         if rng.random() < 0.05:  # an earlier message forwarded as an attachment
             earlier = EmailMessage()
             earlier["From"] = other
@@ -165,9 +206,11 @@ def pre_filter_report(label: str, corpus: list[tuple[str, bytes]]) -> None:
         findings[on] = {name: plain_bounce(raw, pre_filter=on) for name, raw in corpus}
         costs[on] = (time.process_time() - started) / max(1, len(corpus))
     lost = sorted(n for n, found in findings[False].items() if found != findings[True][n])
-    print(f"  pre-filter on {label}: {len(passed)} of {len(corpus)} passed to the detectors; "
-          f"findings changed by it: {len(lost)} {lost[:10]}; CPU {costs[False] * 1e6:,.0f} us "
-          f"a message without it, {costs[True] * 1e6:,.0f} us with it")
+    print(
+        f"  pre-filter on {label}: {len(passed)} of {len(corpus)} passed to the detectors; "
+        f"findings changed by it: {len(lost)} {lost[:10]}; CPU {costs[False] * 1e6:,.0f} us "
+        f"a message without it, {costs[True] * 1e6:,.0f} us with it"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,10 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         flagged = [(name, found) for name, raw in corpus if (found := plain_bounce(raw))]
         took = time.perf_counter() - started
         size = sum(len(raw) for _, raw in corpus) / max(1, len(corpus))
-        print(f"{label}: {len(corpus)} messages (mean {size:,.0f} bytes), "
-              f"{len(flagged)} flagged as bounces "
-              f"({len(flagged) / max(1, len(corpus)):.2%}), "
-              f"{took / max(1, len(corpus)) * 1000:.2f} ms a message")
+        print(
+            f"{label}: {len(corpus)} messages (mean {size:,.0f} bytes), "
+            f"{len(flagged)} flagged as bounces "
+            f"({len(flagged) / max(1, len(corpus)):.2%}), "
+            f"{took / max(1, len(corpus)) * 1000:.2f} ms a message"
+        )
         for name, found in flagged[:20]:
             print(f"    false positive {name}: {found}")
         pre_filter_report(label, corpus)
@@ -198,14 +243,18 @@ def main(argv: list[str] | None = None) -> int:
         found = {name: plain_bounce(raw) for name, raw in corpus}
         took = time.perf_counter() - started
         missed = [name for name, flag in found.items() if not flag]
-        print(f"flufl.bounce corpus: {len(corpus)} files, {len(corpus) - len(missed)} flagged "
-              f"({(len(corpus) - len(missed)) / len(corpus):.1%}), "
-              f"{took / len(corpus) * 1000:.2f} ms a message; not flagged: {', '.join(missed)}")
+        print(
+            f"flufl.bounce corpus: {len(corpus)} files, {len(corpus) - len(missed)} flagged "
+            f"({(len(corpus) - len(missed)) / len(corpus):.1%}), "
+            f"{took / len(corpus) * 1000:.2f} ms a message; not flagged: {', '.join(missed)}"
+        )
         verdicts = {name: judged(raw) for name, raw in corpus}
         before = sorted(n for n, (b, _) in verdicts.items() if b)
         after = sorted(n for n, (_, a) in verdicts.items() if a)
-        print(f"  challenged with the From as envelope sender: before the scan "
-              f"{len(before)} ({', '.join(before)}); after {len(after)} ({', '.join(after)})")
+        print(
+            f"  challenged with the From as envelope sender: before the scan "
+            f"{len(before)} ({', '.join(before)}); after {len(after)} ({', '.join(after)})"
+        )
         pre_filter_report("flufl.bounce corpus", corpus)
     return 0
 

@@ -396,8 +396,7 @@ def run(scale: float = 1.0) -> list[BenchResult]:
         # CPU time per message, every round: the whole machine's, then (in brackets) the
         # filter process tree's own; the rest is Postfix's and smtp-source's.
         "runs_cpu_ms_per_msg": "; ".join(
-            f"{p}="
-            + "/".join(f"{r[p]['cpu_ms']:.2f}({r[p]['filter_cpu_ms']:.2f})" for r in runs)
+            f"{p}=" + "/".join(f"{r[p]['cpu_ms']:.2f}({r[p]['filter_cpu_ms']:.2f})" for r in runs)
             for p in paths
         ),
     }

@@ -335,11 +335,13 @@ def real_filter(directory: Path, count: int, seconds: float, processes: int) -> 
     return result
 
 
-def floor(directory: Path, count: int, seconds: float) -> dict[str, Any]:
-    """The floor (benchmarks/smtp_floor.py) as a process of its own, measured as serve is."""
+def floor(directory: Path, count: int, seconds: float, deliver: bool = True) -> dict[str, Any]:
+    """The floor (benchmarks/smtp_floor.py) as a process of its own, measured as serve is;
+    deliver=False: the group commit alone, nothing delivered."""
     port = _free_port()
+    mode = [] if deliver else ["store"]
     server = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.smtp_floor", HOST, str(port), str(directory)],
+        [sys.executable, "-m", "benchmarks.smtp_floor", HOST, str(port), str(directory), *mode],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -389,12 +391,13 @@ def run(scale: float = 1.0) -> list[BenchResult]:
         "filter": [],
         "filter_1": [],
         "floor": [],
+        "floor_store": [],
     }
     # Interleaved rounds, best of each kept: a noisy neighbour then hurts no server alone.
     for _ in range(rounds):
         with tempfile.TemporaryDirectory(prefix="sa-bench-smtp-") as tmp:
             root = Path(tmp)
-            for name in ("fsync", "perproc", "filter", "filter_1", "floor"):
+            for name in ("fsync", "perproc", "filter", "filter_1", "floor", "floor_store"):
                 (root / name).mkdir()
             runs["noop"].append(sink(count, seconds, None))
             runs["fsync"].append(sink(count, seconds, root / "fsync"))
@@ -402,7 +405,10 @@ def run(scale: float = 1.0) -> list[BenchResult]:
             runs["filter"].append(real_filter(root / "filter", count, seconds, acceptors))
             runs["filter_1"].append(real_filter(root / "filter_1", count, seconds, 1))
             runs["floor"].append(floor(root / "floor", count, seconds))
-    noop, fsynced, spawned, filtered, single, floored = (max(runs[k], key=_rate) for k in runs)
+            runs["floor_store"].append(floor(root / "floor_store", count, seconds, deliver=False))
+    noop, fsynced, spawned, filtered, single, floored, stored = (
+        max(runs[k], key=_rate) for k in runs
+    )
     rates = {
         "noop": _rate(noop),
         "fsync": _rate(fsynced),
@@ -410,6 +416,7 @@ def run(scale: float = 1.0) -> list[BenchResult]:
         "filter": _rate(filtered),
         "filter_1": _rate(single),
         "floor": _rate(floored),
+        "floor_store": _rate(stored),
     }
     common: dict[str, float | int | str] = {
         "sessions": SESSIONS,
@@ -497,6 +504,12 @@ def run(scale: float = 1.0) -> list[BenchResult]:
                 "filter_vs_floor": round(rates["filter"] / rates["floor"], 3)
                 if rates["floor"]
                 else 0,
+                "store_only_floor_msgs_per_s": round(rates["floor_store"]),
+                "store_only_floor_vs_noop": round(rates["floor_store"] / rates["noop"], 3)
+                if rates["noop"]
+                else 0,
+                "store_only_floor_failed": stored["failed"],
+                "store_only_floor_exit": stored["serve_exit"],
                 "cpu_us_per_msg": common["cpu_us_per_msg"],
                 "runs_msgs_per_s": common["runs_msgs_per_s"],
             },

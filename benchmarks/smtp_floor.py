@@ -9,9 +9,11 @@ recorded durably. No decision, no event log, no projection, no challenge text, n
 what sourceauth does beyond this is what it costs over the floor, and the floor's own ratio
 to the no-op sink is the best ratio an aiosmtpd-based filter can reach on the same machine.
 
-Run as `python -m benchmarks.smtp_floor HOST PORT DIRECTORY` (the `smtp` benchmark starts it
-as a process of its own and measures its CPU time as it measures `serve`'s). It prints
-`floor_ready` once it listens and stops on SIGTERM after draining what it accepted.
+Run as `python -m benchmarks.smtp_floor HOST PORT DIRECTORY [store]` (the `smtp` benchmark
+starts it as a process of its own and measures its CPU time as it measures `serve`'s). With
+`store`, nothing is delivered: only the group commit before each 250 (the floor of a filter
+that put off every delivery until the load is over). It prints `floor_ready` once it listens
+and stops on SIGTERM after draining what it accepted.
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ _Item = tuple[str, list[str], bytes, "asyncio.Future[None]"]
 class Floor:
     """aiosmtpd handler + group-commit thread + delivery thread."""
 
-    def __init__(self, directory: Path, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, directory: Path, loop: asyncio.AbstractEventLoop, deliver: bool = True
+    ) -> None:
         self.loop = loop
+        self.deliver = deliver
         self.maildir = str(directory / "mail")
         path = directory / "floor.db"
         self.db = _connect(path)  # the commit thread's
@@ -94,6 +99,8 @@ class Floor:
                 self.loop.call_soon_threadsafe(_settle, futures, exc)
                 continue
             self.loop.call_soon_threadsafe(_settle, futures, None)
+            if not self.deliver:
+                continue
             with self.cond:
                 self.to_deliver.extend(
                     (first + i, row[0], item[1], row[2], row[3])
@@ -155,9 +162,9 @@ def _settle(futures: list[asyncio.Future[None]], error: Exception | None) -> Non
             future.set_exception(error)
 
 
-async def _serve(host: str, port: int, directory: Path) -> None:
+async def _serve(host: str, port: int, directory: Path, deliver: bool) -> None:
     loop = asyncio.get_running_loop()
-    floor = Floor(directory, loop)
+    floor = Floor(directory, loop, deliver)
     server = await loop.create_server(
         lambda: SMTP(floor, decode_data=False, enable_SMTPUTF8=True, hostname="floor.test"),
         host,
@@ -177,7 +184,7 @@ def main(argv: Sequence[str]) -> int:
     host, port, directory = argv[0], int(argv[1]), Path(argv[2])
     directory.mkdir(parents=True, exist_ok=True)
     os.umask(0o077)
-    asyncio.run(_serve(host, port, directory))
+    asyncio.run(_serve(host, port, directory, deliver=argv[3:] != ["store"]))
     return 0
 
 
