@@ -6,7 +6,6 @@ Works on the SQLite file and on PostgreSQL; `rebuild()` drops the views and repl
 
 from __future__ import annotations
 
-import gc
 import re
 import sqlite3
 import threading
@@ -26,6 +25,7 @@ from sourceauth.adapters.storage.fold import (  # log_pages: audit.py and tests 
 from sourceauth.adapters.storage.viewcrypt import ViewSealer
 from sourceauth.engine import projections as p
 from sourceauth.engine.api import ChallengeRow, DeliveryRow, HeldMessage, SenderView
+from sourceauth.engine.collector import collector_paused
 from sourceauth.engine.logs import get_logger
 from sourceauth.engine.policy import TOTAL
 from sourceauth.engine.rules import RuleView
@@ -101,18 +101,10 @@ def _split(text: str) -> tuple[str, ...]:
     return tuple(x for x in text.split("\n") if x)
 
 
-@contextmanager
-def _no_cyclic_gc() -> Iterator[None]:
-    """The cyclic collector paused while a rebuild folds the log in memory: the fold makes
-    no cycles, but its hundreds of thousands of rows and events made the collector walk the
-    growing heap again and again (measured: a quarter of a rebuild's CPU time)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
+# The cyclic collector paused while a rebuild folds the log in memory: the fold makes no
+# cycles, but its hundreds of thousands of rows and events made the collector walk the
+# growing heap again and again (measured: a quarter of a rebuild's CPU time).
+_no_cyclic_gc = collector_paused
 
 
 class SqlViews:

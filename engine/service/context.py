@@ -21,6 +21,7 @@ from eventsourcing.persistence import IntegrityError
 
 from sourceauth.engine import tokens
 from sourceauth.engine.api import Incoming
+from sourceauth.engine.collector import collector_paused
 from sourceauth.engine.errors import TemporaryFailure
 from sourceauth.engine.logs import get_logger
 from sourceauth.engine.message import Message
@@ -370,7 +371,7 @@ class Context:
         in one transaction, redo it all after a conflict; then log what it did, once."""
         for attempt in range(1, MAX_CONFLICT_RETRIES + 1):
             unit = Unit()
-            with self.lock:
+            with self.lock, collector_paused():
                 try:
                     result = work(unit)
                     if self.rehearsal is not None:
