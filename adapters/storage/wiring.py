@@ -175,11 +175,16 @@ def probe_postgres(storage: Storage) -> None:
     try:
         psycopg.connect(storage.conninfo(), connect_timeout=CONNECT_TIMEOUT).close()
     except psycopg.Error as exc:
-        reason = " ".join(str(exc).split())
-        raise StorageUnreachable(
-            f"cannot use PostgreSQL at {storage.pg_host}:{storage.pg_port}, database "
-            f"{storage.pg_dbname!r}, user {storage.pg_user!r}: {reason}"
-        ) from None
+        raise unreachable(storage, exc) from None
+
+
+def unreachable(storage: Storage, exc: BaseException) -> StorageUnreachable:
+    """The one-line error for a PostgreSQL store that cannot be used, with the server's reason."""
+    reason = " ".join(str(exc).split())
+    return StorageUnreachable(
+        f"cannot use PostgreSQL at {storage.pg_host}:{storage.pg_port}, database "
+        f"{storage.pg_dbname!r}, user {storage.pg_user!r}: {reason}"
+    )
 
 
 class KeyringMismatch(ValueError):
@@ -348,7 +353,29 @@ def open_engine(
     deliveries: DeliveryTransport | None = None,
     blobs: BlobStore | None = None,
 ) -> SourceAuth:
-    """One engine over this storage (blobs: its own store unless given); the caller closes it."""
+    """One engine over this storage (blobs: its own store unless given); the caller closes it.
+    A PostgreSQL server that stops answering while the engine starts (after the probe: its
+    pool, the schema, the marks) is StorageUnreachable too, as when the probe fails."""
+    if storage.kind != "postgresql":
+        return _open_engine(settings, keyring, storage, clock, challenges, deliveries, blobs)
+    import psycopg
+    from eventsourcing.persistence import OperationalError
+
+    try:
+        return _open_engine(settings, keyring, storage, clock, challenges, deliveries, blobs)
+    except (psycopg.OperationalError, OperationalError) as exc:
+        raise unreachable(storage, exc) from None
+
+
+def _open_engine(
+    settings: EngineSettings,
+    keyring: tokens.Keyring,
+    storage: Storage,
+    clock: Clock,
+    challenges: ChallengeTransport | None,
+    deliveries: DeliveryTransport | None,
+    blobs: BlobStore | None,
+) -> SourceAuth:
     if blobs is None:
         blobs = open_blobs(storage)
     if storage.kind == "postgresql":

@@ -47,7 +47,7 @@ def test_backup_taken_during_smtp_load_restores_and_passes_audit_verify(tmp_path
 
         def load(worker: int) -> None:
             with smtplib.SMTP("127.0.0.1", flt.port, timeout=30) as client:
-                for i in range(500):
+                for i in range(5_000):  # bounded; the test stops it long before
                     if stop.is_set():
                         return
                     sender = f"s{worker}-{i % 25}@remote.test"
@@ -62,6 +62,9 @@ def test_backup_taken_during_smtp_load_restores_and_passes_audit_verify(tmp_path
             wait_until(lambda: flt.filter.committer.committed >= 40, message="40 messages in")
             taken = run("backup", str(backup_file), "--config", str(config))
             during = flt.filter.committer.committed
+            # the load goes on after the backup (a message in flight at `during` may already
+            # have been counted: wait for one more commit, not for one more reply)
+            wait_until(lambda: flt.filter.committer.committed > during, message="load after")
         finally:
             stop.set()
             for t in threads:
@@ -69,6 +72,7 @@ def test_backup_taken_during_smtp_load_restores_and_passes_audit_verify(tmp_path
             flt.stop()
     assert taken.returncode == 0, taken.stderr
     assert sum(sent) > during >= 40  # the load went on after the backup
+    assert all(sent), sent  # each of the four clients sent throughout
     assert backup_file.stat().st_mode & 0o777 == 0o600
 
     restored = _config(tmp_path / "restored")

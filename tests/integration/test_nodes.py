@@ -125,6 +125,34 @@ def test_an_unreachable_or_missing_database_is_one_line_naming_host_database_and
             assert elapsed - startup < 5.0, (command, elapsed, startup)
 
 
+@pytest.mark.parametrize("outage", ["refused", "hung"])
+def test_a_database_lost_right_after_the_probe_is_one_error_too_not_a_traceback(
+    tmp_path: Path, pg: PgSchema, monkeypatch: pytest.MonkeyPatch, outage: str
+) -> None:
+    """The probe answered, then the server went (or hung) before the engine's pool, schema and
+    marks were read: a child process starting then must see StorageUnreachable, which it
+    logs as one line and retries (a CI run on 2026-12-01 caught a traceback there)."""
+    from sourceauth.adapters.runtime import build_engine
+    from sourceauth.adapters.storage import wiring
+
+    with FreezableProxy((pg.host, pg.port)) as proxy:
+        url = f"postgresql://{pg.user}@127.0.0.1:{proxy.port}/{pg.dbname}?schema={pg.schema}"
+        cfg = load_config(node_config(tmp_path, url))
+        real_probe = wiring.probe_postgres
+
+        def probe_then_lose(storage: wiring.Storage) -> None:
+            real_probe(storage)
+            proxy.close() if outage == "refused" else proxy.freeze()
+
+        monkeypatch.setattr(wiring, "probe_postgres", probe_then_lose)
+        started = time.monotonic()
+        with pytest.raises(
+            wiring.StorageUnreachable, match=r"cannot use PostgreSQL at 127\.0\.0\.1:"
+        ):
+            build_engine(cfg)
+        assert time.monotonic() - started < 40
+
+
 def test_smtp_clients_get_4xx_within_5_s_when_the_database_stops_answering(
     tmp_path: Path, pg: PgSchema
 ) -> None:
