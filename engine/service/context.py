@@ -140,9 +140,13 @@ class Context:
         self._sender_ids: dict[tuple[str, str], UUID] = {}
         self._checked: dict[UUID, float] = {}  # when each cached sender was last read
         self.rule_cache = RuleCache()  # the compiled rules routing consults (service/rules.py)
-        # Envelope -> its routing plan, for the settings and rules it was planned with.
-        self._plans: dict[tuple[str, tuple[str, ...]], Plan] = {}
-        self._plans_for: tuple[EngineSettings, RuleBook] | None = None
+        # (settings, rules, envelope -> its routing plan under them): one tuple, read once, so
+        # a thread still planning with older settings only ever fills that older dict.
+        self._plans: tuple[EngineSettings | None, RuleBook | None, dict[Any, Plan]] = (
+            None,
+            None,
+            {},
+        )
         self.rehearsal: Rehearsal | None = None  # set while units record nothing
 
     # ----------------------------------------------------------------- ids and views
@@ -182,17 +186,17 @@ class Context:
         correspondent writes to the same people again). Forgotten when the settings or the
         rules change (another object) and when PLAN_CACHE_SIZE envelopes are held."""
         settings = self.settings
-        held = self._plans_for
-        if held is None or held[0] is not settings or held[1] is not rules:
-            self._plans = {}
-            self._plans_for = (settings, rules)
+        held = self._plans
+        if held[0] is not settings or held[1] is not rules:
+            held = self._plans = (settings, rules, {})
+        plans = held[2]
         key = (incoming.mail_from, tuple(incoming.recipients))
-        found = self._plans.get(key)
+        found = plans.get(key)
         if found is None:
             found = plan(incoming, settings, rules)
-            if len(self._plans) >= PLAN_CACHE_SIZE:
-                self._plans.clear()
-            self._plans[key] = found
+            if len(plans) >= PLAN_CACHE_SIZE:
+                plans.clear()
+            plans[key] = found
         return found
 
     # ----------------------------------------------------------------- loading

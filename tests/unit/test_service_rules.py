@@ -410,3 +410,23 @@ def test_a_remembered_plan_is_the_plan_and_follows_the_settings(service: Service
     unprotected = ctx.plan(incoming, book)
     assert unprotected == plan(incoming, ctx.settings, book) != first
     assert not any(t.protected for t in unprotected.targets)
+
+
+def test_a_plan_made_under_older_settings_never_serves_newer_ones(service: Service) -> None:
+    """A thread still planning with the settings it read before a reload fills only the
+    cache of those settings (the race: it inserts after another thread started a new cache)."""
+    from dataclasses import replace
+
+    from sourceauth.engine.api import Blob, Incoming
+    from sourceauth.engine.service import rules as rulebook
+
+    ctx = service.app._ctx
+    book = rulebook.book(ctx)
+    incoming = Incoming("x@partner.test", (ALICE,), Blob("k", 1, "s"))
+    stale = ctx.plan(incoming, book)
+    older = ctx._plans  # what the slow thread read, settings and all
+    service.app.settings = replace(ctx.settings, protected=("other.test",))
+    fresh = ctx.plan(incoming, book)
+    older[2][("x@partner.test", (ALICE,))] = stale  # the slow thread's late insert
+    assert ctx.plan(incoming, book) is fresh
+    assert stale.targets[0].protected and not fresh.targets[0].protected
