@@ -30,7 +30,6 @@ from sourceauth.adapters.smtp.delivery import (
     deliver,
     deliver_maildir_batch,
     delivery_done,
-    send_message,
     send_messages,
     stamp,
 )
@@ -86,17 +85,11 @@ class ChallengeSender:
         )
 
     def send(self, challenge: OutgoingChallenge) -> SendResult:
-        raw = self.compose(challenge)
-        result = send_message(
-            self.relay,
-            mail_from=verp_address(self.bounce_address, challenge.token, self.delimiter),
-            recipient=challenge.to,
-            raw=raw,
-            timeout=self.timeout,
-            helo=self.hostname,
-            maybe_written=challenge.maybe_sent,
-        )
-        return self._outcome(result)
+        """One challenge: `send_batch` of one, never stopped."""
+        (result,) = self.send_batch([challenge], lambda: False)
+        if result is None:  # cannot happen: nothing asked it to stop
+            raise RuntimeError("send_batch left the challenge untried")
+        return result
 
     def send_batch(
         self, challenges: Sequence[OutgoingChallenge], stop: Callable[[], bool]

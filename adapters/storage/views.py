@@ -101,12 +101,6 @@ def _split(text: str) -> tuple[str, ...]:
     return tuple(x for x in text.split("\n") if x)
 
 
-# The cyclic collector paused while a rebuild folds the log in memory: the fold makes no
-# cycles, but its hundreds of thousands of rows and events made the collector walk the
-# growing heap again and again (measured: a quarter of a rebuild's CPU time).
-_no_cyclic_gc = collector_paused
-
-
 class SqlViews:
     """ViewStore over one DB-API connection (sqlite3 or psycopg), guarded by a lock."""
 
@@ -285,7 +279,10 @@ class SqlViews:
         applied = 0
         apply = memory.apply
         ops = projector.ops
-        with _no_cyclic_gc():  # the fold and the bulk insert
+        # The cyclic collector paused while the fold and the bulk insert run: they make no
+        # cycles, but their hundreds of thousands of rows and events made the collector walk
+        # the growing heap again and again (measured: a quarter of a rebuild's CPU time).
+        with collector_paused():
             for last, events in decoded_pages(self.recorder, self.mapper, REBUILD_PAGE):
                 for event in events:
                     for op in ops(event):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
+
 from tests.support.ports import free_port
 
 
@@ -17,16 +19,25 @@ def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> Non
         listener.bind(("127.0.0.1", ports[-1]))
 
 
-def test_a_port_in_use_is_never_handed_out() -> None:
+def test_a_port_in_use_is_never_handed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.support import ports
+
+    port = free_port()
+    monkeypatch.setattr(ports, "_given", set())  # as if not handed out: only the probe guards
+    monkeypatch.setattr(ports, "_next", port)
     with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
+        busy.bind(("127.0.0.1", port))
         busy.listen()
-        taken = busy.getsockname()[1]
-        kernel_picks = []
-        for _ in range(50):  # what a sink on port 0 would get
-            with socket.socket() as other:
-                other.bind(("127.0.0.1", 0))
-                kernel_picks.append(other.getsockname()[1])
-        ours = {free_port() for _ in range(100)}
-    assert taken not in ours
-    assert not ours & set(kernel_picks)
+        assert free_port() != port
+    monkeypatch.setattr(ports, "_next", port)
+    assert free_port() == port  # free again: the probe, not luck, skipped it
+
+
+def test_the_kernel_never_picks_one_of_ours() -> None:
+    ours = {free_port() for _ in range(100)}
+    kernel_picks = set()
+    for _ in range(50):  # what a sink on port 0 would get
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            kernel_picks.add(other.getsockname()[1])
+    assert not ours & kernel_picks
